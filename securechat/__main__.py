@@ -1,0 +1,3 @@
+from securechat.cli import main
+
+main()

@@ -1,0 +1,96 @@
+"""Length-prefixed JSON frames: encoding, and an incremental decoder bounded by a limit.
+
+A frame is a 4-byte big-endian length, then that many bytes of one UTF-8 JSON object. This module
+does no I/O: bytes go in, frames come out. The length is checked before any payload is buffered.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+from securechat.errors import ProtocolError
+
+MAX_FRAME_DEFAULT = 64 * 1024
+HEADER = struct.Struct(">I")
+
+
+def encode(frame: Mapping[str, Any], max_frame: int = MAX_FRAME_DEFAULT) -> bytes:
+    """Return the wire bytes of one frame; refuses (locally) a frame larger than max_frame."""
+    payload = json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(payload) > max_frame:
+        raise ProtocolError(
+            "frame_too_large", f"frame of {len(payload)} bytes exceeds the {max_frame}-byte limit"
+        )
+    return HEADER.pack(len(payload)) + payload
+
+
+def parse(payload: bytes) -> dict[str, Any]:
+    """Decode one frame payload into a dict with a string "type"; never raises anything else
+    than ProtocolError, whatever the bytes."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("bad_utf8", "frame is not valid UTF-8") from None
+    try:
+        obj = json.loads(text)
+    # ValueError covers JSONDecodeError and over-long integers; deep nesting raises RecursionError.
+    except (ValueError, RecursionError):
+        raise ProtocolError("bad_json", "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_frame", "frame must be a JSON object")
+    if not isinstance(obj.get("type"), str):
+        raise ProtocolError("bad_frame", 'frame has no string "type"')
+    return obj
+
+
+class FrameDecoder:
+    """Turns a byte stream into frame payloads.
+
+    feed() buffers bytes; next_payload() returns one complete payload, or None when it needs more
+    data. A header announcing more than max_frame bytes is a fatal protocol error: the stream can't
+    be resynchronised, and we refuse to allocate for it.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME_DEFAULT) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._need: int | None = None  # payload length once the header has been read
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_payload(self) -> bytes | None:
+        if self._need is None:
+            if len(self._buf) < HEADER.size:
+                return None
+            (length,) = HEADER.unpack_from(self._buf)
+            if length > self.max_frame:
+                raise ProtocolError(
+                    "frame_too_large",
+                    f"frame header announces {length} bytes; the limit is {self.max_frame}",
+                    fatal=True,
+                )
+            if length == 0:
+                raise ProtocolError("bad_frame", "empty frame", fatal=True)
+            del self._buf[: HEADER.size]
+            self._need = length
+        if len(self._buf) < self._need:
+            return None
+        payload = bytes(self._buf[: self._need])
+        del self._buf[: self._need]
+        self._need = None
+        return payload
+
+    def payloads(self) -> list[bytes]:
+        """All complete payloads buffered so far."""
+        out = []
+        while (payload := self.next_payload()) is not None:
+            out.append(payload)
+        return out
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)

@@ -1,0 +1,85 @@
+"""The frame codec, fed bytes directly: no sockets."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from securechat import framing
+from securechat.errors import ProtocolError
+
+
+def test_encode_then_decode_round_trip() -> None:
+    wire = framing.encode({"type": "say", "id": 1, "room": "#lobby", "text": "héllo"})
+    decoder = framing.FrameDecoder()
+    decoder.feed(wire)
+    assert framing.parse(decoder.next_payload()) == {
+        "type": "say",
+        "id": 1,
+        "room": "#lobby",
+        "text": "héllo",
+    }
+    assert decoder.next_payload() is None
+
+
+def test_decoder_reassembles_frames_fed_one_byte_at_a_time() -> None:
+    wire = framing.encode({"type": "a"}) + framing.encode({"type": "b"})
+    decoder = framing.FrameDecoder()
+    got = []
+    for i in range(len(wire)):
+        decoder.feed(wire[i : i + 1])
+        got += [framing.parse(p)["type"] for p in decoder.payloads()]
+    assert got == ["a", "b"]
+    assert decoder.buffered == 0
+
+
+def test_oversized_header_is_refused_before_the_payload_arrives() -> None:
+    decoder = framing.FrameDecoder(max_frame=1024)
+    decoder.feed(struct.pack(">I", 0xFFFFFFFF))  # claims 4 GiB; nothing else sent
+    with pytest.raises(ProtocolError) as info:
+        decoder.next_payload()
+    assert info.value.code == "frame_too_large"
+    assert info.value.fatal
+    assert decoder.buffered == 4  # nothing was allocated for the payload
+
+
+def test_frame_exactly_at_the_limit_is_accepted() -> None:
+    decoder = framing.FrameDecoder(max_frame=100)
+    payload = b'{"type":"x","p":"' + b"a" * (100 - 19) + b'"}'
+    assert len(payload) == 100
+    decoder.feed(struct.pack(">I", 100) + payload)
+    assert framing.parse(decoder.next_payload())["type"] == "x"
+
+
+def test_empty_frame_is_fatal() -> None:
+    decoder = framing.FrameDecoder()
+    decoder.feed(b"\0\0\0\0")
+    with pytest.raises(ProtocolError) as info:
+        decoder.next_payload()
+    assert (info.value.code, info.value.fatal) == ("bad_frame", True)
+
+
+def test_encode_refuses_a_frame_over_the_limit() -> None:
+    with pytest.raises(ProtocolError) as info:
+        framing.encode({"type": "say", "text": "x" * 200}, max_frame=100)
+    assert info.value.code == "frame_too_large"
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"\xff\xfe", "bad_utf8"),
+        (b"{not json", "bad_json"),
+        (b"[1, 2]", "bad_frame"),
+        (b'{"id": 1}', "bad_frame"),
+        (b'{"type": 7}', "bad_frame"),
+        (b"[" * 50000 + b"]" * 50000, "bad_json"),
+        (b'{"type": "x", "n": 1' + b"0" * 5000 + b"}", "bad_json"),
+    ],
+)
+def test_parse_turns_any_bad_payload_into_our_protocol_error(payload: bytes, code: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        framing.parse(payload)
+    assert info.value.code == code
+    assert not info.value.fatal
