@@ -1,0 +1,196 @@
+"""The Client API: what the terminal UI, the tests and bot writers build on.
+
+    client = Client.connect("127.0.0.1", 12345, identity, user="bot", ca=Path("certs/ca.pem"))
+    client.join("#dev").result()
+    client.send("#dev", "hello")
+    for event in client.events():
+        ...
+
+Requests return concurrent.futures.Future objects whose result is the server's reply frame (or
+raise RequestError); events arrive on a queue that any thread may read. All socket work happens on
+the connection's own thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from securechat.client.connection import ClientConnection, RequestError, open_connection
+from securechat.client.events import Closed, Event, Joined, Message, Parted, ServerError
+from securechat.identity import Identity
+from securechat.tls import client_context
+
+__all__ = ["Client", "RequestError"]
+
+
+class Client:
+    def __init__(self, conn: ClientConnection, user: str, welcome: dict[str, Any]) -> None:
+        self._conn = conn
+        self.user = user
+        self.welcome = welcome
+        self.server_cert_sha256 = conn.tls.peer_cert_sha256()
+        self.rooms: set[str] = set()  # rooms we are in, kept up to date from events
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._done = threading.Event()
+
+    @classmethod
+    def connect(
+        cls,
+        host: str,
+        port: int,
+        identity: Identity,
+        user: str,
+        ca: Path,
+        *,
+        cert: Path | None = None,
+        cert_key: Path | None = None,
+        timeout: float = 10.0,
+    ) -> Client:
+        """Connect over TLS 1.3, verify the server against `ca`, and log in as `user`.
+
+        Raises ConnectError (unreachable, TLS or certificate failure), AuthError (the server
+        refused the login, e.g. the name belongs to another key) or CertificateError.
+        """
+        ctx = client_context(ca, cert, cert_key)
+        sock, tls, session, welcome, early = open_connection(
+            host, port, ctx, identity, user, timeout
+        )
+        client: Client
+        conn = ClientConnection(
+            sock,
+            tls,
+            session,
+            on_frame=lambda f: client._on_frame(f),
+            on_close=lambda r: client._on_close(r),
+        )
+        client = cls(conn, str(welcome.get("user", user)), welcome)
+        for frame in early:
+            client._on_frame(frame)
+        conn.start()
+        return client
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def join(self, room: str) -> Future[dict[str, Any]]:
+        return self._conn.request("join", room=room)
+
+    def part(self, room: str) -> Future[dict[str, Any]]:
+        return self._conn.request("part", room=room)
+
+    def send(self, room: str, text: str, *, action: bool = False) -> Future[dict[str, Any]]:
+        """Say `text` in `room` (a /me line when action=True); the reply means it was relayed."""
+        fields: dict[str, Any] = {"room": room, "text": text}
+        if action:
+            fields["action"] = True
+        return self._conn.request("say", **fields)
+
+    def list_rooms(self) -> Future[dict[str, Any]]:
+        return self._conn.request("rooms")
+
+    def who(self, room: str) -> Future[dict[str, Any]]:
+        return self._conn.request("who", room=room)
+
+    def ping(self) -> Future[dict[str, Any]]:
+        return self._conn.request("ping")
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every request sent so far has its reply (or the connection closed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._conn._pending_lock:
+            futures = list(self._conn.pending.values())
+        for future in futures:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                future.exception(timeout=remaining)
+            except TimeoutError:
+                return False
+        return True
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None if none came within `timeout` seconds."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def events(self) -> Iterator[Event]:
+        """Every event until (and including) Closed."""
+        while True:
+            event = self._events.get()
+            yield event
+            if isinstance(event, Closed):
+                return
+
+    @property
+    def closed(self) -> bool:
+        return self._done.is_set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Say goodbye, let queued frames go out, and wait for the connection thread."""
+        self._conn.close()
+        if self._conn.is_alive():
+            self._conn.join(timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- connection thread ------------------------------------------------------------------------
+
+    def _on_frame(self, frame: dict[str, Any]) -> None:
+        event = _event_from_frame(frame)
+        if event is None:
+            return
+        if isinstance(event, Joined) and event.user == self.user:
+            self.rooms.add(event.room)
+        elif isinstance(event, Parted) and event.user == self.user:
+            self.rooms.discard(event.room)
+        self._events.put(event)
+
+    def _on_close(self, reason: str) -> None:
+        self._done.set()
+        self._events.put(Closed(reason))
+
+
+def _str(frame: dict[str, Any], key: str) -> str:
+    value = frame.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _int(frame: dict[str, Any], key: str) -> int:
+    value = frame.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _event_from_frame(frame: dict[str, Any]) -> Event | None:
+    """Map a server frame to an event; frames of types we do not know are ignored, so a newer
+    server can add some."""
+    ftype = frame["type"]
+    if ftype == "message":
+        return Message(
+            _str(frame, "room"),
+            _str(frame, "from"),
+            _str(frame, "text"),
+            _int(frame, "ts"),
+            frame.get("action") is True,
+            frame.get("history") is True,
+        )
+    if ftype == "joined":
+        return Joined(_str(frame, "room"), _str(frame, "user"), _int(frame, "ts"))
+    if ftype == "parted":
+        return Parted(
+            _str(frame, "room"), _str(frame, "user"), _str(frame, "reason"), _int(frame, "ts")
+        )
+    if ftype == "error":
+        return ServerError(_str(frame, "code"), _str(frame, "message"))
+    return None

@@ -1,0 +1,339 @@
+"""The client's TLS connection: opened and logged in by the caller, then owned by one I/O thread.
+
+Until login completes the socket is used only by the thread that called open_connection(); from
+then on only by the ClientConnection thread (DESIGN.md hazard 1). Other threads send by handing
+bytes to that thread (send()), which coalesces what is queued into one TLS write.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import selectors
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from securechat.client.session import ClientSession
+from securechat.errors import (
+    AuthError,
+    CertificateError,
+    ConnectError,
+    ConnectionClosed,
+    ProtocolError,
+)
+from securechat.identity import Identity
+from securechat.tls import TLSStream
+
+log = logging.getLogger("securechat.client")
+RECV_SIZE = 64 * 1024
+
+
+def _tls_error(exc: ssl.SSLError, where: str) -> ConnectError:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ConnectError(
+            f"the server at {where} failed certificate verification ({exc.verify_message}); "
+            "check that --ca is the ca.pem of that server and --host is a name on its certificate"
+        )
+    reason = exc.reason or str(exc)
+    if "CERTIFICATE_REQUIRED" in reason:
+        return ConnectError(
+            f"the server at {where} requires a client certificate; pass --cert and --cert-key"
+        )
+    if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason:
+        return ConnectError(f"the server at {where} refused our client certificate ({reason})")
+    if "PROTOCOL_VERSION" in reason or "UNSUPPORTED_PROTOCOL" in reason:
+        return ConnectError(f"the server at {where} does not speak TLS 1.3 ({reason})")
+    return ConnectError(f"TLS with {where} failed: {reason}")
+
+
+class _Blocking:
+    """Drives a TLSStream over a blocking socket, for the handshake and login only."""
+
+    def __init__(self, sock: socket.socket, tls: TLSStream, where: str, deadline: float) -> None:
+        self.sock, self.tls, self.where, self.deadline = sock, tls, where, deadline
+
+    def _recv(self) -> None:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise ConnectError(f"timed out talking to {self.where}")
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except TimeoutError:
+            raise ConnectError(f"timed out talking to {self.where}") from None
+        except OSError as exc:
+            raise ConnectError(
+                f"connection to {self.where} failed: {exc.strerror or exc}"
+            ) from None
+        self.tls.feed(data)
+
+    def _send(self) -> None:
+        out = self.tls.data_to_send()
+        if out:
+            try:
+                self.sock.sendall(out)
+            except OSError as exc:
+                raise ConnectError(
+                    f"connection to {self.where} failed: {exc.strerror or exc}"
+                ) from None
+
+    def handshake(self) -> None:
+        try:
+            while not self.tls.do_handshake():
+                self._send()
+                self._recv()
+            self._send()
+        except ssl.SSLError as exc:
+            raise _tls_error(exc, self.where) from None
+
+    def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        self._send()
+
+    def frames(self, session: ClientSession) -> list[dict[str, Any]]:
+        """Block until at least one frame arrives."""
+        while True:
+            try:
+                data = self.tls.read()
+            except ssl.SSLError as exc:
+                raise _tls_error(exc, self.where) from None
+            except ConnectionClosed:
+                raise ConnectError(f"{self.where} closed the connection during login") from None
+            if data:
+                frames = session.receive_data(data)
+                if frames:
+                    return frames
+            self._recv()
+
+
+def open_connection(
+    host: str,
+    port: int,
+    ctx: ssl.SSLContext,
+    identity: Identity,
+    user: str,
+    timeout: float = 10.0,
+) -> tuple[socket.socket, TLSStream, ClientSession, dict[str, Any], list[dict[str, Any]]]:
+    """Connect, handshake and log in; return the logged-in pieces for ClientConnection.
+
+    Returns (socket, tls, session, welcome frame, frames that arrived right after welcome).
+    """
+    where = f"{host}:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise ConnectError(
+            f"cannot connect to {where}: {exc.strerror or exc}; is `securechat server` running?"
+        ) from None
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = TLSStream(ctx, server_side=False, server_hostname=host)
+        io = _Blocking(sock, tls, where, deadline)
+        io.handshake()
+        try:
+            server_fp = tls.peer_cert_sha256()
+        except CertificateError as exc:
+            raise ConnectError(str(exc)) from None
+        session = ClientSession()
+        io.send(session.hello(user, identity))
+        frames = io.frames(session)
+        first = frames.pop(0)
+        if first["type"] == "challenge":
+            io.send(session.auth(first, user, identity, server_fp))
+            while not frames:
+                frames = io.frames(session)
+            first = frames.pop(0)
+        if first["type"] == "error":
+            raise AuthError(
+                f"{where} refused the login: {first.get('message', 'no reason given')}",
+                code=str(first.get("code", "auth_failed")),
+            )
+        if first["type"] != "welcome":
+            raise ConnectError(f"{where} answered the login with an unexpected {first['type']!r}")
+        return sock, tls, session, first, frames
+    except ProtocolError as exc:
+        sock.close()
+        raise ConnectError(f"{where} broke the protocol during login: {exc}") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+class ClientConnection(threading.Thread):
+    """The one thread that owns a logged-in client's socket and TLS stream."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        tls: TLSStream,
+        session: ClientSession,
+        on_frame: Callable[[dict[str, Any]], None],
+        on_close: Callable[[str], None],
+    ) -> None:
+        super().__init__(name="securechat-client-io", daemon=True)
+        self.sock, self.tls, self.session = sock, tls, session
+        self._on_frame, self._on_close = on_frame, on_close
+        self._outbox: collections.deque[bytes] = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._closing = False
+        self._close_reason: str | None = None
+        self._outbuf = bytearray()
+        self.closed = threading.Event()
+        self.pending: dict[int, Future[dict[str, Any]]] = {}
+        self._pending_lock = threading.Lock()
+
+    # -- any thread -------------------------------------------------------------------------------
+
+    def request(self, ftype: str, **fields: Any) -> Future[dict[str, Any]]:
+        future: Future[dict[str, Any]] = Future()
+        with self._pending_lock:
+            if self.closed.is_set():
+                future.set_exception(ConnectionClosed(self._close_reason or "connection closed"))
+                return future
+            request_id, data = self.session.request(ftype, **fields)
+            self.pending[request_id] = future
+        self.send(data)
+        return future
+
+    def send(self, data: bytes) -> None:
+        self._outbox.append(data)
+        self._wake()
+
+    def close(self, reason: str = "closed by user") -> None:
+        """Say goodbye and close once what is queued has been written."""
+        if not self._closing:
+            self._close_reason = reason
+            self._closing = True
+            self.send(self.session.encode({"type": "bye"}))
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass  # buffer full (a wake-up is pending) or already closed
+
+    # -- owner thread -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        reason = "connection closed"
+        sel = selectors.DefaultSelector()
+        self.sock.setblocking(False)
+        sel.register(self.sock, selectors.EVENT_READ, "sock")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        want_write = False
+        try:
+            while True:
+                for key, mask in sel.select():
+                    if key.data == "wake":
+                        self._drain_wake()
+                    elif mask & selectors.EVENT_READ:
+                        self._read()
+                    if key.data == "sock" and mask & selectors.EVENT_WRITE:
+                        self._write()
+                self._take_outbox()
+                self._write()
+                if self._closing and not self._outbuf:
+                    reason = self._close_reason or reason
+                    self.tls.close()
+                    self._outbuf += self.tls.data_to_send()
+                    self._write()
+                    break
+                if bool(self._outbuf) != want_write:
+                    want_write = bool(self._outbuf)
+                    sel.modify(
+                        self.sock,
+                        selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0),
+                        "sock",
+                    )
+        except ConnectionClosed as exc:
+            reason = self._close_reason or exc.reason
+        except ssl.SSLError as exc:
+            reason = f"TLS error: {exc.reason or exc}"
+        except ProtocolError as exc:
+            reason = f"server broke the protocol: {exc}"
+        except OSError as exc:
+            reason = f"connection lost: {exc.strerror or exc}"
+        finally:
+            sel.close()
+            self.sock.close()
+            self._wake_r.close()
+            self._finish(reason)
+
+    def _finish(self, reason: str) -> None:
+        with self._pending_lock:
+            self.closed.set()
+            pending, self.pending = self.pending, {}
+        for future in pending.values():
+            future.set_exception(ConnectionClosed(reason))
+        self._wake_w.close()
+        self._on_close(reason)
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _take_outbox(self) -> None:
+        outbox = self._outbox
+        if outbox:
+            chunks = []
+            while outbox:
+                chunks.append(outbox.popleft())
+            self.tls.write(b"".join(chunks))
+            self._outbuf += self.tls.data_to_send()
+
+    def _write(self) -> None:
+        buf = self._outbuf
+        while buf:
+            try:
+                sent = self.sock.send(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            del buf[:sent]
+
+    def feed_frames(self, frames: list[dict[str, Any]]) -> None:
+        for frame in frames:
+            self._dispatch(frame)
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        self.tls.feed(data)
+        plaintext = self.tls.read()
+        if plaintext:
+            self.feed_frames(self.session.receive_data(plaintext))
+
+    def _dispatch(self, frame: dict[str, Any]) -> None:
+        ftype = frame["type"]
+        request_id = frame.get("id")
+        if ftype in ("ok", "error", "pong") and isinstance(request_id, int):
+            with self._pending_lock:
+                future = self.pending.pop(request_id, None)
+            if future is not None:
+                if ftype == "error":
+                    future.set_exception(RequestError(frame))
+                else:
+                    future.set_result(frame)
+                return
+        if ftype == "bye":
+            raise ConnectionClosed(str(frame.get("reason", "server closed the connection")))
+        self._on_frame(frame)
+
+
+class RequestError(ProtocolError):
+    """The server refused one request; `code` says why in a stable word."""
+
+    def __init__(self, frame: dict[str, Any]) -> None:
+        super().__init__(str(frame.get("code", "error")), str(frame.get("message", "refused")))

@@ -1,0 +1,67 @@
+"""What a Client reports to its user: plain immutable events, one per server frame of interest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+
+def _when(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A room message, stamped by the server with the sender's authenticated name and time."""
+
+    room: str
+    sender: str
+    text: str
+    ts: int  # server time, milliseconds since the epoch
+    action: bool = False  # a /me line
+    history: bool = False  # replayed from the room's history, not live
+
+    @property
+    def time(self) -> datetime:
+        return _when(self.ts)
+
+
+@dataclass(frozen=True)
+class Joined:
+    room: str
+    user: str
+    ts: int
+
+    @property
+    def time(self) -> datetime:
+        return _when(self.ts)
+
+
+@dataclass(frozen=True)
+class Parted:
+    room: str
+    user: str
+    reason: str
+    ts: int
+
+    @property
+    def time(self) -> datetime:
+        return _when(self.ts)
+
+
+@dataclass(frozen=True)
+class ServerError:
+    """An error frame that answers no request of ours (a protocol complaint, say)."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The connection is over; always the last event."""
+
+    reason: str
+
+
+Event = Message | Joined | Parted | ServerError | Closed

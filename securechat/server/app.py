@@ -1,0 +1,221 @@
+"""The server: a listener thread, a few I/O loop threads, a store worker, and the hub.
+
+The listener only accepts and hands each socket to a loop (round robin); the TLS handshake runs
+non-blocking on that loop, so a slow or silent client never holds up the listener or anyone
+else. Blocking work runs on the store worker thread and reports back through the loop's inbox.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import os
+import selectors
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from securechat import __version__, framing
+from securechat.errors import ConfigError, SecureChatError
+from securechat.server.connection import Connection
+from securechat.server.hub import Hub
+from securechat.server.loop import IOLoop
+from securechat.server.store import SQLiteStore
+from securechat.tls import server_context
+
+log = logging.getLogger("securechat.server")
+T = TypeVar("T")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 12345
+    certs_dir: Path = field(default_factory=lambda: Path("certs"))
+    data_dir: Path = field(default_factory=lambda: Path("data"))
+    require_client_cert: bool = False
+    io_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    handshake_timeout: float = 10.0
+    login_timeout: float = 30.0
+    max_frame: int = framing.MAX_FRAME_DEFAULT
+    max_outbuf: int = 4 * 1024 * 1024
+    backlog: int = 1024
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.ssl_context, self.cert_sha256 = server_context(
+            config.certs_dir, require_client_cert=config.require_client_cert
+        )
+        self.hub = Hub(config.max_frame)
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
+        # The store is opened on its worker thread: SQLite connections stay on one thread.
+        self.store = self._worker.submit(SQLiteStore, config.data_dir / "securechat.db").result()
+        self.loops = [IOLoop(i) for i in range(max(1, config.io_threads))]
+        self._next_loop = itertools.cycle(self.loops)
+        self._listener = self._listen()
+        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._accept_selector = selectors.DefaultSelector()
+        self._stop_r, self._stop_w = socket.socketpair()
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name="listener", daemon=True
+        )
+        self._open_count = 0
+        self._count_lock = threading.Lock()
+        self._drained = threading.Condition(self._count_lock)
+        self._stopped = threading.Event()
+
+    def _listen(self) -> socket.socket:
+        host, port = self.config.host, self.config.port
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise ConfigError(f"cannot resolve --host {host!r}: {exc.strerror}") from None
+        family, _, _, _, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(sockaddr)
+            sock.listen(self.config.backlog)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        sock.setblocking(False)
+        return sock
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> Server:
+        for loop in self.loops:
+            loop.start()
+        self._accept_thread.start()
+        host, port = self.address
+        log.info(
+            "securechat %s listening on %s:%d (TLS 1.3%s), %d I/O threads",
+            __version__,
+            host,
+            port,
+            ", client certificates required" if self.config.require_client_cert else "",
+            len(self.loops),
+        )
+        return self
+
+    def stop(self, reason: str = "server shutting down", timeout: float = 5.0) -> None:
+        """Tell every client why, let the loops flush, then close everything."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._stop_w.send(b"\0")
+        self._accept_thread.join(timeout)
+        done = threading.Event()
+        remaining = [len(self.loops)]
+        lock = threading.Lock()
+
+        def kick_all(loop: IOLoop) -> None:
+            for conn in list(loop.connections):
+                conn.kick(reason) if conn.user else conn.abort(reason)
+            with lock:
+                remaining[0] -= 1
+                if not remaining[0]:
+                    done.set()
+
+        for loop in self.loops:
+            loop.call_soon(lambda loop=loop: kick_all(loop))
+        done.wait(timeout)
+        self._wait_drained(timeout)
+        for loop in self.loops:
+            loop.stop()
+        for loop in self.loops:
+            loop.join(timeout)
+        self._worker.submit(self.store.close).result(timeout)
+        self._worker.shutdown(wait=True)
+        self._stop_r.close()
+        self._stop_w.close()
+        log.info("server stopped")
+
+    def _wait_drained(self, timeout: float) -> None:
+        # Closing connections abort themselves once their last frames are written (or after
+        # LINGER); wait for that rather than cutting them off mid-write.
+        with self._drained:
+            self._drained.wait_for(lambda: self._open_count == 0, timeout)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- threads ----------------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        sel = self._accept_selector
+        sel.register(self._listener, selectors.EVENT_READ)
+        sel.register(self._stop_r, selectors.EVENT_READ)
+        try:
+            while not self._stopped.is_set():
+                for key, _ in sel.select():
+                    if key.fileobj is self._stop_r:
+                        return
+                    self._accept_burst()
+        finally:
+            sel.close()
+            self._listener.close()
+
+    def _accept_burst(self) -> None:
+        for _ in range(256):
+            try:
+                sock, addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE and friends: log and let the selector try again later.
+                log.warning("accept failed: %s", exc.strerror or exc)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = f"{addr[0]}:{addr[1]}" if len(addr) == 2 else f"[{addr[0]}]:{addr[1]}"
+            loop = next(self._next_loop)
+            with self._count_lock:
+                self._open_count += 1
+            loop.call_soon(lambda sock=sock, peer=peer, loop=loop: self._adopt(loop, sock, peer))
+
+    def _adopt(self, loop: IOLoop, sock: socket.socket, peer: str) -> None:
+        if self._stopped.is_set():
+            sock.close()
+            self.connection_closed(None)
+            return
+        log.info("connection from %s", peer)
+        Connection(self, loop, sock, peer)
+
+    def connection_closed(self, conn: Connection | None) -> None:
+        with self._drained:
+            self._open_count -= 1
+            if not self._open_count:
+                self._drained.notify_all()
+
+    def run_blocking(self, work: Callable[[], T], then: Callable[[T | Exception], None]) -> None:
+        """Run `work` on the worker thread, then `then(result)` back on the calling loop."""
+        loop = threading.current_thread()
+        assert isinstance(loop, IOLoop)
+
+        def job() -> None:
+            try:
+                result: Any = work()
+            except SecureChatError as exc:
+                result = exc
+            loop.call_soon(lambda: then(result))
+
+        self._worker.submit(job)
+
+    def welcome(self) -> dict[str, Any]:
+        return {"server": f"securechat/{__version__}", "max_frame": self.config.max_frame}
+
+    @property
+    def open_connections(self) -> int:
+        with self._count_lock:
+            return self._open_count

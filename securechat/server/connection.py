@@ -1,0 +1,236 @@
+"""One client connection on the server, driven only by the I/O loop that owns it.
+
+It ties a non-blocking socket, a TLSStream and a ServerSession together: read, feed, act on the
+session's events, and write everything queued in one go. Blocking work (the store) goes to a
+worker thread whose answer comes back through the loop's inbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from securechat.errors import ConnectionClosed, ProtocolError, StorageError
+from securechat.identity import fingerprint
+from securechat.protocol import Close, LoginVerified, Request, ServerSession, State
+from securechat.server.store import Claim
+from securechat.tls import TLSStream
+
+if TYPE_CHECKING:
+    from securechat.server.app import Server
+    from securechat.server.loop import IOLoop
+
+log = logging.getLogger("securechat.server")
+
+RECV_SIZE = 64 * 1024
+LINGER = 2.0  # seconds a closing connection may take to flush its last frames
+
+
+class Connection:
+    __slots__ = (
+        "_hs_deadline", "_login_deadline", "_want_write", "addr", "closing", "loop", "open",
+        "outbuf", "pending", "rooms", "server", "session", "sock", "tls", "user",
+    )  # fmt: skip
+
+    def __init__(self, server: Server, loop: IOLoop, sock: socket.socket, addr: str) -> None:
+        self.server = server
+        self.loop = loop
+        self.sock = sock
+        self.addr = addr
+        self.tls = TLSStream(server.ssl_context, server_side=True)
+        self.session = ServerSession(server.cert_sha256, server.config.max_frame)
+        self.user: str = ""
+        self.rooms: set[str] = set()
+        # Encoded frames waiting for the next TLS write. The session's outbox is this very list,
+        # so its replies and the hub's deliveries leave in the order they were queued.
+        self.pending: list[bytes] = self.session.outbox
+        self.outbuf = bytearray()  # TLS records the socket has not taken yet
+        self.open = True
+        self.closing: str | None = None
+        self._want_write = False
+        now = time.monotonic()
+        self._hs_deadline = now + server.config.handshake_timeout
+        self._login_deadline = self._hs_deadline + server.config.login_timeout
+        loop.connections.add(self)
+        loop.selector.register(sock, selectors.EVENT_READ, self)
+        loop.add_deadline(self._hs_deadline, self)
+
+    # -- events from the loop ---------------------------------------------------------------------
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.abort(f"socket error: {exc.strerror or exc}")
+            return
+        self.tls.feed(data)
+        try:
+            if not self.tls.handshake_done:
+                if not self.tls.do_handshake():
+                    self._flush_tls()
+                    return
+                self.loop.add_deadline(self._login_deadline, self)
+            plaintext = self.tls.read()
+        except ssl.SSLError as exc:
+            stage = "TLS" if self.tls.handshake_done else "TLS handshake"
+            log.info("%s failed from %s: %s", stage, self.addr, exc.reason or exc)
+            self._flush_tls()
+            self.abort(f"{stage} error")
+            return
+        except ConnectionClosed as exc:
+            self.abort(exc.reason)
+            return
+        if plaintext:
+            for event in self.session.receive_data(plaintext):
+                self._on_event(event)
+        self.loop.dirty.add(self)
+
+    def on_writable(self) -> None:
+        self._send_outbuf()
+
+    def check_deadline(self, now: float) -> None:
+        if self.closing is not None:
+            self.abort(self.closing)
+        elif not self.tls.handshake_done and now >= self._hs_deadline:
+            log.info("TLS handshake timed out from %s", self.addr)
+            self.abort("TLS handshake timed out")
+        elif self.session.state is not State.AUTHENTICATED and now >= self._login_deadline:
+            self.session.close("login timed out")
+            self.close_soon("login timed out")
+
+    # -- session events ---------------------------------------------------------------------------
+
+    def _on_event(self, event: object) -> None:
+        if isinstance(event, Request):
+            frame = event.frame
+            try:
+                reply = self.server.hub.handle(self, frame)
+            except ProtocolError as exc:
+                self.session.reply_error(frame["id"], exc.code, exc.message)
+            else:
+                self.session.send(reply)
+        elif isinstance(event, LoginVerified):
+            self.server.run_blocking(
+                lambda: self.server.store.claim_name(event.user, event.public_key),
+                lambda result: self._on_claim(event, result),
+            )
+        elif isinstance(event, Close):
+            self.close_soon(event.reason)
+
+    def _on_claim(self, event: LoginVerified, result: object) -> None:
+        if not self.open or self.session.state is not State.AUTHENTICATING:
+            return
+        if isinstance(result, StorageError):
+            log.error("store error during login of %s: %s", event.user, result)
+            self.close_soon(
+                self.session.login_refused("server_error", "server storage error").reason
+            )
+        elif result is Claim.TAKEN:
+            log.info("refused name %s from %s: bound to another key", event.user, self.addr)
+            close = self.session.login_refused(
+                "name_taken", f'the name "{event.user}" belongs to another identity key'
+            )
+            self.close_soon(close.reason)
+        else:
+            self.user = event.user
+            self.session.login_accepted(self.server.welcome())
+            old = self.server.hub.login(self)
+            if old is not None:
+                old.loop.call_soon(lambda: old.kick("logged in again from elsewhere"))
+            log.info(
+                "%s logged in from %s (key %s)%s",
+                self.user,
+                self.addr,
+                fingerprint(event.public_key)[:19],
+                " (new name)" if result is Claim.NEW else "",
+            )
+        self.loop.dirty.add(self)
+
+    # -- output -----------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Encrypt everything queued as one TLS write and hand it to the socket."""
+        if not self.open:
+            return
+        if self.pending:
+            data = b"".join(self.pending) if len(self.pending) > 1 else self.pending[0]
+            self.pending.clear()
+            self.tls.write(data)
+        self._flush_tls()
+        if len(self.outbuf) > self.server.config.max_outbuf and self.closing is None:
+            log.info(
+                "dropping %s (%s): not reading, outbound queue full", self.user or "-", self.addr
+            )
+            self.abort("outbound queue full: client not reading")
+        elif self.closing is not None and not self.outbuf:
+            self.abort(self.closing)
+
+    def _flush_tls(self) -> None:
+        out = self.tls.data_to_send()
+        if out:
+            self.outbuf += out
+            self._send_outbuf()
+
+    def _send_outbuf(self) -> None:
+        buf = self.outbuf
+        while buf:
+            try:
+                sent = self.sock.send(buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.abort(f"socket error: {exc.strerror or exc}")
+                return
+            del buf[:sent]
+        want = bool(buf)
+        if want != self._want_write:
+            self._want_write = want
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            self.loop.selector.modify(self.sock, events, self)
+        if not buf and self.closing is not None:
+            self.abort(self.closing)
+
+    # -- closing ----------------------------------------------------------------------------------
+
+    def kick(self, reason: str) -> None:
+        """Tell the client why it is being closed, then close once that is written."""
+        if self.open and self.closing is None:
+            self.session.close(reason)
+            self.close_soon(reason)
+
+    def close_soon(self, reason: str) -> None:
+        if self.closing is None:
+            self.closing = reason
+            self.loop.add_deadline(time.monotonic() + LINGER, self)
+        self.loop.dirty.add(self)
+
+    def abort(self, reason: str) -> None:
+        """Close now: leave the hub, send close_notify if we can, release the socket."""
+        if not self.open:
+            return
+        self.open = False
+        if self.user:
+            self.server.hub.logout(self, reason)
+            log.info("%s left (%s)", self.user, reason)
+        if self.tls.handshake_done:
+            self.tls.close()
+            out = self.tls.data_to_send()
+            if out and not self.outbuf:
+                try:
+                    self.sock.send(out)
+                except OSError:
+                    pass
+        self.loop.connections.discard(self)
+        self.loop.dirty.discard(self)
+        try:
+            self.loop.selector.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+        self.sock.close()
+        self.server.connection_closed(self)

@@ -1,0 +1,161 @@
+"""The hub: rooms, presence and routing, the only state shared between I/O loops.
+
+Callers are I/O loop threads. One lock guards the tables; inside it we only append to loops'
+inboxes (never a socket write), which keeps a room's messages in one order for every member.
+A broadcast frame is encoded once and the same bytes go to every recipient.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from securechat import framing
+from securechat.errors import ProtocolError
+from securechat.protocol import LOBBY, now_ms
+
+if TYPE_CHECKING:
+    from securechat.server.connection import Connection
+    from securechat.server.loop import IOLoop
+
+
+class Room:
+    __slots__ = ("by_loop", "members", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.members: dict[str, Connection] = {}
+        # Members grouped by the loop that owns them: one inbox post per loop per broadcast.
+        self.by_loop: dict[IOLoop, set[Connection]] = defaultdict(set)
+
+    def add(self, conn: Connection) -> None:
+        self.members[conn.user] = conn
+        self.by_loop[conn.loop].add(conn)
+
+    def remove(self, conn: Connection) -> None:
+        del self.members[conn.user]
+        peers = self.by_loop[conn.loop]
+        peers.discard(conn)
+        if not peers:
+            del self.by_loop[conn.loop]
+
+
+class Hub:
+    def __init__(self, max_frame: int = framing.MAX_FRAME_DEFAULT) -> None:
+        self._lock = threading.Lock()
+        self._users: dict[str, Connection] = {}
+        self._rooms: dict[str, Room] = {}
+        self._max_frame = max_frame
+
+    # -- presence ---------------------------------------------------------------------------------
+
+    def login(self, conn: Connection) -> Connection | None:
+        """Register an authenticated connection and join it to the lobby.
+
+        Returns the connection it replaces (the same name logged in again, say after a network
+        drop); the caller closes that one.
+        """
+        with self._lock:
+            old = self._users.get(conn.user)
+            if old is not None:
+                self._leave_all(old, "logged in again from elsewhere")
+            self._users[conn.user] = conn
+            self._join(conn, LOBBY)
+        return old
+
+    def logout(self, conn: Connection, reason: str) -> None:
+        with self._lock:
+            if self._users.get(conn.user) is conn:
+                del self._users[conn.user]
+                self._leave_all(conn, reason)
+
+    def online(self, user: str) -> bool:
+        with self._lock:
+            return user in self._users
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def handle(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
+        """Carry out one request; return the reply frame (an "ok" with the request id)."""
+        handler = getattr(self, f"_req_{frame['type']}")
+        with self._lock:
+            fields = handler(conn, frame)
+        return {"type": "ok", "id": frame["id"], **fields}
+
+    def _req_join(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
+        room = frame["room"]
+        if room not in conn.rooms:
+            self._join(conn, room)
+        return {"room": room, "members": sorted(self._rooms[room].members)}
+
+    def _req_part(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
+        room = self._member_room(conn, frame["room"])
+        self._part(conn, room, "left")
+        return {"room": room.name}
+
+    def _req_say(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
+        room = self._member_room(conn, frame["room"])
+        ts = now_ms()
+        message = {
+            "type": "message",
+            "room": room.name,
+            "from": conn.user,
+            "text": frame["text"],
+            "ts": ts,
+        }
+        if frame.get("action"):
+            message["action"] = True
+        self._broadcast(room, message)
+        return {"room": room.name, "ts": ts}
+
+    def _req_rooms(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
+        rooms = [{"name": r.name, "members": len(r.members)} for r in self._rooms.values()]
+        return {"rooms": sorted(rooms, key=lambda r: r["name"])}
+
+    def _req_who(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
+        room = self._rooms.get(frame["room"])
+        if room is None:
+            raise ProtocolError("no_such_room", f"there is no room {frame['room']}")
+        return {"room": room.name, "members": sorted(room.members)}
+
+    # -- internals (lock held) --------------------------------------------------------------------
+
+    def _member_room(self, conn: Connection, name: str) -> Room:
+        if name not in conn.rooms:
+            raise ProtocolError("not_in_room", f"you are not in {name}")
+        return self._rooms[name]
+
+    def _join(self, conn: Connection, name: str) -> None:
+        room = self._rooms.get(name)
+        if room is None:
+            room = self._rooms[name] = Room(name)
+        room.add(conn)
+        conn.rooms.add(name)
+        self._broadcast(room, {"type": "joined", "room": name, "user": conn.user, "ts": now_ms()})
+
+    def _part(self, conn: Connection, room: Room, reason: str, notify_self: bool = True) -> None:
+        frame = {
+            "type": "parted",
+            "room": room.name,
+            "user": conn.user,
+            "reason": reason,
+            "ts": now_ms(),
+        }
+        if notify_self:
+            self._broadcast(room, frame)
+        room.remove(conn)
+        conn.rooms.discard(room.name)
+        if not notify_self:
+            self._broadcast(room, frame)
+        if not room.members and room.name != LOBBY:
+            del self._rooms[room.name]
+
+    def _leave_all(self, conn: Connection, reason: str) -> None:
+        for name in list(conn.rooms):
+            self._part(conn, self._rooms[name], reason, notify_self=False)
+
+    def _broadcast(self, room: Room, frame: dict[str, Any]) -> None:
+        data = framing.encode(frame, self._max_frame)
+        for loop, conns in room.by_loop.items():
+            loop.deliver(data, tuple(conns))

@@ -1,0 +1,131 @@
+"""An I/O thread: one selector event loop that owns many connections.
+
+Only this thread reads or writes the sockets and TLS streams of its connections (DESIGN.md
+hazard 1). Other threads talk to it through call_soon() and deliver(), which append to an inbox
+and wake the selector; frames queued for one connection between two turns of the loop leave in
+one TLS write.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from securechat.server.connection import Connection
+
+log = logging.getLogger("securechat.server")
+
+TICK = 0.5  # seconds between deadline checks when idle
+
+
+class IOLoop(threading.Thread):
+    def __init__(self, index: int) -> None:
+        super().__init__(name=f"io-{index}", daemon=True)
+        self.selector = selectors.DefaultSelector()
+        self.connections: set[Connection] = set()
+        self.dirty: set[Connection] = set()
+        self._inbox: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._woken = False
+        self._running = True
+        self._deadlines: list[tuple[float, int, Connection]] = []
+        self._seq = itertools.count()
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+
+    # -- called from any thread -------------------------------------------------------------------
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        self._inbox.append(fn)
+        self._wake()
+
+    def deliver(self, data: bytes, conns: Iterable[Connection]) -> None:
+        """Queue one encoded frame for some of this loop's connections."""
+        if threading.current_thread() is self:
+            self._queue(data, conns)
+        else:
+            self.call_soon(lambda: self._queue(data, conns))
+
+    def stop(self) -> None:
+        self._running = False
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._woken:
+            self._woken = True
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass  # a wake-up is already pending, or we are shutting down
+
+    # -- loop thread only -------------------------------------------------------------------------
+
+    def _queue(self, data: bytes, conns: Iterable[Connection]) -> None:
+        dirty = self.dirty
+        for conn in conns:
+            if conn.open:
+                conn.pending.append(data)
+                dirty.add(conn)
+
+    def add_deadline(self, when: float, conn: Connection) -> None:
+        heapq.heappush(self._deadlines, (when, next(self._seq), conn))
+
+    def run(self) -> None:
+        select = self.selector.select
+        next_tick = time.monotonic() + TICK
+        while self._running:
+            timeout = 0.0 if self.dirty or self._inbox else TICK
+            for key, mask in select(timeout):
+                conn = key.data
+                if conn is None:
+                    self._drain_wake()
+                    continue
+                if mask & selectors.EVENT_READ:
+                    conn.on_readable()
+                if mask & selectors.EVENT_WRITE and conn.open:
+                    conn.on_writable()
+            inbox = self._inbox
+            while inbox:
+                inbox.popleft()()
+            while self.dirty:
+                batch, self.dirty = self.dirty, set()
+                for conn in batch:
+                    conn.flush()
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK
+                self._expire(now)
+        self._drain_wake()
+        inbox = self._inbox
+        while inbox:
+            inbox.popleft()()
+        for conn in list(self.connections):
+            conn.abort("server stopped")
+        self.selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _drain_wake(self) -> None:
+        self._woken = False
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _expire(self, now: float) -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, _, conn = heapq.heappop(deadlines)
+            if conn.open:
+                conn.check_deadline(now)

@@ -1,0 +1,167 @@
+"""TLS: the server and client SSL contexts, and one TLS connection driven over memory buffers.
+
+Theory of operation (DESIGN.md hazard 1): OpenSSL forbids using one SSL object from two threads at
+once and Python's ssl module adds no lock. So a TLSStream has exactly one owner thread, which feeds
+it the bytes read from the socket and sends the bytes it produces. Any other thread that wants to
+send hands plaintext to the owner and wakes it; it never touches the stream or the socket.
+TLSStream does no I/O itself, so the owner decides when to read, write and coalesce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from pathlib import Path
+
+from securechat.errors import CertificateError, ConnectionClosed
+
+READ_CHUNK = 64 * 1024
+
+
+def server_context(
+    certs_dir: Path, *, require_client_cert: bool = False
+) -> tuple[ssl.SSLContext, bytes]:
+    """TLS 1.3-only server context from certs_dir/server.pem and server.key.
+
+    Returns the context and the SHA-256 of the server certificate (DER), which logins sign.
+    """
+    cert, key, ca = certs_dir / "server.pem", certs_dir / "server.key", certs_dir / "ca.pem"
+    missing = [str(p) for p in (cert, key) if not p.is_file()]
+    if require_client_cert and not ca.is_file():
+        missing.append(str(ca))
+    if missing:
+        raise CertificateError(
+            f"missing {', '.join(missing)}; run `securechat gen-certs --out {certs_dir}` "
+            "to make a local CA and server certificate"
+        )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    # No session tickets: each one costs a write per handshake and we do not resume sessions.
+    ctx.num_tickets = 0
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    try:
+        ctx.load_cert_chain(cert, key)
+        if require_client_cert:
+            ctx.load_verify_locations(cafile=ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise CertificateError(
+            f"cannot load the server certificate from {certs_dir} ({exc}); "
+            "run `securechat gen-certs` to make one"
+        ) from None
+    try:
+        pem = cert.read_text("ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CertificateError(f"cannot read {cert}: {exc}") from None
+    return ctx, cert_sha256(ssl.PEM_cert_to_DER_cert(pem))
+
+
+def client_context(
+    ca_file: Path, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
+    """TLS 1.3-only client context that trusts only our CA and checks the host name."""
+    if not ca_file.is_file():
+        raise CertificateError(
+            f"CA certificate {ca_file} not found; pass --ca with the server's ca.pem "
+            "(made by `securechat gen-certs`)"
+        )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname by default
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    try:
+        ctx.load_verify_locations(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise CertificateError(f"cannot load CA certificate {ca_file}: {exc}") from None
+    if (cert_file is None) != (key_file is None):
+        raise CertificateError("--cert and --cert-key go together")
+    if cert_file is not None and key_file is not None:
+        try:
+            ctx.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise CertificateError(
+                f"cannot load client certificate {cert_file} / {key_file}: {exc}"
+            ) from None
+    return ctx
+
+
+def cert_sha256(der: bytes) -> bytes:
+    return hashlib.sha256(der).digest()
+
+
+class TLSStream:
+    """One TLS connection over memory BIOs, used by its owner thread only."""
+
+    __slots__ = ("_in", "_out", "handshake_done", "obj")
+
+    def __init__(
+        self, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
+    ) -> None:
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(
+            self._in, self._out, server_side=server_side, server_hostname=server_hostname
+        )
+        self.handshake_done = False
+
+    def do_handshake(self) -> bool:
+        """Advance the handshake; True once it is complete. Raises ssl.SSLError on failure."""
+        try:
+            self.obj.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        self.handshake_done = True
+        return True
+
+    def feed(self, data: bytes) -> None:
+        """Bytes read from the socket; b"" means the peer closed TCP."""
+        if data:
+            self._in.write(data)
+        else:
+            self._in.write_eof()
+
+    def read(self) -> bytes:
+        """All application data decrypted so far (b"" if none yet).
+
+        Raises ConnectionClosed when the peer closed the TLS session, ssl.SSLError on a bad record
+        or an alert (under TLS 1.3 a refused client certificate shows up here).
+        """
+        chunks = []
+        while True:
+            try:
+                chunk = self.obj.read(READ_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                if chunks:
+                    break
+                raise ConnectionClosed("peer closed the TLS session") from None
+            except ssl.SSLEOFError:
+                if chunks:
+                    break
+                raise ConnectionClosed("connection closed without TLS close_notify") from None
+            if not chunk:
+                if chunks:
+                    break
+                raise ConnectionClosed("peer closed the connection")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def write(self, data: bytes) -> None:
+        """Encrypt plaintext; the records wait in data_to_send()."""
+        self.obj.write(data)
+
+    def data_to_send(self) -> bytes:
+        return self._out.read()
+
+    def close(self) -> None:
+        """Queue a close_notify (best effort)."""
+        try:
+            self.obj.unwrap()
+        except (ssl.SSLError, ValueError):
+            pass
+
+    def peer_cert_sha256(self) -> bytes:
+        der = self.obj.getpeercert(binary_form=True)
+        if der is None:
+            raise CertificateError("the server presented no certificate")
+        return cert_sha256(der)

@@ -1,0 +1,100 @@
+"""Shared fixtures: real certificates from our generator, a real server on an ephemeral
+loopback port, identities with light KDF limits, and clients that are always closed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from securechat import certs, identity
+from securechat.client import Client
+from securechat.client.events import Event
+from securechat.server import Server, ServerConfig
+
+REPO = Path(__file__).resolve().parents[1]
+PASSPHRASE = b"correct horse battery staple"
+
+
+@pytest.fixture(scope="session")
+def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("certs")
+    certs.generate(out, hosts=(), clients=("alice-laptop",), days=30, reuse_ca=False, force=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def other_certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, unrelated CA: its certificates must be refused everywhere."""
+    out = tmp_path_factory.mktemp("other-certs")
+    certs.generate(out, hosts=(), clients=("mallory",), days=30, reuse_ca=False, force=False)
+    return out
+
+
+def start_server(certs_dir: Path, data_dir: Path, **overrides: object) -> Server:
+    config = ServerConfig(
+        host="127.0.0.1", port=0, certs_dir=certs_dir, data_dir=data_dir, io_threads=2
+    )
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return Server(config).start()
+
+
+@pytest.fixture
+def server(certs_dir: Path, tmp_path: Path) -> Iterator[Server]:
+    srv = start_server(certs_dir, tmp_path / "data")
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def make_identity(tmp_path: Path) -> Callable[[str], identity.Identity]:
+    made: dict[str, identity.Identity] = {}
+
+    def make(name: str) -> identity.Identity:
+        if name not in made:
+            made[name] = identity.create(
+                tmp_path / "keys" / f"{name}.key", PASSPHRASE, kdf=identity.KDF_FAST_FOR_TESTS
+            )
+        return made[name]
+
+    return make
+
+
+@pytest.fixture
+def connect(
+    server: Server, certs_dir: Path, make_identity: Callable[[str], identity.Identity]
+) -> Iterator[Callable[..., Client]]:
+    clients: list[Client] = []
+
+    def connect_as(user: str, key_name: str | None = None, **kwargs: object) -> Client:
+        host, port = server.address
+        client = Client.connect(
+            host, port, make_identity(key_name or user), user, certs_dir / "ca.pem", **kwargs
+        )
+        clients.append(client)
+        return client
+
+    try:
+        yield connect_as
+    finally:
+        for client in clients:
+            client.close()
+
+
+def wait_for(client: Client, predicate: Callable[[Event], bool], timeout: float = 10.0) -> Event:
+    """The first event matching predicate; fails the test if none comes before the deadline."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while (remaining := deadline - time.monotonic()) > 0:
+        event = client.next_event(timeout=remaining)
+        if event is None:
+            break
+        if predicate(event):
+            return event
+        seen.append(event)
+    raise AssertionError(f"no matching event within {timeout}s; saw {seen!r}")
