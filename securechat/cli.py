@@ -1,0 +1,264 @@
+"""The `securechat` command line: click commands that parse options and call the library.
+
+Every option can also come from an environment variable (SECURECHAT_<COMMAND>_<OPTION> is not
+used; the names are listed explicitly so that --help shows them). Errors of our own family become
+one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from securechat.errors import SecureChatError
+
+DEFAULT_PORT = 12345
+
+
+def _env(name: str) -> dict:
+    return {"envvar": f"SECURECHAT_{name}", "show_envvar": True}
+
+
+class _Group(click.Group):
+    """Turns our own errors into one clear line and exit status, never a traceback."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except SecureChatError as exc:
+            click.echo(f"securechat: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="securechat")
+def main() -> None:
+    """securechat: self-hosted encrypted chat over TLS 1.3."""
+
+
+@main.command("gen-certs")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default="certs",
+    show_default=True,
+    help="Folder to write the certificates and keys to.",
+    **_env("CERTS_OUT"),
+)
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Extra DNS name or IP address for the server certificate (repeatable).",
+    **_env("CERTS_HOST"),
+)
+@click.option(
+    "--client",
+    "clients",
+    multiple=True,
+    metavar="NAME",
+    help="Also issue a client certificate NAME.pem for mutual TLS (repeatable).",
+    **_env("CERTS_CLIENT"),
+)
+@click.option(
+    "--days",
+    type=click.IntRange(1, 3650),
+    default=825,
+    show_default=True,
+    help="Validity of the server and client certificates, in days.",
+    **_env("CERTS_DAYS"),
+)
+@click.option(
+    "--reuse-ca",
+    is_flag=True,
+    help="Sign with the existing ca.pem/ca.key in --out instead of making a new CA "
+    "(renewing or adding certificates).",
+    **_env("CERTS_REUSE_CA"),
+)
+@click.option("--force", is_flag=True, help="Overwrite existing files.", **_env("CERTS_FORCE"))
+def gen_certs(
+    out_dir: Path,
+    hosts: tuple[str, ...],
+    clients: tuple[str, ...],
+    days: int,
+    reuse_ca: bool,
+    force: bool,
+) -> None:
+    """Make a local certificate authority and the server (and client) certificates."""
+    from securechat import certs
+
+    report = certs.generate(
+        out_dir, hosts=hosts, clients=clients, days=days, reuse_ca=reuse_ca, force=force
+    )
+    for line in report.summary_lines():
+        click.echo(line)
+
+
+@main.command()
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Identity key file.",
+    **_env("KEY"),
+)
+def fingerprint(key_path: Path) -> None:
+    """Print the fingerprint of an identity key (asks for its passphrase)."""
+    from securechat import identity
+
+    ident = identity.load(key_path, identity.passphrase_from_env_or_prompt(key_path, new=False))
+    click.echo(ident.fingerprint)
+
+
+@main.command()
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on.", **_env("HOST")
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="TCP port to listen on (0 picks a free one).",
+    **_env("PORT"),
+)
+@click.option(
+    "--certs",
+    "certs_dir",
+    type=click.Path(path_type=Path),
+    default="certs",
+    show_default=True,
+    help="Folder with server.pem, server.key and ca.pem.",
+    **_env("CERTS"),
+)
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(path_type=Path),
+    default="data",
+    show_default=True,
+    help="Folder for the server's SQLite database.",
+    **_env("DATA"),
+)
+@click.option(
+    "--require-client-cert",
+    is_flag=True,
+    help="Mutual TLS: refuse clients without a certificate from our CA.",
+    **_env("REQUIRE_CLIENT_CERT"),
+)
+@click.option(
+    "--io-threads",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="I/O event-loop threads (default: min(4, CPUs)).",
+    **_env("IO_THREADS"),
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="How much to log (to stderr).",
+    **_env("LOG_LEVEL"),
+)
+def server(
+    host: str,
+    port: int,
+    certs_dir: Path,
+    data_dir: Path,
+    require_client_cert: bool,
+    io_threads: int | None,
+    log_level: str,
+) -> None:
+    """Run the chat server (TLS 1.3 only) until SIGINT or SIGTERM."""
+    from securechat.server.run import serve
+
+    serve(
+        host=host,
+        port=port,
+        certs_dir=certs_dir,
+        data_dir=data_dir,
+        require_client_cert=require_client_cert,
+        io_threads=io_threads,
+        log_level=log_level,
+    )
+
+
+@main.command()
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Identity key file (created on first use).",
+    **_env("KEY"),
+)
+@click.option(
+    "--user",
+    default=None,
+    help="User name (remembered in the key file after the first login).",
+    **_env("USER_NAME"),
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Server host name.",
+    **_env("SERVER_HOST"),
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="Server port.",
+    **_env("SERVER_PORT"),
+)
+@click.option(
+    "--ca",
+    type=click.Path(path_type=Path),
+    default="certs/ca.pem",
+    show_default=True,
+    help="CA certificate that signed the server's.",
+    **_env("CA"),
+)
+@click.option(
+    "--cert",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Client certificate for mutual TLS.",
+    **_env("CERT"),
+)
+@click.option(
+    "--cert-key",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Private key of --cert.",
+    **_env("CERT_KEY"),
+)
+def client(
+    key_path: Path,
+    user: str | None,
+    host: str,
+    port: int,
+    ca: Path,
+    cert: Path | None,
+    cert_key: Path | None,
+) -> None:
+    """Chat: interactive on a terminal, line mode when stdin is not a terminal."""
+    from securechat.client.frontend import ClientOptions, run
+
+    code = run(
+        ClientOptions(
+            key_path=key_path, user=user, host=host, port=port, ca=ca, cert=cert, cert_key=cert_key
+        )
+    )
+    sys.exit(code)
