@@ -57,7 +57,9 @@ ALLOWED: dict[State, frozenset[str]] = {
     State.CONNECTED: frozenset({"hello", "ping"}),
     State.CHALLENGED: frozenset({"auth", "ping"}),
     State.AUTHENTICATING: frozenset({"ping"}),
-    State.AUTHENTICATED: frozenset({"join", "part", "say", "rooms", "who", "ping", "bye"}),
+    State.AUTHENTICATED: frozenset(
+        {"join", "part", "say", "rooms", "who", "keys", "dm", "ping", "bye"}
+    ),
     State.CLOSING: frozenset(),
 }
 
@@ -143,6 +145,26 @@ def _b64(size: int) -> Callable[[Any, str], bytes]:
     return check
 
 
+def _b64_blob(value: Any, field: str) -> str:
+    """Opaque base64 (a sealed DM): checked for form and size, relayed as the same string."""
+    if not isinstance(value, str) or not value:
+        raise _bad(field, "must be a non-empty base64 string")
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad(field, "is not valid base64") from None
+    return value
+
+
+_MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+
+def _message_id(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not _MESSAGE_ID_RE.fullmatch(value):
+        raise _bad(field, "must be 8 to 64 characters of A-Z a-z 0-9 _ -")
+    return value
+
+
 def _version(value: Any, field: str) -> int:
     if value != PROTOCOL_VERSION or isinstance(value, bool):
         raise ProtocolError(
@@ -167,6 +189,13 @@ CLIENT_FRAMES: dict[str, dict[str, tuple[Check, bool]]] = {
     },
     "rooms": {"id": (_request_id, True)},
     "who": {"id": (_request_id, True), "room": (_room, True)},
+    "keys": {"id": (_request_id, True), "user": (_name, True)},
+    "dm": {
+        "id": (_request_id, True),
+        "to": (_name, True),
+        "msg_id": (_message_id, True),
+        "box": (_b64_blob, True),
+    },
     "ping": {"id": (_request_id, True)},
     "bye": {},
 }

@@ -13,6 +13,7 @@ the connection's own thread.
 
 from __future__ import annotations
 
+import base64
 import queue
 import threading
 import time
@@ -22,17 +23,30 @@ from pathlib import Path
 from typing import Any
 
 from securechat.client.connection import ClientConnection, RequestError, open_connection
+from securechat.client.dm import DirectMessages
 from securechat.client.events import Closed, Event, Joined, Message, Parted, ServerError
+from securechat.errors import ConfigError
 from securechat.identity import Identity
 from securechat.tls import client_context
+from securechat.trust import KeyChanged, KeyCheck, KnownKeys, known_keys_path, safety_number
 
-__all__ = ["Client", "RequestError"]
+__all__ = ["Client", "KeyChanged", "RequestError"]
 
 
 class Client:
-    def __init__(self, conn: ClientConnection, user: str, welcome: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        conn: ClientConnection,
+        user: str,
+        welcome: dict[str, Any],
+        identity: Identity,
+        known_keys: KnownKeys,
+    ) -> None:
         self._conn = conn
         self.user = user
+        self.identity = identity
+        self.known_keys = known_keys
+        self.dms = DirectMessages(identity, user, known_keys)
         self.welcome = welcome
         self.server_cert_sha256 = conn.tls.peer_cert_sha256()
         self.rooms: set[str] = set()  # rooms we are in, kept up to date from events
@@ -51,12 +65,19 @@ class Client:
         cert: Path | None = None,
         cert_key: Path | None = None,
         timeout: float = 10.0,
+        known_keys: KnownKeys | None = None,
     ) -> Client:
         """Connect over TLS 1.3, verify the server against `ca`, and log in as `user`.
 
-        Raises ConnectError (unreachable, TLS or certificate failure), AuthError (the server
-        refused the login, e.g. the name belongs to another key) or CertificateError.
+        Other users' keys are pinned in `known_keys` (by default the known-keys file beside the
+        identity's key file). Raises ConnectError (unreachable, TLS or certificate failure),
+        AuthError (the server refused the login, e.g. the name belongs to another key) or
+        CertificateError.
         """
+        if known_keys is None:
+            if identity.path is None:
+                raise ConfigError("an identity without a key file needs known_keys= given")
+            known_keys = KnownKeys(known_keys_path(identity.path))
         ctx = client_context(ca, cert, cert_key)
         sock, tls, session, welcome, early = open_connection(
             host, port, ctx, identity, user, timeout
@@ -69,7 +90,7 @@ class Client:
             on_frame=lambda f: client._on_frame(f),
             on_close=lambda r: client._on_close(r),
         )
-        client = cls(conn, str(welcome.get("user", user)), welcome)
+        client = cls(conn, str(welcome.get("user", user)), welcome, identity, known_keys)
         for frame in early:
             client._on_frame(frame)
         conn.start()
@@ -98,6 +119,47 @@ class Client:
 
     def ping(self) -> Future[dict[str, Any]]:
         return self._conn.request("ping")
+
+    # -- direct messages and keys -----------------------------------------------------------------
+
+    def check_key(self, user: str, timeout: float = 10.0) -> KeyCheck:
+        """Ask the server for `user`'s key and compare it with the pinned one (pinning it on
+        first sight). Blocks for the server's answer; raises RequestError (no_such_user)."""
+        reply = self._conn.request("keys", user=user).result(timeout)
+        key = base64.b64decode(str(reply.get("key", "")))
+        return self.known_keys.check(user, key)
+
+    def send_dm(self, user: str, text: str, timeout: float = 10.0) -> Future[dict[str, Any]]:
+        """Seal `text` for `user` and send it; the reply says it was delivered.
+
+        Raises KeyChanged, and sends nothing, when the server offers a key for `user` other than
+        the pinned one: the user must compare safety numbers and accept_key() first.
+        """
+        sealed = self.dms.seal_to(self.check_key(user, timeout), text)
+        return self._conn.request(
+            "dm",
+            to=user,
+            msg_id=sealed.message_id,
+            box=base64.b64encode(sealed.envelope).decode("ascii"),
+        )
+
+    def accept_key(self, user: str, timeout: float = 10.0) -> KeyCheck:
+        """Pin the key the server now offers for `user` in place of the old one."""
+        check = self.check_key(user, timeout)
+        self.known_keys.accept(user, check.key)
+        return self.check_key(user, timeout)
+
+    def safety_number(self, user: str, timeout: float = 10.0) -> tuple[KeyCheck, str]:
+        """The key check for `user` and the safety number of our two keys, to compare aloud."""
+        check = self.check_key(user, timeout)
+        number = safety_number(self.user, self.identity.verify_key_bytes, user, check.key)
+        return check, number
+
+    def mark_verified(self, user: str, timeout: float = 10.0) -> KeyCheck:
+        """Record that the safety number for `user` was compared out of band."""
+        check = self.check_key(user, timeout)
+        self.known_keys.mark_verified(user, check.key)
+        return self.check_key(user, timeout)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every request sent so far has its reply (or the connection closed)."""
@@ -148,7 +210,7 @@ class Client:
     # -- connection thread ------------------------------------------------------------------------
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
-        event = _event_from_frame(frame)
+        event = _event_from_frame(frame, self.dms)
         if event is None:
             return
         if isinstance(event, Joined) and event.user == self.user:
@@ -172,7 +234,7 @@ def _int(frame: dict[str, Any], key: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _event_from_frame(frame: dict[str, Any]) -> Event | None:
+def _event_from_frame(frame: dict[str, Any], dms: DirectMessages) -> Event | None:
     """Map a server frame to an event; frames of types we do not know are ignored, so a newer
     server can add some."""
     ftype = frame["type"]
@@ -191,6 +253,8 @@ def _event_from_frame(frame: dict[str, Any]) -> Event | None:
         return Parted(
             _str(frame, "room"), _str(frame, "user"), _str(frame, "reason"), _int(frame, "ts")
         )
+    if ftype == "dm":
+        return dms.receive(frame)
     if ftype == "error":
         return ServerError(_str(frame, "code"), _str(frame, "message"))
     return None

@@ -50,6 +50,32 @@ class Parted:
 
 
 @dataclass(frozen=True)
+class DirectMessage:
+    """A sealed DM that opened and passed every check: names, replay window, pinned key."""
+
+    sender: str
+    recipient: str
+    text: str
+    ts: int  # the sender's clock, sealed inside the message
+    message_id: str
+    key_state: str  # "new", "pinned" or "verified": how far the sender's key is trusted
+
+    @property
+    def time(self) -> datetime:
+        return _when(self.ts)
+
+
+@dataclass(frozen=True)
+class DMRejected:
+    """A DM that was NOT shown: `kind` is tampered, forged, misrouted, reflected, replayed,
+    stale, unsupported or key_changed; `detail` is the warning to show."""
+
+    sender: str
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class ServerError:
     """An error frame that answers no request of ours (a protocol complaint, say)."""
 
@@ -64,4 +90,4 @@ class Closed:
     reason: str
 
 
-Event = Message | Joined | Parted | ServerError | Closed
+Event = Message | Joined | Parted | DirectMessage | DMRejected | ServerError | Closed

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from securechat.errors import ConnectionClosed, ProtocolError, StorageError
 from securechat.identity import fingerprint
-from securechat.protocol import Close, LoginVerified, Request, ServerSession, State
+from securechat.protocol import Close, LoginVerified, Request, ServerSession, State, b64
 from securechat.server.store import Claim
 from securechat.tls import TLSStream
 
@@ -33,7 +33,7 @@ LINGER = 2.0  # seconds a closing connection may take to flush its last frames
 class Connection:
     __slots__ = (
         "_hs_deadline", "_login_deadline", "_want_write", "addr", "closing", "loop", "open",
-        "outbuf", "pending", "rooms", "server", "session", "sock", "tls", "user",
+        "outbuf", "pending", "public_key_b64", "rooms", "server", "session", "sock", "tls", "user",
     )  # fmt: skip
 
     def __init__(self, server: Server, loop: IOLoop, sock: socket.socket, addr: str) -> None:
@@ -44,6 +44,7 @@ class Connection:
         self.tls = TLSStream(server.ssl_context, server_side=True)
         self.session = ServerSession(server.cert_sha256, server.config.max_frame)
         self.user: str = ""
+        self.public_key_b64 = ""
         self.rooms: set[str] = set()
         # Encoded frames waiting for the next TLS write. The session's outbox is this very list,
         # so its replies and the hub's deliveries leave in the order they were queued.
@@ -109,6 +110,9 @@ class Connection:
     def _on_event(self, event: object) -> None:
         if isinstance(event, Request):
             frame = event.frame
+            if frame["type"] == "keys":
+                self._lookup_key(frame)
+                return
             try:
                 reply = self.server.hub.handle(self, frame)
             except ProtocolError as exc:
@@ -122,6 +126,25 @@ class Connection:
             )
         elif isinstance(event, Close):
             self.close_soon(event.reason)
+
+    def _lookup_key(self, frame: dict) -> None:
+        user = frame["user"]
+
+        def answer(result: object) -> None:
+            if not self.open:
+                return
+            if isinstance(result, StorageError):
+                self.session.reply_error(frame["id"], "server_error", "server storage error")
+            elif result is None:
+                self.session.reply_error(frame["id"], "no_such_user", f"nobody is called {user}")
+            else:
+                assert isinstance(result, bytes)
+                self.session.send(
+                    {"type": "ok", "id": frame["id"], "user": user, "key": b64(result)}
+                )
+            self.loop.dirty.add(self)
+
+        self.server.run_blocking(lambda: self.server.store.public_key(user), answer)
 
     def _on_claim(self, event: LoginVerified, result: object) -> None:
         if not self.open or self.session.state is not State.AUTHENTICATING:
@@ -139,6 +162,7 @@ class Connection:
             self.close_soon(close.reason)
         else:
             self.user = event.user
+            self.public_key_b64 = b64(event.public_key)
             self.session.login_accepted(self.server.welcome())
             old = self.server.hub.login(self)
             if old is not None:

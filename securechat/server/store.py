@@ -25,6 +25,7 @@ class Claim(enum.Enum):
 
 class Store(Protocol):
     def claim_name(self, user: str, public_key: bytes) -> Claim: ...
+    def public_key(self, user: str) -> bytes | None: ...
     def close(self) -> None: ...
 
 
@@ -92,6 +93,16 @@ class SQLiteStore:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise StorageError(f"server database error: {exc}") from None
+
+    def public_key(self, user: str) -> bytes | None:
+        """The identity key bound to `user`, or None for a name nobody has claimed."""
+        try:
+            row = self._db.execute(
+                "SELECT public_key FROM identities WHERE user = ?", (user,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"server database error: {exc}") from None
+        return None if row is None else bytes(row[0])
 
     def close(self) -> None:
         self._db.close()

@@ -1,0 +1,95 @@
+"""Direct messages on the client: key look-up against pinned keys, sealing, and opening.
+
+The server relays sealed envelopes and stamps the sender; it cannot read them, and this module
+is where its claims are checked. A key the server offers that differs from the pinned one stops
+sending to that name; a DM that fails any check becomes a DMRejected event, never a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+from typing import Any
+
+from securechat import sealing
+from securechat.client.events import DirectMessage, DMRejected, Event
+from securechat.identity import Identity
+from securechat.trust import KeyChanged, KeyCheck, KeyState, KnownKeys
+
+# What each refusal is called in a DMRejected event (stable words for UIs and tests).
+REJECTION_KINDS: tuple[tuple[type[sealing.SealError], str], ...] = (
+    (sealing.ReflectedMessage, "reflected"),
+    (sealing.MisroutedMessage, "misrouted"),
+    (sealing.ForgedSender, "forged"),
+    (sealing.ReplayedMessage, "replayed"),
+    (sealing.StaleMessage, "stale"),
+    (sealing.UnsupportedEnvelope, "unsupported"),
+    (sealing.SealError, "tampered"),
+)
+
+
+def _kind(exc: sealing.SealError) -> str:
+    return next(kind for cls, kind in REJECTION_KINDS if isinstance(exc, cls))
+
+
+def _b64(value: Any) -> bytes | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+class DirectMessages:
+    """Seals outgoing DMs and checks incoming ones for one logged-in identity."""
+
+    def __init__(self, identity: Identity, user: str, known_keys: KnownKeys) -> None:
+        self.identity = identity
+        self.user = user
+        self.known_keys = known_keys
+        self._replays = sealing.ReplayGuard()
+        self._lock = threading.Lock()  # the replay guard is not thread-safe by itself
+
+    def seal_to(self, check: KeyCheck, text: str) -> sealing.SealedDM:
+        """Seal `text` for the checked key; refuses (KeyChanged) a key that is not pinned."""
+        if check.state is KeyState.CHANGED:
+            raise KeyChanged(check)
+        return sealing.seal(self.identity.signing_key, self.user, check.name, check.key, text)
+
+    def receive(self, frame: dict[str, Any]) -> Event:
+        """Turn a delivered `dm` frame into a DirectMessage, or a DMRejected saying why not."""
+        sender = frame.get("from") if isinstance(frame.get("from"), str) else ""
+        msg_id = frame.get("msg_id") if isinstance(frame.get("msg_id"), str) else ""
+        envelope, sender_key = _b64(frame.get("box")), _b64(frame.get("from_key"))
+        if not sender or envelope is None or sender_key is None or len(sender_key) != 32:
+            return DMRejected(sender or "?", "tampered", "a direct message arrived malformed")
+        try:
+            opened = sealing.open_sealed(
+                self.identity.signing_key,
+                self.user,
+                sender,
+                sender_key,
+                envelope,
+                expected_message_id=msg_id,
+            )
+        except sealing.SealError as exc:
+            return DMRejected(sender, _kind(exc), str(exc))
+        # Pin or compare the sender's key only once the message proved it holds that key.
+        check = self.known_keys.check(sender, sender_key)
+        if check.state is KeyState.CHANGED:
+            return DMRejected(sender, "key_changed", check.warning())
+        with self._lock:
+            try:
+                self._replays.check(opened)
+            except sealing.SealError as exc:
+                return DMRejected(sender, _kind(exc), str(exc))
+        return DirectMessage(
+            opened.sender,
+            opened.recipient,
+            opened.body,
+            opened.ts,
+            opened.message_id,
+            check.state.value,
+        )

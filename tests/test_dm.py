@@ -1,0 +1,293 @@
+"""Sealed direct messages through the real server, and a server that turns hostile.
+
+Each hostile twist patches the running server's hub the way a compromised server would behave,
+and the tests assert exactly how the client reacts: a visible DMRejected (or KeyChanged), never a
+message shown as genuine.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from securechat import framing
+from securechat.client import KeyChanged, RequestError
+from securechat.client.events import DirectMessage, DMRejected, Joined, Message
+from securechat.server import hub as hub_module
+from securechat.server.hub import Hub
+from securechat.trust import KeyState
+
+from .conftest import wait_for
+
+SECRET = "meet me at the north gate at dawn"
+
+
+def is_dm(e) -> bool:
+    return isinstance(e, DirectMessage)
+
+
+def is_rejected(e) -> bool:
+    return isinstance(e, DMRejected)
+
+
+def ready(*clients) -> None:
+    """Every client has seen the last one join, so all are online."""
+    last = clients[-1].user
+    for c in clients:
+        wait_for(c, lambda e: isinstance(e, Joined) and e.user == last)
+
+
+def rewrite_delivered_dms(monkeypatch, rewrite) -> None:
+    """Make the server rewrite every DM frame it delivers: rewrite(frame) -> list of frames."""
+
+    class HostileFraming:
+        def __getattr__(self, name):
+            return getattr(framing, name)
+
+        def encode(self, frame, max_frame=framing.MAX_FRAME_DEFAULT):
+            if frame.get("type") != "dm":
+                return framing.encode(frame, max_frame)
+            return b"".join(framing.encode(f, max_frame) for f in rewrite(dict(frame)))
+
+    monkeypatch.setattr(hub_module, "framing", HostileFraming())
+
+
+# -- the honest path ------------------------------------------------------------------------------
+
+
+def test_dm_reaches_only_its_recipient_and_is_pinned_on_first_sight(connect) -> None:
+    alice, bob, carol = connect("alice"), connect("bob"), connect("carol")
+    ready(alice, bob, carol)
+    reply = alice.send_dm("bob", SECRET).result(5)
+    assert (reply["to"], reply["status"]) == ("bob", "delivered")
+    dm = wait_for(bob, is_dm)
+    assert (dm.sender, dm.recipient, dm.text, dm.message_id) == (
+        "alice",
+        "bob",
+        SECRET,
+        reply["msg_id"],
+    )
+    assert dm.key_state == "new"
+    assert alice.known_keys.state("bob") is KeyState.PINNED
+    assert bob.known_keys.pinned("alice") == alice.identity.verify_key_bytes
+    # carol got nothing: her next event is a room message sent after the DM.
+    bob.send("#lobby", "marker").result(5)
+    assert not isinstance(
+        wait_for(carol, lambda e: isinstance(e, Message | DirectMessage | DMRejected)),
+        DirectMessage,
+    )
+
+
+def test_dm_to_someone_offline_says_so_plainly(connect) -> None:
+    alice = connect("alice")
+    connect("bob").close()
+    with pytest.raises(RequestError) as info:
+        alice.send_dm("bob", "are you there?").result(5)
+    assert (info.value.code, info.value.message) == (
+        "offline",
+        "bob is offline; the message was not sent",
+    )
+
+
+def test_dm_to_an_unknown_name(connect) -> None:
+    with pytest.raises(RequestError) as info:
+        connect("alice").send_dm("nobody", "hello")
+    assert (info.value.code, info.value.message) == ("no_such_user", "nobody is called nobody")
+
+
+def test_safety_numbers_match_on_both_sides_and_verify(connect) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    check_a, number_a = alice.safety_number("bob")
+    _, number_b = bob.safety_number("alice")
+    assert number_a == number_b
+    assert check_a.state is KeyState.NEW
+    assert alice.mark_verified("bob").state is KeyState.VERIFIED
+    alice.send_dm("bob", "verified hello").result(5)
+    assert wait_for(bob, is_dm).text == "verified hello"
+
+
+# -- a hostile server -----------------------------------------------------------------------------
+
+
+def test_swapped_key_for_a_pinned_name_warns_and_sends_nothing(
+    connect, server, make_identity, monkeypatch
+) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    ready(alice, bob)
+    alice.send_dm("bob", "first, honest").result(5)
+    wait_for(bob, is_dm)
+    mallory_key = make_identity("mallory").verify_key_bytes
+    real = server.store.public_key
+    monkeypatch.setattr(
+        server.store, "public_key", lambda user: mallory_key if user == "bob" else real(user)
+    )
+    relayed: list[dict] = []
+    original = Hub._req_dm
+    monkeypatch.setattr(
+        Hub, "_req_dm", lambda self, c, f: relayed.append(f) or original(self, c, f)
+    )
+
+    with pytest.raises(KeyChanged) as info:
+        alice.send_dm("bob", SECRET)
+    warning = str(info.value)
+    assert warning.startswith("WARNING: the key for bob has changed.")
+    assert f"pinned key: {bob.identity.fingerprint}" in warning
+    assert f"offered now: {make_identity('mallory').fingerprint}" in warning
+    assert relayed == []  # nothing reached the server
+    assert alice.known_keys.pinned("bob") == bob.identity.verify_key_bytes
+    assert alice.known_keys.state("bob") is KeyState.CHANGED
+
+
+def test_replayed_dm_is_dropped_with_a_warning(connect, monkeypatch) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    ready(alice, bob)
+    rewrite_delivered_dms(monkeypatch, lambda f: [f, f])
+    alice.send_dm("bob", SECRET).result(5)
+    assert wait_for(bob, is_dm).text == SECRET
+    rejected = wait_for(bob, lambda e: isinstance(e, DMRejected | DirectMessage))
+    assert isinstance(rejected, DMRejected)
+    assert (rejected.sender, rejected.kind) == ("alice", "replayed")
+    assert SECRET not in rejected.detail
+
+
+def flip_byte(frame: dict, position: int) -> dict:
+    box = bytearray(base64.b64decode(frame["box"]))
+    box[position] ^= 0x01
+    return {**frame, "box": base64.b64encode(bytes(box)).decode()}
+
+
+@pytest.mark.parametrize("position", [1, 30, -1])  # nonce, tag, last byte of ciphertext
+def test_flipped_ciphertext_byte_is_never_shown(connect, monkeypatch, position) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    ready(alice, bob)
+    rewrite_delivered_dms(monkeypatch, lambda f: [flip_byte(f, position)])
+    alice.send_dm("bob", SECRET).result(5)
+    rejected = wait_for(bob, lambda e: isinstance(e, DMRejected | DirectMessage))
+    assert isinstance(rejected, DMRejected)
+    assert (rejected.sender, rejected.kind) == ("alice", "tampered")
+
+
+def test_dm_rerouted_to_someone_else_is_never_shown(connect, monkeypatch) -> None:
+    alice, bob, carol = connect("alice"), connect("bob"), connect("carol")
+    ready(alice, bob, carol)
+    original = Hub._req_dm
+    monkeypatch.setattr(Hub, "_req_dm", lambda self, c, f: original(self, c, {**f, "to": "carol"}))
+    alice.send_dm("bob", SECRET).result(5)
+    rejected = wait_for(carol, lambda e: isinstance(e, DMRejected | DirectMessage))
+    assert isinstance(rejected, DMRejected)
+    assert (rejected.sender, rejected.kind) == ("alice", "tampered")
+    assert carol.known_keys.pinned("alice") is None  # nothing pinned from a failed message
+
+
+def test_false_sender_stamp_is_never_shown(connect, monkeypatch) -> None:
+    alice, bob, carol = connect("alice"), connect("bob"), connect("carol")
+    ready(alice, bob, carol)
+    # The server claims carol sent it, but hands over the key that really opens it.
+    rewrite_delivered_dms(monkeypatch, lambda f: [{**f, "from": "carol"}])
+    alice.send_dm("bob", SECRET).result(5)
+    rejected = wait_for(bob, lambda e: isinstance(e, DMRejected | DirectMessage))
+    assert isinstance(rejected, DMRejected)
+    assert (rejected.sender, rejected.kind) == ("carol", "forged")
+    assert bob.known_keys.pinned("carol") is None  # alice's key was not pinned as carol's
+
+
+def test_false_sender_with_that_senders_key_does_not_open(connect, monkeypatch) -> None:
+    alice, bob, carol = connect("alice"), connect("bob"), connect("carol")
+    ready(alice, bob, carol)
+    carol_key = base64.b64encode(carol.identity.verify_key_bytes).decode()
+    rewrite_delivered_dms(monkeypatch, lambda f: [{**f, "from": "carol", "from_key": carol_key}])
+    alice.send_dm("bob", SECRET).result(5)
+    rejected = wait_for(bob, lambda e: isinstance(e, DMRejected | DirectMessage))
+    assert (type(rejected), rejected.kind) == (DMRejected, "tampered")
+
+
+def test_dm_reflected_back_to_its_sender_is_never_shown(connect, monkeypatch) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    ready(alice, bob)
+    bob_key = base64.b64encode(bob.identity.verify_key_bytes).decode()
+    original = Hub._req_dm
+    # Deliver alice's DM for bob back to alice, stamped as from bob with bob's key: Box opens it
+    # (the shared key is the same both ways); only the sealed names catch it.
+    monkeypatch.setattr(Hub, "_req_dm", lambda self, c, f: original(self, c, {**f, "to": "alice"}))
+    rewrite_delivered_dms(monkeypatch, lambda f: [{**f, "from": "bob", "from_key": bob_key}])
+    alice.send_dm("bob", SECRET).result(5)
+    rejected = wait_for(alice, lambda e: isinstance(e, DMRejected | DirectMessage))
+    assert (type(rejected), rejected.sender, rejected.kind) == (DMRejected, "bob", "reflected")
+
+
+def test_sender_key_swapped_on_delivery_is_refused_against_the_pin(
+    connect, make_identity, monkeypatch
+) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    ready(alice, bob)
+    alice.send_dm("bob", "pin me").result(5)
+    wait_for(bob, is_dm)
+    # A second "alice" key, as a server would use to impersonate her after the pin.
+    impostor = make_identity("impostor")
+    from securechat import sealing
+
+    def forge(f):
+        sealed = sealing.seal(
+            impostor.signing_key, "alice", "bob", bob.identity.verify_key_bytes, "it's me, alice"
+        )
+        return [
+            {
+                **f,
+                "from_key": base64.b64encode(impostor.verify_key_bytes).decode(),
+                "box": base64.b64encode(sealed.envelope).decode(),
+                "msg_id": sealed.message_id,
+            }
+        ]
+
+    rewrite_delivered_dms(monkeypatch, forge)
+    alice.send_dm("bob", "second").result(5)
+    rejected = wait_for(bob, lambda e: isinstance(e, DMRejected | DirectMessage))
+    assert (type(rejected), rejected.kind) == (DMRejected, "key_changed")
+    assert rejected.detail.startswith("WARNING: the key for alice has changed.")
+
+
+def test_server_disk_and_log_never_hold_dm_plaintext(connect, server, tmp_path: Path) -> None:
+    log_file = tmp_path / "server.log"
+    handler = logging.FileHandler(log_file)
+    logger = logging.getLogger("securechat")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        alice, bob = connect("alice"), connect("bob")
+        ready(alice, bob)
+        alice.send_dm("bob", SECRET).result(5)
+        assert wait_for(bob, is_dm).text == SECRET
+        bob.send_dm("alice", SECRET + " (reply)").result(5)
+        assert wait_for(alice, is_dm).text.endswith("(reply)")
+        alice.close()
+        bob.close()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        handler.close()
+    written = [p for p in (server.config.data_dir).rglob("*") if p.is_file()] + [log_file]
+    assert any(p.name == "securechat.db" for p in written)
+    assert "alice logged in" in log_file.read_text()
+    for path in written:
+        data = path.read_bytes()
+        for needle in (SECRET, "north gate", "(reply)"):
+            assert needle.encode() not in data, f"{needle!r} found in {path}"
+            assert base64.b64encode(needle.encode())[:12] not in data
+
+
+def test_what_the_server_sees_of_a_dm(connect, monkeypatch) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    ready(alice, bob)
+    seen: list[dict] = []
+    original = Hub._req_dm
+    monkeypatch.setattr(Hub, "_req_dm", lambda self, c, f: seen.append(f) or original(self, c, f))
+    alice.send_dm("bob", SECRET).result(5)
+    [frame] = seen
+    assert sorted(frame) == ["box", "id", "msg_id", "to", "type"]
+    assert SECRET.encode() not in base64.b64decode(frame["box"])
+    assert "alice" not in json.dumps(frame)
