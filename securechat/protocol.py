@@ -364,7 +364,7 @@ class ServerSession:
             return self._auth(frame["signature"])
         if ftype == "bye":
             self.state = State.CLOSING
-            return Close("client said goodbye")
+            return Close("quit")
         return Request(frame)
 
     def _auth(self, signature: bytes) -> Event | None:

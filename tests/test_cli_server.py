@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -16,64 +13,8 @@ import pytest
 from securechat.client import Client
 from securechat.client.events import Closed, Joined, Message
 
+from .cli_helpers import ServerProcess
 from .conftest import REPO, wait_for
-
-
-class ServerProcess:
-    """A `securechat server` subprocess whose stderr (the log) is read line by line."""
-
-    def __init__(self, *args: str, cwd: Path) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "securechat", "server", "--port", "0", *args],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.log: list[str] = []
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._pump_thread = threading.Thread(
-            target=self._pump, args=(self.proc.stderr,), daemon=True
-        )
-        self._pump_thread.start()
-        self.address: tuple[str, int] | None = None
-        first = self.proc.stdout.readline()  # blocks until listening, or EOF on failure
-        if first.startswith("securechat server listening on "):
-            host, _, port = first.rsplit(" ", 1)[1].strip().rpartition(":")
-            self.address = (host, int(port))
-
-    def _pump(self, stream) -> None:
-        for line in stream:
-            self.log.append(line)
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def wait_log(self, fragment: str, timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
-        for line in self.log:
-            if fragment in line:
-                return line
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            if fragment in line:
-                return line
-        raise AssertionError(f"log never said {fragment!r}: {''.join(self.log)}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(timeout)
-        self._pump_thread.join(timeout)  # the log is complete once stderr reaches EOF
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-        return code
 
 
 def test_missing_certificates_name_gen_certs(tmp_path: Path) -> None:

@@ -1,0 +1,89 @@
+"""Slash commands: one table, and a parser from an input line to a command or a message.
+
+No I/O here, so the terminal, line mode and a GUI share it. The table is the single source for
+/help and for tab completion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from securechat.errors import SecureChatError
+
+
+class CommandError(SecureChatError):
+    """The line is not a command we can run; the message says how to write it."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    usage: str  # arguments, as shown in /help
+    help: str
+    min_args: int = 0
+    max_args: int = 0  # -1: the last argument takes the rest of the line
+    room_arg: bool = False  # the first argument is a room: a missing "#" is added
+
+
+COMMANDS: dict[str, Spec] = {
+    s.name: s
+    for s in (
+        Spec("join", "#room", "join (or create) a room and make it current", 1, 1, True),
+        Spec("part", "[#room]", "leave the current (or named) room", 0, 1, True),
+        Spec("rooms", "", "list the rooms and how many are in each"),
+        Spec("who", "[#room]", "who is in the current (or named) room", 0, 1, True),
+        Spec("me", "action", "say an action: /me waves", 1, -1),
+        Spec("msg", "user text", "send one end-to-end encrypted direct message", 2, -1),
+        Spec("query", "[user]", "plain lines go to user as DMs; /query alone returns", 0, 1),
+        Spec("whois", "user", "show a user's key fingerprint and its trust state", 1, 1),
+        Spec("verify", "user", "show the safety number to compare with user", 1, 1),
+        Spec("trust", "user", "mark user's key verified (after comparing numbers)", 1, 1),
+        Spec("help", "", "this list"),
+        Spec("quit", "", "leave"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Say:
+    """Plain text for the current room or query."""
+
+    text: str
+
+
+def parse(line: str) -> Command | Say | None:
+    """Parse one input line; None for a blank line. Raises CommandError for a bad command."""
+    if not line.strip():
+        return None
+    if not line.startswith("/"):
+        return Say(line)
+    if line.startswith("//"):
+        return Say(line[1:])  # "//etc" says "/etc"
+    name, _, rest = line[1:].partition(" ")
+    spec = COMMANDS.get(name.lower())
+    if spec is None:
+        raise CommandError(f"unknown command /{name}; /help lists the commands")
+    if spec.max_args == -1:
+        # The last argument is free text: keep its inner spacing and line breaks.
+        args = rest.strip().split(None, spec.min_args - 1) if rest.strip() else []
+    else:
+        args = rest.split()
+    if len(args) < spec.min_args or (spec.max_args >= 0 and len(args) > spec.max_args):
+        raise CommandError(f"usage: /{spec.name} {spec.usage}".rstrip())
+    if spec.room_arg and args and not args[0].startswith("#"):
+        args[0] = "#" + args[0]
+    if spec.name in ("join", "part", "who", "query", "whois", "verify", "trust", "msg") and args:
+        args[0] = args[0].lower()
+    return Command(spec.name, tuple(args))
+
+
+def help_lines() -> list[str]:
+    width = max(len(f"/{s.name} {s.usage}") for s in COMMANDS.values())
+    lines = [f"  {f'/{s.name} {s.usage}':<{width}}  {s.help}" for s in COMMANDS.values()]
+    return ["commands:", *lines, "  //text sends text that starts with a slash"]

@@ -1,0 +1,194 @@
+"""What the user's lines do, shared by the terminal, line mode and (later) a GUI.
+
+The controller keeps the current room and query, turns parsed commands into Client calls, and
+reports everything as text through one `output` callback. Requests that answer later (a sent
+message) report failures when the reply comes; nothing is silently lost.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from datetime import datetime
+from typing import Any
+
+from securechat.client import commands
+from securechat.client.api import Client
+from securechat.client.events import Closed, DirectMessage, Event, Joined, Message, Parted
+from securechat.client.render import clean_line, render
+from securechat.errors import ConnectionClosed, SecureChatError
+from securechat.protocol import LOBBY
+from securechat.trust import KeyChanged, KeyState
+
+REPLY_TIMEOUT = 10.0
+
+
+class Controller:
+    def __init__(self, client: Client, output: Callable[[str], None]) -> None:
+        self.client = client
+        self.output = output
+        self.current_room: str | None = LOBBY
+        self.query: str | None = None
+        self.names: set[str] = {client.user}  # for tab completion
+        self.failures = 0  # requests the server refused or never answered
+        self.quit_requested = False
+        self._lock = threading.Lock()
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, Message | DirectMessage):
+            self.names.add(event.sender)
+        elif isinstance(event, Joined):
+            self.names.add(event.user)
+        elif (
+            isinstance(event, Parted)
+            and event.user == self.client.user
+            and event.room == self.current_room
+        ):
+            self.current_room = self._fallback_room(event.room)
+        if isinstance(event, Closed) and self.quit_requested:
+            return
+        self.output(render(event, self.current_room))
+
+    def _fallback_room(self, left: str) -> str | None:
+        rooms = sorted(self.client.rooms - {left})
+        return LOBBY if LOBBY in rooms else (rooms[0] if rooms else None)
+
+    # -- input ------------------------------------------------------------------------------------
+
+    def handle_line(self, line: str) -> bool:
+        """Act on one input line; False once the user asked to quit."""
+        try:
+            parsed = commands.parse(line)
+            if parsed is None:
+                return True
+            if isinstance(parsed, commands.Say):
+                self._say(parsed.text)
+            else:
+                getattr(self, f"_cmd_{parsed.name}")(*parsed.args)
+        except KeyChanged as exc:
+            self.failures += 1
+            self.output(f"!! {exc}")
+        except (SecureChatError, TimeoutError) as exc:
+            self.output(f"!! {exc or 'no answer from the server'}")
+        return not self.quit_requested
+
+    def _say(self, text: str) -> None:
+        if self.query:
+            self._cmd_msg(self.query, text)
+        elif self.current_room is None:
+            self.output("!! you are in no room; /join #room first")
+        else:
+            self._track(self.client.send(self.current_room, text), "message not delivered")
+
+    def _track(
+        self,
+        future: Future[dict[str, Any]],
+        what: str,
+        on_ok: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        def done(f: Future[dict[str, Any]]) -> None:
+            exc = f.exception()
+            if exc is None:
+                if on_ok:
+                    on_ok(f.result())
+                return
+            with self._lock:
+                self.failures += 1
+            if not (isinstance(exc, ConnectionClosed) and self.quit_requested):
+                self.output(f"!! {what}: {exc}")
+
+        future.add_done_callback(done)
+
+    def _wait(self, future: Future[dict[str, Any]]) -> dict[str, Any]:
+        return future.result(REPLY_TIMEOUT)
+
+    # -- commands ---------------------------------------------------------------------------------
+
+    def _cmd_join(self, room: str) -> None:
+        reply = self._wait(self.client.join(room))
+        self.current_room = room
+        self.names.update(reply.get("members", []))
+        self.output(f"-- now talking in {room} ({len(reply.get('members', []))} here)")
+
+    def _cmd_part(self, room: str | None = None) -> None:
+        room = room or self.current_room
+        if room is None:
+            self.output("!! you are in no room")
+            return
+        self._wait(self.client.part(room))
+        if room == self.current_room:
+            self.current_room = self._fallback_room(room)
+        where = f"; now talking in {self.current_room}" if self.current_room else ""
+        self.output(f"-- you left {room}{where}")
+
+    def _cmd_rooms(self) -> None:
+        rooms = self._wait(self.client.list_rooms()).get("rooms", [])
+        listing = ", ".join(f"{clean_line(r['name'])} ({r['members']})" for r in rooms)
+        self.output(f"-- rooms: {listing or 'none'}")
+
+    def _cmd_who(self, room: str | None = None) -> None:
+        room = room or self.current_room
+        if room is None:
+            self.output("!! you are in no room; /who #room")
+            return
+        members = self._wait(self.client.who(room)).get("members", [])
+        self.names.update(members)
+        self.output(f"-- in {room}: {', '.join(clean_line(m) for m in members)}")
+
+    def _cmd_me(self, action: str) -> None:
+        if self.current_room is None:
+            self.output("!! you are in no room; /join #room first")
+            return
+        self._track(
+            self.client.send(self.current_room, action, action=True), "action not delivered"
+        )
+
+    def _cmd_msg(self, user: str, text: str) -> None:
+        future = self.client.send_dm(user, text)
+        stamp = datetime.now().strftime("%H:%M")
+        lines = text.split("\n")
+        body = "\\n".join(lines) if len(lines) > 1 else text
+        self._track(
+            future,
+            f"direct message to {user} not sent",
+            lambda _reply: self.output(f"[{stamp}] -> *{user}* {clean_line(body)}"),
+        )
+
+    def _cmd_query(self, user: str | None = None) -> None:
+        self.query = user
+        if user:
+            self.output(f"-- plain lines now go to {user} as direct messages; /query to stop")
+        else:
+            self.output(f"-- plain lines go to {self.current_room or 'no room'} again")
+
+    def _cmd_whois(self, user: str) -> None:
+        check = self.client.check_key(user)
+        state = check.state.value
+        self.output(f"-- {user}: key {check.fingerprint} ({state})")
+        if check.state is KeyState.CHANGED:
+            self.output(f"!! {check.warning()}")
+
+    def _cmd_verify(self, user: str) -> None:
+        check, number = self.client.safety_number(user)
+        if check.state is KeyState.CHANGED:
+            self.output(f"!! {check.warning()}")
+        self.output(f"-- {user}'s key: {check.fingerprint} ({check.state.value})")
+        self.output(f"-- safety number with {user}: {number}")
+        self.output(f"-- compare it with {user} outside this chat; if it matches, /trust {user}")
+
+    def _cmd_trust(self, user: str) -> None:
+        check = self.client.check_key(user)
+        if check.state is KeyState.CHANGED:
+            self.client.known_keys.accept(user, check.key)
+        self.client.known_keys.mark_verified(user, check.key)
+        self.output(f"-- {user}'s key {check.fingerprint} is now verified")
+
+    def _cmd_help(self) -> None:
+        for line in commands.help_lines():
+            self.output(line)
+
+    def _cmd_quit(self) -> None:
+        self.quit_requested = True

@@ -1,0 +1,70 @@
+"""Line mode, for scripts and bots: stdin is not a terminal.
+
+Each input line is a message for the current room or a slash command. Every event and every
+result is printed as exactly one line on stdout, in arrival order (newlines inside a message
+are written as \\n, backslashes as \\\\); our own errors are lines starting with "!! " there too.
+Diagnostics go to stderr. At end of input the client waits until the server has answered
+everything it sent, then leaves.
+
+Exit status: 0 when everything was delivered; 1 when the server refused or did not answer a
+request, or the connection was lost before the end of input.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import TextIO
+
+from securechat.client.api import Client
+from securechat.client.controller import Controller
+from securechat.client.events import Closed
+from securechat.client.render import one_line
+
+DRAIN_TIMEOUT = 30.0
+
+
+def run(client: Client, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    lock = threading.Lock()
+
+    def output(text: str) -> None:
+        with lock:
+            stdout.write(one_line(text) + "\n")
+            stdout.flush()
+
+    controller = Controller(client, output)
+    finished = threading.Event()  # input ended (or /quit) or the connection closed
+    lost: list[str] = []
+
+    def pump_events() -> None:
+        for event in client.events():
+            if isinstance(event, Closed) and not controller.quit_requested:
+                lost.append(event.reason)
+            controller.on_event(event)
+        finished.set()
+
+    def read_input() -> None:
+        for line in stdin:
+            if not controller.handle_line(line.rstrip("\r\n")):
+                break
+        controller.quit_requested = True
+        finished.set()
+
+    printer = threading.Thread(target=pump_events, name="events", daemon=True)
+    printer.start()
+    # stdin is read on its own thread so that a closed connection ends us even mid-read.
+    threading.Thread(target=read_input, name="stdin", daemon=True).start()
+    finished.wait()
+    if not lost:
+        controller.quit_requested = True
+        if not client.wait_idle(DRAIN_TIMEOUT):
+            print("securechat: some messages got no answer from the server", file=sys.stderr)
+            controller.failures += 1
+        client.close()
+        printer.join(DRAIN_TIMEOUT)
+    if lost:
+        print(f"securechat: connection lost: {lost[0]}", file=sys.stderr)
+        return 1
+    return 1 if controller.failures else 0

@@ -1,0 +1,86 @@
+"""Events as text lines for a terminal, with everything from other people made harmless.
+
+Names, message text and reasons come from other users or the server, so control characters and
+escape sequences are shown as visible escapes: nobody can move your cursor, clear your screen,
+retitle your terminal, or start a line that looks like one of ours.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from securechat.client.events import (
+    Closed,
+    DirectMessage,
+    DMRejected,
+    Event,
+    Joined,
+    Message,
+    Parted,
+    ServerError,
+)
+
+# C0 controls but newline, DEL, C1 controls, and bidirectional overrides/isolates (which can make
+# text display in another order than it is).
+_UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+CONTINUATION = "    | "
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def clean(text: str) -> str:
+    """Text from others, with every unsafe character replaced by a visible escape."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def clean_line(text: str) -> str:
+    """clean(), and newlines too: for names and reasons, which must stay on one line."""
+    return clean(text).replace("\n", "\\n")
+
+
+def _clock(ts: int) -> str:
+    return datetime.fromtimestamp(ts / 1000).strftime("%H:%M")
+
+
+def _body(text: str) -> str:
+    # Continuation lines are indented under a marker, so a message can never begin a line of
+    # its own that looks like a status line.
+    first, *more = clean(text).split("\n")
+    return "\n".join([first, *(CONTINUATION + line for line in more)])
+
+
+def render(event: Event, current_room: str | None = None) -> str:
+    """One event as display text (it may span lines only for a multi-line message)."""
+    if isinstance(event, Message):
+        where = "" if event.room == current_room else f"{clean_line(event.room)} "
+        mark = "[history] " if event.history else ""
+        sender = clean_line(event.sender)
+        if event.action:
+            return f"[{_clock(event.ts)}] {mark}{where}* {sender} {_body(event.text)}"
+        return f"[{_clock(event.ts)}] {mark}{where}<{sender}> {_body(event.text)}"
+    if isinstance(event, DirectMessage):
+        return f"[{_clock(event.ts)}] *{clean_line(event.sender)}* {_body(event.text)}"
+    if isinstance(event, Joined):
+        return f"-- {clean_line(event.user)} joined {clean_line(event.room)}"
+    if isinstance(event, Parted):
+        reason = "" if event.reason == "left" else f" ({clean_line(event.reason)})"
+        return f"-- {clean_line(event.user)} left {clean_line(event.room)}{reason}"
+    if isinstance(event, DMRejected):
+        return (
+            f"!! a direct message from {clean_line(event.sender)} was refused "
+            f"({event.kind}): {_body(event.detail)}"
+        )
+    if isinstance(event, ServerError):
+        return f"!! server: {clean_line(event.message)} ({clean_line(event.code)})"
+    if isinstance(event, Closed):
+        return f"-- disconnected: {clean_line(event.reason)}"
+    raise TypeError(f"no rendering for {event!r}")
+
+
+def one_line(text: str) -> str:
+    """For line mode: every event on exactly one line (newlines and backslashes escaped)."""
+    return text.replace("\\", "\\\\").replace("\n" + CONTINUATION, "\\n").replace("\n", "\\n")

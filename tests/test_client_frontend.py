@@ -1,0 +1,320 @@
+"""The terminal front ends: command parsing, safe rendering, the interactive prompt driven through
+a real prompt_toolkit pipe, and line mode through real `securechat client` subprocesses."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+
+from securechat import identity
+from securechat.client import console
+from securechat.client.commands import Command, CommandError, Say, parse
+from securechat.client.events import (
+    Closed,
+    DirectMessage,
+    DMRejected,
+    Joined,
+    Message,
+    Parted,
+    ServerError,
+)
+from securechat.client.render import clean, one_line, render
+
+from .cli_helpers import LineClient, ServerProcess, run_client
+from .conftest import PASSPHRASE, wait_for
+
+TS = 1_700_000_000_000  # any fixed time; rendered in local time
+
+
+def hhmm(ts: int = TS) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(ts / 1000).strftime("%H:%M")
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "parsed"),
+    [
+        ("hello there", Say("hello there")),
+        ("//etc/passwd is a file", Say("/etc/passwd is a file")),
+        ("/join #dev", Command("join", ("#dev",))),
+        ("/join Dev", Command("join", ("#dev",))),
+        ("/part", Command("part")),
+        ("/part dev", Command("part", ("#dev",))),
+        ("/rooms", Command("rooms")),
+        ("/who", Command("who")),
+        ("/who #ops", Command("who", ("#ops",))),
+        ("/me waves  at everyone", Command("me", ("waves  at everyone",))),
+        ("/msg Bob hi  there\nsecond line", Command("msg", ("bob", "hi  there\nsecond line"))),
+        ("/query bob", Command("query", ("bob",))),
+        ("/query", Command("query")),
+        ("/whois bob", Command("whois", ("bob",))),
+        ("/verify bob", Command("verify", ("bob",))),
+        ("/trust bob", Command("trust", ("bob",))),
+        ("/help", Command("help")),
+        ("/QUIT", Command("quit")),
+        ("   ", None),
+    ],
+)
+def test_parse(line: str, parsed) -> None:
+    assert parse(line) == parsed
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("/teleport mars", "unknown command /teleport; /help lists the commands"),
+        ("/join", "usage: /join #room"),
+        ("/join #a #b", "usage: /join #room"),
+        ("/msg bob", "usage: /msg user text"),
+        ("/me", "usage: /me action"),
+        ("/rooms now", "usage: /rooms"),
+    ],
+)
+def test_bad_commands_say_how_to_write_them(line: str, message: str) -> None:
+    with pytest.raises(CommandError) as info:
+        parse(line)
+    assert str(info.value) == message
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+
+def test_render_each_event() -> None:
+    assert render(Message("#lobby", "alice", "hi", TS), "#lobby") == f"[{hhmm()}] <alice> hi"
+    assert render(Message("#dev", "alice", "hi", TS), "#lobby") == f"[{hhmm()}] #dev <alice> hi"
+    assert render(Message("#lobby", "bob", "waves", TS, action=True), "#lobby") == (
+        f"[{hhmm()}] * bob waves"
+    )
+    assert render(Message("#lobby", "bob", "old", TS, history=True), "#lobby") == (
+        f"[{hhmm()}] [history] <bob> old"
+    )
+    assert render(DirectMessage("alice", "bob", "psst", TS, "id", "pinned")) == (
+        f"[{hhmm()}] *alice* psst"
+    )
+    assert render(Joined("#dev", "carol", TS)) == "-- carol joined #dev"
+    assert render(Parted("#dev", "carol", "left", TS)) == "-- carol left #dev"
+    assert render(Parted("#dev", "carol", "quit", TS)) == "-- carol left #dev (quit)"
+    assert render(DMRejected("bob", "replayed", "seen before")) == (
+        "!! a direct message from bob was refused (replayed): seen before"
+    )
+    assert render(ServerError("bad_json", "frame is not valid JSON")) == (
+        "!! server: frame is not valid JSON (bad_json)"
+    )
+    assert render(Closed("server shutting down")) == "-- disconnected: server shutting down"
+
+
+def test_escape_sequences_from_others_are_neutralised() -> None:
+    hostile = "\x1b[2J\x1b]0;pwned\x07\x9b31m\u202egnp.exe\rgotcha\x08"
+    out = render(Message("#lobby", "mal\x1b[1Alory", hostile, TS), "#lobby")
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in out)
+    assert "\u202e" not in out
+    assert out == (
+        f"[{hhmm()}] <mal\\x1b[1Alory> \\x1b[2J\\x1b]0;pwned\\x07\\x9b31m"
+        "\\u202egnp.exe\\x0dgotcha\\x08"
+    )
+
+
+def test_a_message_cannot_fake_a_status_line() -> None:
+    out = render(
+        Message("#lobby", "mallory", "hi\n-- alice joined #lobby\n!! server", TS), "#lobby"
+    )
+    lines = out.split("\n")
+    assert lines[0] == f"[{hhmm()}] <mallory> hi"
+    assert all(line.startswith("    | ") for line in lines[1:])
+
+
+def test_line_mode_puts_every_event_on_one_line() -> None:
+    text = render(Message("#lobby", "alice", "one\ntwo \\ three", TS), "#lobby")
+    assert one_line(text) == f"[{hhmm()}] <alice> one\\ntwo \\\\ three"
+    assert "\n" not in one_line(text)
+    assert clean("tab\there") == "tab\\x09here"
+
+
+# -- the interactive prompt, through a real prompt_toolkit pipe -----------------------------------
+
+
+def test_console_sends_typed_lines_pastes_and_history(connect) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    wait_for(alice, lambda e: isinstance(e, Joined) and e.user == "bob")
+    result: list[int] = []
+    with create_pipe_input() as pipe:
+        thread = threading.Thread(
+            target=lambda: result.append(
+                console.run(alice, "test", pt_input=pipe, pt_output=DummyOutput())
+            )
+        )
+        thread.start()
+        pipe.send_text("hello from the prompt\r")
+        assert wait_for(bob, lambda e: isinstance(e, Message)).text == "hello from the prompt"
+        pipe.send_text("second line\r")
+        assert wait_for(bob, lambda e: isinstance(e, Message)).text == "second line"
+        # Up-arrow twice recalls the first line.
+        pipe.send_text("\x1b[A\x1b[A\r")
+        assert wait_for(bob, lambda e: isinstance(e, Message)).text == "hello from the prompt"
+        # A bracketed paste of several lines goes out as one message.
+        pipe.send_text("\x1b[200~line one\nline two\nline three\x1b[201~\r")
+        assert wait_for(bob, lambda e: isinstance(e, Message)).text == (
+            "line one\nline two\nline three"
+        )
+        pipe.send_text("/quit\r")
+        thread.join(15)
+    assert result == [0]
+    assert wait_for(bob, lambda e: isinstance(e, Parted)).user == "alice"
+
+
+def test_console_exits_non_zero_when_the_server_drops_us(connect, server) -> None:
+    alice = connect("alice")
+    result: list[int] = []
+    with create_pipe_input() as pipe:
+        thread = threading.Thread(
+            target=lambda: result.append(
+                console.run(alice, "test", pt_input=pipe, pt_output=DummyOutput())
+            )
+        )
+        thread.start()
+        alice.ping().result(5)
+        server.stop()
+        thread.join(15)
+    assert result == [1]
+
+
+# -- line mode, through real subprocesses ---------------------------------------------------------
+
+
+@pytest.fixture
+def keys(tmp_path: Path):
+    def key(name: str) -> Path:
+        path = tmp_path / "keys" / f"{name}.key"
+        if not path.exists():
+            identity.create(path, PASSPHRASE, kdf=identity.KDF_FAST_FOR_TESTS)
+        return path
+
+    return key
+
+
+def test_two_line_mode_clients_chat_in_the_lobby(server, certs_dir, keys) -> None:
+    port, ca = server.address[1], certs_dir / "ca.pem"
+    bob = LineClient(keys("bob"), port, ca, user="bob")
+    try:
+        bob.out.wait_for("-- bob joined #lobby")
+        alice = run_client(
+            keys("alice"), port, ca, "hello from alice\n/join #dev\n/me waves\n", user="alice"
+        )
+        assert alice.returncode == 0, alice.stderr
+        lines = alice.stdout.splitlines()
+        assert "-- alice joined #lobby" in lines
+        assert "-- now talking in #dev (1 here)" in lines
+        assert any(
+            line.endswith("] #dev * alice waves") or line.endswith("] * alice waves")
+            for line in lines
+        ), lines
+        said = bob.out.wait_for("<alice> hello from alice")
+        assert said.endswith("] <alice> hello from alice\n")
+        bob.out.wait_for("-- alice left #lobby (quit)")
+        assert "waves" not in bob.out.text  # bob is not in #dev
+    finally:
+        assert bob.finish() == 0
+    # The key file now remembers the name: --user is no longer needed.
+    again = run_client(keys("bob"), port, ca, "back again\n")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("-- bob joined #lobby\n")
+
+
+def test_a_second_key_claiming_a_taken_name_is_refused_and_sees_nothing(
+    server, certs_dir, keys
+) -> None:
+    port, ca = server.address[1], certs_dir / "ca.pem"
+    first = run_client(keys("alice"), port, ca, "I am alice\n", user="alice")
+    assert first.returncode == 0, first.stderr
+    thief = run_client(keys("mallory"), port, ca, "I am alice too\n", user="alice")
+    assert thief.returncode == 1
+    assert thief.stdout == ""
+    assert thief.stderr == (
+        f"securechat: error: 127.0.0.1:{port} refused the login: "
+        'the name "alice" belongs to another identity key\n'
+    )
+
+
+def test_client_errors_are_one_clear_line(
+    server, certs_dir, other_certs_dir, keys, tmp_path
+) -> None:
+    port = server.address[1]
+    wrong_ca = run_client(keys("alice"), port, other_certs_dir / "ca.pem", "hi\n", user="alice")
+    assert wrong_ca.returncode == 1
+    assert wrong_ca.stderr.startswith(
+        f"securechat: error: the server at 127.0.0.1:{port} failed certificate verification"
+    )
+    no_server = run_client(keys("alice"), 1, certs_dir / "ca.pem", "hi\n", user="alice")
+    assert no_server.returncode == 1
+    assert no_server.stderr.startswith("securechat: error: cannot connect to 127.0.0.1:1: ")
+    no_user = run_client(keys("carol"), port, certs_dir / "ca.pem", "hi\n")
+    assert no_user.returncode == 1
+    assert no_user.stderr == (
+        f"securechat: error: no user name yet for {keys('carol')}; "
+        "pass --user NAME the first time\n"
+    )
+    bad_name = run_client(keys("carol"), port, certs_dir / "ca.pem", "hi\n", user="x y")
+    assert bad_name.returncode == 1
+    assert "user name 'x y' may hold only" in bad_name.stderr
+    for result in (wrong_ca, no_server, no_user, bad_name):
+        assert "Traceback" not in result.stderr
+
+
+def test_dm_through_the_cli_and_a_server_that_swaps_bobs_key(certs_dir, tmp_path, keys) -> None:
+    """Issue 3, done when: through the CLI alone, alice's DM reaches bob; neither the server's
+    data folder nor its log holds the text; and when alice later talks to a server that offers
+    a different key for bob, she is warned, and nothing she writes to bob is sent."""
+    secret = "the spare key is under the blue pot"
+    ca = certs_dir / "ca.pem"
+    honest = ServerProcess(
+        "--certs",
+        str(certs_dir),
+        "--data",
+        str(tmp_path / "honest"),
+        "--log-level",
+        "debug",
+        cwd=tmp_path,
+    )
+    try:
+        port = honest.address[1]
+        bob = LineClient(keys("bob"), port, ca, user="bob")
+        bob.out.wait_for("-- bob joined #lobby")
+        alice = run_client(keys("alice"), port, ca, f"/msg bob {secret}\n", user="alice")
+        assert alice.returncode == 0, alice.stderr
+        assert alice.stdout.splitlines()[-1].endswith(f"-> *bob* {secret}")
+        assert bob.out.wait_for(f"*alice* {secret}").endswith(f"] *alice* {secret}\n")
+        assert bob.finish() == 0
+    finally:
+        assert honest.stop() == 0
+    stored = [p for p in (tmp_path / "honest").rglob("*") if p.is_file()]
+    assert stored
+    for path in stored:
+        assert secret.encode() not in path.read_bytes()
+    assert secret not in "".join(honest.log)
+    assert "alice logged in" in "".join(honest.log)
+
+    # Another server where "bob" belongs to a different key (a server that swapped it).
+    hostile = ServerProcess(
+        "--certs", str(certs_dir), "--data", str(tmp_path / "hostile"), cwd=tmp_path
+    )
+    try:
+        port = hostile.address[1]
+        fake_bob = LineClient(keys("not-bob"), port, ca, user="bob")
+        fake_bob.out.wait_for("-- bob joined #lobby")
+        alice = run_client(keys("alice"), port, ca, "/msg bob are you there?\nroom marker\n")
+        assert alice.returncode == 1
+        assert "!! WARNING: the key for bob has changed." in alice.stdout
+        assert "Nothing will be sent to bob" in alice.stdout
+        fake_bob.out.wait_for("<alice> room marker")
+        assert "are you there" not in fake_bob.out.text
+        assert fake_bob.finish() == 0
+    finally:
+        assert hostile.stop() == 0
