@@ -318,3 +318,69 @@ def test_dm_through_the_cli_and_a_server_that_swaps_bobs_key(certs_dir, tmp_path
         assert fake_bob.finish() == 0
     finally:
         assert hostile.stop() == 0
+
+
+def test_the_readme_bot_runs_as_written(server, certs_dir, tmp_path, connect) -> None:
+    import re
+    import subprocess
+    import sys
+
+    from .cli_helpers import LineReader, cli_env
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [code] = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(code.strip().splitlines()) <= 10
+    code = code.replace("12345", str(server.address[1])).replace(
+        'Path("certs/ca.pem")', f"Path({str(certs_dir / 'ca.pem')!r})"
+    )
+    identity.create(tmp_path / "bot.key", b"bot passphrase", kdf=identity.KDF_FAST_FOR_TESTS)
+    bot = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        alice = connect("alice")
+        wait_for(alice, lambda e: isinstance(e, Joined) and e.user == "echobot", timeout=30)
+        alice.send("#lobby", "ping bot").result(5)
+        echo = wait_for(alice, lambda e: isinstance(e, Message) and e.sender == "echobot")
+        assert echo.text == "alice said: ping bot"
+    finally:
+        bot.kill()
+        errors = LineReader(bot.stderr)
+        bot.wait(10)
+        errors.join(10)
+        bot.stdout.close()
+        bot.stderr.close()
+    assert "Traceback" not in errors.text
+
+
+def test_whois_verify_and_trust_in_line_mode(server, certs_dir, keys) -> None:
+    port, ca = server.address[1], certs_dir / "ca.pem"
+    bob = LineClient(keys("bob"), port, ca, user="bob")
+    try:
+        bob.out.wait_for("-- bob joined #lobby")
+        bob_fp = identity.load(keys("bob"), PASSPHRASE).fingerprint
+        out = run_client(
+            keys("alice"),
+            port,
+            ca,
+            "/whois bob\n/verify bob\n/trust bob\n/whois bob\n/msg nobody hi\n",
+            user="alice",
+        )
+        lines = out.stdout.splitlines()
+        assert f"-- bob: key {bob_fp} (new)" in lines
+        assert f"-- bob's key: {bob_fp} (pinned)" in lines
+        [number] = [line for line in lines if line.startswith("-- safety number with bob: ")]
+        assert f"-- bob's key {bob_fp} is now verified" in lines
+        assert f"-- bob: key {bob_fp} (verified)" in lines
+        assert "!! nobody is called nobody" in lines
+        assert out.returncode == 0  # a refused look-up is reported, not a failed delivery
+        bob.send("/verify alice")
+        theirs = bob.out.wait_for("-- safety number with alice: ")
+        assert theirs.split(": ")[1] == number.split(": ")[1] + "\n"
+    finally:
+        assert bob.finish() == 0
