@@ -11,7 +11,6 @@ import hashlib
 import ipaddress
 import os
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from securechat import files as files_io
 from securechat.errors import CertificateError, ConfigError
 
 CA_CERT = "ca.pem"
@@ -429,7 +429,7 @@ def _write_all(out_dir: Path, files: list[tuple[str, bytes, int]]) -> None:
     temps: list[tuple[Path, Path]] = []
     try:
         for name, data, mode in files:
-            temps.append((_write_temp(out_dir, name, data, mode), out_dir / name))
+            temps.append((files_io.write_temp(out_dir, name, data, mode), out_dir / name))
         for temp, final in temps:
             os.replace(temp, final)
     except OSError as exc:
@@ -440,38 +440,4 @@ def _write_all(out_dir: Path, files: list[tuple[str, bytes, int]]) -> None:
                 temp.unlink()
             except FileNotFoundError:
                 pass
-    _fsync_dir(out_dir)
-
-
-def _write_temp(out_dir: Path, name: str, data: bytes, mode: int) -> Path:
-    temp = out_dir / f".{name}.{secrets.token_hex(6)}.tmp"
-    # Created with its final mode: a private key is never readable by others, even for a moment.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(temp, flags, mode)
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, mode)  # the umask may have removed bits we want (ca.pem must be 0644)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        temp.unlink()
-        raise
-    os.close(fd)
-    return temp
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames durable; not every platform can open a directory, which is fine."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    files_io.fsync_dir(out_dir)

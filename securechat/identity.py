@@ -29,6 +29,7 @@ import nacl.utils
 from nacl.pwhash import argon2id
 
 from securechat.errors import IdentityError
+from securechat.files import write_atomically
 
 FORMAT = "securechat-identity"
 VERSION = 1
@@ -79,20 +80,6 @@ def _derive(passphrase: bytes, salt: bytes, opslimit: int, memlimit: int) -> byt
     )
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def create(
     path: Path,
     passphrase: bytes,
@@ -122,7 +109,7 @@ def create(
     }
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write_atomically(path, json.dumps(record, indent=1).encode() + b"\n")
+        write_atomically(path, json.dumps(record, indent=1).encode() + b"\n")
     except OSError as exc:
         raise IdentityError(f"cannot write identity key {path}: {exc.strerror or exc}") from None
     return Identity(path, signing_key, user)
@@ -223,7 +210,7 @@ def remember_user(ident: Identity, user: str) -> Identity:
     record = _read_record(ident.path)
     record["user"] = user
     try:
-        _write_atomically(ident.path, json.dumps(record, indent=1).encode() + b"\n")
+        write_atomically(ident.path, json.dumps(record, indent=1).encode() + b"\n")
     except OSError as exc:
         raise IdentityError(f"cannot update {ident.path}: {exc.strerror or exc}") from None
     return replace(ident, user=user)

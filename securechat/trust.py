@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import enum
 import hashlib
 import hmac
 import json
 import os
-import secrets
 import stat
 import threading
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from securechat.errors import SecureChatError
+from securechat.files import write_atomically
 from securechat.identity import fingerprint
 from securechat.protocol import valid_name
 
@@ -282,39 +281,13 @@ class KnownKeys:
             },
         }
         raw = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(8)}.tmp")
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-            fd = os.open(tmp, flags, 0o600)
-            try:
-                with os.fdopen(fd, "wb", closefd=False) as f:
-                    f.write(raw)
-                    f.flush()
-                    os.fsync(f.fileno())
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
+            write_atomically(self.path, raw, 0o600)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise KnownKeysError(
                 f"cannot save the known-keys file {self.path}: {exc.strerror}; "
                 "the key was not pinned"
             ) from None
-        self._sync_directory()
-
-    def _sync_directory(self) -> None:
-        # Make the rename itself durable; not every platform can open a directory.
-        try:
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dir_fd)
-        except OSError:
-            pass
-        finally:
-            os.close(dir_fd)
 
     def _commit(self, name: str, entry: PinnedKey) -> None:
         entries = dict(self._entries)

@@ -99,27 +99,32 @@ class ServerProcess:
         return code
 
 
+def client_args(
+    key: Path, port: int, ca: Path, extra: tuple[str, ...], user: str | None
+) -> list[str]:
+    args = [
+        sys.executable,
+        "-m",
+        "securechat",
+        "client",
+        "--key",
+        str(key),
+        "--port",
+        str(port),
+        "--ca",
+        str(ca),
+        *extra,
+    ]
+    return [*args, "--user", user] if user else args
+
+
 class LineClient:
     """`securechat client` in line mode: stdin is a pipe, stdout and stderr are read live."""
 
     def __init__(
         self, key: Path, port: int, ca: Path, *extra: str, user: str | None = None, cwd: Path = REPO
     ) -> None:
-        args = [
-            sys.executable,
-            "-m",
-            "securechat",
-            "client",
-            "--key",
-            str(key),
-            "--port",
-            str(port),
-            "--ca",
-            str(ca),
-            *extra,
-        ]
-        if user:
-            args += ["--user", user]
+        args = client_args(key, port, ca, extra, user)
         self.proc = subprocess.Popen(
             args,
             cwd=cwd,
@@ -157,21 +162,7 @@ def run_client(
     key: Path, port: int, ca: Path, stdin: str, *extra: str, user: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """A line-mode client fed `stdin` to its end."""
-    args = [
-        sys.executable,
-        "-m",
-        "securechat",
-        "client",
-        "--key",
-        str(key),
-        "--port",
-        str(port),
-        "--ca",
-        str(ca),
-        *extra,
-    ]
-    if user:
-        args += ["--user", user]
+    args = client_args(key, port, ca, extra, user)
     return subprocess.run(
         args, cwd=REPO, env=cli_env(), input=stdin, capture_output=True, text=True, timeout=60
     )

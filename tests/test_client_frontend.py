@@ -141,17 +141,23 @@ def test_line_mode_puts_every_event_on_one_line() -> None:
 # -- the interactive prompt, through a real prompt_toolkit pipe -----------------------------------
 
 
+def start_console(client, pipe) -> tuple[threading.Thread, list[int]]:
+    """The real interactive client reading keys from `pipe`; result gets its exit status."""
+    result: list[int] = []
+    thread = threading.Thread(
+        target=lambda: result.append(
+            console.run(client, "test", pt_input=pipe, pt_output=DummyOutput())
+        )
+    )
+    thread.start()
+    return thread, result
+
+
 def test_console_sends_typed_lines_pastes_and_history(connect) -> None:
     alice, bob = connect("alice"), connect("bob")
     wait_for(alice, lambda e: isinstance(e, Joined) and e.user == "bob")
-    result: list[int] = []
     with create_pipe_input() as pipe:
-        thread = threading.Thread(
-            target=lambda: result.append(
-                console.run(alice, "test", pt_input=pipe, pt_output=DummyOutput())
-            )
-        )
-        thread.start()
+        thread, result = start_console(alice, pipe)
         pipe.send_text("hello from the prompt\r")
         assert wait_for(bob, lambda e: isinstance(e, Message)).text == "hello from the prompt"
         pipe.send_text("second line\r")
@@ -172,14 +178,8 @@ def test_console_sends_typed_lines_pastes_and_history(connect) -> None:
 
 def test_console_exits_non_zero_when_the_server_drops_us(connect, server) -> None:
     alice = connect("alice")
-    result: list[int] = []
     with create_pipe_input() as pipe:
-        thread = threading.Thread(
-            target=lambda: result.append(
-                console.run(alice, "test", pt_input=pipe, pt_output=DummyOutput())
-            )
-        )
-        thread.start()
+        thread, result = start_console(alice, pipe)
         alice.ping().result(5)
         server.stop()
         thread.join(15)
