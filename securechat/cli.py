@@ -169,6 +169,38 @@ def fingerprint(key_path: Path) -> None:
     help="How much to log (to stderr).",
     **_env("LOG_LEVEL"),
 )
+@click.option(
+    "--history",
+    type=click.IntRange(0, 100_000),
+    default=100,
+    show_default=True,
+    help="Room messages kept per room and shown to whoever joins (0: none).",
+    **_env("HISTORY"),
+)
+@click.option(
+    "--dm-ttl",
+    type=click.FloatRange(0.01, 24 * 365),
+    default=168.0,
+    show_default=True,
+    help="Hours a DM waits for an offline recipient.",
+    **_env("DM_TTL"),
+)
+@click.option(
+    "--dm-quota-count",
+    type=click.IntRange(1),
+    default=1000,
+    show_default=True,
+    help="Most DMs waiting for one recipient.",
+    **_env("DM_QUOTA_COUNT"),
+)
+@click.option(
+    "--dm-quota-bytes",
+    type=click.IntRange(1024),
+    default=10 * 1024 * 1024,
+    show_default=True,
+    help="Most bytes of DMs waiting for one recipient.",
+    **_env("DM_QUOTA_BYTES"),
+)
 def server(
     host: str,
     port: int,
@@ -177,19 +209,29 @@ def server(
     require_client_cert: bool,
     io_threads: int | None,
     log_level: str,
+    history: int,
+    dm_ttl: float,
+    dm_quota_count: int,
+    dm_quota_bytes: int,
 ) -> None:
     """Run the chat server (TLS 1.3 only) until SIGINT or SIGTERM."""
+    from securechat.server.app import ServerConfig
     from securechat.server.run import serve
 
-    serve(
+    config = ServerConfig(
         host=host,
         port=port,
         certs_dir=certs_dir,
         data_dir=data_dir,
         require_client_cert=require_client_cert,
-        io_threads=io_threads,
-        log_level=log_level,
+        history=history,
+        dm_ttl_ms=int(dm_ttl * 3600 * 1000),
+        dm_quota_count=dm_quota_count,
+        dm_quota_bytes=dm_quota_bytes,
     )
+    if io_threads:
+        config.io_threads = io_threads
+    serve(config, log_level)
 
 
 @main.command()

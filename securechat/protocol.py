@@ -58,7 +58,7 @@ ALLOWED: dict[State, frozenset[str]] = {
     State.CHALLENGED: frozenset({"auth", "ping"}),
     State.AUTHENTICATING: frozenset({"ping"}),
     State.AUTHENTICATED: frozenset(
-        {"join", "part", "say", "rooms", "who", "keys", "dm", "ping", "bye"}
+        {"join", "part", "say", "rooms", "who", "history", "keys", "dm", "ack", "ping", "bye"}
     ),
     State.CLOSING: frozenset(),
 }
@@ -165,6 +165,22 @@ def _message_id(value: Any, field: str) -> str:
     return value
 
 
+ACK_MAX = 500
+HISTORY_MAX = 1000
+
+
+def _message_ids(value: Any, field: str) -> list[str]:
+    if not isinstance(value, list) or not 1 <= len(value) <= ACK_MAX:
+        raise _bad(field, f"must be a list of 1 to {ACK_MAX} message ids")
+    return [_message_id(v, field) for v in value]
+
+
+def _limit(value: Any, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= HISTORY_MAX:
+        raise _bad(field, f"must be an integer from 1 to {HISTORY_MAX}")
+    return value
+
+
 def _version(value: Any, field: str) -> int:
     if value != PROTOCOL_VERSION or isinstance(value, bool):
         raise ProtocolError(
@@ -196,6 +212,8 @@ CLIENT_FRAMES: dict[str, dict[str, tuple[Check, bool]]] = {
         "msg_id": (_message_id, True),
         "box": (_b64_blob, True),
     },
+    "ack": {"msg_ids": (_message_ids, True)},
+    "history": {"id": (_request_id, True), "room": (_room, True), "limit": (_limit, False)},
     "ping": {"id": (_request_id, True)},
     "bye": {},
 }

@@ -225,7 +225,10 @@ def test_two_line_mode_clients_chat_in_the_lobby(server, certs_dir, keys) -> Non
     # The key file now remembers the name: --user is no longer needed.
     again = run_client(keys("bob"), port, ca, "back again\n")
     assert again.returncode == 0, again.stderr
-    assert again.stdout.startswith("-- bob joined #lobby\n")
+    # ... and bob, joining the lobby again, first sees what was said there, marked as history.
+    lines = again.stdout.splitlines()
+    assert lines[0].endswith("] [history] <alice> hello from alice")
+    assert lines[1] == "-- bob joined #lobby"
 
 
 def test_a_second_key_claiming_a_taken_name_is_refused_and_sees_nothing(

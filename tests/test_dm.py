@@ -18,7 +18,7 @@ from securechat import framing
 from securechat.client import KeyChanged, RequestError
 from securechat.client.events import DirectMessage, DMRejected, Joined, Message
 from securechat.server import hub as hub_module
-from securechat.server.hub import Hub
+from securechat.server.connection import Connection
 from securechat.trust import KeyState
 
 from .conftest import wait_for
@@ -82,15 +82,18 @@ def test_dm_reaches_only_its_recipient_and_is_pinned_on_first_sight(connect) -> 
     )
 
 
-def test_dm_to_someone_offline_says_so_plainly(connect) -> None:
+def test_dm_to_someone_offline_is_queued_and_delivered_at_login(connect, server) -> None:
     alice = connect("alice")
     connect("bob").close()
-    with pytest.raises(RequestError) as info:
-        alice.send_dm("bob", "are you there?").result(5)
-    assert (info.value.code, info.value.message) == (
-        "offline",
-        "bob is offline; the message was not sent",
-    )
+    reply = alice.send_dm("bob", "are you there?").result(5)
+    assert reply["status"] == "queued"
+    bob = connect("bob")
+    dm = wait_for(bob, is_dm)
+    assert (dm.sender, dm.text) == ("alice", "are you there?")
+    # bob's client acknowledged it, so the server forgets it. The ack left before this ping,
+    # and the store's worker runs jobs in order, so one look after the pong is enough.
+    bob.ping().result(5)
+    assert server._worker.submit(server.store.pending_dms, "bob", 0).result(5) == []
 
 
 def test_dm_to_an_unknown_name(connect) -> None:
@@ -126,10 +129,8 @@ def test_swapped_key_for_a_pinned_name_warns_and_sends_nothing(
         server.store, "public_key", lambda user: mallory_key if user == "bob" else real(user)
     )
     relayed: list[dict] = []
-    original = Hub._req_dm
-    monkeypatch.setattr(
-        Hub, "_req_dm", lambda self, c, f: relayed.append(f) or original(self, c, f)
-    )
+    original = Connection._dm
+    monkeypatch.setattr(Connection, "_dm", lambda self, f: relayed.append(f) or original(self, f))
 
     with pytest.raises(KeyChanged) as info:
         alice.send_dm("bob", SECRET)
@@ -174,8 +175,8 @@ def test_flipped_ciphertext_byte_is_never_shown(connect, monkeypatch, position) 
 def test_dm_rerouted_to_someone_else_is_never_shown(connect, monkeypatch) -> None:
     alice, bob, carol = connect("alice"), connect("bob"), connect("carol")
     ready(alice, bob, carol)
-    original = Hub._req_dm
-    monkeypatch.setattr(Hub, "_req_dm", lambda self, c, f: original(self, c, {**f, "to": "carol"}))
+    original = Connection._dm
+    monkeypatch.setattr(Connection, "_dm", lambda self, f: original(self, {**f, "to": "carol"}))
     alice.send_dm("bob", SECRET).result(5)
     rejected = wait_for(carol, lambda e: isinstance(e, DMRejected | DirectMessage))
     assert isinstance(rejected, DMRejected)
@@ -209,10 +210,10 @@ def test_dm_reflected_back_to_its_sender_is_never_shown(connect, monkeypatch) ->
     alice, bob = connect("alice"), connect("bob")
     ready(alice, bob)
     bob_key = base64.b64encode(bob.identity.verify_key_bytes).decode()
-    original = Hub._req_dm
+    original = Connection._dm
     # Deliver alice's DM for bob back to alice, stamped as from bob with bob's key: Box opens it
     # (the shared key is the same both ways); only the sealed names catch it.
-    monkeypatch.setattr(Hub, "_req_dm", lambda self, c, f: original(self, c, {**f, "to": "alice"}))
+    monkeypatch.setattr(Connection, "_dm", lambda self, f: original(self, {**f, "to": "alice"}))
     rewrite_delivered_dms(monkeypatch, lambda f: [{**f, "from": "bob", "from_key": bob_key}])
     alice.send_dm("bob", SECRET).result(5)
     rejected = wait_for(alice, lambda e: isinstance(e, DMRejected | DirectMessage))
@@ -284,8 +285,8 @@ def test_what_the_server_sees_of_a_dm(connect, monkeypatch) -> None:
     alice, bob = connect("alice"), connect("bob")
     ready(alice, bob)
     seen: list[dict] = []
-    original = Hub._req_dm
-    monkeypatch.setattr(Hub, "_req_dm", lambda self, c, f: seen.append(f) or original(self, c, f))
+    original = Connection._dm
+    monkeypatch.setattr(Connection, "_dm", lambda self, f: seen.append(f) or original(self, f))
     alice.send_dm("bob", SECRET).result(5)
     [frame] = seen
     assert sorted(frame) == ["box", "id", "msg_id", "to", "type"]

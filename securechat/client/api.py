@@ -117,6 +117,27 @@ class Client:
     def who(self, room: str) -> Future[dict[str, Any]]:
         return self._conn.request("who", room=room)
 
+    def room_history(self, room: str, limit: int | None = None) -> Future[dict[str, Any]]:
+        """The room's kept history (its last `limit` messages); reply["messages"] holds message
+        frames marked history, oldest first (see history_events())."""
+        fields: dict[str, Any] = {"room": room}
+        if limit is not None:
+            fields["limit"] = limit
+        return self._conn.request("history", **fields)
+
+    @staticmethod
+    def history_events(reply: dict[str, Any]) -> list[Message]:
+        """The Message events in a room_history() reply."""
+        frames = reply.get("messages", [])
+        return [
+            e
+            for f in frames
+            if isinstance(f, dict)
+            and isinstance(
+                e := _event_from_frame({**f, "type": "message", "history": True}, None), Message
+            )
+        ]
+
     def ping(self) -> Future[dict[str, Any]]:
         return self._conn.request("ping")
 
@@ -211,6 +232,12 @@ class Client:
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
         event = _event_from_frame(frame, self.dms)
+        if frame["type"] == "dm" and isinstance(frame.get("msg_id"), str):
+            # Acknowledge every DM we processed, shown or refused, so the server deletes it; the
+            # ack leaves before anything we send after seeing the event.
+            self._conn.send(
+                self._conn.session.encode({"type": "ack", "msg_ids": [frame["msg_id"]]})
+            )
         if event is None:
             return
         if isinstance(event, Joined) and event.user == self.user:
@@ -234,7 +261,7 @@ def _int(frame: dict[str, Any], key: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _event_from_frame(frame: dict[str, Any], dms: DirectMessages) -> Event | None:
+def _event_from_frame(frame: dict[str, Any], dms: DirectMessages | None) -> Event | None:
     """Map a server frame to an event; frames of types we do not know are ignored, so a newer
     server can add some."""
     ftype = frame["type"]
@@ -253,7 +280,7 @@ def _event_from_frame(frame: dict[str, Any], dms: DirectMessages) -> Event | Non
         return Parted(
             _str(frame, "room"), _str(frame, "user"), _str(frame, "reason"), _int(frame, "ts")
         )
-    if ftype == "dm":
+    if ftype == "dm" and dms is not None:
         return dms.receive(frame)
     if ftype == "error":
         return ServerError(_str(frame, "code"), _str(frame, "message"))

@@ -151,11 +151,12 @@ class Controller:
         stamp = datetime.now().strftime("%H:%M")
         lines = text.split("\n")
         body = "\\n".join(lines) if len(lines) > 1 else text
-        self._track(
-            future,
-            f"direct message to {user} not sent",
-            lambda _reply: self.output(f"[{stamp}] -> *{user}* {clean_line(body)}"),
-        )
+
+        def sent(reply: dict[str, Any]) -> None:
+            queued = " (queued: they are offline)" if reply.get("status") == "queued" else ""
+            self.output(f"[{stamp}] -> *{user}* {clean_line(body)}{queued}")
+
+        self._track(future, f"direct message to {user} not sent", sent)
 
     def _cmd_query(self, user: str | None = None) -> None:
         self.query = user

@@ -58,8 +58,12 @@ class DirectMessages:
             raise KeyChanged(check)
         return sealing.seal(self.identity.signing_key, self.user, check.name, check.key, text)
 
-    def receive(self, frame: dict[str, Any]) -> Event:
-        """Turn a delivered `dm` frame into a DirectMessage, or a DMRejected saying why not."""
+    def receive(self, frame: dict[str, Any]) -> Event | None:
+        """Turn a delivered `dm` frame into a DirectMessage, or a DMRejected saying why not.
+
+        None for a DM from the server's queue that we have already shown: the server redelivers
+        until we acknowledge, so a repeat of that kind is expected and shown once only.
+        """
         sender = frame.get("from") if isinstance(frame.get("from"), str) else ""
         msg_id = frame.get("msg_id") if isinstance(frame.get("msg_id"), str) else ""
         envelope, sender_key = _b64(frame.get("box")), _b64(frame.get("from_key"))
@@ -83,6 +87,10 @@ class DirectMessages:
         with self._lock:
             try:
                 self._replays.check(opened)
+            except sealing.ReplayedMessage as exc:
+                if frame.get("queued") is True:
+                    return None
+                return DMRejected(sender, _kind(exc), str(exc))
             except sealing.SealError as exc:
                 return DMRejected(sender, _kind(exc), str(exc))
         return DirectMessage(

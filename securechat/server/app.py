@@ -24,7 +24,7 @@ from securechat.errors import ConfigError, SecureChatError
 from securechat.server.connection import Connection
 from securechat.server.hub import Hub
 from securechat.server.loop import IOLoop
-from securechat.server.store import SQLiteStore
+from securechat.server.store import HistoryRow, SQLiteStore
 from securechat.tls import server_context
 
 log = logging.getLogger("securechat.server")
@@ -44,6 +44,10 @@ class ServerConfig:
     max_frame: int = framing.MAX_FRAME_DEFAULT
     max_outbuf: int = 4 * 1024 * 1024
     backlog: int = 1024
+    history: int = 100  # room messages kept per room and sent to whoever joins
+    dm_ttl_ms: int = 7 * 24 * 3600 * 1000  # queued DMs expire after this
+    dm_quota_count: int = 1000  # per recipient
+    dm_quota_bytes: int = 10 * 1024 * 1024  # per recipient
 
 
 class Server:
@@ -52,10 +56,13 @@ class Server:
         self.ssl_context, self.cert_sha256 = server_context(
             config.certs_dir, require_client_cert=config.require_client_cert
         )
-        self.hub = Hub(config.max_frame)
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
         # The store is opened on its worker thread: SQLite connections stay on one thread.
         self.store = self._worker.submit(SQLiteStore, config.data_dir / "securechat.db").result()
+        self._history_rows: list[HistoryRow] = []
+        self._history_lock = threading.Lock()
+        self.hub = Hub(config.max_frame, config.history, self._queue_history_row)
+        self.hub.load_history(self._worker.submit(self._stored_history).result())
         self.loops = [IOLoop(i) for i in range(max(1, config.io_threads))]
         self._next_loop = itertools.cycle(self.loops)
         self._listener = self._listen()
@@ -132,6 +139,7 @@ class Server:
             loop.stop()
         for loop in self.loops:
             loop.join(timeout)
+        self._worker.submit(self._flush_history).result(timeout)
         self._worker.submit(self.store.close).result(timeout)
         self._worker.shutdown(wait=True)
         self._stop_r.close()
@@ -211,6 +219,33 @@ class Server:
             loop.call_soon(lambda: then(result))
 
         self._worker.submit(job)
+
+    # -- room history: a batched writer on the store's worker thread ------------------------------
+
+    def _stored_history(self) -> list[HistoryRow]:
+        return [
+            row
+            for room in self.store.rooms_with_history()
+            for row in self.store.room_history(room, self.config.history)
+        ]
+
+    def _queue_history_row(self, row: HistoryRow) -> None:
+        # Called under the hub's lock on an I/O loop: only append, and schedule one flush job
+        # if none is pending; rows that arrive while the worker is busy share one transaction.
+        with self._history_lock:
+            self._history_rows.append(row)
+            if len(self._history_rows) > 1:
+                return
+        self._worker.submit(self._flush_history)
+
+    def _flush_history(self) -> None:
+        with self._history_lock:
+            rows, self._history_rows = self._history_rows, []
+        if rows and self.config.history > 0:
+            try:
+                self.store.append_history(rows, self.config.history)
+            except SecureChatError as exc:
+                log.error("could not save room history: %s", exc)
 
     def welcome(self) -> dict[str, Any]:
         return {"server": f"securechat/{__version__}", "max_frame": self.config.max_frame}

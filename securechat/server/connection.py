@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from securechat.errors import ConnectionClosed, ProtocolError, StorageError
 from securechat.identity import fingerprint
-from securechat.protocol import Close, LoginVerified, Request, ServerSession, State, b64
-from securechat.server.store import Claim
+from securechat.protocol import Close, LoginVerified, Request, ServerSession, State, b64, now_ms
+from securechat.server.store import Claim, QueuedDM, QuotaExceeded
 from securechat.tls import TLSStream
 
 if TYPE_CHECKING:
@@ -110,8 +110,8 @@ class Connection:
     def _on_event(self, event: object) -> None:
         if isinstance(event, Request):
             frame = event.frame
-            if frame["type"] == "keys":
-                self._lookup_key(frame)
+            if frame["type"] in self._BLOCKING:
+                getattr(self, f"_{frame['type']}")(frame)
                 return
             try:
                 reply = self.server.hub.handle(self, frame)
@@ -127,24 +127,85 @@ class Connection:
         elif isinstance(event, Close):
             self.close_soon(event.reason)
 
-    def _lookup_key(self, frame: dict) -> None:
+    # Requests that need the store: answered from the worker thread, never on this loop.
+    _BLOCKING = frozenset({"keys", "dm", "ack"})
+
+    def _reply(self, frame: dict, result: object, fields: dict) -> None:
+        """Send the reply to a blocking request, or its error."""
+        if not self.open:
+            return
+        if isinstance(result, QuotaExceeded):
+            self.session.reply_error(frame["id"], "quota_exceeded", str(result))
+        elif isinstance(result, ProtocolError):
+            self.session.reply_error(frame["id"], result.code, result.message)
+        elif isinstance(result, StorageError):
+            log.error("store error for %s: %s", self.user, result)
+            self.session.reply_error(frame["id"], "server_error", "server storage error")
+        else:
+            self.session.send({"type": "ok", "id": frame["id"], **fields})
+        self.loop.dirty.add(self)
+
+    def _dm(self, frame: dict) -> None:
+        """Store the sealed DM durably, then relay it if its recipient is online.
+
+        The sender hears "delivered" or "queued" only once the DM is committed, so a crash of
+        the server after that cannot lose it; it leaves the store when the recipient acks it.
+        """
+        server, to = self.server, frame["to"]
+        dm = QueuedDM(
+            self.user, self.session.public_key or b"", to, frame["msg_id"], frame["box"], now_ms()
+        )
+
+        def accept() -> QueuedDM:
+            if server.store.public_key(to) is None:
+                raise ProtocolError("no_such_user", f"nobody is called {to}")
+            server.store.queue_dm(
+                dm,
+                ttl_ms=server.config.dm_ttl_ms,
+                max_count=server.config.dm_quota_count,
+                max_bytes=server.config.dm_quota_bytes,
+            )
+            return dm
+
+        def then(result: object) -> None:
+            fields = {"to": to, "msg_id": dm.msg_id, "ts": dm.ts}
+            if isinstance(result, QueuedDM):
+                online = server.hub.deliver_dm(dm, self.public_key_b64, queued=False)
+                fields["status"] = "delivered" if online else "queued"
+            self._reply(frame, result, fields)
+
+        server.run_blocking(accept, then)
+
+    def _ack(self, frame: dict) -> None:
+        user, ids = self.user, frame["msg_ids"]
+        self.server.run_blocking(lambda: self.server.store.ack_dms(user, ids), lambda _: None)
+
+    def _deliver_queue(self) -> None:
+        """After login: everything that waited for us, in order, until we acknowledge it."""
+        user, server = self.user, self.server
+
+        def then(result: object) -> None:
+            if isinstance(result, StorageError) or not self.open or not isinstance(result, list):
+                return
+            for dm in result:
+                server.hub.deliver_dm(dm, b64(dm.sender_key), queued=True)
+
+        server.run_blocking(lambda: server.store.pending_dms(user, now_ms()), then)
+
+    def _keys(self, frame: dict) -> None:
         user = frame["user"]
 
-        def answer(result: object) -> None:
-            if not self.open:
-                return
-            if isinstance(result, StorageError):
-                self.session.reply_error(frame["id"], "server_error", "server storage error")
-            elif result is None:
-                self.session.reply_error(frame["id"], "no_such_user", f"nobody is called {user}")
-            else:
-                assert isinstance(result, bytes)
-                self.session.send(
-                    {"type": "ok", "id": frame["id"], "user": user, "key": b64(result)}
-                )
-            self.loop.dirty.add(self)
+        def lookup() -> bytes:
+            key = self.server.store.public_key(user)
+            if key is None:
+                raise ProtocolError("no_such_user", f"nobody is called {user}")
+            return key
 
-        self.server.run_blocking(lambda: self.server.store.public_key(user), answer)
+        def answer(result: object) -> None:
+            fields = {"user": user, "key": b64(result)} if isinstance(result, bytes) else {}
+            self._reply(frame, result, fields)
+
+        self.server.run_blocking(lookup, answer)
 
     def _on_claim(self, event: LoginVerified, result: object) -> None:
         if not self.open or self.session.state is not State.AUTHENTICATING:
@@ -167,6 +228,7 @@ class Connection:
             old = self.server.hub.login(self)
             if old is not None:
                 old.loop.call_soon(lambda: old.kick("logged in again from elsewhere"))
+            self._deliver_queue()
             log.info(
                 "%s logged in from %s (key %s)%s",
                 self.user,

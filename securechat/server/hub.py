@@ -8,12 +8,14 @@ A broadcast frame is encoded once and the same bytes go to every recipient.
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from securechat import framing
 from securechat.errors import ProtocolError
 from securechat.protocol import LOBBY, now_ms
+from securechat.server.store import HistoryRow, QueuedDM
 
 if TYPE_CHECKING:
     from securechat.server.connection import Connection
@@ -42,11 +44,73 @@ class Room:
 
 
 class Hub:
-    def __init__(self, max_frame: int = framing.MAX_FRAME_DEFAULT) -> None:
+    def __init__(
+        self,
+        max_frame: int = framing.MAX_FRAME_DEFAULT,
+        history_keep: int = 100,
+        history_sink: Callable[[HistoryRow], None] | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._users: dict[str, Connection] = {}
         self._rooms: dict[str, Room] = {}
         self._max_frame = max_frame
+        # The last messages of each room, as frames marked history; outlives empty rooms.
+        self._history: dict[str, deque[dict[str, Any]]] = {}
+        self._history_keep = history_keep
+        self._history_sink = history_sink
+
+    def load_history(self, rows: Iterable[HistoryRow]) -> None:
+        """Seed room history from the store at start-up."""
+        with self._lock:
+            for row in rows:
+                frame = {
+                    "type": "message",
+                    "room": row.room,
+                    "from": row.sender,
+                    "text": row.text,
+                    "ts": row.ts,
+                    "history": True,
+                }
+                if row.action:
+                    frame["action"] = True
+                self._remember(frame)
+
+    def _remember(self, frame: dict[str, Any]) -> None:
+        if self._history_keep <= 0:
+            return
+        room = frame["room"]
+        if room not in self._history:
+            self._history[room] = deque(maxlen=self._history_keep)
+        self._history[room].append({**frame, "history": True})
+
+    # -- direct messages --------------------------------------------------------------------------
+
+    def deliver_dm(self, dm: QueuedDM, sender_key_b64: str, queued: bool) -> bool:
+        """Relay a stored DM to its recipient if online; True if it was handed to them.
+
+        The sealed box is relayed as the same opaque string, stamped with the authenticated
+        sender and its key (the recipient opens the box with it and pins it); the server cannot
+        read it and never re-encrypts it. `queued` marks a delivery from the offline queue, which
+        the client may already have seen (it was not acknowledged).
+        """
+        frame = {
+            "type": "dm",
+            "from": dm.sender,
+            "from_key": sender_key_b64,
+            "to": dm.recipient,
+            "msg_id": dm.msg_id,
+            "box": dm.box,
+            "ts": dm.ts,
+        }
+        if queued:
+            frame["queued"] = True
+        data = framing.encode(frame, self._max_frame)
+        with self._lock:
+            target = self._users.get(dm.recipient)
+            if target is None:
+                return False
+            target.loop.deliver(data, (target,))
+        return True
 
     # -- presence ---------------------------------------------------------------------------------
 
@@ -89,6 +153,12 @@ class Hub:
             self._join(conn, room)
         return {"room": room, "members": sorted(self._rooms[room].members)}
 
+    def _req_history(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
+        room = self._member_room(conn, frame["room"])
+        kept = list(self._history.get(room.name, ()))
+        limit = frame.get("limit", len(kept))
+        return {"room": room.name, "messages": kept[-limit:] if limit else []}
+
     def _req_part(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
         room = self._member_room(conn, frame["room"])
         self._part(conn, room, "left")
@@ -107,34 +177,16 @@ class Hub:
         if frame.get("action"):
             message["action"] = True
         self._broadcast(room, message)
+        self._remember(message)
+        if self._history_sink is not None:
+            self._history_sink(
+                HistoryRow(room.name, conn.user, frame["text"], ts, bool(frame.get("action")))
+            )
         return {"room": room.name, "ts": ts}
 
     def _req_rooms(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
         rooms = [{"name": r.name, "members": len(r.members)} for r in self._rooms.values()]
         return {"rooms": sorted(rooms, key=lambda r: r["name"])}
-
-    def _req_dm(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
-        # The server relays the sealed box as opaque bytes and stamps the authenticated sender
-        # and its key (the recipient needs that key to open the box, and pins it); it cannot
-        # read the content and never re-encrypts it.
-        target = self._users.get(frame["to"])
-        if target is None:
-            raise ProtocolError("offline", f"{frame['to']} is offline; the message was not sent")
-        ts = now_ms()
-        data = framing.encode(
-            {
-                "type": "dm",
-                "from": conn.user,
-                "from_key": conn.public_key_b64,
-                "to": target.user,
-                "msg_id": frame["msg_id"],
-                "box": frame["box"],
-                "ts": ts,
-            },
-            self._max_frame,
-        )
-        target.loop.deliver(data, (target,))
-        return {"to": target.user, "msg_id": frame["msg_id"], "status": "delivered", "ts": ts}
 
     def _req_who(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
         room = self._rooms.get(frame["room"])
@@ -153,6 +205,9 @@ class Hub:
         room = self._rooms.get(name)
         if room is None:
             room = self._rooms[name] = Room(name)
+        # The newcomer first gets what was said before, marked as history.
+        for frame in self._history.get(name, ()):
+            conn.loop.deliver(framing.encode(frame, self._max_frame), (conn,))
         room.add(conn)
         conn.rooms.add(name)
         self._broadcast(room, {"type": "joined", "room": name, "user": conn.user, "ts": now_ms()})

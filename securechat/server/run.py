@@ -5,31 +5,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from pathlib import Path
 
 from securechat.server.app import Server, ServerConfig
 
 
-def serve(
-    *,
-    host: str,
-    port: int,
-    certs_dir: Path,
-    data_dir: Path,
-    require_client_cert: bool,
-    io_threads: int | None,
-    log_level: str,
-) -> None:
+def serve(config: ServerConfig, log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    config = ServerConfig(
-        host=host,
-        port=port,
-        certs_dir=certs_dir,
-        data_dir=data_dir,
-        require_client_cert=require_client_cert,
-    )
-    if io_threads:
-        config.io_threads = io_threads
     server = Server(config)
     stop = threading.Event()
     received: list[str] = []

@@ -1,8 +1,10 @@
-"""The server's durable state behind a small interface: which key owns which name.
+"""The server's durable state behind a small interface (Store), so sessions never know which
+store they use: names bound to keys, the queue of sealed DMs, and room history.
 
 SQLiteStore is the embedded default (WAL mode, a schema version and ordered migrations). A store
 is used from one worker thread only, never from an I/O loop, because every call may block.
-It holds public keys and names only: never a secret or a message text.
+It holds public keys, sealed DMs (opaque ciphertext it cannot read) and room history (room
+messages are not end-to-end encrypted); never a secret or a DM's text.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import enum
 import hmac
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -23,9 +26,40 @@ class Claim(enum.Enum):
     TAKEN = "taken"  # the name belongs to another key
 
 
+@dataclass(frozen=True)
+class QueuedDM:
+    """A sealed DM waiting for its recipient's acknowledgement."""
+
+    sender: str
+    sender_key: bytes
+    recipient: str
+    msg_id: str
+    box: str  # base64, exactly as the sender sent it
+    ts: int  # when the server accepted it, ms
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    room: str
+    sender: str
+    text: str
+    ts: int
+    action: bool = False
+
+
+class QuotaExceeded(StorageError):
+    """The recipient's queue is full; the DM was not stored."""
+
+
 class Store(Protocol):
     def claim_name(self, user: str, public_key: bytes) -> Claim: ...
     def public_key(self, user: str) -> bytes | None: ...
+    def queue_dm(self, dm: QueuedDM, *, ttl_ms: int, max_count: int, max_bytes: int) -> None: ...
+    def pending_dms(self, recipient: str, now_ms: int) -> list[QueuedDM]: ...
+    def ack_dms(self, recipient: str, msg_ids: list[str]) -> int: ...
+    def append_history(self, rows: list[HistoryRow], keep: int) -> None: ...
+    def room_history(self, room: str, limit: int) -> list[HistoryRow]: ...
+    def rooms_with_history(self) -> list[str]: ...
     def close(self) -> None: ...
 
 
@@ -37,6 +71,29 @@ MIGRATIONS: tuple[str, ...] = (
         public_key BLOB NOT NULL,
         created_at INTEGER NOT NULL
     );
+    """,
+    """
+    CREATE TABLE queued_dms (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        recipient TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        sender_key BLOB NOT NULL,
+        msg_id TEXT NOT NULL,
+        box TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        expires INTEGER NOT NULL,
+        UNIQUE (recipient, sender, msg_id)
+    );
+    CREATE INDEX queued_dms_by_recipient ON queued_dms (recipient, seq);
+    CREATE TABLE room_history (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        room TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        text TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        action INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX room_history_by_room ON room_history (room, seq);
     """,
 )
 
@@ -66,10 +123,11 @@ class SQLiteStore:
                 f"understands ({len(MIGRATIONS)}); upgrade securechat"
             )
         for target in range(version + 1, len(MIGRATIONS) + 1):
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executescript(MIGRATIONS[target - 1])
-                self._db.execute(f"PRAGMA user_version = {target:d}")
+            # One script, one transaction: a crash mid-migration leaves the old version intact.
+            script = MIGRATIONS[target - 1]
+            self._db.executescript(
+                f"BEGIN IMMEDIATE; {script} PRAGMA user_version = {target:d}; COMMIT;"
+            )
 
     def claim_name(self, user: str, public_key: bytes) -> Claim:
         try:
@@ -103,6 +161,111 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StorageError(f"server database error: {exc}") from None
         return None if row is None else bytes(row[0])
+
+    # -- direct messages waiting for their recipient -----------------------------------------------
+
+    def queue_dm(self, dm: QueuedDM, *, ttl_ms: int, max_count: int, max_bytes: int) -> None:
+        """Store a sealed DM durably (committed with synchronous=FULL before we return).
+
+        A DM already queued (same recipient, sender and id: the sender retried) is not stored
+        twice. Raises QuotaExceeded when the recipient's queue is full.
+        """
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                count, size = self._db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(box)), 0) FROM queued_dms "
+                    "WHERE recipient = ? AND expires > ?",
+                    (dm.recipient, dm.ts),
+                ).fetchone()
+                if count >= max_count or size + len(dm.box) > max_bytes:
+                    raise QuotaExceeded(
+                        f"{dm.recipient}'s queue of waiting messages is full "
+                        f"({count} messages, {size} bytes); try again later"
+                    )
+                self._db.execute(
+                    "INSERT OR IGNORE INTO queued_dms (recipient, sender, sender_key, msg_id, box,"
+                    " ts, expires) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        dm.recipient,
+                        dm.sender,
+                        dm.sender_key,
+                        dm.msg_id,
+                        dm.box,
+                        dm.ts,
+                        dm.ts + ttl_ms,
+                    ),
+                )
+        except sqlite3.Error as exc:
+            raise StorageError(f"server database error: {exc}") from None
+
+    def pending_dms(self, recipient: str, now_ms: int) -> list[QueuedDM]:
+        """The recipient's unexpired DMs in the order they were accepted; drops expired ones."""
+        try:
+            with self._db:
+                self._db.execute("DELETE FROM queued_dms WHERE expires <= ?", (now_ms,))
+            rows = self._db.execute(
+                "SELECT sender, sender_key, recipient, msg_id, box, ts FROM queued_dms "
+                "WHERE recipient = ? ORDER BY seq",
+                (recipient,),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"server database error: {exc}") from None
+        return [QueuedDM(r[0], bytes(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
+
+    def ack_dms(self, recipient: str, msg_ids: list[str]) -> int:
+        """Delete DMs the recipient acknowledged; returns how many were deleted."""
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                cur = self._db.executemany(
+                    "DELETE FROM queued_dms WHERE recipient = ? AND msg_id = ?",
+                    [(recipient, m) for m in msg_ids],
+                )
+            return cur.rowcount
+        except sqlite3.Error as exc:
+            raise StorageError(f"server database error: {exc}") from None
+
+    # -- room history ------------------------------------------------------------------------------
+
+    def append_history(self, rows: list[HistoryRow], keep: int) -> None:
+        """Append a batch of room messages in one transaction, keeping the last `keep` per room
+        (the batched writer calls this; never once per message on the I/O path)."""
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(
+                    "INSERT INTO room_history (room, sender, text, ts, action) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [(r.room, r.sender, r.text, r.ts, int(r.action)) for r in rows],
+                )
+                for room in {r.room for r in rows}:
+                    self._db.execute(
+                        "DELETE FROM room_history WHERE room = ? AND seq <= COALESCE(("
+                        "SELECT seq FROM room_history WHERE room = ? "
+                        "ORDER BY seq DESC LIMIT 1 OFFSET ?), -1)",
+                        (room, room, keep),
+                    )
+        except sqlite3.Error as exc:
+            raise StorageError(f"server database error: {exc}") from None
+
+    def room_history(self, room: str, limit: int) -> list[HistoryRow]:
+        """The last `limit` messages of a room, oldest first."""
+        try:
+            rows = self._db.execute(
+                "SELECT room, sender, text, ts, action FROM room_history WHERE room = ? "
+                "ORDER BY seq DESC LIMIT ?",
+                (room, limit),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"server database error: {exc}") from None
+        return [HistoryRow(r[0], r[1], r[2], r[3], bool(r[4])) for r in reversed(rows)]
+
+    def rooms_with_history(self) -> list[str]:
+        try:
+            return [r[0] for r in self._db.execute("SELECT DISTINCT room FROM room_history")]
+        except sqlite3.Error as exc:
+            raise StorageError(f"server database error: {exc}") from None
 
     def close(self) -> None:
         self._db.close()

@@ -1,0 +1,153 @@
+"""Durable messaging: queued DMs survive SIGKILL, leave only when acknowledged, respect quotas
+and expiry; room history is kept, replayed on join, and survives a restart."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from securechat.client import Client, RequestError
+from securechat.client.connection import ClientConnection
+from securechat.client.events import DirectMessage, Joined, Message
+
+from .cli_helpers import ServerProcess
+from .conftest import start_server, wait_for
+
+
+def dial(address, certs_dir: Path, ident, user: str) -> Client:
+    host, port = address
+    return Client.connect(host, port, ident, user, certs_dir / "ca.pem")
+
+
+def dms(client: Client, count: int) -> list[DirectMessage]:
+    return [wait_for(client, lambda e: isinstance(e, DirectMessage)) for _ in range(count)]
+
+
+def test_queued_dms_survive_sigkill_and_arrive_in_order_once(
+    certs_dir, tmp_path, make_identity
+) -> None:
+    data = tmp_path / "data"
+    first = ServerProcess("--certs", str(certs_dir), "--data", str(data), cwd=tmp_path)
+    try:
+        dial(first.address, certs_dir, make_identity("bob"), "bob").close()  # bob has a name
+        with dial(first.address, certs_dir, make_identity("alice"), "alice") as alice:
+            replies = [alice.send_dm("bob", f"note {i}").result(5) for i in range(20)]
+        assert {r["status"] for r in replies} == {"queued"}
+    finally:
+        first.stop(signal.SIGKILL)  # every DM above was acknowledged as queued before this
+    second = ServerProcess("--certs", str(certs_dir), "--data", str(data), cwd=tmp_path)
+    try:
+        with dial(second.address, certs_dir, make_identity("bob"), "bob") as bob:
+            got = dms(bob, 20)
+            assert [d.text for d in got] == [f"note {i}" for i in range(20)]
+            assert [d.message_id for d in got] == [r["msg_id"] for r in replies]
+            bob.ping().result(5)
+            assert bob.next_event(timeout=0.2) is None  # no duplicate shown
+    finally:
+        assert second.stop() == 0
+    for path in data.iterdir():
+        assert b"note 1" not in path.read_bytes()
+
+
+def test_dm_not_acknowledged_is_delivered_again(
+    server, certs_dir, make_identity, monkeypatch
+) -> None:
+    dial(server.address, certs_dir, make_identity("bob"), "bob").close()
+    with dial(server.address, certs_dir, make_identity("alice"), "alice") as alice:
+        assert alice.send_dm("bob", "did you get this?").result(5)["status"] == "queued"
+    real_send = ClientConnection.send
+    monkeypatch.setattr(
+        ClientConnection,
+        "send",
+        lambda self, data: None if b'"ack"' in data else real_send(self, data),
+    )
+    with dial(server.address, certs_dir, make_identity("bob"), "bob") as bob:
+        assert dms(bob, 1)[0].text == "did you get this?"  # shown, but the ack is lost
+    monkeypatch.undo()
+    with dial(server.address, certs_dir, make_identity("bob"), "bob") as bob:
+        assert dms(bob, 1)[0].text == "did you get this?"  # so the server delivers it again
+        bob.ping().result(5)
+    assert server._worker.submit(server.store.pending_dms, "bob", 0).result(5) == []
+
+
+def test_a_full_queue_refuses_with_a_clear_error(certs_dir, tmp_path, make_identity) -> None:
+    srv = start_server(certs_dir, tmp_path / "data", dm_quota_count=2)
+    try:
+        dial(srv.address, certs_dir, make_identity("bob"), "bob").close()
+        with dial(srv.address, certs_dir, make_identity("alice"), "alice") as alice:
+            alice.send_dm("bob", "one").result(5)
+            alice.send_dm("bob", "two").result(5)
+            with pytest.raises(RequestError) as info:
+                alice.send_dm("bob", "three").result(5)
+        assert info.value.code == "quota_exceeded"
+        assert info.value.message.startswith("bob's queue of waiting messages is full (2 messages")
+    finally:
+        srv.stop()
+
+
+def test_byte_quota(certs_dir, tmp_path, make_identity) -> None:
+    srv = start_server(certs_dir, tmp_path / "data", dm_quota_bytes=2000)
+    try:
+        dial(srv.address, certs_dir, make_identity("bob"), "bob").close()
+        with dial(srv.address, certs_dir, make_identity("alice"), "alice") as alice:
+            alice.send_dm("bob", "x" * 1000).result(5)
+            with pytest.raises(RequestError) as info:
+                alice.send_dm("bob", "y" * 1000).result(5)
+        assert info.value.code == "quota_exceeded"
+    finally:
+        srv.stop()
+
+
+def test_queued_dms_expire(certs_dir, tmp_path, make_identity) -> None:
+    srv = start_server(certs_dir, tmp_path / "data", dm_ttl_ms=1)
+    try:
+        dial(srv.address, certs_dir, make_identity("bob"), "bob").close()
+        with dial(srv.address, certs_dir, make_identity("alice"), "alice") as alice:
+            assert alice.send_dm("bob", "too late").result(5)["status"] == "queued"
+        with dial(srv.address, certs_dir, make_identity("bob"), "bob") as bob:
+            # A key look-up runs on the store's worker after the login's queue read, so once
+            # it is answered anything queued for bob has been handed to him.
+            bob.check_key("alice")
+            events = []
+            while (event := bob.next_event(timeout=0)) is not None:
+                events.append(event)
+            assert not [e for e in events if isinstance(e, DirectMessage)]
+            assert srv._worker.submit(srv.store.pending_dms, "bob", 0).result(5) == []
+    finally:
+        srv.stop()
+
+
+def test_room_history_on_join_on_request_and_after_restart(
+    certs_dir, tmp_path, make_identity
+) -> None:
+    data = tmp_path / "data"
+    srv = start_server(certs_dir, data, history=3)
+    try:
+        with dial(srv.address, certs_dir, make_identity("alice"), "alice") as alice:
+            alice.join("#dev").result(5)
+            for i in range(5):
+                alice.send("#dev", f"line {i}").result(5)
+            alice.send("#dev", "waves", action=True).result(5)
+        with dial(srv.address, certs_dir, make_identity("bob"), "bob") as bob:
+            bob.join("#dev").result(5)
+            seen = [wait_for(bob, lambda e: isinstance(e, Message)) for _ in range(3)]
+            assert [(m.text, m.history, m.action) for m in seen] == [
+                ("line 3", True, False),
+                ("line 4", True, False),
+                ("waves", True, True),
+            ]
+            assert [
+                m.text for m in Client.history_events(bob.room_history("#dev", 2).result(5))
+            ] == ["line 4", "waves"]
+    finally:
+        srv.stop()
+    srv = start_server(certs_dir, data, history=3)
+    try:
+        with dial(srv.address, certs_dir, make_identity("carol"), "carol") as carol:
+            carol.join("#dev").result(5)
+            texts = [wait_for(carol, lambda e: isinstance(e, Message)).text for _ in range(3)]
+            assert texts == ["line 3", "line 4", "waves"]
+    finally:
+        srv.stop()
