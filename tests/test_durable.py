@@ -10,7 +10,7 @@ import pytest
 
 from securechat.client import Client, RequestError
 from securechat.client.connection import ClientConnection
-from securechat.client.events import DirectMessage, Joined, Message
+from securechat.client.events import DirectMessage, Message
 
 from .cli_helpers import ServerProcess
 from .conftest import start_server, wait_for
