@@ -387,3 +387,89 @@ def test_whois_verify_and_trust_in_line_mode(server, certs_dir, keys) -> None:
         assert theirs.split(": ")[1] == number.split(": ")[1] + "\n"
     finally:
         assert bob.finish() == 0
+
+
+def test_console_reconnects_after_a_server_restart_and_sends_what_was_typed(
+    certs_dir, tmp_path, make_identity
+) -> None:
+    import queue
+    import time
+
+    from securechat.client import Client
+
+    from .conftest import start_server
+
+    shown: queue.Queue[str] = queue.Queue()
+
+    def wait_shown(fragment: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = shown.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if fragment in line:
+                return line
+        raise AssertionError(f"the console never showed {fragment!r}")
+
+    data = tmp_path / "data"
+    srv = start_server(certs_dir, data)
+    port = srv.address[1]
+
+    def dial() -> Client:
+        return Client.connect(
+            "127.0.0.1", port, make_identity("alice"), "alice", certs_dir / "ca.pem"
+        )
+
+    result: list[int] = []
+    srv2 = None
+    with create_pipe_input() as pipe:
+        thread = threading.Thread(
+            target=lambda: result.append(
+                console.run(
+                    dial(),
+                    "test",
+                    reconnect=dial,
+                    pt_input=pipe,
+                    pt_output=DummyOutput(),
+                    on_output=shown.put,
+                )
+            )
+        )
+        thread.start()
+        try:
+            pipe.send_text("/join #dev\r")
+            wait_shown("-- now talking in #dev")
+            srv.stop()
+            wait_shown("-- connection lost (server shutting down); reconnecting")
+            pipe.send_text("typed while the server was down\r")
+            wait_shown("-- not connected: this will be sent once we reconnect")
+            srv2 = start_server(certs_dir, data, port=port)
+            wait_shown("-- reconnected")
+            with Client.connect(
+                "127.0.0.1", port, make_identity("bob"), "bob", certs_dir / "ca.pem"
+            ) as bob:
+                bob.join("#dev").result(5)
+                said = wait_for(
+                    bob,
+                    lambda e: (
+                        isinstance(e, Message) and e.text == "typed while the server was down"
+                    ),
+                )
+                assert (said.room, said.sender) == ("#dev", "alice")
+            pipe.send_text("/quit\r")
+            thread.join(15)
+        finally:
+            if srv2 is not None:
+                srv2.stop()
+    assert result == [0]
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    import random
+
+    delays = console.backoff_delays(random.Random(7))
+    got = [next(delays) for _ in range(10)]
+    assert 0.25 <= got[0] <= 0.5 and 0.5 <= got[1] <= 1.0 and 1.0 <= got[2] <= 2.0
+    assert all(15.0 <= d <= 30.0 for d in got[7:])
+    assert len(set(got)) == len(got)

@@ -33,6 +33,7 @@ COMMANDS: dict[str, Spec] = {
         Spec("rooms", "", "list the rooms and how many are in each"),
         Spec("who", "[#room]", "who is in the current (or named) room", 0, 1, True),
         Spec("me", "action", "say an action: /me waves", 1, -1),
+        Spec("history", "[#room] [N]", "show the last N messages of a room (default 100)", 0, 2),
         Spec("msg", "user text", "send one end-to-end encrypted direct message", 2, -1),
         Spec("query", "[user]", "plain lines go to user as DMs; /query alone returns", 0, 1),
         Spec("whois", "user", "show a user's key fingerprint and its trust state", 1, 1),

@@ -4,12 +4,15 @@ The input line stays at the bottom: incoming events print above it (patch_stdout
 clobber what you are typing. Up-arrow recalls earlier lines, Tab completes commands, rooms and
 names, a status bar shows who and where you are, and a multi-line paste (bracketed paste) is
 sent as one message because Enter submits the whole buffer. Ctrl-D, Ctrl-C or /quit leave.
+When the connection drops it reconnects by itself with backoff and jitter (the status bar says
+so); lines typed meanwhile are sent after the reconnect, or you are told they were not.
 """
 
 from __future__ import annotations
 
+import random
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
@@ -23,6 +26,7 @@ from securechat.client import commands
 from securechat.client.api import Client
 from securechat.client.controller import Controller
 from securechat.client.events import Closed
+from securechat.errors import AuthError, SecureChatError
 
 
 class ChatCompleter(Completer):
@@ -50,26 +54,55 @@ class ChatCompleter(Completer):
                 yield Completion(candidate, start_position=-len(word))
 
 
-def run(
-    client: Client, where: str, *, pt_input: Input | None = None, pt_output: Output | None = None
-) -> int:
-    """Chat until /quit, end of input, or the connection closes; the exit status.
+BACKOFF_FIRST = 0.5  # seconds before the first reconnect attempt
+BACKOFF_MAX = 30.0
 
-    pt_input/pt_output replace the terminal (tests drive the real prompt through a pipe).
+
+def backoff_delays(rng: random.Random | None = None) -> Iterator[float]:
+    """Exponential backoff with full jitter in [d/2, d]: many clients dropped by one server
+    restart do not all come back in the same instant."""
+    rng = rng or random.Random()  # noqa: S311 - jitter for timing, not a secret
+    delay = BACKOFF_FIRST
+    while True:
+        yield rng.uniform(delay / 2, delay)
+        delay = min(delay * 2, BACKOFF_MAX)
+
+
+def run(
+    client: Client,
+    where: str,
+    *,
+    reconnect: Callable[[], Client] | None = None,
+    pt_input: Input | None = None,
+    pt_output: Output | None = None,
+    on_output: Callable[[str], None] | None = None,
+) -> int:
+    """Chat until /quit, Ctrl-D/Ctrl-C, or a connection loss we cannot recover from.
+
+    With `reconnect` (a function that connects and logs in again) a dropped connection is
+    retried with backoff and jitter while the user keeps typing. pt_input/pt_output replace the
+    terminal and on_output sees every line shown (tests drive the real prompt through a pipe).
     """
     session: PromptSession[str] = PromptSession(
         history=InMemoryHistory(), input=pt_input, output=pt_output
     )
-    controller = Controller(client, lambda text: print(text, flush=True))
+
+    def show(text: str) -> None:
+        print(text, flush=True)
+        if on_output:
+            on_output(text)
+
+    controller = Controller(client, show)
     session.completer = ChatCompleter(controller)
-    closed: list[str] = []
+    status = ["connected (TLS 1.3)"]
+    closed: list[str] = []  # set when we stop for good
+    stop = threading.Event()
 
     def toolbar() -> str:
         target = (
             f"DM {controller.query}" if controller.query else (controller.current_room or "no room")
         )
-        state = f"disconnected: {closed[0]}" if closed else "connected (TLS 1.3)"
-        return f" {client.user}@{where}  {target}  {state}  /help"
+        return f" {controller.client.user}@{where}  {target}  {status[0]}  /help"
 
     session.bottom_toolbar = toolbar
 
@@ -85,12 +118,51 @@ def run(
         except RuntimeError:
             pass
 
+    def reconnect_loop(reason: str) -> Client | None:
+        assert reconnect is not None
+        controller.detach()
+        show(f"-- connection lost ({reason}); reconnecting")
+        for attempt, delay in enumerate(backoff_delays(), start=1):
+            status[0] = f"reconnecting: attempt {attempt} in {delay:.1f}s ({reason})"
+            poke_prompt(False)
+            if stop.wait(delay):
+                return None
+            try:
+                new = reconnect()
+            except AuthError as exc:
+                show(f"!! cannot log in again: {exc}")
+                return None
+            except SecureChatError as exc:
+                reason = str(exc)
+                continue
+            status[0] = "connected (TLS 1.3)"
+            show("-- reconnected")
+            controller.attach(new)
+            poke_prompt(False)
+            return new
+        return None
+
     def pump_events() -> None:
-        for event in client.events():
-            if isinstance(event, Closed):
-                closed.append(event.reason)
-            controller.on_event(event)
-            poke_prompt(isinstance(event, Closed))
+        current: Client | None = controller.client
+        while current is not None:
+            for event in current.events():
+                if isinstance(event, Closed):
+                    if controller.quit_requested or stop.is_set():
+                        current = None
+                    elif reconnect is not None:
+                        current = reconnect_loop(event.reason)
+                        if current is None and not stop.is_set():
+                            closed.append("gave up reconnecting")
+                    else:
+                        controller.on_event(event)
+                        current = None
+                        closed.append(event.reason)
+                    if current is None:
+                        status[0] = "disconnected"
+                        poke_prompt(bool(closed))
+                    break
+                controller.on_event(event)
+                poke_prompt(False)
 
     def prompt_text() -> str:
         return f"[{controller.query or controller.current_room or '-'}] "
@@ -110,9 +182,13 @@ def run(
                 break  # Ctrl-D or Ctrl-C: leave cleanly
             if not controller.handle_line(line):
                 break
+    stop.set()
     if closed and not controller.quit_requested:
         return 1
     controller.quit_requested = True
+    if controller.held:
+        show(f"!! {len(controller.held)} line(s) typed while disconnected were not sent")
+    client = controller.client
     client.wait_idle(5)
     client.close()
     printer.join(5)

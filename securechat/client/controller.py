@@ -33,7 +33,31 @@ class Controller:
         self.names: set[str] = {client.user}  # for tab completion
         self.failures = 0  # requests the server refused or never answered
         self.quit_requested = False
+        self.connected = True
+        self.held: list[str] = []  # lines typed while disconnected, sent after reconnecting
         self._lock = threading.Lock()
+
+    # -- reconnecting -----------------------------------------------------------------------------
+
+    def detach(self) -> None:
+        """The connection is gone: hold what the user types until attach()."""
+        self.connected = False
+
+    def attach(self, client: Client) -> None:
+        """A new connection: rejoin the rooms we were in, then send what was typed meanwhile."""
+        rooms = sorted(self.client.rooms - {LOBBY})
+        self.client = client
+        self.connected = True
+        for room in rooms:
+            try:
+                self._wait(client.join(room))
+            except (SecureChatError, TimeoutError) as exc:
+                self.output(f"!! could not rejoin {room}: {exc}")
+        if self.current_room not in client.rooms:
+            self.current_room = self._fallback_room("")
+        held, self.held = self.held, []
+        for line in held:
+            self.handle_line(line)
 
     # -- events -----------------------------------------------------------------------------------
 
@@ -63,6 +87,12 @@ class Controller:
         try:
             parsed = commands.parse(line)
             if parsed is None:
+                return True
+            if not self.connected and not (
+                isinstance(parsed, commands.Command) and parsed.name in ("quit", "help")
+            ):
+                self.held.append(line)
+                self.output("-- not connected: this will be sent once we reconnect")
                 return True
             if isinstance(parsed, commands.Say):
                 self._say(parsed.text)
@@ -106,6 +136,22 @@ class Controller:
         return future.result(REPLY_TIMEOUT)
 
     # -- commands ---------------------------------------------------------------------------------
+
+    def _cmd_history(self, target: str | None = None, count: str | None = None) -> None:
+        if target and target.isdigit() and count is None:
+            target, count = None, target
+        limit = int(count) if count and count.isdigit() else None
+        room = target or self.current_room
+        if room is None:
+            self.output("!! you are in no room; /history #room")
+            return
+        if not room.startswith("#"):
+            room = "#" + room
+        reply = self._wait(self.client.room_history(room, min(limit or 100, 1000)))
+        events = self.client.history_events(reply)
+        for event in events:
+            self.output(render(event, self.current_room))
+        self.output(f"-- {len(events)} earlier messages of {room}")
 
     def _cmd_join(self, room: str) -> None:
         reply = self._wait(self.client.join(room))

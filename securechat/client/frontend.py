@@ -50,16 +50,20 @@ def run(opts: ClientOptions) -> int:
         print(
             f"created identity key {opts.key_path} (fingerprint {me.fingerprint})", file=sys.stderr
         )
-    client = Client.connect(
-        opts.host, opts.port, me, user, opts.ca, cert=opts.cert, cert_key=opts.cert_key
-    )
+
+    def connect() -> Client:
+        return Client.connect(
+            opts.host, opts.port, me, user, opts.ca, cert=opts.cert, cert_key=opts.cert_key
+        )
+
+    client = connect()
     if me.user != user:
         identity.remember_user(me, user)
     interactive = sys.stdin.isatty() if opts.interactive is None else opts.interactive
     if interactive:
         from securechat.client import console
 
-        return console.run(client, f"{opts.host}:{opts.port}")
+        return console.run(client, f"{opts.host}:{opts.port}", reconnect=connect)
     from securechat.client import linemode
 
     return linemode.run(client)
