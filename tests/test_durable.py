@@ -151,3 +151,47 @@ def test_room_history_on_join_on_request_and_after_restart(
             assert texts == ["line 3", "line 4", "waves"]
     finally:
         srv.stop()
+
+
+def test_offline_dm_survives_sigkill_through_the_cli_alone(certs_dir, tmp_path) -> None:
+    """Issue 4, done when: alice DMs bob while bob is offline; the server is killed with SIGKILL
+    and restarted; bob logs in and reads the DM; the server's data folder never held the text;
+    a user who joins #lobby late sees the earlier room messages."""
+    from securechat import identity
+
+    from .cli_helpers import run_client
+    from .conftest import PASSPHRASE
+
+    def key(name: str) -> Path:
+        path = tmp_path / "keys" / f"{name}.key"
+        if not path.exists():
+            identity.create(path, PASSPHRASE, kdf=identity.KDF_FAST_FOR_TESTS)
+        return path
+
+    secret = "the treasure is buried under the old oak"
+    ca, data = certs_dir / "ca.pem", tmp_path / "data"
+    server = ServerProcess("--certs", str(certs_dir), "--data", str(data), cwd=tmp_path)
+    try:
+        port = server.address[1]
+        assert run_client(key("bob"), port, ca, "", user="bob").returncode == 0
+        alice = run_client(
+            key("alice"), port, ca, f"before the crash\n/msg bob {secret}\n", user="alice"
+        )
+        assert alice.returncode == 0, alice.stderr
+        assert alice.stdout.splitlines()[-1].endswith(
+            f"-> *bob* {secret} (queued: they are offline)"
+        )
+    finally:
+        server.stop(signal.SIGKILL)
+    server = ServerProcess("--certs", str(certs_dir), "--data", str(data), cwd=tmp_path)
+    try:
+        port = server.address[1]
+        bob = run_client(key("bob"), port, ca, "")
+        assert bob.returncode == 0, bob.stderr
+        lines = bob.stdout.splitlines()
+        assert any(line.endswith("] [history] <alice> before the crash") for line in lines)
+        assert any(line.endswith(f"] *alice* {secret}") for line in lines)
+        for path in data.iterdir():
+            assert secret.encode() not in path.read_bytes(), path
+    finally:
+        assert server.stop() == 0

@@ -52,6 +52,7 @@ class Client:
         self.rooms: set[str] = set()  # rooms we are in, kept up to date from events
         self._events: queue.Queue[Event] = queue.Queue()
         self._done = threading.Event()
+        self._queue_delivered = threading.Event()
 
     @classmethod
     def connect(
@@ -182,6 +183,11 @@ class Client:
         self.known_keys.mark_verified(user, check.key)
         return self.check_key(user, timeout)
 
+    def wait_queue(self, timeout: float | None = None) -> bool:
+        """Wait until the DMs that waited for us on the server have all arrived (the server
+        sends them right after login); False if that did not happen within `timeout`."""
+        return self._queue_delivered.wait(timeout) or self._done.is_set()
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every request sent so far has its reply (or the connection closed)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -231,6 +237,9 @@ class Client:
     # -- connection thread ------------------------------------------------------------------------
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
+        if frame["type"] == "queue_end":
+            self._queue_delivered.set()
+            return
         event = _event_from_frame(frame, self.dms)
         if frame["type"] == "dm" and isinstance(frame.get("msg_id"), str):
             # Acknowledge every DM we processed, shown or refused, so the server deletes it; the

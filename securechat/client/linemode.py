@@ -3,8 +3,8 @@
 Each input line is a message for the current room or a slash command. Every event and every
 result is printed as exactly one line on stdout, in arrival order (newlines inside a message
 are written as \\n, backslashes as \\\\); our own errors are lines starting with "!! " there too.
-Diagnostics go to stderr. At end of input the client waits until the server has answered
-everything it sent, then leaves.
+Diagnostics go to stderr. At end of input the client waits until the DMs queued for it have
+arrived and the server has answered everything it sent, then leaves.
 
 Exit status: 0 when everything was delivered; 1 when the server refused or did not answer a
 request, or the connection was lost before the end of input.
@@ -59,6 +59,8 @@ def run(client: Client, stdin: TextIO | None = None, stdout: TextIO | None = Non
     finished.wait()
     if not lost:
         controller.quit_requested = True
+        # A script that only reads (empty input) must still get the DMs that waited for it.
+        client.wait_queue(DRAIN_TIMEOUT)
         if not client.wait_idle(DRAIN_TIMEOUT):
             print("securechat: some messages got no answer from the server", file=sys.stderr)
             controller.failures += 1

@@ -185,10 +185,16 @@ class Connection:
         user, server = self.user, self.server
 
         def then(result: object) -> None:
-            if isinstance(result, StorageError) or not self.open or not isinstance(result, list):
+            if not self.open:
                 return
+            if not isinstance(result, list):
+                log.error("could not read the DM queue of %s: %s", user, result)
+                result = []
             for dm in result:
                 server.hub.deliver_dm(dm, b64(dm.sender_key), queued=True)
+            # Same connection, same loop: this frame follows the DMs above.
+            self.session.send({"type": "queue_end", "count": len(result)})
+            self.loop.dirty.add(self)
 
         server.run_blocking(lambda: server.store.pending_dms(user, now_ms()), then)
 
