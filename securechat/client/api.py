@@ -191,9 +191,7 @@ class Client:
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every request sent so far has its reply (or the connection closed)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._conn._pending_lock:
-            futures = list(self._conn.pending.values())
-        for future in futures:
+        for future in self._conn.outstanding():
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 future.exception(timeout=remaining)

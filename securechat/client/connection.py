@@ -203,6 +203,11 @@ class ClientConnection(threading.Thread):
         self.send(data)
         return future
 
+    def outstanding(self) -> list[Future[dict[str, Any]]]:
+        """The requests still waiting for their reply."""
+        with self._pending_lock:
+            return list(self.pending.values())
+
     def send(self, data: bytes) -> None:
         self._outbox.append(data)
         self._wake()

@@ -134,12 +134,6 @@ class Hub:
                 del self._users[conn.user]
                 self._leave_all(conn, reason)
 
-    def online(self, user: str) -> bool:
-        with self._lock:
-            return user in self._users
-
-    # -- requests ---------------------------------------------------------------------------------
-
     def handle(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
         """Carry out one request; return the reply frame (an "ok" with the request id)."""
         handler = getattr(self, f"_req_{frame['type']}")
