@@ -286,6 +286,13 @@ def server(
     help="Private key of --cert.",
     **_env("CERT_KEY"),
 )
+@click.option(
+    "--no-history",
+    is_flag=True,
+    default=False,
+    help="Keep no local history (by default an encrypted one lives beside the key file).",
+    **_env("NO_HISTORY"),
+)
 def client(
     key_path: Path,
     user: str | None,
@@ -294,13 +301,21 @@ def client(
     ca: Path,
     cert: Path | None,
     cert_key: Path | None,
+    no_history: bool,
 ) -> None:
     """Chat: interactive on a terminal, line mode when stdin is not a terminal."""
     from securechat.client.frontend import ClientOptions, run
 
     code = run(
         ClientOptions(
-            key_path=key_path, user=user, host=host, port=port, ca=ca, cert=cert, cert_key=cert_key
+            key_path=key_path,
+            user=user,
+            host=host,
+            port=port,
+            ca=ca,
+            cert=cert,
+            cert_key=cert_key,
+            history=not no_history,
         )
     )
     sys.exit(code)

@@ -121,6 +121,7 @@ class SealedDM:
 
     message_id: str
     envelope: bytes
+    ts: int = 0  # the sealed timestamp, for the sender's own records
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ def seal(
     )
     # PyNaCl draws a fresh random 24-byte nonce; never pass one here.
     envelope = bytes([ENVELOPE_VERSION]) + bytes(box.encrypt(plaintext))
-    return SealedDM(message_id=message_id, envelope=envelope)
+    return SealedDM(message_id=message_id, envelope=envelope, ts=ts)
 
 
 # -- opening --------------------------------------------------------------------------------------

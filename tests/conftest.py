@@ -86,6 +86,19 @@ def connect(
             client.close()
 
 
+def drop_acks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients stop acknowledging DMs (as if each connection dropped before its ack went out)
+    until monkeypatch.undo()."""
+    from securechat.client.connection import ClientConnection
+
+    real_send = ClientConnection.send
+    monkeypatch.setattr(
+        ClientConnection,
+        "send",
+        lambda self, data: None if b'"ack"' in data else real_send(self, data),
+    )
+
+
 def wait_for(client: Client, predicate: Callable[[Event], bool], timeout: float = 10.0) -> Event:
     """The first event matching predicate; fails the test if none comes before the deadline."""
     deadline = time.monotonic() + timeout

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from securechat.client import Client, RequestError
-from securechat.client.connection import ClientConnection
 from securechat.client.events import DirectMessage, Message
 
 from .cli_helpers import ServerProcess
-from .conftest import start_server, wait_for
+from .conftest import drop_acks, start_server, wait_for
 
 
 def dial(address, certs_dir: Path, ident, user: str) -> Client:
@@ -57,12 +56,7 @@ def test_dm_not_acknowledged_is_delivered_again(
     dial(server.address, certs_dir, make_identity("bob"), "bob").close()
     with dial(server.address, certs_dir, make_identity("alice"), "alice") as alice:
         assert alice.send_dm("bob", "did you get this?").result(5)["status"] == "queued"
-    real_send = ClientConnection.send
-    monkeypatch.setattr(
-        ClientConnection,
-        "send",
-        lambda self, data: None if b'"ack"' in data else real_send(self, data),
-    )
+    drop_acks(monkeypatch)
     with dial(server.address, certs_dir, make_identity("bob"), "bob") as bob:
         assert dms(bob, 1)[0].text == "did you get this?"  # shown, but the ack is lost
     monkeypatch.undo()

@@ -24,7 +24,16 @@ from typing import Any
 
 from securechat.client.connection import ClientConnection, RequestError, open_connection
 from securechat.client.dm import DirectMessages
-from securechat.client.events import Closed, Event, Joined, Message, Parted, ServerError
+from securechat.client.events import (
+    Closed,
+    DirectMessage,
+    Event,
+    Joined,
+    Message,
+    Parted,
+    ServerError,
+)
+from securechat.client.history import Entry, LocalHistory
 from securechat.errors import ConfigError
 from securechat.identity import Identity
 from securechat.tls import client_context
@@ -41,12 +50,16 @@ class Client:
         welcome: dict[str, Any],
         identity: Identity,
         known_keys: KnownKeys,
+        history: LocalHistory | None = None,
     ) -> None:
         self._conn = conn
         self.user = user
         self.identity = identity
         self.known_keys = known_keys
-        self.dms = DirectMessages(identity, user, known_keys)
+        self.history = history
+        self.dms = DirectMessages(
+            identity, user, known_keys, seen=history.seen_dm if history else None
+        )
         self.welcome = welcome
         self.server_cert_sha256 = conn.tls.peer_cert_sha256()
         self.rooms: set[str] = set()  # rooms we are in, kept up to date from events
@@ -67,13 +80,15 @@ class Client:
         cert_key: Path | None = None,
         timeout: float = 10.0,
         known_keys: KnownKeys | None = None,
+        history: LocalHistory | None = None,
     ) -> Client:
         """Connect over TLS 1.3, verify the server against `ca`, and log in as `user`.
 
         Other users' keys are pinned in `known_keys` (by default the known-keys file beside the
-        identity's key file). Raises ConnectError (unreachable, TLS or certificate failure),
-        AuthError (the server refused the login, e.g. the name belongs to another key) or
-        CertificateError.
+        identity's key file). With a `history`, every DM and room message seen or sent is
+        recorded there, and a DM it already holds is not shown again. Raises ConnectError
+        (unreachable, TLS or certificate failure), AuthError (the server refused the login, e.g.
+        the name belongs to another key) or CertificateError.
         """
         if known_keys is None:
             if identity.path is None:
@@ -91,7 +106,7 @@ class Client:
             on_frame=lambda f: client._on_frame(f),
             on_close=lambda r: client._on_close(r),
         )
-        client = cls(conn, str(welcome.get("user", user)), welcome, identity, known_keys)
+        client = cls(conn, str(welcome.get("user", user)), welcome, identity, known_keys, history)
         for frame in early:
             client._on_frame(frame)
         conn.start()
@@ -158,12 +173,18 @@ class Client:
         the pinned one: the user must compare safety numbers and accept_key() first.
         """
         sealed = self.dms.seal_to(self.check_key(user, timeout), text)
-        return self._conn.request(
+        future = self._conn.request(
             "dm",
             to=user,
             msg_id=sealed.message_id,
             box=base64.b64encode(sealed.envelope).decode("ascii"),
         )
+        if self.history is not None:
+            # Remembered once the server took it: a DM it refused was never sent.
+            history = self.history
+            sent = Entry(f"@{user}", self.user, text, sealed.ts, False, sealed.message_id)
+            future.add_done_callback(lambda f: None if f.exception() else history.add(sent))
+        return future
 
     def accept_key(self, user: str, timeout: float = 10.0) -> KeyCheck:
         """Pin the key the server now offers for `user` in place of the old one."""
@@ -247,11 +268,23 @@ class Client:
             )
         if event is None:
             return
+        if self.history is not None:
+            self._remember(event)
         if isinstance(event, Joined) and event.user == self.user:
             self.rooms.add(event.room)
         elif isinstance(event, Parted) and event.user == self.user:
             self.rooms.discard(event.room)
         self._events.put(event)
+
+    def _remember(self, event: Event) -> None:
+        if isinstance(event, Message):
+            entry = Entry(event.room, event.sender, event.text, event.ts, event.action)
+        elif isinstance(event, DirectMessage):
+            peer = event.sender if event.sender != self.user else event.recipient
+            entry = Entry(f"@{peer}", event.sender, event.text, event.ts, False, event.message_id)
+        else:
+            return
+        self.history.add(entry)  # type: ignore[union-attr]
 
     def _on_close(self, reason: str) -> None:
         self._done.set()

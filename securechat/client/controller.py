@@ -16,12 +16,14 @@ from typing import Any
 from securechat.client import commands
 from securechat.client.api import Client
 from securechat.client.events import Closed, DirectMessage, Event, Joined, Message, Parted
-from securechat.client.render import clean_line, render
+from securechat.client.history import LocalHistory
+from securechat.client.render import clean_line, render, render_past
 from securechat.errors import ConnectionClosed, SecureChatError
 from securechat.protocol import LOBBY
 from securechat.trust import KeyChanged, KeyState
 
 REPLY_TIMEOUT = 10.0
+SEARCH_LIMIT = 50
 
 
 class Controller:
@@ -141,6 +143,9 @@ class Controller:
         if target and target.isdigit() and count is None:
             target, count = None, target
         limit = int(count) if count and count.isdigit() else None
+        if target and target.startswith("@"):
+            self._local_history(target.lower(), limit or 100)
+            return
         room = target or self.current_room
         if room is None:
             self.output("!! you are in no room; /history #room")
@@ -152,6 +157,33 @@ class Controller:
         for event in events:
             self.output(render(event, self.current_room))
         self.output(f"-- {len(events)} earlier messages of {room}")
+
+    def _local(self) -> LocalHistory | None:
+        history = self.client.history
+        if history is None:
+            self.output("!! local history is off (--no-history)")
+        elif history.failure:
+            self.output(f"!! local history: {history.failure}")
+        return history
+
+    def _local_history(self, peer: str, limit: int) -> None:
+        history = self._local()
+        if history is None:
+            return
+        entries = history.conversation(peer, min(limit, 10_000))
+        for entry in entries:
+            self.output(render_past(entry, self.client.user))
+        self.output(f"-- {len(entries)} messages with {peer[1:]} in your local history")
+
+    def _cmd_search(self, words: str) -> None:
+        history = self._local()
+        if history is None:
+            return
+        found = history.search(words, SEARCH_LIMIT)
+        for entry in found:
+            self.output(render_past(entry, self.client.user))
+        more = f" (the newest {SEARCH_LIMIT})" if len(found) == SEARCH_LIMIT else ""
+        self.output(f'-- {len(found)} messages found{more} for "{clean_line(words)}"')
 
     def _cmd_join(self, room: str) -> None:
         reply = self._wait(self.client.join(room))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from securechat import sealing
@@ -45,10 +46,20 @@ def _b64(value: Any) -> bytes | None:
 class DirectMessages:
     """Seals outgoing DMs and checks incoming ones for one logged-in identity."""
 
-    def __init__(self, identity: Identity, user: str, known_keys: KnownKeys) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        user: str,
+        known_keys: KnownKeys,
+        *,
+        seen: Callable[[str, str], bool] | None = None,
+    ) -> None:
         self.identity = identity
         self.user = user
         self.known_keys = known_keys
+        # seen(sender, msg_id): shown in an earlier run (the local history knows), so the
+        # replay guard's memory, which dies with the process, is not the only defence.
+        self._seen = seen
         self._replays = sealing.ReplayGuard()
         self._lock = threading.Lock()  # the replay guard is not thread-safe by itself
 
@@ -87,6 +98,11 @@ class DirectMessages:
         with self._lock:
             try:
                 self._replays.check(opened)
+                if self._seen is not None and self._seen(opened.sender, opened.message_id):
+                    raise sealing.ReplayedMessage(
+                        f"a direct message from {sender} arrived again (shown in an earlier"
+                        " session); the copy was dropped. The server may be replaying old messages"
+                    )
             except sealing.ReplayedMessage as exc:
                 if frame.get("queued") is True:
                     return None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from securechat import identity
 from securechat.client.api import Client
+from securechat.client.history import LocalHistory
 from securechat.errors import ConfigError
 from securechat.protocol import valid_name
 
@@ -27,6 +28,7 @@ class ClientOptions:
     cert: Path | None = None
     cert_key: Path | None = None
     interactive: bool | None = None  # None: decide by whether stdin is a terminal
+    history: bool = True  # keep the encrypted local history beside the key file
 
 
 def resolve_user(opts: ClientOptions) -> str:
@@ -51,19 +53,32 @@ def run(opts: ClientOptions) -> int:
             f"created identity key {opts.key_path} (fingerprint {me.fingerprint})", file=sys.stderr
         )
 
+    history = LocalHistory.beside(me) if opts.history else None
+
     def connect() -> Client:
         return Client.connect(
-            opts.host, opts.port, me, user, opts.ca, cert=opts.cert, cert_key=opts.cert_key
+            opts.host,
+            opts.port,
+            me,
+            user,
+            opts.ca,
+            cert=opts.cert,
+            cert_key=opts.cert_key,
+            history=history,
         )
 
-    client = connect()
-    if me.user != user:
-        identity.remember_user(me, user)
-    interactive = sys.stdin.isatty() if opts.interactive is None else opts.interactive
-    if interactive:
-        from securechat.client import console
+    try:
+        client = connect()
+        if me.user != user:
+            identity.remember_user(me, user)
+        interactive = sys.stdin.isatty() if opts.interactive is None else opts.interactive
+        if interactive:
+            from securechat.client import console
 
-        return console.run(client, f"{opts.host}:{opts.port}", reconnect=connect)
-    from securechat.client import linemode
+            return console.run(client, f"{opts.host}:{opts.port}", reconnect=connect)
+        from securechat.client import linemode
 
-    return linemode.run(client)
+        return linemode.run(client)
+    finally:
+        if history is not None:
+            history.close()

@@ -20,6 +20,7 @@ from securechat.client.events import (
     Parted,
     ServerError,
 )
+from securechat.client.history import Entry
 
 # C0 controls but newline, DEL, C1 controls, and bidirectional overrides/isolates (which can make
 # text display in another order than it is).
@@ -79,6 +80,20 @@ def render(event: Event, current_room: str | None = None) -> str:
     if isinstance(event, Closed):
         return f"-- disconnected: {clean_line(event.reason)}"
     raise TypeError(f"no rendering for {event!r}")
+
+
+def render_past(entry: Entry, me: str) -> str:
+    """One entry of the local history, dated, with its conversation."""
+    when = datetime.fromtimestamp(entry.ts / 1000).strftime("%Y-%m-%d %H:%M")
+    where = clean_line(entry.conversation)
+    sender = clean_line(entry.sender)
+    if entry.conversation.startswith("@"):
+        if entry.sender == me:
+            return f"[{when}] -> *{where[1:]}* {_body(entry.text)}"
+        return f"[{when}] *{sender}* {_body(entry.text)}"
+    if entry.action:
+        return f"[{when}] {where} * {sender} {_body(entry.text)}"
+    return f"[{when}] {where} <{sender}> {_body(entry.text)}"
 
 
 def one_line(text: str) -> str:
