@@ -118,6 +118,50 @@ def fingerprint(key_path: Path) -> None:
     click.echo(ident.fingerprint)
 
 
+# The server's limits: (flag, ServerConfig field, type, default, help). Defaults are the
+# ServerConfig defaults; SECURITY.md says what each one defends against.
+_LIMITS: tuple[tuple[str, str, click.ParamType, float, str], ...] = (
+    ("--max-frame", "max_frame", click.IntRange(4096, 16 * 1024 * 1024), 64 * 1024,
+     "Largest frame a client may send, in bytes (checked before it is read)."),
+    ("--handshake-timeout", "handshake_timeout", click.FloatRange(0.1, 600), 10.0,
+     "Seconds a new connection has to finish its TLS handshake."),
+    ("--login-timeout", "login_timeout", click.FloatRange(0.1, 600), 30.0,
+     "Seconds after the handshake to finish logging in."),
+    ("--idle-timeout", "idle_timeout", click.FloatRange(0), 300.0,
+     "Seconds of silence before a client is closed; pinged at half of it (0: never)."),
+    ("--max-connections", "max_connections", click.IntRange(0), 10_000,
+     "Connections in total; more are refused with a reason (0: no cap)."),
+    ("--max-per-address", "max_per_address", click.IntRange(0), 500,
+     "Connections from one IP address (0: no cap)."),
+    ("--rate", "rate", click.FloatRange(0.1), 10.0,
+     "Requests (messages, joins, DMs...) a user may send per second, on average."),
+    ("--burst", "burst", click.IntRange(1), 30,
+     "Requests a user may send at once, before the rate limit applies."),
+    ("--flood-refusals", "flood_refusals", click.IntRange(1), 20,
+     "Rate-limited requests in a row after which the sender is disconnected."),
+    ("--max-queue", "max_outbuf", click.IntRange(64 * 1024), 4 * 1024 * 1024,
+     "Bytes queued for a client that does not read before it is dropped."),
+    ("--max-message", "max_message", click.IntRange(1, 8000), 8000,
+     "Characters in one room message."),
+)  # fmt: skip
+
+
+def _limit_options(command):  # type: ignore[no-untyped-def]
+    for flag, name, kind, default, text in reversed(_LIMITS):
+        env = "SECURECHAT_" + flag[2:].upper().replace("-", "_")
+        command = click.option(
+            flag,
+            name,
+            type=kind,
+            default=default,
+            show_default=True,
+            help=text,
+            envvar=env,
+            show_envvar=True,
+        )(command)
+    return command
+
+
 @main.command()
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to listen on.", **_env("HOST")
@@ -201,6 +245,7 @@ def fingerprint(key_path: Path) -> None:
     help="Most bytes of DMs waiting for one recipient.",
     **_env("DM_QUOTA_BYTES"),
 )
+@_limit_options
 def server(
     host: str,
     port: int,
@@ -213,6 +258,7 @@ def server(
     dm_ttl: float,
     dm_quota_count: int,
     dm_quota_bytes: int,
+    **limits: float,
 ) -> None:
     """Run the chat server (TLS 1.3 only) until SIGINT or SIGTERM."""
     from securechat.server.app import ServerConfig
@@ -228,6 +274,7 @@ def server(
         dm_ttl_ms=int(dm_ttl * 3600 * 1000),
         dm_quota_count=dm_quota_count,
         dm_quota_bytes=dm_quota_bytes,
+        **limits,  # type: ignore[arg-type]
     )
     if io_threads:
         config.io_threads = io_threads

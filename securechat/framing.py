@@ -7,6 +7,7 @@ does no I/O: bytes go in, frames come out. The length is checked before any payl
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -43,7 +44,29 @@ def parse(payload: bytes) -> dict[str, Any]:
         raise ProtocolError("bad_frame", "frame must be a JSON object")
     if not isinstance(obj.get("type"), str):
         raise ProtocolError("bad_frame", 'frame has no string "type"')
+    # JSON may spell a lone surrogate as an escape (raw UTF-8 cannot hold one): such a string
+    # has no UTF-8 form, so nothing could echo or store it. Only escapes can bring one in.
+    if b"\\u" in payload and _has_lone_surrogate(obj):
+        raise ProtocolError("bad_utf8", "frame holds a lone surrogate, which is not valid Unicode")
     return obj
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(obj: object) -> bool:
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 class FrameDecoder:

@@ -58,7 +58,8 @@ ALLOWED: dict[State, frozenset[str]] = {
     State.CHALLENGED: frozenset({"auth", "ping"}),
     State.AUTHENTICATING: frozenset({"ping"}),
     State.AUTHENTICATED: frozenset(
-        {"join", "part", "say", "rooms", "who", "history", "keys", "dm", "ack", "ping", "bye"}
+        {"join", "part", "say", "rooms", "who", "history", "keys", "dm", "ack", "bye"}
+        | {"ping", "pong"}
     ),
     State.CLOSING: frozenset(),
 }
@@ -215,6 +216,7 @@ CLIENT_FRAMES: dict[str, dict[str, tuple[Check, bool]]] = {
     "ack": {"msg_ids": (_message_ids, True)},
     "history": {"id": (_request_id, True), "room": (_room, True), "limit": (_limit, False)},
     "ping": {"id": (_request_id, True)},
+    "pong": {},  # the answer to the server's keep-alive ping
     "bye": {},
 }
 
@@ -371,6 +373,8 @@ class ServerSession:
         if ftype == "ping":
             self.send({"type": "pong", "id": frame["id"]})
             return None
+        if ftype == "pong":
+            return None  # a sign of life is all it is
         if ftype == "hello":
             self._nonce = self._nonce_source(NONCE_BYTES)
             self._claimed_user = frame["user"]

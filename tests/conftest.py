@@ -43,8 +43,10 @@ def start_server(certs_dir: Path, data_dir: Path, **overrides: object) -> Server
 
 
 @pytest.fixture
-def server(certs_dir: Path, tmp_path: Path) -> Iterator[Server]:
-    srv = start_server(certs_dir, tmp_path / "data")
+def server(certs_dir: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    """A server with test defaults; @pytest.mark.server_config(name=value) overrides fields."""
+    marker = request.node.get_closest_marker("server_config")
+    srv = start_server(certs_dir, tmp_path / "data", **(marker.kwargs if marker else {}))
     try:
         yield srv
     finally:

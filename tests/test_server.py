@@ -359,6 +359,7 @@ def concurrent_tls_use(monkeypatch) -> list[str]:
     return violations
 
 
+@pytest.mark.server_config(rate=1e6, burst=100_000)  # this is about threads, not the rate limit
 def test_many_threads_sending_into_reading_connections_lose_nothing(
     connect, concurrent_tls_use
 ) -> None:

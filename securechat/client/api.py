@@ -16,13 +16,17 @@ from __future__ import annotations
 import base64
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from securechat.client.connection import ClientConnection, RequestError, open_connection
+from securechat.client.connection import (
+    KEEPALIVE,
+    ClientConnection,
+    RequestError,
+    open_connection,
+)
 from securechat.client.dm import DirectMessages
 from securechat.client.events import (
     Closed,
@@ -81,6 +85,7 @@ class Client:
         timeout: float = 10.0,
         known_keys: KnownKeys | None = None,
         history: LocalHistory | None = None,
+        keepalive: float = KEEPALIVE,
     ) -> Client:
         """Connect over TLS 1.3, verify the server against `ca`, and log in as `user`.
 
@@ -88,7 +93,8 @@ class Client:
         identity's key file). With a `history`, every DM and room message seen or sent is
         recorded there, and a DM it already holds is not shown again. Raises ConnectError
         (unreachable, TLS or certificate failure), AuthError (the server refused the login, e.g.
-        the name belongs to another key) or CertificateError.
+        the name belongs to another key) or CertificateError. A server silent for `keepalive`
+        seconds is pinged, and given up on (Closed) if it stays silent.
         """
         if known_keys is None:
             if identity.path is None:
@@ -105,6 +111,9 @@ class Client:
             session,
             on_frame=lambda f: client._on_frame(f),
             on_close=lambda r: client._on_close(r),
+            rate=_number(welcome.get("rate")),
+            burst=int(_number(welcome.get("burst")) or 0),
+            keepalive=keepalive,
         )
         client = cls(conn, str(welcome.get("user", user)), welcome, identity, known_keys, history)
         for frame in early:
@@ -210,12 +219,12 @@ class Client:
         return self._queue_delivered.wait(timeout) or self._done.is_set()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until every request sent so far has its reply (or the connection closed)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Wait until every request sent so far has its reply (or the connection closed); False
+        if `timeout` seconds pass without the next reply. Replies come in order, and requests
+        paced to the server's rate may take a while in all, so the wait is for progress."""
         for future in self._conn.outstanding():
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                future.exception(timeout=remaining)
+                future.exception(timeout=timeout)
             except TimeoutError:
                 return False
         return True
@@ -289,6 +298,11 @@ class Client:
     def _on_close(self, reason: str) -> None:
         self._done.set()
         self._events.put(Closed(reason))
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+    return float(value) if ok else None
 
 
 def _str(frame: dict[str, Any], key: str) -> str:

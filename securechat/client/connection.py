@@ -27,10 +27,18 @@ from securechat.errors import (
     ProtocolError,
 )
 from securechat.identity import Identity
+from securechat.ratelimit import TokenBucket
 from securechat.tls import TLSStream
 
 log = logging.getLogger("securechat.client")
 RECV_SIZE = 64 * 1024
+KEEPALIVE = 60.0  # seconds of silence from the server before we ping it
+KEEPALIVE_ANSWER = 20.0  # seconds it then has to say anything before we call it gone
+# Requests the server rate-limits; we pace them to its announced rate rather than be refused.
+PACED = frozenset({"join", "part", "say", "rooms", "who", "history", "keys", "dm"})
+# The server's bucket fills from before our welcome and spends a token when a frame arrives,
+# never before we sent it: pacing a little under its rate with the same burst stays within it.
+PACE_MARGIN = 0.95
 
 
 def _tls_error(exc: ssl.SSLError, where: str) -> ConnectError:
@@ -166,7 +174,11 @@ def open_connection(
 
 
 class ClientConnection(threading.Thread):
-    """The one thread that owns a logged-in client's socket and TLS stream."""
+    """The one thread that owns a logged-in client's socket and TLS stream.
+
+    It answers the server's keep-alive pings, pings a server that has gone quiet (and gives up on
+    one that stays quiet), and paces rate-limited requests to the rate the server announced.
+    """
 
     def __init__(
         self,
@@ -175,11 +187,25 @@ class ClientConnection(threading.Thread):
         session: ClientSession,
         on_frame: Callable[[dict[str, Any]], None],
         on_close: Callable[[str], None],
+        *,
+        rate: float | None = None,
+        burst: int | None = None,
+        keepalive: float = KEEPALIVE,
+        keepalive_answer: float = KEEPALIVE_ANSWER,
     ) -> None:
         super().__init__(name="securechat-client-io", daemon=True)
         self.sock, self.tls, self.session = sock, tls, session
         self._on_frame, self._on_close = on_frame, on_close
         self._outbox: collections.deque[bytes] = collections.deque()
+        self._paced: collections.deque[bytes] = collections.deque()
+        self._pace = (
+            TokenBucket.full(rate * PACE_MARGIN, burst, time.monotonic(), 1)
+            if rate and burst
+            else None
+        )
+        self._keepalive, self._keepalive_answer = keepalive, keepalive_answer
+        self._heard = time.monotonic()
+        self._probed = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -200,7 +226,11 @@ class ClientConnection(threading.Thread):
                 return future
             request_id, data = self.session.request(ftype, **fields)
             self.pending[request_id] = future
-        self.send(data)
+        if self._pace is not None and ftype in PACED:
+            self._paced.append(data)
+            self._wake()
+        else:
+            self.send(data)
         return future
 
     def outstanding(self) -> list[Future[dict[str, Any]]]:
@@ -217,7 +247,12 @@ class ClientConnection(threading.Thread):
         if not self._closing:
             self._close_reason = reason
             self._closing = True
-            self.send(self.session.encode({"type": "bye"}))
+            bye = self.session.encode({"type": "bye"})
+            if self._paced:
+                self._paced.append(bye)  # after the requests still waiting for their turn
+                self._wake()
+            else:
+                self.send(bye)
 
     def _wake(self) -> None:
         try:
@@ -236,16 +271,17 @@ class ClientConnection(threading.Thread):
         want_write = False
         try:
             while True:
-                for key, mask in sel.select():
+                for key, mask in sel.select(self._next_timer()):
                     if key.data == "wake":
                         self._drain_wake()
                     elif mask & selectors.EVENT_READ:
                         self._read()
                     if key.data == "sock" and mask & selectors.EVENT_WRITE:
                         self._write()
+                self._check_alive()
                 self._take_outbox()
                 self._write()
-                if self._closing and not self._outbuf:
+                if self._closing and not self._outbuf and not self._paced:
                     reason = self._close_reason or reason
                     self.tls.close()
                     self._outbuf += self.tls.data_to_send()
@@ -288,7 +324,32 @@ class ClientConnection(threading.Thread):
         except BlockingIOError:
             pass
 
+    def _next_timer(self) -> float:
+        """Seconds until a paced request may go or the keep-alive needs a look."""
+        now = time.monotonic()
+        wait = self._heard + self._keepalive + (self._keepalive_answer if self._probed else 0)
+        timeout = max(0.0, wait - now)
+        if self._paced and self._pace is not None:
+            timeout = min(timeout, max(0.0, (1.0 - self._pace.tokens) / self._pace.rate))
+        return timeout
+
+    def _check_alive(self) -> None:
+        silent = time.monotonic() - self._heard
+        if silent >= self._keepalive + self._keepalive_answer and self._probed:
+            raise ConnectionClosed(
+                f"the server stopped answering (nothing heard for {silent:.0f} seconds)"
+            )
+        if silent >= self._keepalive and not self._probed:
+            self._probed = True
+            with self._pending_lock:
+                self._outbox.append(self.session.request("ping")[1])
+
     def _take_outbox(self) -> None:
+        paced, pace = self._paced, self._pace
+        if paced and pace is not None:
+            now = time.monotonic()
+            while paced and pace.take(now):
+                self._outbox.append(paced.popleft())
         outbox = self._outbox
         if outbox:
             chunks = []
@@ -315,6 +376,8 @@ class ClientConnection(threading.Thread):
             data = self.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
+        self._heard = time.monotonic()
+        self._probed = False
         self.tls.feed(data)
         plaintext = self.tls.read()
         if plaintext:
@@ -334,6 +397,9 @@ class ClientConnection(threading.Thread):
                 return
         if ftype == "bye":
             raise ConnectionClosed(str(frame.get("reason", "server closed the connection")))
+        if ftype == "ping" and request_id is None:
+            self._outbox.append(self.session.encode({"type": "pong"}))  # the server's keep-alive
+            return
         self._on_frame(frame)
 
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from securechat import __version__, framing
+from securechat import __version__, framing, protocol
 from securechat.errors import ConfigError, SecureChatError
+from securechat.server.admission import Admission
 from securechat.server.connection import Connection
 from securechat.server.hub import Hub
 from securechat.server.loop import IOLoop
@@ -29,20 +30,30 @@ from securechat.tls import server_context
 
 log = logging.getLogger("securechat.server")
 T = TypeVar("T")
+ACCEPT_PAUSE = 0.1  # seconds to wait after accept() fails before trying again
 
 
 @dataclass
 class ServerConfig:
+    """Every limit here has a `securechat server` flag and a SECURECHAT_* variable (README)."""
+
     host: str = "127.0.0.1"
     port: int = 12345
     certs_dir: Path = field(default_factory=lambda: Path("certs"))
     data_dir: Path = field(default_factory=lambda: Path("data"))
     require_client_cert: bool = False
     io_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
-    handshake_timeout: float = 10.0
-    login_timeout: float = 30.0
+    handshake_timeout: float = 10.0  # seconds from accept to a finished TLS handshake
+    login_timeout: float = 30.0  # seconds from the handshake to a finished login
+    idle_timeout: float = 300.0  # silent this long: closed (pinged at half of it); 0: never
     max_frame: int = framing.MAX_FRAME_DEFAULT
-    max_outbuf: int = 4 * 1024 * 1024
+    max_outbuf: int = 4 * 1024 * 1024  # bytes queued for a client that does not read
+    max_connections: int = 10_000  # 0: no cap
+    max_per_address: int = 500  # 0: no cap
+    rate: float = 10.0  # requests a second per user, on average
+    burst: int = 30  # requests a user may send at once
+    flood_refusals: int = 20  # rate-limited requests in a row before the sender is dropped
+    max_message: int = protocol.TEXT_MAX  # characters in a room message
     backlog: int = 1024
     history: int = 100  # room messages kept per room and sent to whoever joins
     dm_ttl_ms: int = 7 * 24 * 3600 * 1000  # queued DMs expire after this
@@ -61,7 +72,10 @@ class Server:
         self.store = self._worker.submit(SQLiteStore, config.data_dir / "securechat.db").result()
         self._history_rows: list[HistoryRow] = []
         self._history_lock = threading.Lock()
-        self.hub = Hub(config.max_frame, config.history, self._queue_history_row)
+        self.hub = Hub(
+            config.max_frame, config.history, self._queue_history_row, config.max_message
+        )
+        self.admission = Admission(config.max_connections, config.max_per_address)
         self.hub.load_history(self._worker.submit(self._stored_history).result())
         self.loops = [IOLoop(i) for i in range(max(1, config.io_threads))]
         self._next_loop = itertools.cycle(self.loops)
@@ -169,38 +183,62 @@ class Server:
                 for key, _ in sel.select():
                     if key.fileobj is self._stop_r:
                         return
-                    self._accept_burst()
+                    if not self._accept_burst() and self._stopped.wait(ACCEPT_PAUSE):
+                        return
         finally:
             sel.close()
             self._listener.close()
 
-    def _accept_burst(self) -> None:
+    def _accept_burst(self) -> bool:
+        """Accept what is waiting; False when accept() failed (out of file descriptors, say),
+        so the caller pauses instead of spinning on a listener that stays readable."""
         for _ in range(256):
             try:
                 sock, addr = self._listener.accept()
             except (BlockingIOError, InterruptedError):
-                return
+                return True
             except OSError as exc:
-                # EMFILE and friends: log and let the selector try again later.
-                log.warning("accept failed: %s", exc.strerror or exc)
-                return
+                log.warning("accept failed: %s; pausing accepts briefly", exc.strerror or exc)
+                return False
+            ip = addr[0]
+            refusal = self.admission.admit(ip)
+            if refusal is not None and not self.admission.start_refusal():
+                sock.close()  # refusing too many already: telling this one why costs too much
+                continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = f"{addr[0]}:{addr[1]}" if len(addr) == 2 else f"[{addr[0]}]:{addr[1]}"
+            peer = f"{ip}:{addr[1]}" if len(addr) == 2 else f"[{ip}]:{addr[1]}"
             loop = next(self._next_loop)
             with self._count_lock:
                 self._open_count += 1
-            loop.call_soon(lambda sock=sock, peer=peer, loop=loop: self._adopt(loop, sock, peer))
+            loop.call_soon(
+                lambda sock=sock, peer=peer, ip=ip, refusal=refusal, loop=loop: self._adopt(
+                    loop, sock, peer, ip, refusal
+                )
+            )
+        return True
 
-    def _adopt(self, loop: IOLoop, sock: socket.socket, peer: str) -> None:
+    def _adopt(
+        self, loop: IOLoop, sock: socket.socket, peer: str, ip: str, refusal: str | None
+    ) -> None:
         if self._stopped.is_set():
             sock.close()
-            self.connection_closed(None)
+            self._release(ip, refusal)
             return
-        log.info("connection from %s", peer)
-        Connection(self, loop, sock, peer)
+        if refusal is None:
+            log.info("connection from %s", peer)
+        else:
+            log.info("refusing %s: %s", peer, refusal)
+        Connection(self, loop, sock, peer, ip, refusal)
 
-    def connection_closed(self, conn: Connection | None) -> None:
+    def connection_closed(self, conn: Connection) -> None:
+        self._release(conn.ip, conn.refusal)
+
+    def _release(self, ip: str, refusal: str | None) -> None:
+        if refusal is None:
+            self.admission.release(ip)
+        else:
+            self.admission.end_refusal()
         with self._drained:
             self._open_count -= 1
             if not self._open_count:
@@ -248,7 +286,15 @@ class Server:
                 log.error("could not save room history: %s", exc)
 
     def welcome(self) -> dict[str, Any]:
-        return {"server": f"securechat/{__version__}", "max_frame": self.config.max_frame}
+        config = self.config
+        return {
+            "server": f"securechat/{__version__}",
+            "max_frame": config.max_frame,
+            "max_message": config.max_message,
+            "rate": config.rate,
+            "burst": config.burst,
+            "idle_timeout": config.idle_timeout,
+        }
 
     @property
     def open_connections(self) -> int:

@@ -16,7 +16,17 @@ from typing import TYPE_CHECKING
 
 from securechat.errors import ConnectionClosed, ProtocolError, StorageError
 from securechat.identity import fingerprint
-from securechat.protocol import Close, LoginVerified, Request, ServerSession, State, b64, now_ms
+from securechat.protocol import (
+    Close,
+    LoginVerified,
+    Request,
+    ServerSession,
+    State,
+    b64,
+    error_frame,
+    now_ms,
+)
+from securechat.ratelimit import TokenBucket
 from securechat.server.store import Claim, QueuedDM, QuotaExceeded
 from securechat.tls import TLSStream
 
@@ -27,20 +37,32 @@ if TYPE_CHECKING:
 log = logging.getLogger("securechat.server")
 
 RECV_SIZE = 64 * 1024
+DM_FRAME_OVERHEAD = 512  # bytes a relayed DM frame adds around the sealed box
 LINGER = 2.0  # seconds a closing connection may take to flush its last frames
 
 
 class Connection:
     __slots__ = (
-        "_hs_deadline", "_login_deadline", "_want_write", "addr", "closing", "loop", "open",
-        "outbuf", "pending", "public_key_b64", "rooms", "server", "session", "sock", "tls", "user",
+        "_acks", "_heard", "_hs_deadline", "_idle_at", "_login_deadline", "_pinged", "_rate",
+        "_want_write", "addr", "closing", "ip", "loop", "open", "outbuf", "pending",
+        "public_key_b64", "refusal", "rooms", "server", "session", "sock", "tls", "user",
     )  # fmt: skip
 
-    def __init__(self, server: Server, loop: IOLoop, sock: socket.socket, addr: str) -> None:
+    def __init__(
+        self,
+        server: Server,
+        loop: IOLoop,
+        sock: socket.socket,
+        addr: str,
+        ip: str = "",
+        refusal: str | None = None,
+    ) -> None:
         self.server = server
         self.loop = loop
         self.sock = sock
         self.addr = addr
+        self.ip = ip
+        self.refusal = refusal  # over a connection cap: told why after the handshake, then closed
         self.tls = TLSStream(server.ssl_context, server_side=True)
         self.session = ServerSession(server.cert_sha256, server.config.max_frame)
         self.user: str = ""
@@ -56,6 +78,11 @@ class Connection:
         now = time.monotonic()
         self._hs_deadline = now + server.config.handshake_timeout
         self._login_deadline = self._hs_deadline + server.config.login_timeout
+        self._heard = now  # when the client last sent anything
+        self._idle_at = 0.0  # next idle check; 0 until login
+        self._pinged = False
+        self._rate: TokenBucket | None = None  # requests, from login on
+        self._acks: TokenBucket | None = None  # acknowledgements, more generous
         loop.connections.add(self)
         loop.selector.register(sock, selectors.EVENT_READ, self)
         loop.add_deadline(self._hs_deadline, self)
@@ -70,11 +97,16 @@ class Connection:
         except OSError as exc:
             self.abort(f"socket error: {exc.strerror or exc}")
             return
+        self._heard = time.monotonic()
+        self._pinged = False
         self.tls.feed(data)
         try:
             if not self.tls.handshake_done:
                 if not self.tls.do_handshake():
                     self._flush_tls()
+                    return
+                if self.refusal is not None:
+                    self._refuse_connection()
                     return
                 self.loop.add_deadline(self._login_deadline, self)
             plaintext = self.tls.read()
@@ -95,6 +127,14 @@ class Connection:
     def on_writable(self) -> None:
         self._send_outbuf()
 
+    def _refuse_connection(self) -> None:
+        """Over a cap: say why in the one frame a client reads first, then close."""
+        reason = self.refusal or "refused"
+        self.session.state = State.CLOSING
+        code = "server_full" if reason.startswith("the server is full") else "too_many_connections"
+        self.session.send(error_frame(code, reason))
+        self.close_soon(reason)
+
     def check_deadline(self, now: float) -> None:
         if self.closing is not None:
             self.abort(self.closing)
@@ -104,12 +144,32 @@ class Connection:
         elif self.session.state is not State.AUTHENTICATED and now >= self._login_deadline:
             self.session.close("login timed out")
             self.close_soon("login timed out")
+        elif self._idle_at and now >= self._idle_at:
+            self._check_idle(now)
+
+    def _check_idle(self, now: float) -> None:
+        """Silent for half the idle timeout: ping (the client answers pong); for all of it:
+        close. Any bytes from the client count as a sign of life."""
+        idle = self.server.config.idle_timeout
+        silent = now - self._heard
+        if silent >= idle:
+            self.kick(f"idle for {idle:g} seconds")
+            return
+        if silent >= idle / 2 and not self._pinged:
+            self._pinged = True
+            self.session.send({"type": "ping"})
+            self.loop.dirty.add(self)
+        next_check = self._heard + (idle if self._pinged else idle / 2)
+        self._idle_at = max(next_check, now + 0.1)
+        self.loop.add_deadline(self._idle_at, self)
 
     # -- session events ---------------------------------------------------------------------------
 
     def _on_event(self, event: object) -> None:
         if isinstance(event, Request):
             frame = event.frame
+            if not self._within_rate(frame):
+                return
             if frame["type"] in self._BLOCKING:
                 getattr(self, f"_{frame['type']}")(frame)
                 return
@@ -126,6 +186,25 @@ class Connection:
             )
         elif isinstance(event, Close):
             self.close_soon(event.reason)
+
+    def _within_rate(self, frame: dict) -> bool:
+        """Spend a token for this request; refuse it (and drop a flooder) when there is none."""
+        acking = frame["type"] == "ack"
+        bucket = self._acks if acking else self._rate
+        if bucket is None or bucket.take(self._heard):
+            return True
+        if bucket.flooding:
+            log.info("dropping %s (%s): message flood", self.user, self.addr)
+            self.kick("message flood: too many messages after being told to slow down")
+        elif not acking:  # a dropped ack only means the DM comes again later
+            config = self.server.config
+            self.session.reply_error(
+                frame["id"],
+                "rate_limited",
+                f"slow down: the limit is {config.rate:g} requests a second, in bursts of at "
+                f"most {config.burst}; this one was not sent",
+            )
+        return False
 
     # Requests that need the store: answered from the worker thread, never on this loop.
     _BLOCKING = frozenset({"keys", "dm", "ack"})
@@ -152,6 +231,12 @@ class Connection:
         the server after that cannot lose it; it leaves the store when the recipient acks it.
         """
         server, to = self.server, frame["to"]
+        if len(frame["box"]) > server.config.max_frame - DM_FRAME_OVERHEAD:
+            # Relayed, it gains the sender's name and key: it must still fit in one frame.
+            self.session.reply_error(
+                frame["id"], "too_large", "this direct message is too large to relay; split it"
+            )
+            return
         dm = QueuedDM(
             self.user, self.session.public_key or b"", to, frame["msg_id"], frame["box"], now_ms()
         )
@@ -230,6 +315,7 @@ class Connection:
         else:
             self.user = event.user
             self.public_key_b64 = b64(event.public_key)
+            self._start_limits()
             self.session.login_accepted(self.server.welcome())
             old = self.server.hub.login(self)
             if old is not None:
@@ -243,6 +329,17 @@ class Connection:
                 " (new name)" if result is Claim.NEW else "",
             )
         self.loop.dirty.add(self)
+
+    def _start_limits(self) -> None:
+        config, now = self.server.config, time.monotonic()
+        self._rate = TokenBucket.full(config.rate, config.burst, now, config.flood_refusals)
+        # A client acknowledges each queued DM it gets at login, so acks may come a queue at once.
+        self._acks = TokenBucket.full(
+            config.rate * 10, max(config.burst, config.dm_quota_count), now, config.flood_refusals
+        )
+        if config.idle_timeout > 0:
+            self._idle_at = now + config.idle_timeout / 2
+            self.loop.add_deadline(self._idle_at, self)
 
     # -- output -----------------------------------------------------------------------------------
 

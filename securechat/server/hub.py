@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from securechat import framing
 from securechat.errors import ProtocolError
-from securechat.protocol import LOBBY, now_ms
+from securechat.protocol import LOBBY, TEXT_MAX, now_ms
 from securechat.server.store import HistoryRow, QueuedDM
 
 if TYPE_CHECKING:
     from securechat.server.connection import Connection
     from securechat.server.loop import IOLoop
+
+HISTORY_REPLY_OVERHEAD = 256  # the reply frame's own fields around its messages
 
 
 class Room:
@@ -49,13 +51,16 @@ class Hub:
         max_frame: int = framing.MAX_FRAME_DEFAULT,
         history_keep: int = 100,
         history_sink: Callable[[HistoryRow], None] | None = None,
+        max_message: int = TEXT_MAX,
     ) -> None:
         self._lock = threading.Lock()
         self._users: dict[str, Connection] = {}
         self._rooms: dict[str, Room] = {}
         self._max_frame = max_frame
-        # The last messages of each room, as frames marked history; outlives empty rooms.
-        self._history: dict[str, deque[dict[str, Any]]] = {}
+        self._max_message = max_message
+        # The last messages of each room, as frames marked history, each with its encoded
+        # bytes (sent as they are to whoever joins); outlives empty rooms.
+        self._history: dict[str, deque[tuple[dict[str, Any], bytes]]] = {}
         self._history_keep = history_keep
         self._history_sink = history_sink
 
@@ -81,7 +86,8 @@ class Hub:
         room = frame["room"]
         if room not in self._history:
             self._history[room] = deque(maxlen=self._history_keep)
-        self._history[room].append({**frame, "history": True})
+        kept = {**frame, "history": True}
+        self._history[room].append((kept, framing.encode(kept, self._max_frame)))
 
     # -- direct messages --------------------------------------------------------------------------
 
@@ -149,9 +155,21 @@ class Hub:
 
     def _req_history(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
         room = self._member_room(conn, frame["room"])
-        kept = list(self._history.get(room.name, ()))
+        kept = self._history.get(room.name, ())
         limit = frame.get("limit", len(kept))
-        return {"room": room.name, "messages": kept[-limit:] if limit else []}
+        # The newest that fit in one reply frame (a room of long messages may not all fit).
+        budget = self._max_frame - HISTORY_REPLY_OVERHEAD
+        messages: list[dict[str, Any]] = []
+        for message, data in reversed(kept):
+            if len(messages) >= limit or len(data) > budget:
+                break
+            budget -= len(data)
+            messages.append(message)
+        messages.reverse()
+        fields: dict[str, Any] = {"room": room.name, "messages": messages}
+        if len(messages) < min(limit, len(kept)):
+            fields["truncated"] = True
+        return fields
 
     def _req_part(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
         room = self._member_room(conn, frame["room"])
@@ -160,6 +178,10 @@ class Hub:
 
     def _req_say(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
         room = self._member_room(conn, frame["room"])
+        if len(frame["text"]) > self._max_message:
+            raise ProtocolError(
+                "too_long", f"a message may be at most {self._max_message} characters here"
+            )
         ts = now_ms()
         message = {
             "type": "message",
@@ -200,8 +222,8 @@ class Hub:
         if room is None:
             room = self._rooms[name] = Room(name)
         # The newcomer first gets what was said before, marked as history.
-        for frame in self._history.get(name, ()):
-            conn.loop.deliver(framing.encode(frame, self._max_frame), (conn,))
+        for _, data in self._history.get(name, ()):
+            conn.loop.deliver(data, (conn,))
         room.add(conn)
         conn.rooms.add(name)
         self._broadcast(room, {"type": "joined", "room": name, "user": conn.user, "ts": now_ms()})

@@ -90,30 +90,49 @@ class IOLoop(threading.Thread):
                 if conn is None:
                     self._drain_wake()
                     continue
-                if mask & selectors.EVENT_READ:
-                    conn.on_readable()
-                if mask & selectors.EVENT_WRITE and conn.open:
-                    conn.on_writable()
-            inbox = self._inbox
-            while inbox:
-                inbox.popleft()()
+                try:
+                    if mask & selectors.EVENT_READ:
+                        conn.on_readable()
+                    if mask & selectors.EVENT_WRITE and conn.open:
+                        conn.on_writable()
+                except Exception:
+                    self._failed(conn)
+            self._run_inbox()
             while self.dirty:
                 batch, self.dirty = self.dirty, set()
                 for conn in batch:
-                    conn.flush()
+                    try:
+                        conn.flush()
+                    except Exception:
+                        self._failed(conn)
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK
                 self._expire(now)
         self._drain_wake()
-        inbox = self._inbox
-        while inbox:
-            inbox.popleft()()
+        self._run_inbox()
         for conn in list(self.connections):
             conn.abort("server stopped")
         self.selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+    def _run_inbox(self) -> None:
+        inbox = self._inbox
+        while inbox:
+            try:
+                inbox.popleft()()
+            except Exception:
+                # A bug in one callback must not stop the loop that serves everyone else.
+                log.exception("error in an I/O loop callback")
+
+    def _failed(self, conn: Connection) -> None:
+        # Whatever went wrong with one connection costs that connection, never the loop.
+        log.exception("closing %s (%s) after an internal error", conn.user or "-", conn.addr)
+        try:
+            conn.abort("internal server error")
+        except Exception:
+            log.exception("could not close %s cleanly", conn.addr)
 
     def _drain_wake(self) -> None:
         self._woken = False
@@ -128,4 +147,7 @@ class IOLoop(threading.Thread):
         while deadlines and deadlines[0][0] <= now:
             _, _, conn = heapq.heappop(deadlines)
             if conn.open:
-                conn.check_deadline(now)
+                try:
+                    conn.check_deadline(now)
+                except Exception:
+                    self._failed(conn)

@@ -1,0 +1,46 @@
+"""A token bucket: the server limits each user's request rate with it, and the client paces
+itself to the rate the server announced, so that it is slowed down rather than refused.
+
+No clock of its own and no I/O: the caller passes monotonic time, so tests feed it numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up; each request spends one.
+
+    After `max_refusals` refusals in a row (a sender that goes on while told to slow down) the
+    bucket reports a flood, and the caller drops the sender. A request that gets through resets
+    that count: a client that only bursts now and then is never dropped.
+    """
+
+    rate: float
+    burst: int
+    max_refusals: int
+    tokens: float = 0.0
+    stamp: float = 0.0
+    refusals: int = 0
+
+    @classmethod
+    def full(cls, rate: float, burst: int, now: float, max_refusals: int) -> TokenBucket:
+        return cls(rate, burst, max_refusals, tokens=float(burst), stamp=now)
+
+    def take(self, now: float) -> bool:
+        """Spend a token if there is one; False means refuse this request."""
+        if now > self.stamp:
+            self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            self.refusals = 0
+            return True
+        self.refusals += 1
+        return False
+
+    @property
+    def flooding(self) -> bool:
+        return self.refusals >= self.max_refusals

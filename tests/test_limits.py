@@ -1,0 +1,96 @@
+"""The pieces behind the server's limits, without sockets: the token bucket, the connection
+caps, and the command line that sets them."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from securechat.cli import _LIMITS
+from securechat.ratelimit import TokenBucket
+from securechat.server.admission import Admission
+from securechat.server.app import ServerConfig
+
+from .conftest import REPO
+
+
+def test_bucket_allows_a_burst_then_the_rate() -> None:
+    bucket = TokenBucket.full(rate=2.0, burst=3, now=100.0, max_refusals=3)
+    assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.take(100.4) is False  # 0.8 of a token so far
+    assert bucket.take(100.5) is True  # one token after half a second at 2/s
+    assert bucket.take(200.0) and bucket.tokens == 2.0  # saved up to the burst, no more
+
+
+def test_bucket_calls_it_a_flood_only_after_refusals_in_a_row() -> None:
+    bucket = TokenBucket.full(rate=1.0, burst=1, now=0.0, max_refusals=3)
+    assert bucket.take(0.0)
+    assert not bucket.take(0.0) and not bucket.take(0.0)
+    assert not bucket.flooding
+    assert bucket.take(1.0)  # a request that gets through forgives the refusals
+    assert bucket.refusals == 0
+    for _ in range(3):
+        bucket.take(1.0)
+    assert bucket.flooding
+
+
+def test_bucket_ignores_a_clock_that_goes_back() -> None:
+    bucket = TokenBucket.full(rate=1.0, burst=1, now=10.0, max_refusals=1)
+    assert bucket.take(10.0)
+    assert not bucket.take(5.0)
+    assert bucket.tokens == 0.0
+
+
+def test_admission_caps_total_and_per_address() -> None:
+    caps = Admission(max_total=3, max_per_address=2, max_refusing=1)
+    assert caps.admit("10.0.0.1") is None
+    assert caps.admit("10.0.0.1") is None
+    assert caps.admit("10.0.0.1") == "too many connections from your address (at most 2)"
+    assert caps.admit("10.0.0.2") is None
+    assert caps.admit("10.0.0.3") == "the server is full (3 connections); try again later"
+    assert (caps.total, caps.count("10.0.0.1")) == (3, 2)
+    caps.release("10.0.0.1")
+    assert caps.admit("10.0.0.3") is None
+    assert caps.start_refusal() is True
+    assert caps.start_refusal() is False  # one refusal at a time may be explained
+    caps.end_refusal()
+    assert caps.start_refusal() is True
+
+
+def test_zero_means_no_cap() -> None:
+    caps = Admission(max_total=0, max_per_address=0)
+    assert all(caps.admit("10.0.0.1") is None for _ in range(1000))
+
+
+def test_every_limit_flag_sets_a_server_config_field_with_its_default() -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+    for flag, name, _kind, default, _help in _LIMITS:
+        assert name in defaults, flag
+        assert defaults[name] == default, (
+            f"{flag} defaults to {default}, ServerConfig to {defaults[name]}"
+        )
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--rate", "0"], "'--rate' (env var: 'SECURECHAT_RATE'): 0.0 is not in the range x>=0.1."),
+        (["--max-frame", "100"], "'--max-frame' (env var: 'SECURECHAT_MAX_FRAME'): 100 is not in "
+         "the range 4096<=x<=16777216."),
+        (["--idle-timeout", "-1"], "'--idle-timeout' (env var: 'SECURECHAT_IDLE_TIMEOUT'): -1.0 is "
+         "not in the range x>=0."),
+    ],
+)  # fmt: skip
+def test_bad_limit_values_are_refused_by_name(args: list[str], error: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "securechat", "server", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == f"Error: Invalid value for {error}"
