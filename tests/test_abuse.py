@@ -393,3 +393,28 @@ def test_300_stalled_connections_do_not_stop_a_real_client(certs_dir, tmp_path) 
     finally:
         assert srv.stop() == 0
     assert not json.dumps(srv.log).count("Traceback")
+
+
+def test_a_bug_in_one_request_costs_only_that_connection(server, connect, monkeypatch) -> None:
+    from securechat.server.hub import Hub
+
+    def broken(self, conn, frame):
+        raise RuntimeError("a bug we have not found yet")
+
+    monkeypatch.setattr(Hub, "_req_rooms", broken)  # stands in for any unexpected error
+    victim = connect("victim")
+    with pytest.raises(Exception) as info:
+        victim.list_rooms().result(5)
+    assert type(info.value).__name__ == "ConnectionClosed"
+    assert wait_for(victim, lambda e: isinstance(e, Closed))
+    still_chatting(connect, "after-bug")
+
+
+@pytest.mark.server_config(max_frame=8192)
+def test_the_client_keeps_to_the_frame_size_the_server_announced(server, connect) -> None:
+    alice = connect("alice")
+    with pytest.raises(Exception) as info:
+        alice.send("#lobby", "é" * 5000)
+    assert str(info.value).startswith("frame of 100")
+    assert str(info.value).endswith(" bytes exceeds the 8192-byte limit")
+    assert alice.ping().result(5)["type"] == "pong"  # refused here, so still connected

@@ -164,6 +164,7 @@ def open_connection(
             )
         if first["type"] != "welcome":
             raise ConnectError(f"{where} answered the login with an unexpected {first['type']!r}")
+        session.adopt_limits(first)
         return sock, tls, session, first, frames
     except ProtocolError as exc:
         sock.close()

@@ -16,11 +16,23 @@ from securechat.errors import ProtocolError
 from securechat.identity import Identity
 
 
+MAX_FRAME_CEILING = 16 * 1024 * 1024  # the most `securechat server --max-frame` allows
+
+
 class ClientSession:
     def __init__(self, max_frame: int = framing.MAX_FRAME_DEFAULT) -> None:
         self.max_frame = max_frame
         self._decoder = framing.FrameDecoder(max_frame)
         self._ids = itertools.count(1)
+
+    def adopt_limits(self, welcome: dict[str, Any]) -> None:
+        """Use the frame size the server announced: we refuse locally what it would refuse, and
+        accept what it may send (up to a ceiling, so a hostile server cannot make us buffer
+        without bound)."""
+        announced = welcome.get("max_frame")
+        if isinstance(announced, int) and not isinstance(announced, bool) and announced >= 4096:
+            self.max_frame = min(announced, MAX_FRAME_CEILING)
+            self._decoder.max_frame = self.max_frame
 
     def encode(self, frame: dict[str, Any]) -> bytes:
         return framing.encode(frame, self.max_frame)
