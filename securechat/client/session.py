@@ -15,7 +15,6 @@ from securechat import framing, protocol
 from securechat.errors import ProtocolError
 from securechat.identity import Identity
 
-
 MAX_FRAME_CEILING = 16 * 1024 * 1024  # the most `securechat server --max-frame` allows
 
 
