@@ -183,8 +183,11 @@ def _limit(value: Any, field: str) -> int:
 
 def _version(value: Any, field: str) -> int:
     if value != PROTOCOL_VERSION or isinstance(value, bool):
+        # Echo at most a short piece: the value is whatever the client sent, and an error frame
+        # must stay small (an unbounded echo overflowed the frame limit and cost two strikes).
         raise ProtocolError(
-            "bad_version", f"protocol version {value!r} is not supported (need {PROTOCOL_VERSION})"
+            "bad_version",
+            f"protocol version {value!r:.40} is not supported (need {PROTOCOL_VERSION})",
         )
     return PROTOCOL_VERSION
 

@@ -232,6 +232,23 @@ def test_wrong_protocol_version_is_refused(key) -> None:
     assert frames_of(s)[0]["code"] == "bad_version"
 
 
+def test_a_long_version_is_refused_with_one_short_error() -> None:
+    # Found by fuzzing: the refusal echoed the whole value, so its error frame overflowed the
+    # frame limit, the client got "frame_too_large" instead, and it cost two strikes.
+    s = session()
+    s.receive_data(
+        wire({"type": "hello", "user": "a", "key": b64(bytes(32)), "version": "\\" * 30_000})
+    )
+    assert frames_of(s) == [
+        {
+            "type": "error",
+            "code": "bad_version",
+            "message": "protocol version '" + "\\" * 39 + " is not supported (need 1)",
+        }
+    ]
+    assert s.strikes == 1
+
+
 def test_login_refused_closes_with_the_reason(key) -> None:
     s = session()
     s.receive_data(hello(key))
