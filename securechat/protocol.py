@@ -308,6 +308,9 @@ class ServerSession:
         max_frame: int = framing.MAX_FRAME_DEFAULT,
         nonce_source: Callable[[int], bytes] = os.urandom,
     ) -> None:
+        if max_frame < framing.MIN_FRAME:
+            # Below it a refusal could not be encoded, and receive_data would raise.
+            raise ValueError(f"max_frame must be at least {framing.MIN_FRAME} bytes")
         self.state = State.CONNECTED
         self.user: str | None = None
         self.public_key: bytes | None = None
