@@ -12,27 +12,9 @@ from securechat import framing
 from securechat.errors import ProtocolError
 
 from .fuzz_strategies import PAYLOADS, STREAMS, chunked, frame_bytes, valid_frames
+from .wire_checks import decode_all
 
 PARSE_CODES = {"bad_utf8", "bad_json", "bad_frame"}
-
-
-def decode_all(reads: list[bytes], max_frame: int) -> tuple[list[bytes], str | None, int | None]:
-    """Feed reads one by one as a connection would: (payloads, None, bytes left buffered), or
-    (payloads, the fatal error's code, None) when the stream went bad."""
-    decoder = framing.FrameDecoder(max_frame)
-    payloads: list[bytes] = []
-    for data in reads:
-        decoder.feed(data)
-        try:
-            while (payload := decoder.next_payload()) is not None:
-                payloads.append(payload)
-        except ProtocolError as exc:
-            assert exc.fatal, exc.code
-            assert exc.code in {"frame_too_large", "bad_frame"}
-            return payloads, exc.code, None
-        # What is left is the start of one frame, never more than a legal frame could be.
-        assert decoder.buffered < framing.HEADER.size + max_frame
-    return payloads, None, decoder.buffered
 
 
 @given(st.data(), STREAMS, st.sampled_from([64, 1000, framing.MAX_FRAME_DEFAULT]))
