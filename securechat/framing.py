@@ -15,6 +15,9 @@ from typing import Any
 from securechat.errors import ProtocolError
 
 MAX_FRAME_DEFAULT = 64 * 1024
+# The smallest usable limit: a session's own replies (errors, pongs, challenges) must always fit,
+# and the longest of them is a few hundred bytes.
+MIN_FRAME = 1024
 HEADER = struct.Struct(">I")
 
 

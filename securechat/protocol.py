@@ -184,8 +184,11 @@ def _limit(value: Any, field: str) -> int:
 
 def _version(value: Any, field: str) -> int:
     if value != PROTOCOL_VERSION or isinstance(value, bool):
+        # Echo at most a short piece: the value is whatever the client sent, and an error frame
+        # must stay small (an unbounded echo overflowed the frame limit and cost two strikes).
         raise ProtocolError(
-            "bad_version", f"protocol version {value!r} is not supported (need {PROTOCOL_VERSION})"
+            "bad_version",
+            f"protocol version {value!r:.40} is not supported (need {PROTOCOL_VERSION})",
         )
     return PROTOCOL_VERSION
 
@@ -307,6 +310,9 @@ class ServerSession:
         max_frame: int = framing.MAX_FRAME_DEFAULT,
         nonce_source: Callable[[int], bytes] = os.urandom,
     ) -> None:
+        if max_frame < framing.MIN_FRAME:
+            # Below it a refusal could not be encoded, and receive_data would raise.
+            raise ValueError(f"max_frame must be at least {framing.MIN_FRAME} bytes")
         self.state = State.CONNECTED
         self.user: str | None = None
         self.public_key: bytes | None = None

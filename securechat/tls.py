@@ -39,6 +39,7 @@ def server_context(
     # No session tickets: each one costs a write per handshake and we do not resume sessions.
     ctx.num_tickets = 0
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    _limit_key_exchange(ctx)
     try:
         ctx.load_cert_chain(cert, key)
         if require_client_cert:
@@ -54,6 +55,20 @@ def server_context(
     except (OSError, UnicodeDecodeError) as exc:
         raise CertificateError(f"cannot read {cert}: {exc}") from None
     return ctx, cert_sha256(ssl.PEM_cert_to_DER_cert(pem))
+
+
+def _limit_key_exchange(ctx: ssl.SSLContext) -> None:
+    """Offer X25519 only, so the server meets Mozilla's "modern" profile (X25519, P-256, P-384).
+
+    OpenSSL 3's default also accepts X448 and P-521, which that profile refuses. The ssl module of
+    Python 3.11 can set one group, not a list; X25519 is the one every TLS 1.3 client we know of
+    sends a key share for first, so handshakes stay at one round trip. An OpenSSL older than 3.0
+    cannot set X25519 this way; P-256 (mandatory in RFC 8446) is the fallback there.
+    """
+    try:
+        ctx.set_ecdh_curve("X25519")
+    except (ValueError, ssl.SSLError):
+        ctx.set_ecdh_curve("prime256v1")
 
 
 def client_context(

@@ -3,11 +3,13 @@ loopback port, identities with light KDF limits, and clients that are always clo
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from securechat import certs, identity
 from securechat.client import Client
@@ -16,6 +18,19 @@ from securechat.server import Server, ServerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PASSPHRASE = b"correct horse battery staple"
+
+# Property-based tests: "ci" (the default) keeps the suite quick; "long" is for a fuzzing session
+# (SECURECHAT_HYPOTHESIS_PROFILE=long python -m pytest tests/test_fuzz_*.py). No deadline: these
+# machines are noisy, and a slow example is not a failure.
+settings.register_profile("ci", max_examples=100, stateful_step_count=25, deadline=None)
+settings.register_profile(
+    "long",
+    max_examples=20_000,
+    stateful_step_count=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("SECURECHAT_HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

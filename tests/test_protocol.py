@@ -149,10 +149,29 @@ def test_five_strikes_close_the_connection() -> None:
 
 
 def test_oversized_frame_closes_at_once() -> None:
-    s = ServerSession(SERVER_FP, max_frame=1000)
+    s = ServerSession(SERVER_FP, max_frame=1024)
     events = s.receive_data(b"\xff\xff\xff\xff")
-    assert events == [Close("frame header announces 4294967295 bytes; the limit is 1000")]
+    assert events == [Close("frame header announces 4294967295 bytes; the limit is 1024")]
     assert frames_of(s)[0]["code"] == "frame_too_large"
+
+
+def test_a_limit_too_small_for_our_own_replies_is_refused() -> None:
+    # Found by fuzzing: with a 64-byte limit, encoding a refusal raised out of receive_data.
+    with pytest.raises(ValueError, match="at least 1024 bytes"):
+        ServerSession(SERVER_FP, max_frame=framing.MIN_FRAME - 1)
+
+
+def test_the_longest_refusals_fit_the_smallest_limit() -> None:
+    s = ServerSession(SERVER_FP, max_frame=framing.MIN_FRAME)
+    key = b64(bytes(32))
+    worst = [
+        {"type": "\x01" * 100},  # an unknown type is quoted up to 40 characters, 6 bytes each
+        {"type": "hello", "user": "a", "key": key, "version": "\x01" * 100},
+        {"type": "hello", "user": "a", "key": key, "version": "\U0010ffff" * 100},
+    ]
+    for frame in worst:
+        assert s.receive_data(wire(frame)) == []
+    assert [f["code"] for f in frames_of(s)] == ["unknown_type", "bad_version", "bad_version"]
 
 
 def test_request_after_login_becomes_a_checked_event(key) -> None:
@@ -230,6 +249,23 @@ def test_wrong_protocol_version_is_refused(key) -> None:
     s = session()
     s.receive_data(wire({"type": "hello", "user": "a", "key": b64(bytes(32)), "version": 2}))
     assert frames_of(s)[0]["code"] == "bad_version"
+
+
+def test_a_long_version_is_refused_with_one_short_error() -> None:
+    # Found by fuzzing: the refusal echoed the whole value, so its error frame overflowed the
+    # frame limit, the client got "frame_too_large" instead, and it cost two strikes.
+    s = session()
+    s.receive_data(
+        wire({"type": "hello", "user": "a", "key": b64(bytes(32)), "version": "\\" * 30_000})
+    )
+    assert frames_of(s) == [
+        {
+            "type": "error",
+            "code": "bad_version",
+            "message": "protocol version '" + "\\" * 39 + " is not supported (need 1)",
+        }
+    ]
+    assert s.strikes == 1
 
 
 def test_login_refused_closes_with_the_reason(key) -> None:

@@ -135,12 +135,15 @@ class IOLoop(threading.Thread):
             log.exception("could not close %s cleanly", conn.addr)
 
     def _drain_wake(self) -> None:
-        self._woken = False
+        # Drain first, then clear the flag: cleared first, a wake-up sent in between would be
+        # drained here while the flag stayed set, and no later call_soon() would wake us again.
+        # A caller that still sees the flag set has already queued its call, which this turn runs.
         try:
             while self._wake_r.recv(4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+        self._woken = False
 
     def _expire(self, now: float) -> None:
         deadlines = self._deadlines

@@ -1,0 +1,74 @@
+"""Property-based tests of the frame codec: any bytes, cut into reads anywhere, give frames or
+our own ProtocolError, and nothing else. Profiles (quick "ci", thorough "long") are in
+conftest.py."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from securechat import framing
+from securechat.errors import ProtocolError
+
+from .fuzz_strategies import PAYLOADS, STREAMS, chunked, frame_bytes, valid_frames
+from .wire_checks import decode_all
+
+PARSE_CODES = {"bad_utf8", "bad_json", "bad_frame"}
+
+
+@given(st.data(), STREAMS, st.sampled_from([64, 1000, framing.MAX_FRAME_DEFAULT]))
+def test_any_stream_cut_anywhere_decodes_the_same_or_fails_the_same(data, stream, max_frame):
+    whole = decode_all([stream], max_frame)
+    reads = data.draw(chunked(stream))
+    assert decode_all(reads, max_frame) == whole
+    payloads, _, _ = whole
+    assert all(1 <= len(p) <= max_frame for p in payloads)
+    assert sum(framing.HEADER.size + len(p) for p in payloads) <= len(stream)
+
+
+@given(st.lists(PAYLOADS, max_size=6), st.data())
+def test_well_framed_payloads_come_out_exactly_as_they_went_in(payloads, data):
+    stream = b"".join(frame_bytes(p) for p in payloads)
+    got, error, left = decode_all(data.draw(chunked(stream)), max(map(len, payloads), default=1))
+    assert (got, error, left) == (payloads, None, 0)
+
+
+@given(st.integers(min_value=1, max_value=4096), st.binary(max_size=8))
+def test_a_header_over_the_limit_is_refused_without_buffering_its_payload(max_frame, tail):
+    header = framing.HEADER.pack(max_frame + 1)
+    decoder = framing.FrameDecoder(max_frame)
+    decoder.feed(header + tail)
+    with pytest.raises(ProtocolError) as caught:
+        decoder.next_payload()
+    assert (caught.value.code, caught.value.fatal) == ("frame_too_large", True)
+    assert decoder.buffered == len(header + tail)  # nothing beyond what was read is held
+
+
+@given(PAYLOADS)
+def test_parse_gives_a_typed_object_or_our_non_fatal_error(payload):
+    try:
+        frame = framing.parse(payload)
+    except ProtocolError as exc:
+        assert exc.code in PARSE_CODES
+        assert not exc.fatal
+        assert len(exc.message) < 100  # never echoes the payload
+    else:
+        assert isinstance(frame, dict)
+        assert isinstance(frame["type"], str)
+
+
+@given(st.binary(max_size=300))
+def test_parse_of_arbitrary_bytes_never_raises_anything_else(payload):
+    try:
+        framing.parse(payload)
+    except ProtocolError as exc:
+        assert exc.code in PARSE_CODES
+
+
+@given(valid_frames())
+def test_encoded_frames_decode_to_themselves(frame):
+    decoder = framing.FrameDecoder()
+    decoder.feed(framing.encode(frame))
+    [payload] = decoder.payloads()
+    assert framing.parse(payload) == frame
