@@ -281,44 +281,66 @@ def server(
     serve(config, log_level)
 
 
+def _key_option(*, required: bool, help: str):  # type: ignore[no-untyped-def]
+    return click.option(
+        "--key",
+        "key_path",
+        type=click.Path(path_type=Path),
+        required=required,
+        default=None,
+        help=help,
+        **_env("KEY"),
+    )
+
+
+def _chat_options(command):  # type: ignore[no-untyped-def]
+    """Where to connect and as whom: the same options for the terminal client and the GUI."""
+    options = (
+        click.option(
+            "--user",
+            default=None,
+            help="User name (remembered in the key file after the first login).",
+            **_env("USER_NAME"),
+        ),
+        click.option(
+            "--host",
+            default="127.0.0.1",
+            show_default=True,
+            help="Server host name.",
+            **_env("SERVER_HOST"),
+        ),
+        click.option(
+            "--port",
+            type=click.IntRange(1, 65535),
+            default=DEFAULT_PORT,
+            show_default=True,
+            help="Server port.",
+            **_env("SERVER_PORT"),
+        ),
+        click.option(
+            "--ca",
+            type=click.Path(path_type=Path),
+            default="certs/ca.pem",
+            show_default=True,
+            help="CA certificate that signed the server's.",
+            **_env("CA"),
+        ),
+        click.option(
+            "--no-history",
+            is_flag=True,
+            default=False,
+            help="Keep no local history (by default an encrypted one lives beside the key file).",
+            **_env("NO_HISTORY"),
+        ),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
-@click.option(
-    "--key",
-    "key_path",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Identity key file (created on first use).",
-    **_env("KEY"),
-)
-@click.option(
-    "--user",
-    default=None,
-    help="User name (remembered in the key file after the first login).",
-    **_env("USER_NAME"),
-)
-@click.option(
-    "--host",
-    default="127.0.0.1",
-    show_default=True,
-    help="Server host name.",
-    **_env("SERVER_HOST"),
-)
-@click.option(
-    "--port",
-    type=click.IntRange(1, 65535),
-    default=DEFAULT_PORT,
-    show_default=True,
-    help="Server port.",
-    **_env("SERVER_PORT"),
-)
-@click.option(
-    "--ca",
-    type=click.Path(path_type=Path),
-    default="certs/ca.pem",
-    show_default=True,
-    help="CA certificate that signed the server's.",
-    **_env("CA"),
-)
+@_key_option(required=True, help="Identity key file (created on first use).")
+@_chat_options
 @click.option(
     "--cert",
     type=click.Path(path_type=Path),
@@ -333,22 +355,15 @@ def server(
     help="Private key of --cert.",
     **_env("CERT_KEY"),
 )
-@click.option(
-    "--no-history",
-    is_flag=True,
-    default=False,
-    help="Keep no local history (by default an encrypted one lives beside the key file).",
-    **_env("NO_HISTORY"),
-)
 def client(
     key_path: Path,
     user: str | None,
     host: str,
     port: int,
     ca: Path,
+    no_history: bool,
     cert: Path | None,
     cert_key: Path | None,
-    no_history: bool,
 ) -> None:
     """Chat: interactive on a terminal, line mode when stdin is not a terminal."""
     from securechat.client.frontend import ClientOptions, run
@@ -366,3 +381,15 @@ def client(
         )
     )
     sys.exit(code)
+
+
+@main.command()
+@_key_option(required=False, help="Identity key file (asked for in the window if not given).")
+@_chat_options
+def gui(
+    key_path: Path | None, user: str | None, host: str, port: int, ca: Path, no_history: bool
+) -> None:
+    """Chat in a desktop window (Tk): a connect dialog asks for whatever is not given."""
+    from securechat.gui.app import GuiOptions, run
+
+    sys.exit(run(GuiOptions(key_path, user, host, port, ca, history=not no_history)))

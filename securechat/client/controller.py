@@ -64,6 +64,14 @@ class Controller:
     # -- events -----------------------------------------------------------------------------------
 
     def on_event(self, event: Event) -> None:
+        self.track(event)
+        if isinstance(event, Closed) and self.quit_requested:
+            return
+        self.output(render(event, self.current_room))
+
+    def track(self, event: Event) -> None:
+        """Keep names and the current room up to date, showing nothing (a GUI draws events
+        itself)."""
         if isinstance(event, Message | DirectMessage):
             self.names.add(event.sender)
         elif isinstance(event, Joined):
@@ -74,9 +82,6 @@ class Controller:
             and event.room == self.current_room
         ):
             self.current_room = self._fallback_room(event.room)
-        if isinstance(event, Closed) and self.quit_requested:
-            return
-        self.output(render(event, self.current_room))
 
     def _fallback_room(self, left: str) -> str | None:
         rooms = sorted(self.client.rooms - {left})

@@ -1,0 +1,480 @@
+"""The chat window: conversations on the left, the current one in the middle, members on the
+right, key trust above every DM, and an input box below (Enter sends, Shift+Enter adds a line).
+
+Typed text goes to the current room, or sealed to the peer of a DM conversation; slash commands
+run through the same Controller as the terminal client. Every call that may wait on the server
+runs on the bridge's background thread; this module only touches Tk.
+"""
+
+from __future__ import annotations
+
+import threading
+import tkinter as tk
+from collections.abc import Callable
+from tkinter import ttk
+from typing import Any
+
+from securechat.client import commands
+from securechat.client.api import Client
+from securechat.client.controller import Controller
+from securechat.client.events import DirectMessage, DMRejected, Event, Joined
+from securechat.client.history import LocalHistory
+from securechat.errors import SecureChatError
+from securechat.gui.bridge import Bridge
+from securechat.gui.model import ChatModel, Line, Trust
+from securechat.protocol import LOBBY, valid_name
+from securechat.trust import KeyCheck, KeyState
+
+COLOURS = {
+    "new": "#1f5fa8",
+    "pinned": "#1f5fa8",
+    "verified": "#1d7a33",
+    "changed": "#b00020",
+}
+
+
+def trust_of(check: KeyCheck) -> Trust:
+    warning = check.warning() if check.state is KeyState.CHANGED else ""
+    return Trust(check.state.value, check.fingerprint, warning)
+
+
+class ChatWindow:
+    def __init__(
+        self,
+        root: tk.Tk,
+        bridge: Bridge,
+        client: Client,
+        where: str,
+        history: LocalHistory | None = None,
+        on_closed: Callable[[], None] | None = None,
+    ) -> None:
+        self.root, self.bridge, self.client = root, bridge, client
+        self.where, self.history, self._on_closed = where, history, on_closed
+        self.model = ChatModel(client.user)
+        self.controller = Controller(client, self._command_output)
+        self._shown: tuple[str, int] = ("", 0)  # conversation drawn, and how many of its lines
+        self._closing = False
+        self.verify_dialog: VerifyDialog | None = None
+        self._build()
+        bridge.on_drained(self.redraw)
+        threading.Thread(target=self._pump_events, name="gui-events", daemon=True).start()
+        self.bridge.run(lambda: client.who(LOBBY).result(10), self._got_members(LOBBY))
+        self.redraw()
+
+    # -- layout -----------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        root = self.root
+        root.title(f"securechat: {self.client.user} @ {self.where}")
+        root.geometry("960x600")
+        root.protocol("WM_DELETE_WINDOW", self.close)
+        outer = ttk.Frame(root, padding=4)
+        outer.pack(fill="both", expand=True)
+        panes = ttk.PanedWindow(outer, orient="horizontal")
+        panes.pack(fill="both", expand=True)
+
+        left = ttk.Frame(panes, width=190)
+        ttk.Label(left, text="Conversations").pack(anchor="w")
+        self.sidebar = tk.Listbox(left, activestyle="none", exportselection=False)
+        self.sidebar.pack(fill="both", expand=True)
+        self.sidebar.bind("<<ListboxSelect>>", self._on_pick)
+        new_dm = ttk.Frame(left)
+        new_dm.pack(fill="x", pady=(4, 0))
+        self.dm_entry = ttk.Entry(new_dm, width=12)
+        self.dm_entry.pack(side="left", fill="x", expand=True)
+        self.dm_entry.bind("<Return>", lambda _e: self._open_dm_from_entry())
+        ttk.Button(new_dm, text="DM", width=4, command=self._open_dm_from_entry).pack(side="left")
+        panes.add(left, weight=0)
+
+        middle = ttk.Frame(panes)
+        self.banner = tk.Frame(middle)
+        self.banner_text = tk.Label(self.banner, anchor="w", justify="left", wraplength=560)
+        self.banner_text.pack(side="left", fill="x", expand=True, padx=4, pady=2)
+        self.accept_button = ttk.Button(self.banner, text="Accept new key", command=self._accept)
+        self.verify_button = ttk.Button(self.banner, text="Verify\u2026", command=self.open_verify)
+        self.verify_button.pack(side="right", padx=2)
+        view_frame = ttk.Frame(middle)
+        view_frame.pack(fill="both", expand=True, side="top")
+        self.view = tk.Text(view_frame, wrap="word", state="disabled", height=20)
+        scroll = ttk.Scrollbar(view_frame, command=self.view.yview)
+        self.view.configure(yscrollcommand=scroll.set)
+        scroll.pack(side="right", fill="y")
+        self.view.pack(side="left", fill="both", expand=True)
+        for tag, options in {
+            "time": {"foreground": "#777777"},
+            "sender": {"font": ("TkDefaultFont", 10, "bold")},
+            "own": {"foreground": "#1f5fa8"},
+            "system": {"foreground": "#666666"},
+            "warning": {"foreground": "#b00020"},
+            "history": {"foreground": "#8a8a8a"},
+            "mention": {"background": "#fff2a8"},
+        }.items():
+            self.view.tag_configure(tag, **options)
+        self.input = tk.Text(middle, height=3, wrap="word", undo=True)
+        self.input.pack(fill="x", side="bottom", pady=(4, 0))
+        self.input.bind("<Return>", self._on_enter)
+        self.input.bind("<Shift-Return>", self._on_shift_enter)
+        self.input.focus_set()
+        panes.add(middle, weight=1)
+
+        right = ttk.Frame(panes, width=150)
+        self.members_label = ttk.Label(right, text="Members")
+        self.members_label.pack(anchor="w")
+        self.members = tk.Listbox(right, activestyle="none", exportselection=False)
+        self.members.pack(fill="both", expand=True)
+        self.members.bind("<Double-Button-1>", self._on_member)
+        panes.add(right, weight=0)
+
+        self.status = ttk.Label(root, anchor="w", padding=(6, 2))
+        self.status.pack(fill="x", side="bottom")
+
+    # -- drawing ----------------------------------------------------------------------------------
+
+    def redraw(self) -> None:
+        model = self.model
+        convs = model.ordered()
+        labels = [c.label for c in convs]
+        if list(self.sidebar.get(0, "end")) != labels:
+            self.sidebar.delete(0, "end")
+            for label in labels:
+                self.sidebar.insert("end", label)
+        names = [c.name for c in convs]
+        if model.current in names:
+            index = names.index(model.current)
+            self.sidebar.selection_clear(0, "end")
+            self.sidebar.selection_set(index)
+        conv = model.conversations[model.current]
+        self._draw_lines(conv.name, conv.lines)
+        self._draw_members(sorted(conv.members) if not conv.is_dm else [])
+        self._draw_banner()
+        state = "connected" if model.connected else model.status
+        self.status.configure(
+            text=f"{self.client.user} @ {self.where} \u00b7 {conv.name} \u00b7 {state}"
+        )
+
+    def _draw_lines(self, name: str, lines: list[Line]) -> None:
+        shown_name, shown = self._shown
+        view = self.view
+        view.configure(state="normal")
+        if shown_name != name or shown > len(lines):
+            view.delete("1.0", "end")
+            shown = 0
+        for line in lines[shown:]:
+            self._insert(line)
+        self._shown = (name, len(lines))
+        view.configure(state="disabled")
+        view.see("end")
+
+    def _insert(self, line: Line) -> None:
+        view = self.view
+        if line.clock:
+            view.insert("end", f"[{line.clock}] ", "time")
+        if line.kind in ("system", "warning"):
+            view.insert(
+                "end", f"{'-- ' if line.kind == 'system' else '!! '}{line.text}\n", line.kind
+            )
+            return
+        extra = ("mention",) if line.mention else ()
+        body_tags = ("history",) if line.kind == "history" else extra
+        if line.kind == "history":
+            view.insert("end", "[history] ", "history")
+        if line.kind == "action":
+            view.insert("end", f"* {line.sender} ", ("sender", *extra))
+        else:
+            sender_tags = ("sender", "own") if line.kind == "own" else ("sender", *extra)
+            view.insert("end", f"<{line.sender}> ", sender_tags)
+        view.insert("end", line.text.replace("\n", "\n    ") + "\n", body_tags)
+
+    def _draw_members(self, members: list[str]) -> None:
+        if list(self.members.get(0, "end")) != members:
+            self.members.delete(0, "end")
+            for member in members:
+                self.members.insert("end", member)
+        self.members_label.configure(text=f"Members ({len(members)})" if members else "Members")
+
+    def _draw_banner(self) -> None:
+        conv = self.model.conversations[self.model.current]
+        if not conv.is_dm:
+            self.banner.pack_forget()
+            self._set_input(True)
+            return
+        self.banner.pack(fill="x", side="top", before=self.view.master)
+        trust = conv.trust
+        if trust is None:
+            text, colour = f"{conv.peer}: checking the key\u2026", "#555555"
+        elif trust.state == "changed":
+            text, colour = trust.warning, COLOURS["changed"]
+        else:
+            what = {
+                "new": "first seen now, pinned",
+                "pinned": "pinned (not verified)",
+                "verified": "verified",
+            }.get(trust.state, trust.state)
+            key = f"{conv.peer}'s key {trust.fingerprint}".rstrip()
+            text, colour = f"{key}: {what}", COLOURS[trust.state]
+        self.banner_text.configure(text=text, foreground=colour)
+        if conv.blocked:
+            self.accept_button.pack(side="right", padx=2)
+        else:
+            self.accept_button.pack_forget()
+        self._set_input(not conv.blocked)
+
+    def _set_input(self, enabled: bool) -> None:
+        self.input.configure(state="normal" if enabled else "disabled")
+
+    # -- events from the client (its event thread) ------------------------------------------------
+
+    def _pump_events(self) -> None:
+        for event in self.client.events():
+            self.bridge.post(lambda e=event: self._on_event(e))
+
+    def _on_event(self, event: Event) -> None:
+        self.controller.track(event)
+        self.model.on_event(event)
+        if isinstance(event, Joined) and event.user == self.client.user:
+            room = event.room
+            self.bridge.run(lambda: self.client.who(room).result(10), self._got_members(room))
+        elif isinstance(event, DirectMessage | DMRejected) and not valid_name(event.sender):
+            trust = self.model.conversations[f"@{event.sender}"].trust
+            if trust is None or not trust.fingerprint:
+                self.open_dm(event.sender)  # show the key's fingerprint beside its state
+
+    def _got_members(self, room: str) -> Callable[[dict[str, Any]], None]:
+        return lambda reply: self.model.set_members(room, list(reply.get("members", [])))
+
+    # -- input ------------------------------------------------------------------------------------
+
+    def _on_enter(self, _event: object) -> str:
+        text = self.input.get("1.0", "end-1c")
+        self.input.delete("1.0", "end")
+        self.submit(text)
+        return "break"
+
+    def _on_shift_enter(self, _event: object) -> str:
+        self.input.insert("insert", "\n")
+        return "break"
+
+    def submit(self, text: str) -> None:
+        """What Enter does with the input box's text."""
+        try:
+            parsed = commands.parse(text)
+        except SecureChatError as exc:
+            self.model.note(str(exc), kind="warning")
+            self.redraw()
+            return
+        if parsed is None:
+            return
+        conv = self.model.conversations[self.model.current]
+        if isinstance(parsed, commands.Say):
+            if conv.is_dm:
+                self.send_dm(conv.peer, parsed.text)
+            else:
+                self._send_room(conv.name, parsed.text)
+            return
+        name, args = parsed.name, parsed.args
+        if name == "msg":
+            self.open_dm(args[0])
+            self.send_dm(args[0], args[1])
+        elif name == "query":
+            self.select(f"@{args[0]}" if args else LOBBY)
+            if args:
+                self.open_dm(args[0])
+        elif name == "verify":
+            self.select(f"@{args[0]}")
+            self.open_dm(args[0], then_verify=True)
+        elif name == "quit":
+            self.close()
+        else:
+            # Everything else is the terminal client's own command, answered in this conversation.
+            self.controller.current_room = None if conv.is_dm else conv.name
+            self.bridge.run(lambda: self.controller.handle_line(text), self._after_command)
+
+    def _after_command(self, _ok: object) -> None:
+        room = self.controller.current_room
+        if room and room in self.client.rooms and room != self.model.current:
+            self.select(room)
+        for name in list(self.model.conversations):
+            if not name.startswith("@") and name not in self.client.rooms:
+                self.model.close(name)  # a room we left
+        self.redraw()
+
+    def _command_output(self, text: str) -> None:
+        # Called from the background thread (or the client's thread, for late replies).
+        target = self.model.current
+        self.bridge.post(
+            lambda: self.model.note(text.removeprefix("!! ").removeprefix("-- "), target,
+                                    "warning" if text.startswith("!! ") else "system")
+        )  # fmt: skip
+
+    def _send_room(self, room: str, text: str) -> None:
+        future = self.client.send(room, text)
+
+        def done(f: Any) -> None:
+            exc = f.exception()
+            if exc is not None:
+                self.bridge.post(lambda: self.model.note(f"not delivered: {exc}", room, "warning"))
+
+        future.add_done_callback(done)
+
+    def send_dm(self, peer: str, text: str) -> None:
+        """Seal `text` for `peer` after checking the key; nothing is sent to a changed key."""
+        name = f"@{peer}"
+
+        def work() -> tuple[Trust, Any]:
+            check = self.client.check_key(peer)
+            if check.state is KeyState.CHANGED:
+                return trust_of(check), None
+            return trust_of(check), self.client.send_dm(peer, text)
+
+        def then(result: tuple[Trust, Any]) -> None:
+            trust, future = result
+            self.model.set_trust(peer, trust)
+            if future is None:
+                self.model.note(f"not sent: {trust.warning}", name, "warning")
+                return
+
+            def done(f: Any) -> None:
+                exc = f.exception()
+                if exc is not None:
+                    self.bridge.post(lambda: self.model.note(f"not sent: {exc}", name, "warning"))
+                    return
+                reply = f.result()
+                queued = " (queued: they are offline)" if reply.get("status") == "queued" else ""
+                line = Line("own", text + queued, self.client.user, int(reply.get("ts", 0)))
+                self.bridge.post(lambda: self.model.add(name, line))
+
+            future.add_done_callback(done)
+
+        self.bridge.run(
+            work, then, lambda exc: self.model.note(f"not sent: {exc}", name, "warning")
+        )
+
+    # -- conversations and trust -------------------------------------------------------------------
+
+    def select(self, name: str) -> None:
+        self.model.select(name)
+        self.redraw()
+
+    def _on_pick(self, _event: object) -> None:
+        picked = self.sidebar.curselection()
+        if picked:
+            convs = self.model.ordered()
+            self.select(convs[picked[0]].name)
+
+    def _on_member(self, _event: object) -> None:
+        picked = self.members.curselection()
+        if picked:
+            peer = self.members.get(picked[0])
+            if peer != self.client.user:
+                self.select(f"@{peer}")
+                self.open_dm(peer)
+
+    def _open_dm_from_entry(self) -> None:
+        peer = self.dm_entry.get().strip().lower()
+        self.dm_entry.delete(0, "end")
+        if peer:
+            self.select(f"@{peer}")
+            self.open_dm(peer)
+
+    def open_dm(self, peer: str, then_verify: bool = False) -> None:
+        """Open (or refresh) the DM conversation with `peer`: look up and show its key state."""
+        self.model.open(f"@{peer}")
+
+        def got(check: KeyCheck) -> None:
+            self.model.set_trust(peer, trust_of(check))
+            if then_verify:
+                self.open_verify()
+
+        self.bridge.run(
+            lambda: self.client.check_key(peer),
+            got,
+            lambda exc: self.model.note(str(exc), f"@{peer}", "warning"),
+        )
+
+    def _accept(self) -> None:
+        conv = self.model.conversations[self.model.current]
+        peer = conv.peer
+        self.bridge.run(
+            lambda: self.client.accept_key(peer),
+            lambda check: (
+                self.model.set_trust(peer, trust_of(check)),
+                self.model.note(f"now using {peer}'s new key; compare safety numbers", conv.name),
+            ),
+        )
+
+    def open_verify(self) -> None:
+        conv = self.model.conversations[self.model.current]
+        if not conv.is_dm:
+            return
+        peer = conv.peer
+
+        def show(result: tuple[KeyCheck, str]) -> None:
+            check, number = result
+            self.model.set_trust(peer, trust_of(check))
+            self.verify_dialog = VerifyDialog(self, peer, check, number)
+
+        self.bridge.run(
+            lambda: self.client.safety_number(peer),
+            show,
+            lambda exc: self.model.note(str(exc), conv.name, "warning"),
+        )
+
+    def mark_verified(self, peer: str) -> None:
+        self.bridge.run(
+            lambda: self.client.mark_verified(peer),
+            lambda check: (
+                self.model.set_trust(peer, trust_of(check)),
+                self.model.note(f"{peer}'s key is now verified", f"@{peer}"),
+            ),
+        )
+
+    # -- closing ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Disconnect cleanly, then close the window."""
+        if self._closing:
+            return
+        self._closing = True
+        self.controller.quit_requested = True
+        client, history = self.client, self.history
+        self.bridge.run(client.close)
+        self.bridge.close()  # waits for the close above
+        if history is not None:
+            history.close()
+        self.root.destroy()
+        if self._on_closed is not None:
+            self._on_closed()
+
+
+class VerifyDialog:
+    """The safety number for a DM peer, and a button to mark the key verified."""
+
+    def __init__(self, window: ChatWindow, peer: str, check: KeyCheck, number: str) -> None:
+        self.window, self.peer, self.number = window, peer, number
+        top = self.top = tk.Toplevel(window.root)
+        top.title(f"Verify {peer}")
+        top.transient(window.root)
+        frame = ttk.Frame(top, padding=12)
+        frame.pack(fill="both", expand=True)
+        ttk.Label(frame, text=f"Safety number with {peer}").pack(anchor="w")
+        tk.Label(frame, text=number, font=("TkFixedFont", 14), justify="left").pack(
+            anchor="w", pady=8
+        )
+        ttk.Label(
+            frame,
+            text=(
+                f"{peer}'s key: {check.fingerprint} ({check.state.value})\n"
+                f"Compare this number with {peer} in person or on a call. If it matches, mark "
+                "the key verified."
+            ),
+            wraplength=420,
+            justify="left",
+        ).pack(anchor="w")
+        buttons = ttk.Frame(frame)
+        buttons.pack(fill="x", pady=(10, 0))
+        ttk.Button(buttons, text="Mark verified", command=self.confirm).pack(side="right")
+        ttk.Button(buttons, text="Close", command=top.destroy).pack(side="right", padx=4)
+
+    def confirm(self) -> None:
+        self.window.mark_verified(self.peer)
+        self.top.destroy()

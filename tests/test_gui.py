@@ -1,0 +1,308 @@
+"""The desktop client on a virtual display: a real server, the window driven through its own
+methods (and xdotool for typing), a line-mode client on the other side, and a screenshot."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from securechat import identity
+from securechat.client import Client
+
+from .cli_helpers import LineClient, ServerProcess, cli_env, run_client
+from .conftest import PASSPHRASE, REPO
+from .screenshot import take
+
+tk = pytest.importorskip("tkinter")
+
+
+def _free_display() -> int:
+    for number in range(90, 200):
+        if (
+            not Path(f"/tmp/.X11-unix/X{number}").exists()
+            and not Path(f"/tmp/.X{number}-lock").exists()
+        ):
+            return number
+    raise RuntimeError("no free X display number")
+
+
+@pytest.fixture(scope="module")
+def display() -> Iterator[str]:
+    if shutil.which("Xvfb") is None:
+        pytest.skip("Xvfb is not installed (.ci/run installs it with apt-get as root)")
+    number = _free_display()
+    proc = subprocess.Popen(
+        ["Xvfb", f":{number}", "-screen", "0", "1280x800x24", "-nolisten", "tcp"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 15
+    while not Path(f"/tmp/.X11-unix/X{number}").exists():
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.skip(f"Xvfb could not start a display :{number}")
+        try:
+            proc.wait(timeout=0.05)  # returns only if Xvfb gave up
+        except subprocess.TimeoutExpired:
+            continue
+        pytest.skip(f"Xvfb could not start a display :{number} (exit {proc.returncode})")
+    old = os.environ.get("DISPLAY")
+    os.environ["DISPLAY"] = f":{number}"
+    try:
+        yield f":{number}"
+    finally:
+        if old is None:
+            os.environ.pop("DISPLAY", None)
+        else:
+            os.environ["DISPLAY"] = old
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(autouse=True)
+def collect_tk_on_the_main_thread() -> Iterator[None]:
+    """Tk objects must die on the thread that made them: a Tk interpreter freed by a garbage
+    collection that happens to run on a server thread aborts the process. Collect here."""
+    yield
+    gc.collect()
+
+
+class Gui:
+    """One chat window on the test's thread, pumped until what we wait for has happened."""
+
+    def __init__(self, client: Client, where: str = "test") -> None:
+        from securechat.gui.bridge import Bridge
+        from securechat.gui.window import ChatWindow
+
+        self.root = tk.Tk()
+        self.bridge = Bridge(self.root)
+        self.window = ChatWindow(self.root, self.bridge, client, where)
+        self.model = self.window.model
+
+    def pump(self, until: Callable[[], object], timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not until():
+            assert time.monotonic() < deadline, "the window never got there"
+            self.root.tk.dooneevent(0)  # waits for the next Tk event (the bridge polls often)
+
+    def lines(self, name: str) -> list[str]:
+        conv = self.model.conversations.get(name)
+        return [line.text for line in conv.lines] if conv else []
+
+    def shows(self, name: str, text: str) -> Callable[[], bool]:
+        return lambda: any(text in line for line in self.lines(name))
+
+    def view(self) -> str:
+        return self.window.view.get("1.0", "end")
+
+
+@pytest.fixture
+def gui_for(display, server, certs_dir, make_identity) -> Iterator[Callable[[str], Gui]]:
+    made: list[Gui] = []
+
+    def make(user: str) -> Gui:
+        host, port = server.address
+        client = Client.connect(host, port, make_identity(user), user, certs_dir / "ca.pem")
+        gui = Gui(client, f"{host}:{port}")
+        made.append(gui)
+        gui.pump(lambda: gui.model.conversations["#lobby"].members)
+        return gui
+
+    yield make
+    for gui in made:
+        if not gui.window._closing:
+            gui.window.close()
+
+
+def key_file(tmp_path: Path, name: str) -> Path:
+    return tmp_path / "cli-keys" / f"{name}.key"
+
+
+def test_chat_in_lobby_and_a_dm_with_a_terminal_user(
+    gui_for, server, certs_dir, tmp_path, display
+) -> None:
+    port, ca = server.address[1], certs_dir / "ca.pem"
+    bob = LineClient(key_file(tmp_path, "bob"), port, ca, user="bob")
+    bob.out.wait_for("-- bob joined #lobby")
+    gui = gui_for("alice")
+    gui.pump(lambda: "bob" in gui.model.conversations["#lobby"].members)
+    assert list(gui.window.members.get(0, "end")) == ["alice", "bob"]
+
+    # Room: the window sends, the terminal user answers, a mention is highlighted.
+    gui.window.input.insert("1.0", "hello from the window")
+    gui.window.input.event_generate("<Return>")
+    bob.out.wait_for("<alice> hello from the window")
+    bob.send("alice: welcome to the lobby")
+    gui.pump(gui.shows("#lobby", "welcome to the lobby"))
+    [line] = [x for x in gui.model.conversations["#lobby"].lines if "welcome" in x.text]
+    assert (line.sender, line.mention) == ("bob", True)
+    gui.pump(lambda: "<bob> alice: welcome to the lobby" in gui.view())
+    assert gui.window.view.tag_ranges("mention")
+
+    # Shift+Enter adds a line; Enter sends both lines as one message.
+    gui.window.input.insert("1.0", "first line")
+    gui.window.input.event_generate("<Shift-Return>")
+    gui.window.input.insert("end", "second line")
+    assert gui.window.input.get("1.0", "end-1c") == "first line\nsecond line"
+    gui.window.input.event_generate("<Return>")
+    bob.out.wait_for("<alice> first line\\nsecond line")
+
+    # DM: sealed to bob, answered by bob, unread until opened, with bob's key state shown.
+    gui.window.submit("/msg bob the plan is on")
+    bob.out.wait_for("*alice* the plan is on")
+    gui.pump(gui.shows("@bob", "the plan is on"))
+    bob.send("/msg alice understood")
+    gui.pump(gui.shows("@bob", "understood"))
+    assert "@bob (1)" in gui.window.sidebar.get(0, "end")
+    gui.window.select("@bob")
+    assert "@bob" in gui.window.sidebar.get(0, "end")  # read now
+    gui.pump(lambda: gui.window.banner_text.cget("text").endswith(": pinned (not verified)"))
+    assert "<bob> understood" in gui.view()
+    assert str(gui.window.input.cget("state")) == "normal"
+
+    # Verify: the number matches the one bob's terminal shows; marking it verified shows it.
+    bob.send("/verify alice")
+    number_line = bob.out.wait_for("-- safety number with alice: ")
+    bob_number = number_line.split(": ", 1)[1].strip()
+    gui.window.open_verify()
+    gui.pump(lambda: gui.window.verify_dialog is not None)
+    assert gui.window.verify_dialog.number == bob_number
+    gui.window.verify_dialog.confirm()
+    gui.pump(lambda: gui.window.banner_text.cget("text").endswith(": verified"))
+    assert "@bob \u2713" in gui.window.sidebar.get(0, "end")
+
+    # A screenshot of the DM with its verified key, for a person to look at too.
+    for _ in range(5):
+        gui.root.update()
+    shot = take(display)
+    shot.save_png(tmp_path / "gui.png")
+    assert shot.colours() > 20, "the screenshot is blank"
+
+    # Slash commands work as in the terminal; /join opens and selects the room.
+    gui.window.submit("/join #dev")
+    gui.pump(lambda: gui.model.current == "#dev")
+    gui.pump(lambda: list(gui.window.members.get(0, "end")) == ["alice"])
+
+    gui.window.close()
+    bob.out.wait_for("-- alice left #lobby")
+    assert bob.finish() == 0
+
+
+def test_a_changed_key_is_shown_and_blocks_sending(display, certs_dir, tmp_path, make_identity):
+    ca = certs_dir / "ca.pem"
+    alice_key = make_identity("alice")
+    honest = ServerProcess("--certs", str(certs_dir), "--data", str(tmp_path / "h"), cwd=tmp_path)
+    try:
+        host, port = honest.address
+        assert run_client(key_file(tmp_path, "bob"), port, ca, "", user="bob").returncode == 0
+        with Client.connect(host, port, alice_key, "alice", ca) as alice:
+            alice.check_key("bob")  # pinned
+    finally:
+        honest.stop()
+    hostile = ServerProcess("--certs", str(certs_dir), "--data", str(tmp_path / "x"), cwd=tmp_path)
+    try:
+        host, port = hostile.address
+        fake = LineClient(key_file(tmp_path, "not-bob"), port, ca, user="bob")
+        fake.out.wait_for("-- bob joined #lobby")
+        gui = Gui(Client.connect(host, port, alice_key, "alice", ca))
+        gui.window.submit("/query bob")
+        gui.pump(lambda: gui.model.conversations["@bob"].blocked)
+        banner = gui.window.banner_text.cget("text")
+        assert banner.startswith("WARNING: the key for bob has changed.")
+        for name in ("bob", "not-bob"):  # both fingerprints: the pinned one and the offered one
+            ident = identity.load(key_file(tmp_path, name), PASSPHRASE)
+            assert ident.fingerprint in banner
+        assert "Nothing will be sent to bob" in banner
+        assert str(gui.window.input.cget("state")) == "disabled"
+        assert "@bob (!)" in gui.window.sidebar.get(0, "end")
+        gui.window.send_dm("bob", "are you really bob?")
+        gui.pump(gui.shows("@bob", "not sent: WARNING: the key for bob has changed."))
+        gui.window.submit("/join #after")  # the window still works
+        gui.pump(lambda: gui.model.current == "#after")
+        gui.window.close()
+        fake.send("/quit")
+        assert fake.finish() == 0
+        assert "are you really bob" not in fake.out.text
+    finally:
+        hostile.stop()
+
+
+def test_the_connect_dialog_says_what_went_wrong(
+    display, server, certs_dir, other_certs_dir, tmp_path, make_identity
+):
+    from securechat.gui.app import ConnectDialog, GuiOptions
+    from securechat.gui.bridge import Bridge
+
+    host, port = server.address
+    Client.connect(host, port, make_identity("taken"), "taken", certs_dir / "ca.pem").close()
+    key = tmp_path / "dialog" / "carol.key"
+    identity.create(key, b"right passphrase", user="carol", kdf=identity.KDF_FAST_FOR_TESTS)
+    root = tk.Tk()
+    opts = GuiOptions(key, None, host, port, certs_dir / "ca.pem")
+    dialog = ConnectDialog(root, Bridge(root), opts)
+    gui = Gui.__new__(Gui)
+    gui.root = root
+    assert dialog.fields["user"].get() == "carol"  # remembered in the key file
+    assert dialog.fields["passphrase"].cget("show") == "\u2022"  # masked
+
+    def attempt(**fields: str) -> None:
+        for name, value in fields.items():
+            dialog.fields[name].delete(0, "end")
+            dialog.fields[name].insert(0, value)
+        dialog.connect()
+        gui.pump(
+            lambda: dialog.window is not None or dialog.error.cget("text") != "connecting\u2026"
+        )
+
+    attempt(passphrase="wrong")
+    assert dialog.error.cget("text") == f"wrong passphrase for identity key {key}"
+    attempt(passphrase="right passphrase", ca=str(other_certs_dir / "ca.pem"))
+    assert "failed certificate verification" in dialog.error.cget("text")
+    attempt(ca=str(certs_dir / "ca.pem"), user="taken")
+    assert dialog.error.cget("text") == (
+        f'{host}:{port} refused the login: the name "taken" belongs to another identity key'
+    )
+    attempt(port="1")
+    assert dialog.error.cget("text").startswith(f"cannot connect to {host}:1: ")
+    attempt(port=str(port), user="carol")
+    assert dialog.window is not None
+    assert root.title() == f"securechat: carol @ {host}:{port}"
+    dialog.window.close()
+
+
+def test_securechat_gui_from_the_command_line(display, certs_dir, tmp_path) -> None:
+    if shutil.which("xdotool") is None:
+        pytest.skip("xdotool is not installed (.ci/run installs it with apt-get as root)")
+    srv = ServerProcess("--certs", str(certs_dir), "--data", str(tmp_path / "d"), cwd=tmp_path)
+    try:
+        port = srv.address[1]
+        key = key_file(tmp_path, "dora")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "securechat", "gui", "--key", str(key), "--user", "dora",
+             "--port", str(port), "--ca", str(certs_dir / "ca.pem")],
+            cwd=REPO, env=cli_env(DISPLAY=display), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        srv.wait_log("dora logged in", timeout=30)
+        # Type /quit and Enter into the window, as a user would.
+        xenv = {**os.environ, "DISPLAY": display}
+        subprocess.run(
+            ["xdotool", "search", "--sync", "--name", "securechat: dora", "windowfocus", "--sync",
+             "%1", "type", "--delay", "20", "/quit"],
+            env=xenv, check=True, timeout=30,
+        )  # fmt: skip
+        subprocess.run(["xdotool", "key", "Return"], env=xenv, check=True, timeout=30)
+        _out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+        srv.wait_log("dora left")
+    finally:
+        srv.stop()

@@ -1,0 +1,74 @@
+"""What the GUI shows, checked without a display: unread counts, mentions, history, members and
+key trust."""
+
+from __future__ import annotations
+
+from securechat.client.events import Closed, DirectMessage, DMRejected, Joined, Message, Parted
+from securechat.gui.model import ChatModel, Trust
+
+TS = 1_795_000_000_000
+
+
+def test_unread_counts_and_selection() -> None:
+    model = ChatModel("alice")
+    model.on_event(Joined("#dev", "alice", TS))
+    model.on_event(Message("#dev", "bob", "build is green", TS))
+    model.on_event(DirectMessage("carol", "alice", "psst", TS, "m" * 16, "new"))
+    labels = [c.label for c in model.ordered()]
+    assert labels == ["#dev (1)", "#lobby", "@carol (1)"]  # joins are not unread
+    assert [c.unread for c in model.ordered()] == [1, 0, 1]
+    model.select("@carol")
+    assert model.conversations["@carol"].unread == 0
+    model.on_event(Message("#lobby", "alice", "my own line", TS))
+    assert model.conversations["#lobby"].unread == 0  # what I said is not unread
+
+
+def test_mentions_history_and_actions() -> None:
+    model = ChatModel("alice")
+    for text in ("Alice, look", "malice aforethought", "@alice ping", "hi alice."):
+        model.on_event(Message("#lobby", "bob", text, TS))
+    assert [line.mention for line in model.conversations["#lobby"].lines] == [
+        True,
+        False,
+        True,
+        True,
+    ]
+    model.on_event(Message("#lobby", "bob", "earlier", TS, history=True))
+    model.on_event(Message("#lobby", "bob", "waves", TS, action=True))
+    assert [line.kind for line in model.conversations["#lobby"].lines[-2:]] == [
+        "history",
+        "action",
+    ]
+
+
+def test_members_follow_joins_and_parts() -> None:
+    model = ChatModel("alice")
+    model.set_members("#lobby", ["alice", "bob"])
+    model.on_event(Joined("#lobby", "carol", TS))
+    model.on_event(Parted("#lobby", "bob", "connection lost", TS))
+    assert model.conversations["#lobby"].members == {"alice", "carol"}
+    assert model.conversations["#lobby"].lines[-1].text == "bob left (connection lost)"
+
+
+def test_a_changed_key_blocks_the_conversation() -> None:
+    model = ChatModel("alice")
+    model.set_trust("bob", Trust("pinned", "aaaa"))
+    assert not model.conversations["@bob"].blocked
+    model.on_event(DMRejected("bob", "key_changed", "WARNING: the key for bob has changed."))
+    conv = model.conversations["@bob"]
+    assert conv.blocked and conv.label == "@bob (!) (1)"
+    assert conv.trust.warning == "WARNING: the key for bob has changed."
+    model.set_trust("bob", Trust("verified", "bbbb"))
+    assert model.conversations["@bob"].label == "@bob \u2713 (1)"
+
+
+def test_text_from_others_cannot_drive_the_display() -> None:
+    model = ChatModel("alice")
+    model.on_event(Message("#lobby", "bob", "\x1b[2Jcleared?\x07", TS))
+    assert model.conversations["#lobby"].lines[-1].text == "\\x1b[2Jcleared?\\x07"
+
+
+def test_closed_says_why() -> None:
+    model = ChatModel("alice")
+    model.on_event(Closed("server shutting down"))
+    assert (model.connected, model.status) == (False, "disconnected: server shutting down")
