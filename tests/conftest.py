@@ -25,8 +25,8 @@ PASSPHRASE = b"correct horse battery staple"
 settings.register_profile("ci", max_examples=100, stateful_step_count=25, deadline=None)
 settings.register_profile(
     "long",
-    max_examples=20_000,
-    stateful_step_count=100,
+    max_examples=5_000,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

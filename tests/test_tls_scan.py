@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import socket
 import ssl
@@ -82,9 +83,15 @@ def client_cert_args(certs_dir: Path, srv: Server) -> tuple[str, ...]:
     return (f"--cert={certs_dir / 'alice-laptop.pem'}", f"--key={certs_dir / 'alice-laptop.key'}")
 
 
-def test_server_meets_mozilla_modern(sslyze, scanned_server, certs_dir, tmp_path) -> None:
+def refused_for_no_certificate(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("PEER_DID_NOT_RETURN_A_CERTIFICATE" in r.getMessage() for r in caplog.records)
+
+
+def test_server_meets_mozilla_modern(sslyze, scanned_server, certs_dir, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="securechat.server")
     extra = client_cert_args(certs_dir, scanned_server)
     result = scan(sslyze, scanned_server, certs_dir, tmp_path / "scan.json", *extra)["scan_result"]
+    assert refused_for_no_certificate(caplog) == 0  # with --require-client-cert, ours was taken
     errors = {name: a["error_reason"] for name, a in result.items() if a["status"] == "ERROR"}
     assert errors == {}
 
@@ -121,14 +128,18 @@ def test_server_meets_mozilla_modern(sslyze, scanned_server, certs_dir, tmp_path
 
 
 def test_scan_without_a_client_certificate_sees_it_required(
-    sslyze, certs_dir, tmp_path: Path
+    sslyze, certs_dir, tmp_path: Path, caplog
 ) -> None:
+    caplog.set_level(logging.INFO, logger="securechat.server")
     srv = start_server(certs_dir, tmp_path / "data", require_client_cert=True)
     try:
         result = scan(sslyze, srv, certs_dir, tmp_path / "scan.json")
     finally:
         srv.stop()
     assert result["connectivity_result"]["client_auth_requirement"] == "REQUIRED"
+    # TLS 1.3 checks the client certificate after the server's Finished, so the scan still sees
+    # the whole configuration; the server refused its connections for want of one.
+    assert refused_for_no_certificate(caplog) > 0
 
 
 def test_key_exchange_groups_outside_the_modern_profile_are_refused(server: Server, certs_dir):

@@ -1,4 +1,4 @@
-"""Helpers shared by the property-based tests and the coverage-guided harness
+"""Checks shared by the property-based tests and the coverage-guided harness
 (scripts/fuzz_codec.py): sessions brought to a state by a real login, and a decoder run over
 reads as a connection runs it. No test framework here, so the harness can import it."""
 
