@@ -306,3 +306,43 @@ def test_securechat_gui_from_the_command_line(display, certs_dir, tmp_path) -> N
         srv.wait_log("dora left")
     finally:
         srv.stop()
+
+
+def test_the_window_reconnects_and_sends_what_was_typed(
+    display, certs_dir, tmp_path, make_identity
+):
+    from securechat.client.events import Message
+
+    from .conftest import start_server, wait_for
+
+    data = tmp_path / "data"
+    srv = start_server(certs_dir, data)
+    port = srv.address[1]
+
+    def dial(user: str = "alice") -> Client:
+        return Client.connect("127.0.0.1", port, make_identity(user), user, certs_dir / "ca.pem")
+
+    gui = Gui(dial())
+    gui.window._reconnect = dial
+    gui.window.submit("/join #ops")
+    gui.pump(lambda: gui.model.current == "#ops")
+    srv.stop()
+    gui.pump(lambda: not gui.model.connected)
+    gui.window.submit("typed while the server was down")
+    gui.window.select("#lobby")  # held lines go where they were typed, not where we are now
+    assert gui.window.held == [("#ops", "typed while the server was down")]
+    srv = start_server(certs_dir, data, port=port)
+    try:
+        gui.pump(lambda: gui.model.connected, timeout=30)
+        assert "reconnected" in gui.lines("#lobby")  # said where the user is looking
+        with dial("bob") as bob:
+            bob.join("#ops").result(5)
+            gui.pump(lambda: "bob" in gui.model.conversations["#ops"].members)
+            gui.window.submit("and after", "#ops")
+            got = wait_for(bob, lambda e: isinstance(e, Message) and e.text == "and after")
+            assert got.room == "#ops"
+            history = bob.room_history("#ops").result(5)["messages"]
+            assert [m["text"] for m in history] == ["typed while the server was down", "and after"]
+        gui.window.close()
+    finally:
+        srv.stop()

@@ -10,9 +10,8 @@ so); lines typed meanwhile are sent after the reconnect, or you are told they we
 
 from __future__ import annotations
 
-import random
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
@@ -26,6 +25,7 @@ from securechat.client import commands
 from securechat.client.api import Client
 from securechat.client.controller import Controller
 from securechat.client.events import Closed
+from securechat.client.reconnect import backoff_delays
 from securechat.errors import AuthError, SecureChatError
 
 
@@ -52,20 +52,6 @@ class ChatCompleter(Completer):
         for candidate in candidates:
             if candidate.startswith(word.lower()) and candidate != word:
                 yield Completion(candidate, start_position=-len(word))
-
-
-BACKOFF_FIRST = 0.5  # seconds before the first reconnect attempt
-BACKOFF_MAX = 30.0
-
-
-def backoff_delays(rng: random.Random | None = None) -> Iterator[float]:
-    """Exponential backoff with full jitter in [d/2, d]: many clients dropped by one server
-    restart do not all come back in the same instant."""
-    rng = rng or random.Random()  # noqa: S311 - jitter for timing, not a secret
-    delay = BACKOFF_FIRST
-    while True:
-        yield rng.uniform(delay / 2, delay)
-        delay = min(delay * 2, BACKOFF_MAX)
 
 
 def run(

@@ -117,6 +117,7 @@ class ConnectDialog:
                 raise
             if me.user != user:
                 identity.remember_user(me, user)
+            self._redial = lambda: Client.connect(host, port, me, user, ca, history=history)
             return client, history
 
         def failed(exc: Exception) -> None:
@@ -129,7 +130,9 @@ class ConnectDialog:
         def show(result: tuple[Client, LocalHistory | None]) -> None:
             client, history = result
             self.frame.destroy()
-            self.window = ChatWindow(self.root, self.bridge, client, where, history)
+            self.window = ChatWindow(
+                self.root, self.bridge, client, where, history, reconnect=self._redial
+            )
 
         return show
 

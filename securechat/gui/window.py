@@ -17,9 +17,10 @@ from typing import Any
 from securechat.client import commands
 from securechat.client.api import Client
 from securechat.client.controller import Controller
-from securechat.client.events import DirectMessage, DMRejected, Event, Joined
+from securechat.client.events import Closed, DirectMessage, DMRejected, Event, Joined
 from securechat.client.history import LocalHistory
-from securechat.errors import SecureChatError
+from securechat.client.reconnect import backoff_delays
+from securechat.errors import AuthError, SecureChatError
 from securechat.gui.bridge import Bridge
 from securechat.gui.model import ChatModel, Line, Trust
 from securechat.protocol import LOBBY, valid_name
@@ -47,9 +48,14 @@ class ChatWindow:
         where: str,
         history: LocalHistory | None = None,
         on_closed: Callable[[], None] | None = None,
+        reconnect: Callable[[], Client] | None = None,
     ) -> None:
         self.root, self.bridge, self.client = root, bridge, client
         self.where, self.history, self._on_closed = where, history, on_closed
+        self._reconnect = reconnect
+        self._stop = threading.Event()
+        # (conversation, text) typed while disconnected; sent after reconnecting
+        self.held: list[tuple[str, str]] = []
         self.model = ChatModel(client.user)
         self.controller = Controller(client, self._command_output)
         self._shown: tuple[str, int] = ("", 0)  # conversation drawn, and how many of its lines
@@ -225,8 +231,51 @@ class ChatWindow:
     # -- events from the client (its event thread) ------------------------------------------------
 
     def _pump_events(self) -> None:
-        for event in self.client.events():
-            self.bridge.post(lambda e=event: self._on_event(e))
+        current: Client | None = self.client
+        while current is not None:
+            for event in current.events():
+                if isinstance(event, Closed) and self._reconnect and not self._closing:
+                    self.bridge.post(lambda e=event: self._on_event(e))
+                    current = self._reconnect_loop(event.reason)
+                    break
+                self.bridge.post(lambda e=event: self._on_event(e))
+            else:
+                current = None
+
+    def _reconnect_loop(self, reason: str) -> Client | None:
+        """Like the terminal client: retry with backoff and jitter, rejoin, send what waited."""
+        assert self._reconnect is not None
+        self.controller.detach()
+        for attempt, delay in enumerate(backoff_delays(), start=1):
+            status = f"reconnecting: attempt {attempt} in {delay:.1f}s ({reason})"
+            self.bridge.post(lambda s=status: self._set_status(s))
+            if self._stop.wait(delay):
+                return None
+            try:
+                new = self._reconnect()
+            except AuthError as exc:
+                self.bridge.post(lambda e=exc: self._set_status(f"cannot log in again: {e}"))
+                return None
+            except SecureChatError as exc:
+                reason = str(exc)
+                continue
+            self.client = new
+            self.controller.attach(new)  # rejoins our rooms (and waits for the answers)
+            self.bridge.post(self._reattached)
+            return new
+        return None
+
+    def _set_status(self, text: str) -> None:
+        self.model.connected = False
+        self.model.status = text
+
+    def _reattached(self) -> None:
+        self.model.connected = True
+        self.model.status = ""
+        self.model.note("reconnected")
+        held, self.held = self.held, []
+        for name, text in held:
+            self.submit(text, name)
 
     def _on_event(self, event: Event) -> None:
         self.controller.track(event)
@@ -254,8 +303,18 @@ class ChatWindow:
         self.input.insert("insert", "\n")
         return "break"
 
-    def submit(self, text: str) -> None:
-        """What Enter does with the input box's text."""
+    def submit(self, text: str, where: str | None = None) -> None:
+        """What Enter does with the input box's text (typed in conversation `where`, by default
+        the current one)."""
+        where = where if where in self.model.conversations else self.model.current
+        if not self.model.connected and not self._closing and text.strip() != "/quit":
+            if self._reconnect is None:
+                self.model.note("not connected", kind="warning")
+            else:
+                self.held.append((where, text))
+                self.model.note("not connected: this will be sent once we reconnect")
+            self.redraw()
+            return
         try:
             parsed = commands.parse(text)
         except SecureChatError as exc:
@@ -264,7 +323,7 @@ class ChatWindow:
             return
         if parsed is None:
             return
-        conv = self.model.conversations[self.model.current]
+        conv = self.model.conversations[where]
         if isinstance(parsed, commands.Say):
             if conv.is_dm:
                 self.send_dm(conv.peer, parsed.text)
@@ -435,8 +494,11 @@ class ChatWindow:
         if self._closing:
             return
         self._closing = True
+        self._stop.set()
         self.controller.quit_requested = True
         client, history = self.client, self.history
+        if self.held:
+            self.model.note(f"{len(self.held)} line(s) typed while disconnected were not sent")
         self.bridge.run(client.close)
         self.bridge.close()  # waits for the close above
         if history is not None:
