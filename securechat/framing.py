@@ -39,7 +39,7 @@ def parse(payload: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ProtocolError("bad_utf8", "frame is not valid UTF-8") from None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_not_json)
     # ValueError covers JSONDecodeError and over-long integers; deep nesting raises RecursionError.
     except (ValueError, RecursionError):
         raise ProtocolError("bad_json", "frame is not valid JSON") from None
@@ -52,6 +52,11 @@ def parse(payload: bytes) -> dict[str, Any]:
     if b"\\u" in payload and _has_lone_surrogate(obj):
         raise ProtocolError("bad_utf8", "frame holds a lone surrogate, which is not valid Unicode")
     return obj
+
+
+def _not_json(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which JSON does not have; nothing of ours sends them.
+    raise ValueError(f"{name} is not JSON")
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

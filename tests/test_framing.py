@@ -83,3 +83,10 @@ def test_parse_turns_any_bad_payload_into_our_protocol_error(payload: bytes, cod
         framing.parse(payload)
     assert info.value.code == code
     assert not info.value.fatal
+
+
+def test_nan_and_infinity_are_not_json() -> None:
+    for payload in (b'{"type": "say", "n": NaN}', b'{"type": "say", "n": -Infinity}'):
+        with pytest.raises(ProtocolError) as info:
+            framing.parse(payload)
+        assert (info.value.code, info.value.message) == ("bad_json", "frame is not valid JSON")
