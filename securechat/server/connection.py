@@ -362,9 +362,26 @@ class Connection:
 
     def _flush_tls(self) -> None:
         out = self.tls.data_to_send()
-        if out:
+        if not out:
+            return
+        if self.outbuf:
             self.outbuf += out
-            self._send_outbuf()
+        else:
+            # The usual case: nothing is waiting, so hand the records straight to the socket and
+            # keep only what it did not take (no copy into the buffer first).
+            try:
+                sent = self.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.abort(f"socket error: {exc.strerror or exc}")
+                return
+            if sent == len(out):
+                if self._want_write or self.closing is not None:
+                    self._send_outbuf()
+                return
+            self.outbuf = bytearray(memoryview(out)[sent:])
+        self._send_outbuf()
 
     def _send_outbuf(self) -> None:
         buf = self.outbuf
@@ -377,6 +394,9 @@ class Connection:
                 self.abort(f"socket error: {exc.strerror or exc}")
                 return
             del buf[:sent]
+        if not buf:
+            # Drained: let go of the capacity a burst grew, so an idle connection stays small.
+            self.outbuf = buf = bytearray()
         want = bool(buf)
         if want != self._want_write:
             self._want_write = want
