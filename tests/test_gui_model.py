@@ -72,3 +72,13 @@ def test_closed_says_why() -> None:
     model = ChatModel("alice")
     model.on_event(Closed("server shutting down"))
     assert (model.connected, model.status) == (False, "disconnected: server shutting down")
+
+
+def test_closing_the_last_conversation_leaves_something_to_show() -> None:
+    model = ChatModel("alice")
+    model.open("#dev")
+    model.select("#dev")
+    model.close("#dev")
+    assert model.current == "#lobby"
+    model.close("#lobby")
+    assert model.current == "#lobby" and list(model.conversations) == ["#lobby"]

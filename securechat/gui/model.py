@@ -107,7 +107,8 @@ class ChatModel:
     def close(self, name: str) -> None:
         self.conversations.pop(name, None)
         if self.current == name:
-            self.current = LOBBY if LOBBY in self.conversations else next(iter(self.conversations))
+            rest = [c.name for c in self.ordered()]
+            self.current = rest[0] if rest else self.open(LOBBY).name  # never nothing to show
 
     def ordered(self) -> list[Conversation]:
         """Rooms first, then DMs, each by name."""
