@@ -143,6 +143,8 @@ _LIMITS: tuple[tuple[str, str, click.ParamType, float, str], ...] = (
      "Bytes queued for a client that does not read before it is dropped."),
     ("--max-message", "max_message", click.IntRange(1, 8000), 8000,
      "Characters in one room message."),
+    ("--presence-limit", "presence_limit", click.IntRange(0), 1000,
+     "Rooms with more members than this tell only the user of a join or part (0: always all)."),
 )  # fmt: skip
 
 

@@ -193,8 +193,9 @@ class Controller:
     def _cmd_join(self, room: str) -> None:
         reply = self._wait(self.client.join(room))
         self.current_room = room
-        self.names.update(reply.get("members", []))
-        self.output(f"-- now talking in {room} ({len(reply.get('members', []))} here)")
+        members = reply.get("members", [])
+        self.names.update(members)
+        self.output(f"-- now talking in {room} ({_member_count(reply)} here)")
 
     def _cmd_part(self, room: str | None = None) -> None:
         room = room or self.current_room
@@ -217,9 +218,12 @@ class Controller:
         if room is None:
             self.output("!! you are in no room; /who #room")
             return
-        members = self._wait(self.client.who(room)).get("members", [])
+        reply = self._wait(self.client.who(room))
+        members = reply.get("members", [])
         self.names.update(members)
-        self.output(f"-- in {room}: {', '.join(clean_line(m) for m in members)}")
+        unlisted = _member_count(reply) - len(members)
+        more = f" and {unlisted} more" if unlisted > 0 else ""
+        self.output(f"-- in {room}: {', '.join(clean_line(m) for m in members)}{more}")
 
     def _cmd_me(self, action: str) -> None:
         if self.current_room is None:
@@ -276,3 +280,10 @@ class Controller:
 
     def _cmd_quit(self) -> None:
         self.quit_requested = True
+
+
+def _member_count(reply: dict[str, Any]) -> int:
+    """How many are in the room: a big room's reply lists only the names that fit in a frame."""
+    count, members = reply.get("count"), reply.get("members", [])
+    valid = isinstance(count, int) and not isinstance(count, bool) and count >= len(members)
+    return count if valid else len(members)

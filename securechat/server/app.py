@@ -54,6 +54,7 @@ class ServerConfig:
     burst: int = 30  # requests a user may send at once
     flood_refusals: int = 20  # rate-limited requests in a row before the sender is dropped
     max_message: int = protocol.TEXT_MAX  # characters in a room message
+    presence_limit: int = 1000  # members above which joins and parts are not announced; 0: none
     backlog: int = 1024
     history: int = 100  # room messages kept per room and sent to whoever joins
     dm_ttl_ms: int = 7 * 24 * 3600 * 1000  # queued DMs expire after this
@@ -73,7 +74,11 @@ class Server:
         self._history_rows: list[HistoryRow] = []
         self._history_lock = threading.Lock()
         self.hub = Hub(
-            config.max_frame, config.history, self._queue_history_row, config.max_message
+            config.max_frame,
+            config.history,
+            self._queue_history_row,
+            config.max_message,
+            config.presence_limit,
         )
         self.admission = Admission(config.max_connections, config.max_per_address)
         self.hub.load_history(self._worker.submit(self._stored_history).result())

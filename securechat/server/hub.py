@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from securechat.server.loop import IOLoop
 
 HISTORY_REPLY_OVERHEAD = 256  # the reply frame's own fields around its messages
+MEMBERS_REPLY_OVERHEAD = 256  # likewise around a member list
 
 
 class Room:
@@ -52,6 +53,7 @@ class Hub:
         history_keep: int = 100,
         history_sink: Callable[[HistoryRow], None] | None = None,
         max_message: int = TEXT_MAX,
+        presence_limit: int = 0,
     ) -> None:
         self._lock = threading.Lock()
         self._users: dict[str, Connection] = {}
@@ -63,6 +65,9 @@ class Hub:
         self._history: dict[str, deque[tuple[dict[str, Any], bytes]]] = {}
         self._history_keep = history_keep
         self._history_sink = history_sink
+        # Above this many members a room announces a join or part to that user only: telling
+        # everyone costs O(members) per join, O(members²) while a big room fills. 0: no limit.
+        self._presence_limit = presence_limit
 
     def load_history(self, rows: Iterable[HistoryRow]) -> None:
         """Seed room history from the store at start-up."""
@@ -151,7 +156,7 @@ class Hub:
         room = frame["room"]
         if room not in conn.rooms:
             self._join(conn, room)
-        return {"room": room, "members": sorted(self._rooms[room].members)}
+        return {"room": room, **self._member_list(self._rooms[room])}
 
     def _req_history(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
         room = self._member_room(conn, frame["room"])
@@ -208,9 +213,22 @@ class Hub:
         room = self._rooms.get(frame["room"])
         if room is None:
             raise ProtocolError("no_such_room", f"there is no room {frame['room']}")
-        return {"room": room.name, "members": sorted(room.members)}
+        return {"room": room.name, **self._member_list(room)}
 
     # -- internals (lock held) --------------------------------------------------------------------
+
+    def _member_list(self, room: Room) -> dict[str, Any]:
+        """The sorted member names that fit in one reply frame, and how many there are."""
+        names = sorted(room.members)
+        budget = self._max_frame - MEMBERS_REPLY_OVERHEAD
+        for i, name in enumerate(names):
+            budget -= len(name.encode()) + 3  # quotes and comma
+            if budget < 0:
+                return {"members": names[:i], "count": len(names), "truncated": True}
+        return {"members": names, "count": len(names)}
+
+    def _quiet(self, room: Room) -> bool:
+        return 0 < self._presence_limit < len(room.members)
 
     def _member_room(self, conn: Connection, name: str) -> Room:
         if name not in conn.rooms:
@@ -226,7 +244,11 @@ class Hub:
             conn.loop.deliver(data, (conn,))
         room.add(conn)
         conn.rooms.add(name)
-        self._broadcast(room, {"type": "joined", "room": name, "user": conn.user, "ts": now_ms()})
+        frame = {"type": "joined", "room": name, "user": conn.user, "ts": now_ms()}
+        if self._quiet(room):
+            conn.loop.deliver(framing.encode(frame, self._max_frame), (conn,))
+        else:
+            self._broadcast(room, frame)
 
     def _part(self, conn: Connection, room: Room, reason: str, notify_self: bool = True) -> None:
         frame = {
@@ -236,11 +258,14 @@ class Hub:
             "reason": reason,
             "ts": now_ms(),
         }
-        if notify_self:
+        quiet = self._quiet(room)
+        if notify_self and quiet:
+            conn.loop.deliver(framing.encode(frame, self._max_frame), (conn,))
+        elif notify_self:
             self._broadcast(room, frame)
         room.remove(conn)
         conn.rooms.discard(room.name)
-        if not notify_self:
+        if not notify_self and not quiet:
             self._broadcast(room, frame)
         if not room.members and room.name != LOBBY:
             del self._rooms[room.name]
