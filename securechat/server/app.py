@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from securechat import __version__, framing, protocol
-from securechat.errors import ConfigError, SecureChatError
+from securechat.errors import ConfigError, SecureChatError, StorageError
 from securechat.server.admission import Admission
 from securechat.server.connection import Connection
 from securechat.server.hub import Hub
@@ -71,6 +71,8 @@ class Server:
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
         # The store is opened on its worker thread: SQLite connections stay on one thread.
         self.store = self._worker.submit(SQLiteStore, config.data_dir / "securechat.db").result()
+        self._jobs: list[tuple[Callable[[], Any], Callable[[Any], None], IOLoop]] = []
+        self._jobs_lock = threading.Lock()
         self._history_rows: list[HistoryRow] = []
         self._history_lock = threading.Lock()
         self.hub = Hub(
@@ -250,18 +252,33 @@ class Server:
                 self._drained.notify_all()
 
     def run_blocking(self, work: Callable[[], T], then: Callable[[T | Exception], None]) -> None:
-        """Run `work` on the worker thread, then `then(result)` back on the calling loop."""
+        """Run `work` on the store's worker thread, then `then(result)` back on the calling loop.
+
+        Jobs that queue up while the worker is busy run as one batch in one transaction (group
+        commit): a hundred DMs cost one sync to disk, not a hundred. Every `then` runs after that
+        commit, so a sender hears "queued" only once its DM is durable.
+        """
         loop = threading.current_thread()
         assert isinstance(loop, IOLoop)
+        with self._jobs_lock:
+            self._jobs.append((work, then, loop))
+            if len(self._jobs) > 1:
+                return  # a batch run is already scheduled and will take this job too
+        self._worker.submit(self._run_jobs)
 
-        def job() -> None:
-            try:
-                result: Any = work()
-            except SecureChatError as exc:
-                result = exc
-            loop.call_soon(lambda: then(result))
-
-        self._worker.submit(job)
+    def _run_jobs(self) -> None:
+        with self._jobs_lock:
+            jobs, self._jobs = self._jobs, []
+        results: list[Any] = []
+        try:
+            with self.store.batch():
+                for work, _, _ in jobs:
+                    results.append(_outcome(work))
+        except SecureChatError as exc:  # the commit failed: nothing of this batch is stored
+            log.error("store batch of %d failed: %s", len(jobs), exc)
+            results = [exc] * len(jobs)
+        for (_, then, loop), result in zip(jobs, results, strict=True):
+            loop.call_soon(lambda then=then, result=result: then(result))
 
     # -- room history: a batched writer on the store's worker thread ------------------------------
 
@@ -305,3 +322,15 @@ class Server:
     def open_connections(self) -> int:
         with self._count_lock:
             return self._open_count
+
+
+def _outcome(work: Callable[[], T]) -> T | Exception:
+    """What one store job gives its caller: its result, or the error it met."""
+    try:
+        return work()
+    except SecureChatError as exc:
+        return exc
+    except Exception:
+        # A bug in one job must not undo the others in its batch; its caller hears of an error.
+        log.exception("store job failed")
+        return StorageError("internal server error")

@@ -9,10 +9,12 @@ messages are not end-to-end encrypted); never a secret or a DM's text.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hmac
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -52,6 +54,7 @@ class QuotaExceeded(StorageError):
 
 
 class Store(Protocol):
+    def batch(self) -> contextlib.AbstractContextManager[None]: ...
     def claim_name(self, user: str, public_key: bytes) -> Claim: ...
     def public_key(self, user: str) -> bytes | None: ...
     def queue_dm(self, dm: QueuedDM, *, ttl_ms: int, max_count: int, max_bytes: int) -> None: ...
@@ -129,28 +132,59 @@ class SQLiteStore:
                 f"BEGIN IMMEDIATE; {script} PRAGMA user_version = {target:d}; COMMIT;"
             )
 
-    def claim_name(self, user: str, public_key: bytes) -> Claim:
+    # -- transactions ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group commit: the operations inside share one transaction, so one sync to disk.
+
+        Each operation is a savepoint of its own, so one that fails (a full queue, say) undoes
+        only itself. Nothing inside is durable until this block ends without raising.
+        """
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            row = self._db.execute(
-                "SELECT public_key FROM identities WHERE user = ?", (user,)
-            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"server database error: {exc}") from None
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(f"server database error: {exc}") from None
+            raise
+
+    @contextlib.contextmanager
+    def _operation(self) -> Iterator[sqlite3.Connection]:
+        """One operation, all or nothing: its own transaction, or a savepoint inside a batch."""
+        db = self._db
+        try:
+            db.execute("SAVEPOINT operation")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK TO operation")
+                db.execute("RELEASE operation")
+                raise
+            db.execute("RELEASE operation")
+        except sqlite3.Error as exc:
+            raise StorageError(f"server database error: {exc}") from None
+
+    # -- names -------------------------------------------------------------------------------------
+
+    def claim_name(self, user: str, public_key: bytes) -> Claim:
+        with self._operation() as db:
+            row = db.execute("SELECT public_key FROM identities WHERE user = ?", (user,)).fetchone()
             if row is None:
-                self._db.execute(
+                db.execute(
                     "INSERT INTO identities (user, public_key, created_at) VALUES (?, ?, ?)",
                     (user, public_key, int(time.time())),
                 )
-                result = Claim.NEW
-            elif hmac.compare_digest(bytes(row[0]), public_key):
-                result = Claim.OWNER
-            else:
-                result = Claim.TAKEN
-            self._db.execute("COMMIT")
-            return result
-        except sqlite3.Error as exc:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise StorageError(f"server database error: {exc}") from None
+                return Claim.NEW
+            if hmac.compare_digest(bytes(row[0]), public_key):
+                return Claim.OWNER
+            return Claim.TAKEN
 
     def public_key(self, user: str) -> bytes | None:
         """The identity key bound to `user`, or None for a name nobody has claimed."""
@@ -165,89 +199,66 @@ class SQLiteStore:
     # -- direct messages waiting for their recipient -----------------------------------------------
 
     def queue_dm(self, dm: QueuedDM, *, ttl_ms: int, max_count: int, max_bytes: int) -> None:
-        """Store a sealed DM durably (committed with synchronous=FULL before we return).
+        """Store a sealed DM (durable, with synchronous=FULL, once its transaction commits: on
+        return, or at the end of the batch it is in).
 
         A DM already queued (same recipient, sender and id: the sender retried) is not stored
         twice. Raises QuotaExceeded when the recipient's queue is full.
         """
-        try:
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                count, size = self._db.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(box)), 0) FROM queued_dms "
-                    "WHERE recipient = ? AND expires > ?",
-                    (dm.recipient, dm.ts),
-                ).fetchone()
-                if count >= max_count or size + len(dm.box) > max_bytes:
-                    raise QuotaExceeded(
-                        f"{dm.recipient}'s queue of waiting messages is full "
-                        f"({count} messages, {size} bytes); try again later"
-                    )
-                self._db.execute(
-                    "INSERT OR IGNORE INTO queued_dms (recipient, sender, sender_key, msg_id, box,"
-                    " ts, expires) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        dm.recipient,
-                        dm.sender,
-                        dm.sender_key,
-                        dm.msg_id,
-                        dm.box,
-                        dm.ts,
-                        dm.ts + ttl_ms,
-                    ),
+        with self._operation() as db:
+            count, size = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(box)), 0) FROM queued_dms "
+                "WHERE recipient = ? AND expires > ?",
+                (dm.recipient, dm.ts),
+            ).fetchone()
+            if count >= max_count or size + len(dm.box) > max_bytes:
+                raise QuotaExceeded(
+                    f"{dm.recipient}'s queue of waiting messages is full "
+                    f"({count} messages, {size} bytes); try again later"
                 )
-        except sqlite3.Error as exc:
-            raise StorageError(f"server database error: {exc}") from None
+            db.execute(
+                "INSERT OR IGNORE INTO queued_dms (recipient, sender, sender_key, msg_id, box,"
+                " ts, expires) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (dm.recipient, dm.sender, dm.sender_key, dm.msg_id, dm.box, dm.ts, dm.ts + ttl_ms),
+            )
 
     def pending_dms(self, recipient: str, now_ms: int) -> list[QueuedDM]:
         """The recipient's unexpired DMs in the order they were accepted; drops expired ones."""
-        try:
-            with self._db:
-                self._db.execute("DELETE FROM queued_dms WHERE expires <= ?", (now_ms,))
-            rows = self._db.execute(
+        with self._operation() as db:
+            db.execute("DELETE FROM queued_dms WHERE expires <= ?", (now_ms,))
+            rows = db.execute(
                 "SELECT sender, sender_key, recipient, msg_id, box, ts FROM queued_dms "
                 "WHERE recipient = ? ORDER BY seq",
                 (recipient,),
             ).fetchall()
-        except sqlite3.Error as exc:
-            raise StorageError(f"server database error: {exc}") from None
         return [QueuedDM(r[0], bytes(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
 
     def ack_dms(self, recipient: str, msg_ids: list[str]) -> int:
         """Delete DMs the recipient acknowledged; returns how many were deleted."""
-        try:
-            with self._db:
-                self._db.execute("BEGIN")
-                cur = self._db.executemany(
-                    "DELETE FROM queued_dms WHERE recipient = ? AND msg_id = ?",
-                    [(recipient, m) for m in msg_ids],
-                )
+        with self._operation() as db:
+            cur = db.executemany(
+                "DELETE FROM queued_dms WHERE recipient = ? AND msg_id = ?",
+                [(recipient, m) for m in msg_ids],
+            )
             return cur.rowcount
-        except sqlite3.Error as exc:
-            raise StorageError(f"server database error: {exc}") from None
 
     # -- room history ------------------------------------------------------------------------------
 
     def append_history(self, rows: list[HistoryRow], keep: int) -> None:
         """Append a batch of room messages in one transaction, keeping the last `keep` per room
         (the batched writer calls this; never once per message on the I/O path)."""
-        try:
-            with self._db:
-                self._db.execute("BEGIN")
-                self._db.executemany(
-                    "INSERT INTO room_history (room, sender, text, ts, action) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    [(r.room, r.sender, r.text, r.ts, int(r.action)) for r in rows],
+        with self._operation() as db:
+            db.executemany(
+                "INSERT INTO room_history (room, sender, text, ts, action) VALUES (?, ?, ?, ?, ?)",
+                [(r.room, r.sender, r.text, r.ts, int(r.action)) for r in rows],
+            )
+            for room in {r.room for r in rows}:
+                db.execute(
+                    "DELETE FROM room_history WHERE room = ? AND seq <= COALESCE(("
+                    "SELECT seq FROM room_history WHERE room = ? "
+                    "ORDER BY seq DESC LIMIT 1 OFFSET ?), -1)",
+                    (room, room, keep),
                 )
-                for room in {r.room for r in rows}:
-                    self._db.execute(
-                        "DELETE FROM room_history WHERE room = ? AND seq <= COALESCE(("
-                        "SELECT seq FROM room_history WHERE room = ? "
-                        "ORDER BY seq DESC LIMIT 1 OFFSET ?), -1)",
-                        (room, room, keep),
-                    )
-        except sqlite3.Error as exc:
-            raise StorageError(f"server database error: {exc}") from None
 
     def room_history(self, room: str, limit: int) -> list[HistoryRow]:
         """The last `limit` messages of a room, oldest first."""

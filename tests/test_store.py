@@ -1,0 +1,106 @@
+"""The SQLite store on real files: group commit, and one failed operation in a batch undoing only
+itself. (Crash durability through the server is in test_durable.py.)"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from securechat.client import Client
+from securechat.errors import StorageError
+from securechat.server.store import Claim, QueuedDM, QuotaExceeded, SQLiteStore
+from tests.conftest import start_server
+
+KEY = b"k" * 32
+LIMITS = {"ttl_ms": 60_000, "max_count": 2, "max_bytes": 10_000}
+
+
+def dm(msg_id: str, to: str = "bob") -> QueuedDM:
+    return QueuedDM("alice", KEY, to, msg_id, "Ym94", 1_000)
+
+
+def ids(store: SQLiteStore, user: str = "bob") -> list[str]:
+    return [d.msg_id for d in store.pending_dms(user, 2_000)]
+
+
+def test_a_batch_commits_together_and_a_refused_operation_undoes_only_itself(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "db.sqlite"
+    store = SQLiteStore(path)
+    with store.batch():
+        store.queue_dm(dm("first-id1"), **LIMITS)
+        assert store.claim_name("carol", KEY) is Claim.NEW
+        store.queue_dm(dm("second-id"), **LIMITS)
+        with pytest.raises(QuotaExceeded, match="bob's queue of waiting messages is full"):
+            store.queue_dm(dm("third-id1"), **LIMITS)
+        store.queue_dm(dm("other-id1", to="dave"), **LIMITS)
+    store.close()
+    reopened = SQLiteStore(path)  # what was committed, as another process would see it
+    assert ids(reopened) == ["first-id1", "second-id"]
+    assert ids(reopened, "dave") == ["other-id1"]
+    assert reopened.claim_name("carol", KEY) is Claim.OWNER
+
+
+def test_a_batch_that_fails_stores_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    store = SQLiteStore(path)
+    with pytest.raises(RuntimeError), store.batch():
+        store.queue_dm(dm("first-id1"), **LIMITS)
+        raise RuntimeError("the worker died mid-batch")
+    assert ids(store) == []
+    store.queue_dm(dm("after-id1"), **LIMITS)  # and the store still works on its own
+    assert ids(SQLiteStore(path)) == ["after-id1"]
+
+
+def test_a_store_that_cannot_write_says_so(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "db.sqlite")
+    store.close()
+    with pytest.raises(StorageError, match="server database error"):
+        store.claim_name("carol", KEY)
+
+
+def test_logins_that_arrive_together_share_batches_and_all_succeed(
+    certs_dir: Path, tmp_path: Path, make_identity
+) -> None:
+    server = start_server(certs_dir, tmp_path / "data")
+    commits = []
+    real_batch = server.store.batch
+
+    def counting_batch():  # type: ignore[no-untyped-def]
+        commits.append(1)
+        return real_batch()
+
+    server.store.batch = counting_batch  # type: ignore[method-assign]
+    names = [f"user{i}" for i in range(24)]
+    keys = {name: make_identity(name) for name in names}
+    clients: list[Client] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def log_in(name: str) -> None:
+        try:
+            client = Client.connect(*server.address, keys[name], name, certs_dir / "ca.pem")
+        except BaseException as exc:
+            errors.append(exc)
+            return
+        with lock:
+            clients.append(client)
+
+    try:
+        threads = [threading.Thread(target=log_in, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == []
+        assert sorted(c.user for c in clients) == sorted(names)
+        assert commits  # the claims went through batches
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+    store = SQLiteStore(tmp_path / "data" / "securechat.db")
+    assert all(store.claim_name(n, keys[n].verify_key_bytes) is Claim.OWNER for n in names)
