@@ -26,7 +26,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from scripts.loadgen import servers, worker
+from scripts.loadgen import peers, servers, worker
 from scripts.loadgen.servers import Target
 
 PHASE_TIMEOUT = 600.0  # seconds any one phase (logins, sync) may take before the run gives up
@@ -104,8 +104,9 @@ def client_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     specs = [{"name": f"{prefix}{i}", "seed": secrets.token_hex(32)} for i in range(n)]
     if args.workload == "fanout":
         senders = min(args.senders, n)
-        for spec in specs[:senders]:
+        for k, spec in enumerate(specs[:senders]):
             spec["sender"] = True
+            spec["phase"] = k / senders  # where in each sending interval it sends
         receivers = specs[senders:]
         for spec in receivers[: args.probes]:
             spec["probe"] = True
@@ -114,6 +115,7 @@ def client_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
             a["partner"], a["partner_seed"] = b["name"], b["seed"]
             b["partner"], b["partner_seed"] = a["name"], a["seed"]
             a["sender"] = b["sender"] = True
+            a["phase"], b["phase"] = len(a["name"]) % 7 / 7, 0.5
     return specs
 
 
@@ -162,6 +164,7 @@ def timed_phase(ws: Workers, target: Target, args: argparse.Namespace) -> dict[s
         window=0 if args.rate else args.window,
         batch=args.batch if args.workload == "fanout" else 1,
         size=args.size,
+        lazy=args.lazy_ms / 1000 if args.rate else 0,
     )
     server_cpu = None
     if target.pid:
@@ -217,7 +220,8 @@ def run_once(args: argparse.Namespace, kind: str) -> dict[str, Any]:
         ws = Workers(args.workers, target, [1] if args.pin else None)
         specs = client_specs(args)
         out["n"] = len(specs)
-        out.update(open_clients(ws, specs, args.concurrency))
+        concurrency = args.concurrency or peers.wire_for(kind).login_concurrency
+        out.update(open_clients(ws, specs, concurrency))
         if out["logged_in"] == 0:
             raise RunFailed(f"no client logged in: {out['login_failures']}")
         if args.workload == "hold":
@@ -278,8 +282,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=4, help="flat out: batches in flight a sender")
     p.add_argument("--batch", type=int, default=16, help="flat out: messages per batch")
     p.add_argument("--probes", type=int, default=8, help="members that measure latency")
+    p.add_argument(
+        "--lazy-ms",
+        type=float,
+        default=50,
+        help="at a set --rate: read non-probe members in sweeps",
+    )
     p.add_argument("--workers", type=int, default=2, help="load-generator processes")
-    p.add_argument("--concurrency", type=int, default=256, help="logins in progress at once")
+    p.add_argument(
+        "--concurrency", type=int, default=0, help="logins in flight (default: 256; ngircd 40)"
+    )
     p.add_argument("--target", choices=["securechat", "ngircd", "both"], default="securechat")
     p.add_argument("--pin", action="store_true", help="server on CPU 0, load generator on CPU 1")
     p.add_argument("--connect", metavar="HOST:PORT", help="use a running server, do not start one")

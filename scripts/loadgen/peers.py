@@ -44,6 +44,8 @@ class SecureChatWire:
     ack = b'{"type":"ok"'  # the reply to each of our requests
     refusal = b'{"type":"error"'  # a request refused (rate limited, say)
     ping = b'{"type":"ping"'
+    max_burst = 1 << 20  # bytes a sender may write at once
+    login_concurrency = 256  # logins in flight: the server accepts with a backlog of 1024
     # The server echoes a sender's own message to it just before the "ok", and a refused say
     # gets an error instead: both end a request.
     echoes = True
@@ -112,6 +114,10 @@ class IRCWire:
     refusal = b" 404 "  # ERR_CANNOTSENDTOCHAN
     ping = b"PING :"
     echoes = False
+    # ngircd reads 2 KB at a time and handles 3 commands a client per pass: a larger TLS burst
+    # stalls that client (GnuTLS keeps the rest buffered where epoll cannot see it).
+    max_burst = 1200
+    login_concurrency = 40  # its listen backlog is 10: more connects in flight get dropped SYNs
 
     def greeting(self, login: Login) -> bytes:
         return f"NICK {login.name}\r\nUSER {login.name} 0 * :bench\r\n".encode()

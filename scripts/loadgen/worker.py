@@ -37,12 +37,13 @@ def cpu_seconds() -> float:
 
 class Client:
     __slots__ = (
-        "acked", "deadline", "dm", "events", "login", "next_send", "out", "probe", "raw", "sender",
-        "sent", "sock", "state", "tail",
+        "acked", "deadline", "dm", "events", "lazy", "login", "next_send", "offset", "out", "probe",
+        "raw", "sender", "sent", "sock", "state", "tail",
     )  # fmt: skip
 
-    def __init__(self, login: Login, sender: bool, probe: bool) -> None:
+    def __init__(self, login: Login, sender: bool, probe: bool, offset: float = 0.0) -> None:
         self.login = login
+        self.offset = offset  # fraction of the sending interval to wait, so senders interleave
         self.sender = sender
         self.probe = probe
         self.state = WAITING
@@ -56,6 +57,7 @@ class Client:
         self.deadline = 0.0
         self.events = 0
         self.dm: DirectMessages | None = None
+        self.lazy = False  # read in sweeps, not on every wake-up (see Worker._sweep)
 
 
 class Worker:
@@ -86,6 +88,8 @@ class Worker:
         self.sync_token: bytes | None = None
         self.unsynced = 0
         self.phase: dict[str, Any] | None = None
+        self.lazy: list[Client] = []
+        self.next_sweep = 0.0
         self.running = True
         self.pattern_len = max(
             len(p) for p in (self.wire.delivery, self.wire.ack, self.wire.ping, b"t=" + b"0" * 20)
@@ -103,7 +107,9 @@ class Worker:
             self.concurrency = msg["concurrency"]
             for spec in msg["clients"]:
                 login = Login(spec["name"], bytes.fromhex(spec["seed"]))
-                client = Client(login, spec.get("sender", False), spec.get("probe", False))
+                client = Client(
+                    login, spec.get("sender", False), spec.get("probe", False), spec.get("phase", 0)
+                )
                 if "partner" in spec:
                     partner_seed = bytes.fromhex(spec["partner_seed"])
                     client.dm = DirectMessages(login, spec["partner"], partner_seed)
@@ -294,7 +300,8 @@ class Worker:
                 self._closed(c, f"{type(exc).__name__}: {exc}")
                 return
             del out[:sent]
-        self.sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0), c)
+        if not c.lazy:
+            self.sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0), c)
 
     def _on_ready(self, c: Client) -> None:
         data = self._recv_all(c)
@@ -370,12 +377,39 @@ class Worker:
         self.phase["count_start"] = None
         interval = 1.0 / msg["rate_per_sender"] if msg["rate_per_sender"] else 0.0
         self.phase["interval"] = interval
-        for i, c in enumerate(self.clients):
+        if msg["lazy"]:
+            self._go_lazy()
+        for c in self.clients:
             if c.sender and c.state == READY:
                 c.sent = 0
                 c.acked = 0
-                # Spread the senders' ticks over one interval, so the offered load is smooth.
-                c.next_send = msg["start_at"] + interval * (i % 97) / 97
+                # The senders' ticks are spread over one interval, so the offered load is smooth.
+                c.next_send = msg["start_at"] + interval * c.offset
+
+    def _go_lazy(self) -> None:
+        """Members that neither send nor measure latency are read in sweeps (every `lazy`
+        seconds) instead of on each wake-up: at a paced rate each message would otherwise cost
+        one read per member, and the load generator, not the server, would set the latency.
+        The server's work is the same either way: it writes each message to each socket."""
+        for c in self.clients:
+            if c.state == READY and not (c.sender or c.probe or c.dm) and c.sock is not None:
+                self.sel.unregister(c.sock)
+                c.lazy = True
+                self.lazy.append(c)
+
+    def _sweep(self) -> None:
+        for c in self.lazy:
+            if c.state == READY:
+                self._on_ready(c)
+                self._flush(c)
+
+    def _end_lazy(self) -> None:
+        for c in self.lazy:
+            c.lazy = False
+            if c.state == READY and c.sock is not None:
+                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
+                self.sel.register(c.sock, events, c)
+        self.lazy = []
 
     def _text(self) -> str:
         stamp = f"t={time.monotonic_ns():020d} "
@@ -393,7 +427,8 @@ class Worker:
                 c.sent += 1
                 self._write(c, c.dm.seal(self._text()))
             return
-        wire, batch = self.wire, phase["batch"]
+        wire = self.wire
+        batch = max(1, min(phase["batch"], wire.max_burst // (phase["size"] + 40)))
         per_batch = wire.acks_per_batch(batch)
         while (c.sent // batch) * per_batch - c.acked < phase["window"] * per_batch:
             data = b"".join(wire.say(self._text()) for _ in range(batch))
@@ -425,6 +460,9 @@ class Worker:
         """Move the timed phase along; return how long the loop may sleep."""
         phase = self.phase
         assert phase is not None
+        if self.lazy and (now >= self.next_sweep or now >= phase["start_at"] > self.next_sweep):
+            self._sweep()
+            self.next_sweep = now + phase["lazy"]
         if phase["count_start"] is None and now >= phase["start_at"]:
             phase["count_start"] = self.deliveries
             phase["cpu_start"] = cpu_seconds()
@@ -437,11 +475,20 @@ class Worker:
             and "count_stop" not in phase
             and now >= phase["stop_at"]
         ):
+            self._sweep()
             phase["count_stop"] = self.deliveries
             phase["cpu_stop"] = cpu_seconds()
         if "count_stop" in phase and now >= phase["stop_at"] + phase["grace"]:
+            self._end_lazy()
             self._report()
             return 0.05
+        if self.lazy:
+            return min(self._wait(now), max(0.0, self.next_sweep - now))
+        return self._wait(now)
+
+    def _wait(self, now: float) -> float:
+        phase = self.phase
+        assert phase is not None
         if phase["count_start"] is None:
             return max(0.0, phase["start_at"] - now)
         if not phase["window"] and "count_stop" not in phase:

@@ -14,6 +14,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from securechat.tls import server_context
 log = logging.getLogger("securechat.server")
 T = TypeVar("T")
 ACCEPT_PAUSE = 0.1  # seconds to wait after accept() fails before trying again
+HISTORY_FLUSH_DELAY = 0.1  # seconds room messages wait to be written to the store together
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Server:
         self._jobs_lock = threading.Lock()
         self._history_rows: list[HistoryRow] = []
         self._history_lock = threading.Lock()
+        self._history_flushed_at = 0.0
         self.hub = Hub(
             config.max_frame,
             config.history,
@@ -290,17 +293,32 @@ class Server:
         ]
 
     def _queue_history_row(self, row: HistoryRow) -> None:
-        # Called under the hub's lock on an I/O loop: only append, and schedule one flush job
-        # if none is pending; rows that arrive while the worker is busy share one transaction.
+        # Called under the hub's lock on an I/O loop: only append, and schedule one flush if
+        # none is pending. A message in a quiet room is written at once; in a busy one, rows
+        # wait up to HISTORY_FLUSH_DELAY to share a transaction, so the room costs ten commits
+        # (and syncs to disk) a second, not one per message. A crash can lose those last rows.
         with self._history_lock:
             self._history_rows.append(row)
             if len(self._history_rows) > 1:
                 return
-        self._worker.submit(self._flush_history)
+            delay = self._history_flushed_at + HISTORY_FLUSH_DELAY - time.monotonic()
+        if delay <= 0:
+            self._schedule_history_flush()
+            return
+        timer = threading.Timer(delay, self._schedule_history_flush)
+        timer.daemon = True
+        timer.start()
+
+    def _schedule_history_flush(self) -> None:
+        try:
+            self._worker.submit(self._flush_history)
+        except RuntimeError:
+            pass  # the server has stopped, and stop() flushed what was left
 
     def _flush_history(self) -> None:
         with self._history_lock:
             rows, self._history_rows = self._history_rows, []
+            self._history_flushed_at = time.monotonic()
         if rows and self.config.history > 0:
             try:
                 self.store.append_history(rows, self.config.history)
