@@ -3,6 +3,7 @@ a real prompt_toolkit pipe, and line mode through real `securechat client` subpr
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from securechat.client.events import (
 )
 from securechat.client.render import clean, one_line, render
 
-from .cli_helpers import LineClient, ServerProcess, run_client
+from .cli_helpers import REPO, LineClient, ServerProcess, cli_env, client_args, run_client
 from .conftest import PASSPHRASE, wait_for
 
 TS = 1_700_000_000_000  # any fixed time; rendered in local time
@@ -269,6 +270,34 @@ def test_client_errors_are_one_clear_line(
     assert "user name 'x y' may hold only" in bad_name.stderr
     for result in (wrong_ca, no_server, no_user, bad_name):
         assert "Traceback" not in result.stderr
+
+
+def test_a_line_that_is_not_utf8_is_refused_and_the_rest_still_goes(
+    server, certs_dir, keys
+) -> None:
+    port, ca = server.address[1], certs_dir / "ca.pem"
+    bob = LineClient(keys("bob"), port, ca, user="bob")
+    try:
+        bob.out.wait_for("-- bob joined #lobby")
+        args = client_args(keys("alice"), port, ca, (), "alice")
+        result = subprocess.run(
+            args,
+            cwd=REPO,
+            env=cli_env(),
+            input=b"bad \x9b byte\nafter the bad line\n",
+            capture_output=True,
+            timeout=60,
+        )
+        out, err = result.stdout.decode(), result.stderr.decode()
+        assert result.returncode == 1, err  # something was not sent
+        assert (
+            "!! that line is not valid UTF-8 (check your terminal's or file's encoding); it " in out
+        )
+        assert "Traceback" not in err
+        bob.out.wait_for("<alice> after the bad line")
+        assert "bad" not in bob.out.text.replace("after the bad line", "")
+    finally:
+        assert bob.finish() == 0
 
 
 def test_dm_through_the_cli_and_a_server_that_swaps_bobs_key(certs_dir, tmp_path, keys) -> None:

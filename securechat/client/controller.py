@@ -91,6 +91,14 @@ class Controller:
 
     def handle_line(self, line: str) -> bool:
         """Act on one input line; False once the user asked to quit."""
+        if not _is_unicode(line):
+            # Undecodable input bytes arrive as lone surrogates, which no frame can carry.
+            self.failures += 1
+            self.output(
+                "!! that line is not valid UTF-8 (check your terminal's or file's encoding); "
+                "it was not sent"
+            )
+            return not self.quit_requested
         try:
             parsed = commands.parse(line)
             if parsed is None:
@@ -287,3 +295,11 @@ def _member_count(reply: dict[str, Any]) -> int:
     count, members = reply.get("count"), reply.get("members", [])
     valid = isinstance(count, int) and not isinstance(count, bool) and count >= len(members)
     return count if valid else len(members)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

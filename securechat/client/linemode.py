@@ -46,11 +46,14 @@ def run(client: Client, stdin: TextIO | None = None, stdout: TextIO | None = Non
         finished.set()
 
     def read_input() -> None:
-        for line in stdin:
-            if not controller.handle_line(line.rstrip("\r\n")):
-                break
-        controller.quit_requested = True
-        finished.set()
+        try:
+            for line in stdin:
+                if not controller.handle_line(line.rstrip("\r\n")):
+                    break
+        finally:
+            # Whatever ended the input (even a bug), the client must not wait forever for it.
+            controller.quit_requested = True
+            finished.set()
 
     printer = threading.Thread(target=pump_events, name="events", daemon=True)
     printer.start()
