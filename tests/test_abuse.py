@@ -182,6 +182,18 @@ def test_a_history_that_does_not_fit_one_frame_is_cut_not_fatal(server, connect)
 # -- connections that never get going ------------------------------------------------------------
 
 
+@pytest.mark.server_config(handshake_timeout=20, login_timeout=1)
+def test_the_login_timeout_counts_from_the_end_of_the_handshake(server, certs_dir) -> None:
+    with RawTLS(server.address, certs_dir / "ca.pem", timeout=30) as raw:
+        raw.sock.do_handshake()
+        shaken = time.monotonic()
+        frames = raw.until_closed(timeout=15)
+        waited = time.monotonic() - shaken
+    assert frames == [{"type": "bye", "reason": "login timed out"}]
+    # Counted from accept, it would add the 20 s handshake allowance.
+    assert 0.9 <= waited < 10
+
+
 @pytest.mark.server_config(handshake_timeout=1.5)
 def test_hundreds_of_stalled_connections(server, connect) -> None:
     started = time.monotonic()

@@ -77,7 +77,7 @@ class Connection:
         self._want_write = False
         now = time.monotonic()
         self._hs_deadline = now + server.config.handshake_timeout
-        self._login_deadline = self._hs_deadline + server.config.login_timeout
+        self._login_deadline = self._hs_deadline + server.config.login_timeout  # set anew later
         self._heard = now  # when the client last sent anything
         self._idle_at = 0.0  # next idle check; 0 until login
         self._pinged = False
@@ -108,6 +108,8 @@ class Connection:
                 if self.refusal is not None:
                     self._refuse_connection()
                     return
+                # --login-timeout counts from the end of the handshake, as its help says.
+                self._login_deadline = time.monotonic() + self.server.config.login_timeout
                 self.loop.add_deadline(self._login_deadline, self)
             plaintext = self.tls.read()
         except ssl.SSLError as exc:
