@@ -83,6 +83,12 @@ def main() -> None:
     **_env("CERTS_REUSE_CA"),
 )
 @click.option("--force", is_flag=True, help="Overwrite existing files.", **_env("CERTS_FORCE"))
+@click.option(
+    "--if-missing",
+    is_flag=True,
+    help="Do nothing if --out already holds a CA and server certificate (and any --client).",
+    **_env("CERTS_IF_MISSING"),
+)
 def gen_certs(
     out_dir: Path,
     hosts: tuple[str, ...],
@@ -90,10 +96,19 @@ def gen_certs(
     days: int,
     reuse_ca: bool,
     force: bool,
+    if_missing: bool,
 ) -> None:
     """Make a local certificate authority and the server (and client) certificates."""
     from securechat import certs
 
+    if if_missing and force:
+        raise click.UsageError("--if-missing and --force contradict each other; pass one")
+    wanted = ["ca.pem", "server.pem", "server.key", *(f"{c}.pem" for c in clients)]
+    if if_missing and all((out_dir / name).is_file() for name in wanted):
+        fingerprint = certs.load_cert_fingerprint(out_dir / "ca.pem")
+        click.echo(f"{out_dir} already holds {', '.join(wanted)}; nothing to do")
+        click.echo(f"CA fingerprint (SHA-256): {fingerprint}")
+        return
     report = certs.generate(
         out_dir, hosts=hosts, clients=clients, days=days, reuse_ca=reuse_ca, force=force
     )

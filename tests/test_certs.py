@@ -437,6 +437,31 @@ def test_cli_prints_the_ca_fingerprint_and_refuses_a_second_run(tmp_path: Path) 
     assert again.stdout == ""
     assert snapshot(out) == before
 
+    # --if-missing (the README's first command) leaves a complete set alone and says so ...
+    idle = run_cli("gen-certs", "--out", str(out), "--client", "alice", "--if-missing")
+    assert idle.returncode == 0, idle.stderr
+    assert idle.stdout.splitlines() == [
+        f"{out} already holds ca.pem, server.pem, server.key, alice.pem; nothing to do",
+        f"CA fingerprint (SHA-256): {fingerprint}",
+    ]
+    assert snapshot(out) == before
+    # ... and does not go with --force.
+    both = run_cli("gen-certs", "--out", str(out), "--if-missing", "--force")
+    assert both.returncode == 2
+    assert "--if-missing and --force contradict each other" in both.stderr
+
+
+def test_if_missing_makes_certificates_where_there_are_none(tmp_path: Path) -> None:
+    out = tmp_path / "fresh"
+    proc = run_cli("gen-certs", "--out", str(out), "--if-missing")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ca.key",
+        "ca.pem",
+        "server.key",
+        "server.pem",
+    ]
+
 
 def test_cli_rejects_a_bad_host_with_one_line(tmp_path: Path) -> None:
     proc = run_cli("gen-certs", "--out", str(tmp_path / "c"), "--host", "a..b")
