@@ -40,15 +40,14 @@ class RunFailed(Exception):
 class Workers:
     """The worker processes and their pipes."""
 
-    def __init__(self, count: int, target: Target, cpus: list[int] | None) -> None:
+    def __init__(self, count: int, target: Target, workload: str, cpus: list[int] | None) -> None:
         ctx = multiprocessing.get_context("fork")
         self.pipes: list[Pipe] = []
         self.procs = []
         for i in range(count):
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(
-                target=worker.main, args=(theirs, i, target.as_json(), cpus), daemon=True
-            )
+            spec = {**target.as_json(), "workload": workload}
+            proc = ctx.Process(target=worker.main, args=(theirs, i, spec, cpus), daemon=True)
             proc.start()
             theirs.close()
             self.pipes.append(ours)
@@ -217,7 +216,7 @@ def run_once(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     ws = None
     try:
         rss0 = servers.rss_kib(target.pid) if target.pid else 0
-        ws = Workers(args.workers, target, [1] if args.pin else None)
+        ws = Workers(args.workers, target, args.workload, [1] if args.pin else None)
         specs = client_specs(args)
         out["n"] = len(specs)
         concurrency = args.concurrency or peers.wire_for(kind).login_concurrency

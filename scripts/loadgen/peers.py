@@ -119,6 +119,11 @@ class IRCWire:
     max_burst = 1200
     login_concurrency = 40  # its listen backlog is 10: more connects in flight get dropped SYNs
 
+    def __init__(self, join: bool = True) -> None:
+        # IRC users need not be in any channel, so held clients stay out of one: joining ten
+        # thousand to one channel costs ngircd minutes (every join lists and tells everyone).
+        self.join = join
+
     def greeting(self, login: Login) -> bytes:
         return f"NICK {login.name}\r\nUSER {login.name} 0 * :bench\r\n".encode()
 
@@ -136,7 +141,10 @@ class IRCWire:
                 continue
             code = parts[1]
             if code == b"001":
-                out.append(f"JOIN {self.room}\r\n".encode())
+                if not self.join:
+                    login.done = True  # hold: registered is logged in
+                else:
+                    out.append(f"JOIN {self.room}\r\n".encode())
             elif code == b"366":  # end of the member list: joined
                 login.done = True
             elif code in (b"433", b"432", b"465", b"471", b"473", b"474") or line.startswith(
@@ -167,11 +175,11 @@ class IRCWire:
 Wire = SecureChatWire | IRCWire
 
 
-def wire_for(target: str) -> Wire:
+def wire_for(target: str, workload: str = "fanout") -> Wire:
     if target == "securechat":
         return SecureChatWire()
     if target == "ngircd":
-        return IRCWire()
+        return IRCWire(join=workload != "hold")
     raise ValueError(f"unknown target {target!r}")
 
 

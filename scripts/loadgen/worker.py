@@ -64,7 +64,7 @@ class Worker:
     def __init__(self, pipe: Pipe, index: int, target: dict[str, Any]) -> None:
         self.pipe = pipe
         self.index = index
-        self.wire: Wire = wire_for(target["kind"])
+        self.wire: Wire = wire_for(target["kind"], target["workload"])
         self.addr = (target["host"], target["port"])
         self.ctx = ssl.create_default_context(cafile=target["ca"])
         self.ctx.minimum_version = ssl.TLSVersion.TLSv1_3

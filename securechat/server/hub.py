@@ -277,4 +277,4 @@ class Hub:
     def _broadcast(self, room: Room, frame: dict[str, Any]) -> None:
         data = framing.encode(frame, self._max_frame)
         for loop, conns in room.by_loop.items():
-            loop.deliver(data, tuple(conns))
+            loop.deliver(data, conns)

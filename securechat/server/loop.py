@@ -50,10 +50,15 @@ class IOLoop(threading.Thread):
         self._wake()
 
     def deliver(self, data: bytes, conns: Iterable[Connection]) -> None:
-        """Queue one encoded frame for some of this loop's connections."""
+        """Queue one encoded frame for some of this loop's connections.
+
+        From another thread the connections are copied, since the caller's collection may
+        change before this loop runs; on this loop they are queued at once, with no copy.
+        """
         if threading.current_thread() is self:
             self._queue(data, conns)
         else:
+            conns = tuple(conns)
             self.call_soon(lambda: self._queue(data, conns))
 
     def stop(self) -> None:
