@@ -23,6 +23,9 @@ from .screenshot import take
 
 tk = pytest.importorskip("tkinter")
 
+# How long to wait for anything: generous, so that a loaded machine only makes a test slower.
+WAIT = 60.0
+
 
 def _free_display() -> int:
     for number in range(90, 200):
@@ -44,7 +47,7 @@ def display() -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + WAIT
     while not Path(f"/tmp/.X11-unix/X{number}").exists():
         if time.monotonic() > deadline:
             proc.kill()
@@ -86,12 +89,27 @@ class Gui:
         self.bridge = Bridge(self.root)
         self.window = ChatWindow(self.root, self.bridge, client, where)
         self.model = self.window.model
+        # A new window is ready to type into: its keys will go to the input box.
+        assert self.root.focus_lastfor() is self.window.input
 
-    def pump(self, until: Callable[[], object], timeout: float = 15.0) -> None:
+    def pump(self, until: Callable[[], object], timeout: float = WAIT) -> None:
         deadline = time.monotonic() + timeout
         while not until():
             assert time.monotonic() < deadline, "the window never got there"
             self.root.tk.dooneevent(0)  # waits for the next Tk event (the bridge polls often)
+
+    def focus_input(self) -> None:
+        """Give the input box the keyboard focus, and wait until it really has it: a key event
+        goes to whichever widget has the focus, not necessarily the one it was generated on."""
+        self.window.input.focus_force()
+        self.pump(lambda: self.root.focus_get() is self.window.input)
+
+    def type_enter(self, text: str) -> None:
+        """Type `text` into the input box and press Enter, with the focus where a user's is."""
+        self.focus_input()
+        self.window.input.insert("end", text)
+        self.window.input.event_generate("<Return>")
+        assert self.window.input.get("1.0", "end-1c") == "", "Enter did not send"
 
     def lines(self, name: str) -> list[str]:
         conv = self.model.conversations.get(name)
@@ -131,15 +149,21 @@ def test_chat_in_lobby_and_a_dm_with_a_terminal_user(
 ) -> None:
     port, ca = server.address[1], certs_dir / "ca.pem"
     bob = LineClient(key_file(tmp_path, "bob"), port, ca, user="bob")
-    bob.out.wait_for("-- bob joined #lobby")
+    try:
+        chat_with_bob(gui_for, bob, tmp_path, display)
+    finally:
+        bob.kill()  # already finished, unless the test failed
+
+
+def chat_with_bob(gui_for, bob: LineClient, tmp_path: Path, display: str) -> None:
+    bob.out.wait_for("-- bob joined #lobby", WAIT)
     gui = gui_for("alice")
     gui.pump(lambda: "bob" in gui.model.conversations["#lobby"].members)
     assert list(gui.window.members.get(0, "end")) == ["alice", "bob"]
 
     # Room: the window sends, the terminal user answers, a mention is highlighted.
-    gui.window.input.insert("1.0", "hello from the window")
-    gui.window.input.event_generate("<Return>")
-    bob.out.wait_for("<alice> hello from the window")
+    gui.type_enter("hello from the window")
+    bob.out.wait_for("<alice> hello from the window", WAIT)
     bob.send("alice: welcome to the lobby")
     gui.pump(gui.shows("#lobby", "welcome to the lobby"))
     [line] = [x for x in gui.model.conversations["#lobby"].lines if "welcome" in x.text]
@@ -148,16 +172,17 @@ def test_chat_in_lobby_and_a_dm_with_a_terminal_user(
     assert gui.window.view.tag_ranges("mention")
 
     # Shift+Enter adds a line; Enter sends both lines as one message.
+    gui.focus_input()
     gui.window.input.insert("1.0", "first line")
     gui.window.input.event_generate("<Shift-Return>")
     gui.window.input.insert("end", "second line")
     assert gui.window.input.get("1.0", "end-1c") == "first line\nsecond line"
-    gui.window.input.event_generate("<Return>")
-    bob.out.wait_for("<alice> first line\\nsecond line")
+    gui.type_enter("")
+    bob.out.wait_for("<alice> first line\\nsecond line", WAIT)
 
     # DM: sealed to bob, answered by bob, unread until opened, with bob's key state shown.
     gui.window.submit("/msg bob the plan is on")
-    bob.out.wait_for("*alice* the plan is on")
+    bob.out.wait_for("*alice* the plan is on", WAIT)
     gui.pump(gui.shows("@bob", "the plan is on"))
     bob.send("/msg alice understood")
     gui.pump(gui.shows("@bob", "understood"))
@@ -170,7 +195,7 @@ def test_chat_in_lobby_and_a_dm_with_a_terminal_user(
 
     # Verify: the number matches the one bob's terminal shows; marking it verified shows it.
     bob.send("/verify alice")
-    number_line = bob.out.wait_for("-- safety number with alice: ")
+    number_line = bob.out.wait_for("-- safety number with alice: ", WAIT)
     bob_number = number_line.split(": ", 1)[1].strip()
     gui.window.open_verify()
     gui.pump(lambda: gui.window.verify_dialog is not None)
@@ -180,8 +205,7 @@ def test_chat_in_lobby_and_a_dm_with_a_terminal_user(
     assert "@bob \u2713" in gui.window.sidebar.get(0, "end")
 
     # A screenshot of the DM with its verified key, for a person to look at too.
-    for _ in range(5):
-        gui.root.update()
+    gui.root.update()
     shot = take(display)
     shot.save_png(tmp_path / "gui.png")
     assert shot.colours() > 20, "the screenshot is blank"
@@ -192,8 +216,8 @@ def test_chat_in_lobby_and_a_dm_with_a_terminal_user(
     gui.pump(lambda: list(gui.window.members.get(0, "end")) == ["alice"])
 
     gui.window.close()
-    bob.out.wait_for("-- alice left #lobby")
-    assert bob.finish() == 0
+    bob.out.wait_for("-- alice left #lobby", WAIT)
+    assert bob.finish(WAIT) == 0
 
 
 def test_a_changed_key_is_shown_and_blocks_sending(display, certs_dir, tmp_path, make_identity):
@@ -211,7 +235,7 @@ def test_a_changed_key_is_shown_and_blocks_sending(display, certs_dir, tmp_path,
     try:
         host, port = hostile.address
         fake = LineClient(key_file(tmp_path, "not-bob"), port, ca, user="bob")
-        fake.out.wait_for("-- bob joined #lobby")
+        fake.out.wait_for("-- bob joined #lobby", WAIT)
         gui = Gui(Client.connect(host, port, alice_key, "alice", ca))
         gui.window.submit("/query bob")
         gui.pump(lambda: gui.model.conversations["@bob"].blocked)
@@ -229,7 +253,7 @@ def test_a_changed_key_is_shown_and_blocks_sending(display, certs_dir, tmp_path,
         gui.pump(lambda: gui.model.current == "#after")
         gui.window.close()
         fake.send("/quit")
-        assert fake.finish() == 0
+        assert fake.finish(WAIT) == 0
         assert "are you really bob" not in fake.out.text
     finally:
         hostile.stop()
@@ -278,10 +302,33 @@ def test_the_connect_dialog_says_what_went_wrong(
     dialog.window.close()
 
 
+def find_window(display: str, title: str) -> str:
+    """The id of the top-level window whose title starts with `title`, waiting for it.
+
+    Only the screen's top-level windows are searched: a deeper search reads the properties of
+    every window, and one that a client destroys meanwhile makes xdotool fail (BadWindow). That
+    can still happen to a top-level window, so a failed search is tried again until the deadline.
+    """
+    xenv = {**os.environ, "DISPLAY": display}
+    deadline = time.monotonic() + WAIT
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            found = subprocess.run(
+                ["xdotool", "search", "--sync", "--maxdepth", "1", "--name", f"^{title}"],
+                env=xenv, capture_output=True, text=True, timeout=remaining,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            break
+        if found.returncode == 0 and found.stdout.split():
+            return found.stdout.split()[0]
+    raise AssertionError(f"no window titled {title!r} on {display}")
+
+
 def test_securechat_gui_from_the_command_line(display, certs_dir, tmp_path) -> None:
     if shutil.which("xdotool") is None:
         pytest.skip("xdotool is not installed (.ci/run installs it with apt-get as root)")
     srv = ServerProcess("--certs", str(certs_dir), "--data", str(tmp_path / "d"), cwd=tmp_path)
+    proc = None
     try:
         port = srv.address[1]
         key = key_file(tmp_path, "dora")
@@ -291,20 +338,26 @@ def test_securechat_gui_from_the_command_line(display, certs_dir, tmp_path) -> N
             cwd=REPO, env=cli_env(DISPLAY=display), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        srv.wait_log("dora logged in", timeout=30)
-        # Type /quit and Enter into the window, as a user would.
+        srv.wait_log("dora logged in", WAIT)
+        # The chat window takes its title once its input box has the focus within it. Give the
+        # window the keyboard focus, then type /quit and Enter as a user would (XTEST keys go
+        # to the focused window).
+        window = find_window(display, "securechat: dora @ ")
         xenv = {**os.environ, "DISPLAY": display}
-        subprocess.run(
-            ["xdotool", "search", "--sync", "--name", "securechat: dora", "windowfocus", "--sync",
-             "%1", "type", "--delay", "20", "/quit"],
-            env=xenv, check=True, timeout=30,
-        )  # fmt: skip
-        subprocess.run(["xdotool", "key", "Return"], env=xenv, check=True, timeout=30)
-        _out, err = proc.communicate(timeout=20)
+        for command in (
+            ["windowfocus", "--sync", window],
+            ["type", "--delay", "20", "/quit"],
+            ["key", "Return"],
+        ):
+            subprocess.run(["xdotool", *command], env=xenv, check=True, timeout=WAIT)
+        _out, err = proc.communicate(timeout=WAIT)
         assert proc.returncode == 0, err
         assert "Traceback" not in err
-        srv.wait_log("dora left")
+        srv.wait_log("dora left", WAIT)
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
         srv.stop()
 
 
@@ -333,15 +386,15 @@ def test_the_window_reconnects_and_sends_what_was_typed(
     assert gui.window.held == [("#ops", "typed while the server was down")]
     srv = start_server(certs_dir, data, port=port)
     try:
-        gui.pump(lambda: gui.model.connected, timeout=30)
+        gui.pump(lambda: gui.model.connected)
         assert "reconnected" in gui.lines("#lobby")  # said where the user is looking
         with dial("bob") as bob:
-            bob.join("#ops").result(5)
+            bob.join("#ops").result(WAIT)
             gui.pump(lambda: "bob" in gui.model.conversations["#ops"].members)
             gui.window.submit("and after", "#ops")
-            got = wait_for(bob, lambda e: isinstance(e, Message) and e.text == "and after")
+            got = wait_for(bob, lambda e: isinstance(e, Message) and e.text == "and after", WAIT)
             assert got.room == "#ops"
-            history = bob.room_history("#ops").result(5)["messages"]
+            history = bob.room_history("#ops").result(WAIT)["messages"]
             assert [m["text"] for m in history] == ["typed while the server was down", "and after"]
         gui.window.close()
     finally:

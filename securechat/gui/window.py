@@ -71,7 +71,6 @@ class ChatWindow:
 
     def _build(self) -> None:
         root = self.root
-        root.title(f"securechat: {self.client.user} @ {self.where}")
         root.geometry("960x600")
         root.protocol("WM_DELETE_WINDOW", self.close)
         outer = ttk.Frame(root, padding=4)
@@ -120,7 +119,6 @@ class ChatWindow:
         self.input.pack(fill="x", side="bottom", pady=(4, 0))
         self.input.bind("<Return>", self._on_enter)
         self.input.bind("<Shift-Return>", self._on_shift_enter)
-        self.input.focus_set()
         panes.add(middle, weight=1)
 
         right = ttk.Frame(panes, width=150)
@@ -133,6 +131,15 @@ class ChatWindow:
 
         self.status = ttk.Label(root, anchor="w", padding=(6, 2))
         self.status.pack(fill="x", side="bottom")
+
+        # Typing goes to the input box. Tk only records the focus of a widget that is mapped: a
+        # focus_set on an unmapped one waits for it to become visible, and keys that arrive
+        # before then go to the bare toplevel and are lost. So lay the window out (which maps
+        # the widgets) first. The title comes last: a window titled for its user is ready to
+        # type into.
+        root.update_idletasks()
+        self.input.focus_set()
+        root.title(f"securechat: {self.client.user} @ {self.where}")
 
     # -- drawing ----------------------------------------------------------------------------------
 
