@@ -204,6 +204,11 @@ def chat_with_bob(gui_for, bob: LineClient, tmp_path: Path, display: str) -> Non
     gui.pump(lambda: gui.window.banner_text.cget("text").endswith(": verified"))
     assert "@bob \u2713" in gui.window.sidebar.get(0, "end")
 
+    # The banner's button shows its whole label, beside the key's fingerprint.
+    gui.root.update_idletasks()
+    button = gui.window.verify_button
+    assert button.winfo_width() >= button.winfo_reqwidth()
+
     # A screenshot of the DM with its verified key, for a person to look at too.
     gui.root.update()
     shot = take(display)

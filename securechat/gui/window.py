@@ -93,11 +93,16 @@ class ChatWindow:
 
         middle = ttk.Frame(panes)
         self.banner = tk.Frame(middle)
-        self.banner_text = tk.Label(self.banner, anchor="w", justify="left", wraplength=560)
-        self.banner_text.pack(side="left", fill="x", expand=True, padx=4, pady=2)
-        self.accept_button = ttk.Button(self.banner, text="Accept new key", command=self._accept)
+        # The buttons are packed before the text so that they keep their full width; the text
+        # wraps to whatever width is left.
         self.verify_button = ttk.Button(self.banner, text="Verify\u2026", command=self.open_verify)
         self.verify_button.pack(side="right", padx=2)
+        self.accept_button = ttk.Button(self.banner, text="Accept new key", command=self._accept)
+        self.banner_text = tk.Label(self.banner, anchor="w", justify="left", wraplength=560)
+        self.banner_text.pack(side="left", fill="x", expand=True, padx=4, pady=2)
+        self.banner_text.bind(
+            "<Configure>", lambda e: self.banner_text.configure(wraplength=max(e.width - 8, 100))
+        )
         view_frame = ttk.Frame(middle)
         view_frame.pack(fill="both", expand=True, side="top")
         self.view = tk.Text(view_frame, wrap="word", state="disabled", height=20)
@@ -227,7 +232,7 @@ class ChatWindow:
             text, colour = f"{key}: {what}", COLOURS[trust.state]
         self.banner_text.configure(text=text, foreground=colour)
         if conv.blocked:
-            self.accept_button.pack(side="right", padx=2)
+            self.accept_button.pack(side="right", padx=2, before=self.banner_text)
         else:
             self.accept_button.pack_forget()
         self._set_input(not conv.blocked)
