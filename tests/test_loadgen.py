@@ -4,6 +4,8 @@ figures. Its numbers are benchmarks (BENCHMARKS.md), never pass/fail thresholds 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -16,16 +18,24 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def loadgen(*args: str) -> list[dict]:
-    out = subprocess.run(
+    # A session of its own, so that a hang kills the servers it started too, not only itself.
+    proc = subprocess.Popen(
         [sys.executable, "-m", "scripts.loadgen", *args, "--json", "--workers", "1"],
         cwd=REPO,
         env=cli_env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=150,
+        start_new_session=True,
     )
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in out.stdout.splitlines()]
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr
+    return [json.loads(line) for line in stdout.splitlines()]
 
 
 def test_fanout_against_a_fresh_server_counts_every_delivery() -> None:

@@ -40,7 +40,10 @@ class RunFailed(Exception):
 class Workers:
     """The worker processes and their pipes."""
 
-    def __init__(self, count: int, target: Target, workload: str, cpus: list[int] | None) -> None:
+    def __init__(
+        self, count: int, target: Target, workload: str, cpus: list[int] | None, paced: bool
+    ) -> None:
+        self.paced = paced  # a fixed rate: senders and probes get a worker of their own
         ctx = multiprocessing.get_context("fork")
         self.pipes: list[Pipe] = []
         self.procs = []
@@ -119,10 +122,22 @@ def client_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def open_clients(ws: Workers, specs: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
-    """Log every client in, spread over the workers; return login figures."""
+    """Log every client in, spread over the workers; return login figures.
+
+    With a fixed rate and more than one worker, the first worker gets the senders and the probes
+    alone, so that no sweep over hundreds of idle members stands between a probe and its read:
+    the latency measured is the server's, not the load generator's queue.
+    """
     parts: list[list[dict[str, Any]]] = [[] for _ in ws.pipes]
-    for i, spec in enumerate(specs):
-        parts[i % len(parts)].append(spec)
+    timed = [s for s in specs if s.get("sender") or s.get("probe")]
+    if len(parts) > 1 and timed and len(timed) < len(specs) and ws.paced:
+        parts[0] = timed
+        rest = [s for s in specs if not (s.get("sender") or s.get("probe"))]
+        for i, spec in enumerate(rest):
+            parts[1 + i % (len(parts) - 1)].append(spec)
+    else:
+        for i, spec in enumerate(specs):
+            parts[i % len(parts)].append(spec)
     start = time.monotonic()
     for pipe, part in zip(ws.pipes, parts, strict=True):
         ws.send(pipe, cmd="open", clients=part, concurrency=max(1, concurrency // len(ws.pipes)))
@@ -216,7 +231,8 @@ def run_once(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     ws = None
     try:
         rss0 = servers.rss_kib(target.pid) if target.pid else 0
-        ws = Workers(args.workers, target, args.workload, [1] if args.pin else None)
+        cpus = [1] if args.pin else None
+        ws = Workers(args.workers, target, args.workload, cpus, paced=bool(args.rate))
         specs = client_specs(args)
         out["n"] = len(specs)
         concurrency = args.concurrency or peers.wire_for(kind).login_concurrency
