@@ -219,7 +219,7 @@ def _limit_options(command):  # type: ignore[no-untyped-def]
     "--io-threads",
     type=click.IntRange(1, 64),
     default=None,
-    help="I/O event-loop threads (default: min(4, CPUs)).",
+    help="I/O event-loop threads (default: one per two CPUs, at most 4).",
     **_env("IO_THREADS"),
 )
 @click.option(

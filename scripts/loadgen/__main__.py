@@ -150,7 +150,8 @@ def open_clients(ws: Workers, specs: list[dict[str, Any]], concurrency: int) -> 
             failed[why] = failed.get(why, 0) + k
     seconds = max(1e-9, last - start)
     return {"logged_in": ready, "login_seconds": seconds, "logins_per_s": ready / seconds,
-            "login_failures": failed}  # fmt: skip
+            "login_failures": failed,
+            "login_loadgen_cpu_pct": 100 * sum(o["cpu"] for o in opened) / seconds}  # fmt: skip
 
 
 def sync(ws: Workers) -> None:
@@ -236,7 +237,11 @@ def run_once(args: argparse.Namespace, kind: str) -> dict[str, Any]:
         specs = client_specs(args)
         out["n"] = len(specs)
         concurrency = args.concurrency or peers.wire_for(kind).login_concurrency
+        cpu0 = servers.cpu_seconds(target.pid) if target.pid else 0.0
         out.update(open_clients(ws, specs, concurrency))
+        if target.pid:
+            login_cpu = servers.cpu_seconds(target.pid) - cpu0
+            out["login_server_cpu_pct"] = 100 * login_cpu / out["login_seconds"]
         if out["logged_in"] == 0:
             raise RunFailed(f"no client logged in: {out['login_failures']}")
         if args.workload == "hold":

@@ -235,6 +235,7 @@ class Worker:
             self.opening = False
             self.send_event(
                 ev="opened",
+                cpu=cpu_seconds(),
                 ready=self.ready,
                 failed=self.failed,
                 first=self.first_ready,
