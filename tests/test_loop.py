@@ -1,10 +1,11 @@
-"""The I/O loop's wake-up: a call handed over from another thread always wakes the loop."""
+"""The I/O loop: a call handed over from another thread always wakes the loop, and a message that
+arrives while a big room is being written to joins the writes still to come."""
 
 from __future__ import annotations
 
 import socket
 
-from securechat.server.loop import IOLoop
+from securechat.server.loop import FLUSH_CHUNK, IOLoop
 
 
 class WakeDuringDrain:
@@ -44,4 +45,40 @@ def test_a_wake_up_during_the_drain_is_not_lost() -> None:
         loop._wake_r = real
         loop.selector.close()
         real.close()
+        loop._wake_w.close()
+
+
+class Member:
+    """A connection as the loop sees it: frames queued, and what each flush() wrote."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.pending: list[bytes] = []
+        self.writes: list[list[bytes]] = []
+
+    def flush(self) -> None:
+        if self.pending:
+            self.writes.append(list(self.pending))
+            self.pending.clear()
+
+
+def test_a_message_arriving_mid_fan_out_joins_the_writes_still_to_come() -> None:
+    loop = IOLoop(0)  # never started: the test plays the loop thread itself
+    members = [Member() for _ in range(3 * FLUSH_CHUNK)]
+    try:
+        loop._queue(b"first", members)  # type: ignore[arg-type]
+        # The second message comes from another thread while the first is being written out.
+        loop.call_soon(lambda: loop._queue(b"second", members))  # type: ignore[arg-type]
+        while loop.dirty:
+            loop._flush_dirty()
+        writes = [m.writes for m in members]
+        together = sum(w == [[b"first", b"second"]] for w in writes)
+        apart = sum(w == [[b"first"], [b"second"]] for w in writes)
+        # The first chunk went out before the loop looked again; every later member got both
+        # messages in one write; and everyone got both, once, in order.
+        assert apart == FLUSH_CHUNK
+        assert together == 2 * FLUSH_CHUNK
+    finally:
+        loop.selector.close()
+        loop._wake_r.close()
         loop._wake_w.close()

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("securechat.server")
 
 TICK = 0.5  # seconds between deadline checks when idle
+FLUSH_CHUNK = 64  # connections written between two looks at what has arrived
 
 
 class IOLoop(threading.Thread):
@@ -86,30 +87,11 @@ class IOLoop(threading.Thread):
         heapq.heappush(self._deadlines, (when, next(self._seq), conn))
 
     def run(self) -> None:
-        select = self.selector.select
         next_tick = time.monotonic() + TICK
         while self._running:
-            timeout = 0.0 if self.dirty or self._inbox else TICK
-            for key, mask in select(timeout):
-                conn = key.data
-                if conn is None:
-                    self._drain_wake()
-                    continue
-                try:
-                    if mask & selectors.EVENT_READ:
-                        conn.on_readable()
-                    if mask & selectors.EVENT_WRITE and conn.open:
-                        conn.on_writable()
-                except Exception:
-                    self._failed(conn)
-            self._run_inbox()
+            self._poll(0.0 if self.dirty or self._inbox else TICK)
             while self.dirty:
-                batch, self.dirty = self.dirty, set()
-                for conn in batch:
-                    try:
-                        conn.flush()
-                    except Exception:
-                        self._failed(conn)
+                self._flush_dirty()
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK
@@ -121,6 +103,38 @@ class IOLoop(threading.Thread):
         self.selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+    def _poll(self, timeout: float) -> None:
+        """Read what has arrived (and write where sockets have room), then run the inbox."""
+        for key, mask in self.selector.select(timeout):
+            conn = key.data
+            if conn is None:
+                self._drain_wake()
+                continue
+            try:
+                if mask & selectors.EVENT_READ:
+                    conn.on_readable()
+                if mask & selectors.EVENT_WRITE and conn.open:
+                    conn.on_writable()
+            except Exception:
+                self._failed(conn)
+        self._run_inbox()
+
+    def _flush_dirty(self) -> None:
+        """Write out every connection with frames queued.
+
+        Between chunks of connections the loop reads what has arrived meanwhile: a message that
+        comes while a big room's previous one is still going out joins it in the same TLS write
+        for every member not yet written to. The busier the room, the fewer writes per message.
+        """
+        batch, self.dirty = self.dirty, set()
+        for i, conn in enumerate(batch, 1):
+            try:
+                conn.flush()
+            except Exception:
+                self._failed(conn)
+            if not i % FLUSH_CHUNK:
+                self._poll(0.0)
 
     def _run_inbox(self) -> None:
         inbox = self._inbox
