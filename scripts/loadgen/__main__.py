@@ -160,8 +160,9 @@ def sync(ws: Workers) -> None:
     alive = ws.gather("stats")
     first = next(i for i, s in enumerate(alive) if s["alive"])
     token = "sync" + secrets.token_hex(8)
-    for i, pipe in enumerate(ws.pipes):
-        ws.send(pipe, cmd="sync", token=token, send=(i == first))
+    ws.broadcast(cmd="sync", token=token)
+    ws.gather("armed")
+    ws.send(ws.pipes[first], cmd="sync_send", token=token)
     ws.gather("synced")
 
 

@@ -120,13 +120,17 @@ class Worker:
             self._start_more()
             self._check_opened()
         elif cmd == "sync":
+            # Armed first, everywhere: a worker that learnt the token only after its members had
+            # read it would wait for it forever.
             self.sync_token = msg["token"].encode()
             self.unsynced = sum(1 for c in self.clients if c.state == READY)
-            if msg.get("send"):
-                sender = next(c for c in self.clients if c.state == READY)
-                self._write(sender, self.wire.say(msg["token"]))
-                if not self.wire.echoes:
-                    self.unsynced -= 1  # an IRC sender never sees its own message
+            self.send_event(ev="armed")
+            self._check_synced()  # nobody left here to wait for
+        elif cmd == "sync_send":
+            sender = next(c for c in self.clients if c.state == READY)
+            self._write(sender, self.wire.say(msg["token"]))
+            if not self.wire.echoes:
+                self.unsynced -= 1  # an IRC sender never sees its own message
             self._check_synced()
         elif cmd == "run":
             self._start_phase(msg)
