@@ -32,6 +32,13 @@ class Login:
     cert_sha256: bytes = b""
     buf: bytearray = field(default_factory=bytearray)  # an IRC line not yet complete
     decoder: framing.FrameDecoder = field(default_factory=framing.FrameDecoder)
+    _key: nacl.signing.SigningKey | None = None
+
+    @property
+    def key(self) -> nacl.signing.SigningKey:
+        if self._key is None:
+            self._key = nacl.signing.SigningKey(self.seed)
+        return self._key
 
 
 class SecureChatWire:
@@ -54,7 +61,7 @@ class SecureChatWire:
         self._id = 0
 
     def greeting(self, login: Login) -> bytes:
-        key = nacl.signing.SigningKey(login.seed)
+        key = login.key
         hello = {
             "type": "hello",
             "user": login.name,
@@ -71,7 +78,7 @@ class SecureChatWire:
             frame = framing.parse(payload)
             kind = frame["type"]
             if kind == "challenge":
-                key = nacl.signing.SigningKey(login.seed)
+                key = login.key
                 transcript = protocol.login_transcript(
                     base64.b64decode(frame["nonce"]),
                     login.name,
