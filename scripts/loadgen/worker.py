@@ -37,7 +37,7 @@ def cpu_seconds() -> float:
 
 class Client:
     __slots__ = (
-        "acked", "deadline", "dm", "events", "lazy", "login", "next_send", "offset", "out", "probe",
+        "acked", "deadline", "dm", "lazy", "login", "next_send", "offset", "out", "probe",
         "raw", "sender", "sent", "sock", "state", "tail",
     )  # fmt: skip
 
@@ -55,7 +55,6 @@ class Client:
         self.acked = 0  # acknowledgements counted (a say's "ok", an IRC PONG)
         self.next_send = 0.0
         self.deadline = 0.0
-        self.events = 0
         self.dm: DirectMessages | None = None
         self.lazy = False  # read in sweeps, not on every wake-up (see Worker._sweep)
 
