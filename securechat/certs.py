@@ -87,6 +87,12 @@ def load_cert_fingerprint(pem_path: Path) -> str:
     return cert_fingerprint(cert.public_bytes(serialization.Encoding.DER))
 
 
+def complete_set(out_dir: Path, clients: Sequence[str] = ()) -> list[str] | None:
+    """The files a server (and these clients) need, if out_dir already holds them all."""
+    wanted = [CA_CERT, SERVER_CERT, SERVER_KEY, *(f"{c}.pem" for c in _client_names(clients))]
+    return wanted if all((out_dir / name).is_file() for name in wanted) else None
+
+
 def generate(
     out_dir: Path,
     *,

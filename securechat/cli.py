@@ -103,10 +103,10 @@ def gen_certs(
 
     if if_missing and force:
         raise click.UsageError("--if-missing and --force contradict each other; pass one")
-    wanted = ["ca.pem", "server.pem", "server.key", *(f"{c}.pem" for c in clients)]
-    if if_missing and all((out_dir / name).is_file() for name in wanted):
-        fingerprint = certs.load_cert_fingerprint(out_dir / "ca.pem")
-        click.echo(f"{out_dir} already holds {', '.join(wanted)}; nothing to do")
+    existing = certs.complete_set(out_dir, clients) if if_missing else None
+    if existing is not None:
+        fingerprint = certs.load_cert_fingerprint(out_dir / certs.CA_CERT)
+        click.echo(f"{out_dir} already holds {', '.join(existing)}; nothing to do")
         click.echo(f"CA fingerprint (SHA-256): {fingerprint}")
         return
     report = certs.generate(

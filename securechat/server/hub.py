@@ -227,6 +227,9 @@ class Hub:
                 return {"members": names[:i], "count": len(names), "truncated": True}
         return {"members": names, "count": len(names)}
 
+    def _tell(self, conn: Connection, frame: dict[str, Any]) -> None:
+        conn.loop.deliver(framing.encode(frame, self._max_frame), (conn,))
+
     def _quiet(self, room: Room) -> bool:
         return 0 < self._presence_limit < len(room.members)
 
@@ -246,7 +249,7 @@ class Hub:
         conn.rooms.add(name)
         frame = {"type": "joined", "room": name, "user": conn.user, "ts": now_ms()}
         if self._quiet(room):
-            conn.loop.deliver(framing.encode(frame, self._max_frame), (conn,))
+            self._tell(conn, frame)
         else:
             self._broadcast(room, frame)
 
@@ -260,7 +263,7 @@ class Hub:
         }
         quiet = self._quiet(room)
         if notify_self and quiet:
-            conn.loop.deliver(framing.encode(frame, self._max_frame), (conn,))
+            self._tell(conn, frame)
         elif notify_self:
             self._broadcast(room, frame)
         room.remove(conn)
