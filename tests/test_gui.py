@@ -182,7 +182,7 @@ def chat_with_bob(gui_for, bob: LineClient, tmp_path: Path, display: str) -> Non
 
     # DM: sealed to bob, answered by bob, unread until opened, with bob's key state shown.
     gui.window.submit("/msg bob the plan is on")
-    bob.out.wait_for("*alice* the plan is on", WAIT)
+    bob.out.wait_for("*alice* [first seen] the plan is on", WAIT)
     gui.pump(gui.shows("@bob", "the plan is on"))
     bob.send("/msg alice understood")
     gui.pump(gui.shows("@bob", "understood"))
