@@ -22,17 +22,6 @@ from securechat.trust import KeyState, safety_number
 from .conftest import wait_for
 
 
-class KeyOffers:
-    """The server answers `keys` requests with whatever key the test sets for a name."""
-
-    def __init__(self, server, monkeypatch) -> None:
-        self.offer: dict[str, bytes] = {}
-        real = server.store.public_key
-        monkeypatch.setattr(
-            server.store, "public_key", lambda user: self.offer.get(user) or real(user)
-        )
-
-
 class Terminal:
     """A Controller as the terminal drives it, its output kept."""
 
@@ -63,16 +52,11 @@ def number_line(lines: list[str]) -> str:
     return line.split(": ", 1)[1]
 
 
-@pytest.fixture
-def offers(server, monkeypatch) -> KeyOffers:
-    return KeyOffers(server, monkeypatch)
-
-
 # -- /verify and /trust ---------------------------------------------------------------------------
 
 
 def test_a_key_swapped_between_verify_and_trust_is_not_the_key_trusted(
-    connect, offers, make_identity
+    connect, key_offers, make_identity
 ) -> None:
     alice, bob = connect("alice"), connect("bob")
     bob_key = bob.identity.verify_key_bytes
@@ -84,7 +68,7 @@ def test_a_key_swapped_between_verify_and_trust_is_not_the_key_trusted(
     )
 
     # The server saw the /verify; it swaps in its own key before the /trust.
-    offers.offer["bob"] = make_identity("mallory").verify_key_bytes
+    key_offers.offer["bob"] = make_identity("mallory").verify_key_bytes
     assert terminal.run("/trust bob") == [f"-- bob's key {fingerprint(bob_key)} is now verified"]
     assert alice.known_keys.pinned("bob") == bob_key
     assert alice.known_keys.entry("bob").state is KeyState.VERIFIED
@@ -93,7 +77,7 @@ def test_a_key_swapped_between_verify_and_trust_is_not_the_key_trusted(
 
 
 def test_after_a_first_contact_swap_verify_shows_the_pinned_key_and_trust_will_not_mark_it(
-    connect, offers, make_identity
+    connect, key_offers, make_identity
 ) -> None:
     """The server hands out its key for bob at first contact, bob's real one at /verify (so a
     number over the offered key would match bob's aloud), and its own again at /trust."""
@@ -101,10 +85,10 @@ def test_after_a_first_contact_swap_verify_shows_the_pinned_key_and_trust_will_n
     mallory_key = make_identity("mallory").verify_key_bytes
     bob_key, alice_key = bob.identity.verify_key_bytes, alice.identity.verify_key_bytes
     terminal = Terminal(alice)
-    offers.offer["bob"] = mallory_key
+    key_offers.offer["bob"] = mallory_key
     assert terminal.run("/whois bob") == [f"-- bob: key {fingerprint(mallory_key)} (new)"]
 
-    del offers.offer["bob"]  # bob's real key, for /verify
+    del key_offers.offer["bob"]  # bob's real key, for /verify
     bobs_number = Terminal(bob).run("/verify alice")[1].split(": ", 1)[1]
     shown = terminal.run("/verify bob")
     mallory_number = safety_number("alice", alice_key, "bob", mallory_key)
@@ -119,7 +103,7 @@ def test_after_a_first_contact_swap_verify_shows_the_pinned_key_and_trust_will_n
     ]
     assert mallory_number != bobs_number
 
-    offers.offer["bob"] = mallory_key  # the server's key again, for /trust
+    key_offers.offer["bob"] = mallory_key  # the server's key again, for /trust
     refused = terminal.run("/trust bob")
     assert refused[0] == (
         "!! the server now offers bob a different key than the pinned one; say which key's "
@@ -139,7 +123,7 @@ def test_after_a_first_contact_swap_verify_shows_the_pinned_key_and_trust_will_n
     assert alice.known_keys.entry("bob").state is KeyState.VERIFIED
 
 
-def test_trust_names_only_a_key_verify_showed(connect, offers, make_identity) -> None:
+def test_trust_names_only_a_key_verify_showed(connect, key_offers, make_identity) -> None:
     alice, bob = connect("alice"), connect("bob")
     terminal = Terminal(alice)
     assert terminal.run("/trust bob") == [
@@ -148,7 +132,7 @@ def test_trust_names_only_a_key_verify_showed(connect, offers, make_identity) ->
     ]
     terminal.run("/whois bob")
     mallory_key = make_identity("mallory").verify_key_bytes
-    offers.offer["bob"] = mallory_key
+    key_offers.offer["bob"] = mallory_key
     terminal.run("/verify bob")
     pinned = fingerprint(bob.identity.verify_key_bytes).split()[0]
     new = fingerprint(mallory_key).split()[0]
