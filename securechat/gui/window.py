@@ -355,6 +355,8 @@ class ChatWindow:
             # Everything else is the terminal client's own command, answered in this conversation.
             self.controller.current_room = None if conv.is_dm else conv.name
             self.bridge.run(lambda: self.controller.handle_line(text), self._after_command)
+            if name == "trust":
+                self.open_dm(args[0])  # runs after it (one worker): the banner shows the result
 
     def _after_command(self, _ok: object) -> None:
         room = self.controller.current_room
