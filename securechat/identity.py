@@ -64,10 +64,13 @@ class Identity:
         return f"Identity(path={self.path!s}, user={self.user!r}, fingerprint={self.fingerprint!r})"
 
 
+FINGERPRINT_GROUPS = 16
+
+
 def fingerprint(public_key: bytes) -> str:
     """SHA-256 of the public key: 64 lowercase hex digits in 16 groups of 4."""
     digest = hashlib.sha256(public_key).hexdigest()
-    return " ".join(digest[i : i + 4] for i in range(0, 64, 4))
+    return " ".join(digest[i : i + 4] for i in range(0, 4 * FINGERPRINT_GROUPS, 4))
 
 
 def _b64(raw: bytes) -> str:

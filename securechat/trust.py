@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import stat
 import threading
 import time
@@ -65,6 +66,17 @@ class NotPinned(TrustError):
     """A key cannot be marked verified because it is not the key pinned for that name."""
 
 
+class KeyNotNamed(TrustError):
+    """Which shown key to trust is unclear: a changed key is offered and the user named none, or
+    what they named starts neither key, or both. `choices` pairs each key ("the new key", "the
+    pinned key") with the shortest fingerprint start that names it alone; front ends word how
+    to type it."""
+
+    def __init__(self, message: str, choices: list[tuple[str, str]]) -> None:
+        super().__init__(message)
+        self.choices = choices
+
+
 # -- states ---------------------------------------------------------------------------------------
 
 
@@ -110,14 +122,104 @@ class KeyCheck:
         if self.state is not KeyState.CHANGED:
             return ""
         was = " You had verified the old key." if self.pinned_state is KeyState.VERIFIED else ""
+        assert self.pinned_key is not None  # a CHANGED check always has the old key
+        _, new_start = distinct_starts(self.pinned_key, self.key)
         return (
             f"WARNING: the key for {self.name} has changed.{was}\n"
             f"  pinned key: {self.pinned_fingerprint}\n"
             f"  offered now: {self.fingerprint}\n"
             f"Nothing will be sent to {self.name} until you compare safety numbers with them "
-            f"outside this chat (/verify {self.name}) and accept the new key (/trust {self.name}). "
+            f"outside this chat (/verify {self.name}) and accept the new key by naming it "
+            f"(/trust {self.name} {new_start}). "
             f"If {self.name} did not make a new key, someone may be trying to read your messages."
         )
+
+
+# -- what /verify showed --------------------------------------------------------------------------
+
+
+def distinct_starts(a: bytes, b: bytes) -> tuple[str, str]:
+    """The shortest whole-group starts of the fingerprints of `a` and `b` that tell them apart
+    (the first group, unless an attacker ground out a key whose fingerprint begins alike)."""
+    groups_a, groups_b = fingerprint(a).split(), fingerprint(b).split()
+    for n in range(1, len(groups_a) + 1):
+        if groups_a[:n] != groups_b[:n]:
+            return " ".join(groups_a[:n]), " ".join(groups_b[:n])
+    return fingerprint(a), fingerprint(b)  # the same key: no start tells them apart
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What /verify showed for one contact: the pinned key and the safety number over it, and
+    the key the server offered instead (with its own number) when that differs. Trust goes only
+    to one of these keys, so no later server answer can change which key is marked."""
+
+    name: str
+    pinned_key: bytes
+    pinned_state: KeyState  # NEW, PINNED or VERIFIED: how far the pinned key was trusted
+    pinned_number: str
+    offered_key: bytes | None = None  # None: the server offers the pinned key
+    offered_number: str | None = None
+
+    @classmethod
+    def of(cls, check: KeyCheck, my_name: str, my_key: bytes) -> Verification:
+        """The safety numbers for a key check: over the pinned key always, over the offered key
+        too when the server offers another one."""
+        if check.state is not KeyState.CHANGED:
+            number = safety_number(my_name, my_key, check.name, check.key)
+            return cls(check.name, check.key, check.state, number)
+        assert check.pinned_key is not None and check.pinned_state is not None
+        return cls(
+            check.name,
+            check.pinned_key,
+            check.pinned_state,
+            safety_number(my_name, my_key, check.name, check.pinned_key),
+            check.key,
+            safety_number(my_name, my_key, check.name, check.key),
+        )
+
+    @property
+    def pinned_fingerprint(self) -> str:
+        return fingerprint(self.pinned_key)
+
+    @property
+    def offered_fingerprint(self) -> str | None:
+        return fingerprint(self.offered_key) if self.offered_key is not None else None
+
+    def choices(self) -> list[tuple[str, str]]:
+        """Each key shown, with the shortest fingerprint start that names it alone."""
+        if self.offered_key is None:
+            return [("the pinned key", self.pinned_fingerprint.split()[0])]
+        pinned, offered = distinct_starts(self.pinned_key, self.offered_key)
+        return [("the new key", offered), ("the pinned key", pinned)]
+
+    def choose(self, named: str | None) -> bytes:
+        """The key the user means: `named` is the start of its fingerprint (one group or more,
+        spaces optional). Without a name, only the pinned key, and only when the server offered
+        no other. Raises KeyNotNamed when that does not pick exactly one key shown."""
+        name, choices = self.name, self.choices()
+        options = " or ".join(f"{label} {start}" for label, start in choices)
+        if named is None:
+            if self.offered_key is None:
+                return self.pinned_key
+            raise KeyNotNamed(
+                f"the server now offers {name} a different key than the pinned one; say which "
+                f"key's safety number {name} confirmed by naming it: {options}",
+                choices,
+            )
+        wanted = "".join(named.split()).lower()
+        if not re.fullmatch(r"[0-9a-f]{4,64}", wanted):
+            raise KeyNotNamed(
+                f"{named!r:.40} is not the start of a key fingerprint: name the key by the first "
+                f"group (4 hex digits) of its fingerprint or more: {options}",
+                choices,
+            )
+        keys = [self.pinned_key] + ([self.offered_key] if self.offered_key is not None else [])
+        matches = [k for k in keys if fingerprint(k).replace(" ", "").startswith(wanted)]
+        if len(matches) == 1:
+            return matches[0]
+        why = "starts both keys shown" if matches else "starts no key shown"
+        raise KeyNotNamed(f"{named!r:.40} {why} for {name}; type {options}", choices)
 
 
 # -- the known-keys file --------------------------------------------------------------------------
@@ -352,6 +454,33 @@ class KnownKeys:
                 return
             now = _utc_now(self._clock)
             self._commit(name, replace(entry, state=KeyState.VERIFIED, verified_at=now))
+
+    def mark_shown_verified(self, shown: Verification, key: bytes) -> PinnedKey:
+        """The user compared the safety number of `key`, one of the keys `shown` showed: mark it
+        VERIFIED (pinning it in place of the old one if it is the offered key). Refused
+        (NotPinned) if the pin changed since, so the number compared is the number of the key
+        marked."""
+        name = _check_name(shown.name)
+        key = _check_key(name, key)
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or not _same_key(entry.key, shown.pinned_key):
+                raise NotPinned(
+                    f"the key pinned for {name} changed since its safety number was shown; "
+                    "compare the safety number again"
+                )
+            if _same_key(entry.key, key):
+                if entry.state is not KeyState.VERIFIED:
+                    now = _utc_now(self._clock)
+                    entry = replace(entry, state=KeyState.VERIFIED, verified_at=now)
+                    self._commit(name, entry)
+                return entry
+            if shown.offered_key is None or not _same_key(shown.offered_key, key):
+                raise NotPinned(f"the key {fingerprint(key)} was not shown for {name}")
+            now = _utc_now(self._clock)
+            entry = PinnedKey(key=key, state=KeyState.VERIFIED, first_seen=now, verified_at=now)
+            self._commit(name, entry)
+            return entry
 
     def state(self, name: str) -> KeyState | None:
         """PINNED or VERIFIED; CHANGED if the server offered another key this session; else None."""

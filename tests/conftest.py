@@ -128,3 +128,20 @@ def wait_for(client: Client, predicate: Callable[[Event], bool], timeout: float 
             return event
         seen.append(event)
     raise AssertionError(f"no matching event within {timeout}s; saw {seen!r}")
+
+
+class KeyOffers:
+    """A compromised server's key look-ups: `keys` requests for a name in `offer` are answered
+    with the key the test sets there."""
+
+    def __init__(self, server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.offer: dict[str, bytes] = {}
+        real = server.store.public_key
+        monkeypatch.setattr(
+            server.store, "public_key", lambda user: self.offer.get(user) or real(user)
+        )
+
+
+@pytest.fixture
+def key_offers(server: Server, monkeypatch: pytest.MonkeyPatch) -> KeyOffers:
+    return KeyOffers(server, monkeypatch)

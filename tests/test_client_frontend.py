@@ -59,6 +59,7 @@ def hhmm(ts: int = TS) -> str:
         ("/whois bob", Command("whois", ("bob",))),
         ("/verify bob", Command("verify", ("bob",))),
         ("/trust bob", Command("trust", ("bob",))),
+        ("/trust Bob 6937 A1B2", Command("trust", ("bob", "6937", "A1B2"))),
         ("/help", Command("help")),
         ("/QUIT", Command("quit")),
         ("   ", None),
@@ -97,9 +98,10 @@ def test_render_each_event() -> None:
     assert render(Message("#lobby", "bob", "old", TS, history=True), "#lobby") == (
         f"[{hhmm()}] [history] <bob> old"
     )
-    assert render(DirectMessage("alice", "bob", "psst", TS, "id", "pinned")) == (
-        f"[{hhmm()}] *alice* psst"
-    )
+    for state, mark in (("new", "first seen"), ("pinned", "pinned"), ("verified", "verified")):
+        assert render(DirectMessage("alice", "bob", "psst", TS, "id", state)) == (
+            f"[{hhmm()}] *alice* [{mark}] psst"
+        )
     assert render(Joined("#dev", "carol", TS)) == "-- carol joined #dev"
     assert render(Parted("#dev", "carol", "left", TS)) == "-- carol left #dev"
     assert render(Parted("#dev", "carol", "quit", TS)) == "-- carol left #dev (quit)"
@@ -321,8 +323,12 @@ def test_dm_through_the_cli_and_a_server_that_swaps_bobs_key(certs_dir, tmp_path
         bob.out.wait_for("-- bob joined #lobby")
         alice = run_client(keys("alice"), port, ca, f"/msg bob {secret}\n", user="alice")
         assert alice.returncode == 0, alice.stderr
-        assert alice.stdout.splitlines()[-1].endswith(f"-> *bob* {secret}")
-        assert bob.out.wait_for(f"*alice* {secret}").endswith(f"] *alice* {secret}\n")
+        *_, said, notice = alice.stdout.splitlines()
+        assert said.endswith(f"-> *bob* [first seen] {secret}")
+        assert notice.startswith("-- bob's key ") and notice.endswith("/verify bob")
+        assert bob.out.wait_for(f"*alice* [first seen] {secret}").endswith(
+            f"] *alice* [first seen] {secret}\n"
+        )
         assert bob.finish() == 0
     finally:
         assert honest.stop() == 0

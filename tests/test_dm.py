@@ -104,11 +104,10 @@ def test_dm_to_an_unknown_name(connect) -> None:
 
 def test_safety_numbers_match_on_both_sides_and_verify(connect) -> None:
     alice, bob = connect("alice"), connect("bob")
-    check_a, number_a = alice.safety_number("bob")
-    _, number_b = bob.safety_number("alice")
-    assert number_a == number_b
-    assert check_a.state is KeyState.NEW
-    assert alice.mark_verified("bob").state is KeyState.VERIFIED
+    shown_a = alice.safety_number("bob")
+    assert shown_a.pinned_number == bob.safety_number("alice").pinned_number
+    assert (shown_a.pinned_state, shown_a.offered_key) == (KeyState.NEW, None)
+    assert alice.mark_verified(shown_a).state is KeyState.VERIFIED
     alice.send_dm("bob", "verified hello").result(5)
     assert wait_for(bob, is_dm).text == "verified hello"
 

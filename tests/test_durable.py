@@ -172,9 +172,10 @@ def test_offline_dm_survives_sigkill_through_the_cli_alone(certs_dir, tmp_path) 
             key("alice"), port, ca, f"before the crash\n/msg bob {secret}\n", user="alice"
         )
         assert alice.returncode == 0, alice.stderr
-        assert alice.stdout.splitlines()[-1].endswith(
-            f"-> *bob* {secret} (queued: they are offline)"
+        assert alice.stdout.splitlines()[-2].endswith(
+            f"-> *bob* [first seen] {secret} (queued: they are offline)"
         )
+        assert alice.stdout.splitlines()[-1].endswith("/verify bob")
     finally:
         server.stop(signal.SIGKILL)
     server = ServerProcess("--certs", str(certs_dir), "--data", str(data), cwd=tmp_path)
@@ -184,7 +185,7 @@ def test_offline_dm_survives_sigkill_through_the_cli_alone(certs_dir, tmp_path) 
         assert bob.returncode == 0, bob.stderr
         lines = bob.stdout.splitlines()
         assert any(line.endswith("] [history] <alice> before the crash") for line in lines)
-        assert any(line.endswith(f"] *alice* {secret}") for line in lines)
+        assert any(line.endswith(f"] *alice* [first seen] {secret}") for line in lines)
         for path in data.iterdir():
             assert secret.encode() not in path.read_bytes(), path
     finally:

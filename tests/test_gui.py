@@ -182,7 +182,7 @@ def chat_with_bob(gui_for, bob: LineClient, tmp_path: Path, display: str) -> Non
 
     # DM: sealed to bob, answered by bob, unread until opened, with bob's key state shown.
     gui.window.submit("/msg bob the plan is on")
-    bob.out.wait_for("*alice* the plan is on", WAIT)
+    bob.out.wait_for("*alice* [first seen] the plan is on", WAIT)
     gui.pump(gui.shows("@bob", "the plan is on"))
     bob.send("/msg alice understood")
     gui.pump(gui.shows("@bob", "understood"))
@@ -404,3 +404,58 @@ def test_the_window_reconnects_and_sends_what_was_typed(
         gui.window.close()
     finally:
         srv.stop()
+
+
+def test_the_verify_dialog_marks_only_a_key_it_showed(
+    gui_for, connect, key_offers, make_identity
+) -> None:
+    """As /trust: a key swapped after the dialog opened is not the key marked, and a changed key
+    offered after a first-contact swap must be named before it is trusted."""
+    from securechat.identity import fingerprint
+    from securechat.trust import KeyState, safety_number
+
+    bob, carol = connect("bob"), connect("carol")
+    mallory_key = make_identity("mallory").verify_key_bytes
+    gui = gui_for("alice")
+    alice = gui.window.client
+
+    # The server swaps bob's key between the dialog's look-up and the click.
+    gui.window.submit("/verify bob")
+    gui.pump(lambda: gui.window.verify_dialog is not None)
+    key_offers.offer["bob"] = mallory_key
+    gui.window.verify_dialog.confirm()
+    gui.pump(lambda: gui.window.banner_text.cget("text").endswith(": verified"))
+    assert fingerprint(bob.identity.verify_key_bytes) in gui.window.banner_text.cget("text")
+    assert alice.known_keys.pinned("bob") == bob.identity.verify_key_bytes
+
+    # carol's key was swapped at first contact; at Verify the server offers her real one.
+    key_offers.offer["carol"] = mallory_key
+    gui.window.submit("/query carol")
+    gui.pump(lambda: (t := gui.model.conversations["@carol"].trust) and t.fingerprint)
+    del key_offers.offer["carol"]
+    gui.window.verify_dialog = None
+    gui.window.open_verify()
+    gui.pump(lambda: gui.window.verify_dialog is not None)
+    dialog = gui.window.verify_dialog
+    carol_key = carol.identity.verify_key_bytes
+    alice_key = alice.identity.verify_key_bytes
+    assert dialog.number == safety_number("alice", alice_key, "carol", mallory_key)
+    assert dialog.shown.offered_number == safety_number("alice", alice_key, "carol", carol_key)
+    assert dialog.name_entry is not None
+
+    key_offers.offer["carol"] = mallory_key  # the server's key again, at the click
+    dialog.confirm()  # no key named
+    gui.pump(lambda: dialog.error.cget("text"))
+    new = fingerprint(carol_key).split()[0]
+    assert dialog.error.cget("text").startswith(
+        "the server now offers carol a different key than the pinned one; say which key's"
+    )
+    assert f"type {new} for the new key" in dialog.error.cget("text")
+    assert alice.known_keys.entry("carol").state is KeyState.PINNED
+
+    dialog.name_entry.insert(0, new)
+    dialog.confirm()
+    gui.pump(lambda: gui.window.banner_text.cget("text").endswith(": verified"))
+    assert alice.known_keys.pinned("carol") == carol_key
+    assert alice.known_keys.entry("carol").state is KeyState.VERIFIED
+    assert "@carol \u2713" in gui.window.sidebar.get(0, "end")

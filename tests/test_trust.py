@@ -381,3 +381,154 @@ def test_trust_errors_are_securechat_errors() -> None:
 
     for error in (trust.TrustError, InvalidContact, KnownKeysError, KeyChanged, NotPinned):
         assert issubclass(error, SecureChatError)
+
+
+# -- what /verify showed, and which key /trust may mark -------------------------------------------
+
+
+def shown_for(known: KnownKeys, offered: bytes) -> trust.Verification:
+    return trust.Verification.of(known.check("bob", offered), "alice", ALICE)
+
+
+def first_group(key: bytes) -> str:
+    return identity.fingerprint(key).split()[0]
+
+
+def test_verify_computes_over_the_pinned_key_and_shows_an_offered_one_beside_it(
+    known: KnownKeys,
+) -> None:
+    known.check("bob", BOB)
+    same = shown_for(known, BOB)
+    assert (same.pinned_key, same.pinned_number) == (BOB, safety_number("alice", ALICE, "bob", BOB))
+    assert (same.offered_key, same.offered_number, same.offered_fingerprint) == (None, None, None)
+    changed = shown_for(known, BOB_NEW)
+    assert changed.pinned_key == BOB
+    assert changed.pinned_number == safety_number("alice", ALICE, "bob", BOB)
+    assert changed.pinned_state is KeyState.PINNED
+    assert changed.offered_key == BOB_NEW
+    assert changed.offered_number == safety_number("alice", ALICE, "bob", BOB_NEW)
+    assert changed.offered_fingerprint == identity.fingerprint(BOB_NEW)
+
+
+def test_trust_without_a_name_takes_the_pinned_key_only_when_no_other_was_offered(
+    known: KnownKeys,
+) -> None:
+    known.check("bob", BOB)
+    assert shown_for(known, BOB).choose(None) == BOB
+    changed = shown_for(known, BOB_NEW)
+    with pytest.raises(trust.KeyNotNamed) as caught:
+        changed.choose(None)
+    new, old = first_group(BOB_NEW), first_group(BOB)
+    assert str(caught.value) == (
+        "the server now offers bob a different key than the pinned one; say which key's safety "
+        f"number bob confirmed by naming it: the new key {new} or the pinned key {old}"
+    )
+    assert caught.value.choices == [("the new key", new), ("the pinned key", old)]
+
+
+def test_a_key_is_named_by_the_start_of_its_fingerprint(known: KnownKeys) -> None:
+    known.check("bob", BOB)
+    changed = shown_for(known, BOB_NEW)
+    fp_new = identity.fingerprint(BOB_NEW)
+    assert changed.choose(first_group(BOB_NEW)) == BOB_NEW
+    assert changed.choose(first_group(BOB_NEW).upper()) == BOB_NEW
+    assert changed.choose(fp_new[:9]) == BOB_NEW  # two groups, with the space
+    assert changed.choose(fp_new.replace(" ", "")) == BOB_NEW  # all of it, no spaces
+    assert changed.choose(first_group(BOB)) == BOB  # the pinned key can be named too
+
+
+@pytest.mark.parametrize(
+    ("named", "why"),
+    [
+        ("ffff ffff", "'ffff ffff' starts no key shown for bob; type "),
+        ("69", "'69' is not the start of a key fingerprint: name the key by the first group"),
+        ("xyz!", "'xyz!' is not the start of a key fingerprint"),
+    ],
+)
+def test_a_name_that_is_no_key_shown_is_refused_with_what_to_type(
+    known: KnownKeys, named: str, why: str
+) -> None:
+    known.check("bob", BOB)
+    changed = shown_for(known, BOB_NEW)
+    assert not identity.fingerprint(BOB_NEW).startswith("ffff ffff")
+    with pytest.raises(trust.KeyNotNamed) as caught:
+        changed.choose(named)
+    assert str(caught.value).startswith(why)
+    assert str(caught.value).endswith(
+        f"the new key {first_group(BOB_NEW)} or the pinned key {first_group(BOB)}"
+    )
+
+
+def keys_whose_fingerprints_start_alike() -> tuple[bytes, bytes]:
+    """Two keys whose fingerprints share the first group, as an attacker would grind out (a
+    birthday search over 16 bits: a few hundred keys)."""
+    seen: dict[str, bytes] = {}
+    for n in range(100_000):
+        key = bytes(
+            nacl.signing.SigningKey(hashlib.sha256(n.to_bytes(4, "big")).digest()).verify_key
+        )
+        group = first_group(key)
+        if group in seen:
+            return seen[group], key
+        seen[group] = key
+    raise AssertionError("no two keys start alike")
+
+
+def test_a_name_that_starts_both_keys_is_refused_and_the_longer_start_named(
+    tmp_path: Path,
+) -> None:
+    pinned, offered = keys_whose_fingerprints_start_alike()
+    known = KnownKeys(known_keys_path(tmp_path / "alice.key"))
+    known.check("bob", pinned)
+    changed = shown_for(known, offered)
+    group = first_group(offered)
+    two_new = " ".join(identity.fingerprint(offered).split()[:2])
+    two_old = " ".join(identity.fingerprint(pinned).split()[:2])
+    assert changed.choices() == [("the new key", two_new), ("the pinned key", two_old)]
+    with pytest.raises(trust.KeyNotNamed) as caught:
+        changed.choose(group)
+    assert str(caught.value) == (
+        f"'{group}' starts both keys shown for bob; type the new key {two_new} or the pinned "
+        f"key {two_old}"
+    )
+    assert changed.choose(two_new) == offered
+    assert changed.choose(two_old) == pinned
+
+
+def test_marking_a_shown_key_verified(known: KnownKeys, path: Path, clock: Clock) -> None:
+    known.check("bob", BOB)
+    clock.now += 60
+    entry = known.mark_shown_verified(shown_for(known, BOB), BOB)
+    assert (entry.key, entry.state, entry.verified_at) == (
+        BOB,
+        KeyState.VERIFIED,
+        "2023-11-14T22:14:20Z",
+    )
+    # A changed key named by the user replaces the pin, verified, in one step.
+    changed = shown_for(known, BOB_NEW)
+    clock.now += 60
+    entry = known.mark_shown_verified(changed, BOB_NEW)
+    assert (entry.key, entry.state) == (BOB_NEW, KeyState.VERIFIED)
+    assert entry.first_seen == entry.verified_at == "2023-11-14T22:15:20Z"
+    assert KnownKeys(path).entry("bob") == entry
+
+
+def test_a_shown_key_is_not_marked_once_the_pin_moved_on(known: KnownKeys, path: Path) -> None:
+    known.check("bob", BOB)
+    shown = shown_for(known, BOB)
+    known.accept("bob", BOB_NEW)  # the pin changed after the number was shown
+    with pytest.raises(NotPinned) as caught:
+        known.mark_shown_verified(shown, BOB)
+    assert str(caught.value) == (
+        "the key pinned for bob changed since its safety number was shown; compare the safety "
+        "number again"
+    )
+    with pytest.raises(NotPinned, match="was not shown"):
+        known.mark_shown_verified(shown_for(known, BOB_NEW), CAROL)
+    assert KnownKeys(path).entry("bob").state is KeyState.PINNED
+
+
+def test_the_changed_key_warning_says_how_to_name_the_new_key(known: KnownKeys) -> None:
+    known.check("bob", BOB)
+    warning = known.check("bob", BOB_NEW).warning()
+    assert f"accept the new key by naming it (/trust bob {first_group(BOB_NEW)})" in warning

@@ -41,7 +41,14 @@ from securechat.client.history import Entry, LocalHistory
 from securechat.errors import ConfigError
 from securechat.identity import Identity
 from securechat.tls import client_context
-from securechat.trust import KeyChanged, KeyCheck, KnownKeys, known_keys_path, safety_number
+from securechat.trust import (
+    KeyChanged,
+    KeyCheck,
+    KnownKeys,
+    PinnedKey,
+    Verification,
+    known_keys_path,
+)
 
 __all__ = ["Client", "KeyChanged", "RequestError"]
 
@@ -115,7 +122,7 @@ class Client:
             burst=int(_number(welcome.get("burst")) or 0),
             keepalive=keepalive,
         )
-        client = cls(conn, str(welcome.get("user", user)), welcome, identity, known_keys, history)
+        client = cls(conn, user, welcome, identity, known_keys, history)
         for frame in early:
             client._on_frame(frame)
         conn.start()
@@ -179,9 +186,15 @@ class Client:
         """Seal `text` for `user` and send it; the reply says it was delivered.
 
         Raises KeyChanged, and sends nothing, when the server offers a key for `user` other than
-        the pinned one: the user must compare safety numbers and accept_key() first.
+        the pinned one: the user must compare safety numbers and mark_verified() the new key first.
         """
-        sealed = self.dms.seal_to(self.check_key(user, timeout), text)
+        return self.send_dm_to(self.check_key(user, timeout), text)
+
+    def send_dm_to(self, check: KeyCheck, text: str) -> Future[dict[str, Any]]:
+        """send_dm() to a key check_key() returned (so a front end can show its trust state);
+        raises KeyChanged for a changed key."""
+        user = check.name
+        sealed = self.dms.seal_to(check, text)
         future = self._conn.request(
             "dm",
             to=user,
@@ -195,23 +208,19 @@ class Client:
             future.add_done_callback(lambda f: None if f.exception() else history.add(sent))
         return future
 
-    def accept_key(self, user: str, timeout: float = 10.0) -> KeyCheck:
-        """Pin the key the server now offers for `user` in place of the old one."""
+    def safety_number(self, user: str, timeout: float = 10.0) -> Verification:
+        """What to compare aloud with `user`: the safety number over the key pinned for them
+        (pinned now on first sight) and, when the server offers another key, that key and its
+        number too. Hand the result to mark_verified() once a number matched."""
         check = self.check_key(user, timeout)
-        self.known_keys.accept(user, check.key)
-        return self.check_key(user, timeout)
+        return Verification.of(check, self.user, self.identity.verify_key_bytes)
 
-    def safety_number(self, user: str, timeout: float = 10.0) -> tuple[KeyCheck, str]:
-        """The key check for `user` and the safety number of our two keys, to compare aloud."""
-        check = self.check_key(user, timeout)
-        number = safety_number(self.user, self.identity.verify_key_bytes, user, check.key)
-        return check, number
-
-    def mark_verified(self, user: str, timeout: float = 10.0) -> KeyCheck:
-        """Record that the safety number for `user` was compared out of band."""
-        check = self.check_key(user, timeout)
-        self.known_keys.mark_verified(user, check.key)
-        return self.check_key(user, timeout)
+    def mark_verified(self, shown: Verification, named: str | None = None) -> PinnedKey:
+        """Mark verified the key of `shown` that `named` names (the start of its fingerprint;
+        None: the pinned key, only when no other was offered). Asks the server nothing, so no
+        answer it gives after safety_number() can change which key is marked. Raises
+        KeyNotNamed, or NotPinned if the pin changed since `shown`."""
+        return self.known_keys.mark_shown_verified(shown, shown.choose(named))
 
     def wait_queue(self, timeout: float | None = None) -> bool:
         """Wait until the DMs that waited for us on the server have all arrived (the server

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from securechat.errors import SecureChatError
+from securechat.identity import FINGERPRINT_GROUPS
 
 
 class CommandError(SecureChatError):
@@ -45,7 +46,13 @@ COMMANDS: dict[str, Spec] = {
         Spec("query", "[user]", "plain lines go to user as DMs; /query alone returns", 0, 1),
         Spec("whois", "user", "show a user's key fingerprint and its trust state", 1, 1),
         Spec("verify", "user", "show the safety number to compare with user", 1, 1),
-        Spec("trust", "user", "mark user's key verified (after comparing numbers)", 1, 1),
+        Spec(
+            "trust",
+            "user [key]",
+            "mark verified the key /verify showed (name a changed key: /trust bob 6937)",
+            1,
+            1 + FINGERPRINT_GROUPS,  # the key's fingerprint start may be typed in groups
+        ),
         Spec("help", "", "this list"),
         Spec("quit", "", "leave"),
     )

@@ -164,6 +164,12 @@ def open_connection(
             )
         if first["type"] != "welcome":
             raise ConnectError(f"{where} answered the login with an unexpected {first['type']!r}")
+        if first.get("user") != user:
+            # Adopting another name would file DMs and pins under someone else's identity.
+            raise ConnectError(
+                f"{where} welcomed us under another name ({str(first.get('user'))!r:.40}) than "
+                f"the one we logged in with ({user!r}); disconnected. The server may be hostile"
+            )
         session.adopt_limits(first)
         return sock, tls, session, first, frames
     except ProtocolError as exc:

@@ -17,10 +17,11 @@ from securechat.client import commands
 from securechat.client.api import Client
 from securechat.client.events import Closed, DirectMessage, Event, Joined, Message, Parted
 from securechat.client.history import LocalHistory
-from securechat.client.render import clean_line, render, render_past
+from securechat.client.render import clean_line, first_sight, key_mark, render, render_past
 from securechat.errors import ConnectionClosed, SecureChatError
+from securechat.identity import fingerprint
 from securechat.protocol import LOBBY
-from securechat.trust import KeyChanged, KeyState
+from securechat.trust import KeyChanged, KeyNotNamed, KeyState, PinnedKey, Verification
 
 REPLY_TIMEOUT = 10.0
 SEARCH_LIMIT = 50
@@ -37,6 +38,7 @@ class Controller:
         self.quit_requested = False
         self.connected = True
         self.held: list[str] = []  # lines typed while disconnected, sent after reconnecting
+        self._shown: dict[str, Verification] = {}  # the last /verify per user, for /trust
         self._lock = threading.Lock()
 
     # -- reconnecting -----------------------------------------------------------------------------
@@ -68,6 +70,13 @@ class Controller:
         if isinstance(event, Closed) and self.quit_requested:
             return
         self.output(render(event, self.current_room))
+        if isinstance(event, DirectMessage) and event.key_state == KeyState.NEW.value:
+            self._first_sight(event.sender)
+
+    def _first_sight(self, peer: str) -> None:
+        key = self.client.known_keys.pinned(peer)
+        if key is not None:
+            self.output(first_sight(peer, fingerprint(key)))
 
     def track(self, event: Event) -> None:
         """Keep names and the current room up to date, showing nothing (a GUI draws events
@@ -242,14 +251,18 @@ class Controller:
         )
 
     def _cmd_msg(self, user: str, text: str) -> None:
-        future = self.client.send_dm(user, text)
+        check = self.client.check_key(user)
+        future = self.client.send_dm_to(check, text)
         stamp = datetime.now().strftime("%H:%M")
         lines = text.split("\n")
         body = "\\n".join(lines) if len(lines) > 1 else text
+        mark = key_mark(check.state.value)
 
         def sent(reply: dict[str, Any]) -> None:
             queued = " (queued: they are offline)" if reply.get("status") == "queued" else ""
-            self.output(f"[{stamp}] -> *{user}* {clean_line(body)}{queued}")
+            self.output(f"[{stamp}] -> *{user}* {mark} {clean_line(body)}{queued}")
+            if check.state is KeyState.NEW:
+                self._first_sight(user)
 
         self._track(future, f"direct message to {user} not sent", sent)
 
@@ -267,20 +280,64 @@ class Controller:
         if check.state is KeyState.CHANGED:
             self.output(f"!! {check.warning()}")
 
-    def _cmd_verify(self, user: str) -> None:
-        check, number = self.client.safety_number(user)
-        if check.state is KeyState.CHANGED:
-            self.output(f"!! {check.warning()}")
-        self.output(f"-- {user}'s key: {check.fingerprint} ({check.state.value})")
-        self.output(f"-- safety number with {user}: {number}")
-        self.output(f"-- compare it with {user} outside this chat; if it matches, /trust {user}")
+    def verify(self, user: str) -> Verification:
+        """Look up the safety number(s) for `user` and remember what was shown: trust() marks
+        only a key shown here."""
+        shown = self.client.safety_number(user)
+        with self._lock:
+            self._shown[user] = shown
+        return shown
 
-    def _cmd_trust(self, user: str) -> None:
-        check = self.client.check_key(user)
-        if check.state is KeyState.CHANGED:
-            self.client.known_keys.accept(user, check.key)
-        self.client.known_keys.mark_verified(user, check.key)
-        self.output(f"-- {user}'s key {check.fingerprint} is now verified")
+    def trust(self, user: str, named: str | None = None) -> PinnedKey:
+        """Mark verified the key that the last verify(user) showed and `named` names (see
+        Verification.choose); asks the server nothing."""
+        with self._lock:
+            shown = self._shown.get(user)
+        if shown is None:
+            raise commands.CommandError(
+                f"no safety number for {user} was shown yet: /verify {user} shows it; compare "
+                f"it with {user}, then /trust {user}"
+            )
+        entry = self.client.mark_verified(shown, named)
+        with self._lock:
+            if self._shown.get(user) is shown:
+                del self._shown[user]
+        return entry
+
+    def _cmd_verify(self, user: str) -> None:
+        shown = self.verify(user)
+        if shown.offered_key is None:
+            self.output(f"-- {user}'s key: {shown.pinned_fingerprint} ({shown.pinned_state.value})")
+            self.output(f"-- safety number with {user}: {shown.pinned_number}")
+            self.output(
+                f"-- compare it with {user} outside this chat; if it matches, /trust {user}"
+            )
+            return
+        self.output(f"!! the server now offers {user} a different key than the one you pinned")
+        self.output(
+            f"-- pinned key: {shown.pinned_fingerprint} ({shown.pinned_state.value}); "
+            f"safety number: {shown.pinned_number}"
+        )
+        self.output(
+            f"-- new key: {shown.offered_fingerprint}; safety number: {shown.offered_number}"
+        )
+        self.output(
+            f"-- compare with {user} outside this chat, and trust the key whose number matches:"
+        )
+        self._say_choices(user, shown.choices())
+
+    def _say_choices(self, user: str, choices: list[tuple[str, str]]) -> None:
+        for label, start in choices:
+            self.output(f"--   /trust {user} {start}   trusts {label}")
+
+    def _cmd_trust(self, user: str, *named: str) -> None:
+        try:
+            entry = self.trust(user, " ".join(named) if named else None)
+        except KeyNotNamed as exc:
+            self.output(f"!! {exc}")
+            self._say_choices(user, exc.choices)
+            return
+        self.output(f"-- {user}'s key {fingerprint(entry.key)} is now verified")
 
     def _cmd_help(self) -> None:
         for line in commands.help_lines():

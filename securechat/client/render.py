@@ -54,6 +54,23 @@ def _body(text: str) -> str:
     return "\n".join([first, *(CONTINUATION + line for line in more)])
 
 
+# How far a DM peer's key is trusted, shown on every DM line, in and out.
+KEY_MARKS = {"verified": "[verified]", "pinned": "[pinned]", "new": "[first seen]"}
+
+
+def key_mark(state: str) -> str:
+    """The mark for a DM peer's key state ("new", "pinned" or "verified")."""
+    return KEY_MARKS[state]
+
+
+def first_sight(peer: str, key_fingerprint: str) -> str:
+    """Said once, when a DM pins a peer's key: trust on first use is never silent."""
+    return (
+        f"-- {clean_line(peer)}'s key {key_fingerprint} was seen for the first time and pinned, "
+        f"not verified; compare safety numbers with them: /verify {clean_line(peer)}"
+    )
+
+
 def render(event: Event, current_room: str | None = None) -> str:
     """One event as display text (it may span lines only for a multi-line message)."""
     if isinstance(event, Message):
@@ -64,7 +81,8 @@ def render(event: Event, current_room: str | None = None) -> str:
             return f"[{_clock(event.ts)}] {mark}{where}* {sender} {_body(event.text)}"
         return f"[{_clock(event.ts)}] {mark}{where}<{sender}> {_body(event.text)}"
     if isinstance(event, DirectMessage):
-        return f"[{_clock(event.ts)}] *{clean_line(event.sender)}* {_body(event.text)}"
+        mark = key_mark(event.key_state)
+        return f"[{_clock(event.ts)}] *{clean_line(event.sender)}* {mark} {_body(event.text)}"
     if isinstance(event, Joined):
         return f"-- {clean_line(event.user)} joined {clean_line(event.room)}"
     if isinstance(event, Parted):

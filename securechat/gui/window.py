@@ -23,8 +23,9 @@ from securechat.client.reconnect import backoff_delays
 from securechat.errors import AuthError, SecureChatError
 from securechat.gui.bridge import Bridge
 from securechat.gui.model import ChatModel, Line, Trust
+from securechat.identity import fingerprint
 from securechat.protocol import LOBBY, valid_name
-from securechat.trust import KeyCheck, KeyState
+from securechat.trust import KeyCheck, KeyNotNamed, KeyState, PinnedKey, Verification
 
 COLOURS = {
     "new": "#1f5fa8",
@@ -97,7 +98,6 @@ class ChatWindow:
         # wraps to whatever width is left.
         self.verify_button = ttk.Button(self.banner, text="Verify\u2026", command=self.open_verify)
         self.verify_button.pack(side="right", padx=2)
-        self.accept_button = ttk.Button(self.banner, text="Accept new key", command=self._accept)
         self.banner_text = tk.Label(self.banner, anchor="w", justify="left", wraplength=560)
         self.banner_text.pack(side="left", fill="x", expand=True, padx=4, pady=2)
         self.banner_text.bind(
@@ -231,10 +231,6 @@ class ChatWindow:
             key = f"{conv.peer}'s key {trust.fingerprint}".rstrip()
             text, colour = f"{key}: {what}", COLOURS[trust.state]
         self.banner_text.configure(text=text, foreground=colour)
-        if conv.blocked:
-            self.accept_button.pack(side="right", padx=2, before=self.banner_text)
-        else:
-            self.accept_button.pack_forget()
         self._set_input(not conv.blocked)
 
     def _set_input(self, enabled: bool) -> None:
@@ -359,6 +355,8 @@ class ChatWindow:
             # Everything else is the terminal client's own command, answered in this conversation.
             self.controller.current_room = None if conv.is_dm else conv.name
             self.bridge.run(lambda: self.controller.handle_line(text), self._after_command)
+            if name == "trust":
+                self.open_dm(args[0])  # runs after it (one worker): the banner shows the result
 
     def _after_command(self, _ok: object) -> None:
         room = self.controller.current_room
@@ -395,7 +393,7 @@ class ChatWindow:
             check = self.client.check_key(peer)
             if check.state is KeyState.CHANGED:
                 return trust_of(check), None
-            return trust_of(check), self.client.send_dm(peer, text)
+            return trust_of(check), self.client.send_dm_to(check, text)
 
         def then(result: tuple[Trust, Any]) -> None:
             trust, future = result
@@ -462,42 +460,40 @@ class ChatWindow:
             lambda exc: self.model.note(str(exc), f"@{peer}", "warning"),
         )
 
-    def _accept(self) -> None:
-        conv = self.model.conversations[self.model.current]
-        peer = conv.peer
-        self.bridge.run(
-            lambda: self.client.accept_key(peer),
-            lambda check: (
-                self.model.set_trust(peer, trust_of(check)),
-                self.model.note(f"now using {peer}'s new key; compare safety numbers", conv.name),
-            ),
-        )
-
     def open_verify(self) -> None:
         conv = self.model.conversations[self.model.current]
         if not conv.is_dm:
             return
         peer = conv.peer
 
-        def show(result: tuple[KeyCheck, str]) -> None:
-            check, number = result
-            self.model.set_trust(peer, trust_of(check))
-            self.verify_dialog = VerifyDialog(self, peer, check, number)
+        def show(shown: Verification) -> None:
+            if shown.offered_key is None:
+                state = shown.pinned_state.value
+                self.model.set_trust(peer, Trust(state, shown.pinned_fingerprint))
+            self.verify_dialog = VerifyDialog(self, shown)
 
+        # The controller remembers what the dialog shows: only those keys can be marked.
         self.bridge.run(
-            lambda: self.client.safety_number(peer),
+            lambda: self.controller.verify(peer),
             show,
             lambda exc: self.model.note(str(exc), conv.name, "warning"),
         )
 
-    def mark_verified(self, peer: str) -> None:
-        self.bridge.run(
-            lambda: self.client.mark_verified(peer),
-            lambda check: (
-                self.model.set_trust(peer, trust_of(check)),
-                self.model.note(f"{peer}'s key is now verified", f"@{peer}"),
-            ),
-        )
+    def mark_verified(self, dialog: VerifyDialog, named: str | None) -> None:
+        """Mark verified the key the dialog showed that `named` names (as /trust does)."""
+        peer = dialog.shown.name
+
+        def done(entry: PinnedKey) -> None:
+            self.model.set_trust(peer, Trust("verified", fingerprint(entry.key)))
+            self.model.note(f"{peer}'s key {fingerprint(entry.key)} is now verified", f"@{peer}")
+            dialog.top.destroy()
+
+        def refused(exc: SecureChatError | TimeoutError) -> None:
+            choices = exc.choices if isinstance(exc, KeyNotNamed) else []
+            typed = "; ".join(f"type {start} for {label}" for label, start in choices)
+            dialog.refused(f"{exc}" + (f"\n{typed}" if typed else ""))
+
+        self.bridge.run(lambda: self.controller.trust(peer, named), done, refused)
 
     # -- closing ----------------------------------------------------------------------------------
 
@@ -521,34 +517,64 @@ class ChatWindow:
 
 
 class VerifyDialog:
-    """The safety number for a DM peer, and a button to mark the key verified."""
+    """The safety number over the peer's pinned key (and over the key the server offers instead,
+    if it differs), and a button to mark verified the key whose number matched. A changed key
+    must be named by the start of its fingerprint, as with /trust."""
 
-    def __init__(self, window: ChatWindow, peer: str, check: KeyCheck, number: str) -> None:
-        self.window, self.peer, self.number = window, peer, number
+    def __init__(self, window: ChatWindow, shown: Verification) -> None:
+        self.window, self.shown = window, shown
+        self.number = shown.pinned_number
+        peer = shown.name
         top = self.top = tk.Toplevel(window.root)
         top.title(f"Verify {peer}")
         top.transient(window.root)
         frame = ttk.Frame(top, padding=12)
         frame.pack(fill="both", expand=True)
-        ttk.Label(frame, text=f"Safety number with {peer}").pack(anchor="w")
-        tk.Label(frame, text=number, font=("TkFixedFont", 14), justify="left").pack(
-            anchor="w", pady=8
-        )
-        ttk.Label(
-            frame,
-            text=(
-                f"{peer}'s key: {check.fingerprint} ({check.state.value})\n"
+        self.name_entry: ttk.Entry | None = None
+        if shown.offered_key is None:
+            self._number(frame, f"Safety number with {peer}", shown.pinned_number)
+            about = (
+                f"{peer}'s key: {shown.pinned_fingerprint} ({shown.pinned_state.value})\n"
                 f"Compare this number with {peer} in person or on a call. If it matches, mark "
                 "the key verified."
-            ),
-            wraplength=420,
-            justify="left",
-        ).pack(anchor="w")
+            )
+            ttk.Label(frame, text=about, wraplength=460, justify="left").pack(anchor="w")
+        else:
+            warning = f"The server now offers {peer} a different key than the one you pinned."
+            tk.Label(frame, text=warning, foreground=COLOURS["changed"]).pack(anchor="w")
+            pinned = f"Pinned key {shown.pinned_fingerprint} ({shown.pinned_state.value})"
+            self._number(frame, pinned, shown.pinned_number)
+            self._number(frame, f"New key {shown.offered_fingerprint}", shown.offered_number or "")
+            about = (
+                f"Compare with {peer} in person or on a call. Then name the key whose number "
+                "matched: type the first group of its fingerprint, and mark it verified."
+            )
+            ttk.Label(frame, text=about, wraplength=460, justify="left").pack(anchor="w")
+            self.name_entry = ttk.Entry(frame, width=24)
+            self.name_entry.pack(anchor="w", pady=(6, 0))
+            self.name_entry.bind("<Return>", lambda _e: self.confirm())
+        self.error = tk.Label(
+            frame, text="", foreground=COLOURS["changed"], wraplength=460, justify="left"
+        )
+        self.error.pack(anchor="w")
         buttons = ttk.Frame(frame)
         buttons.pack(fill="x", pady=(10, 0))
         ttk.Button(buttons, text="Mark verified", command=self.confirm).pack(side="right")
         ttk.Button(buttons, text="Close", command=top.destroy).pack(side="right", padx=4)
 
-    def confirm(self) -> None:
-        self.window.mark_verified(self.peer)
-        self.top.destroy()
+    @staticmethod
+    def _number(frame: ttk.Frame, title: str, number: str) -> None:
+        ttk.Label(frame, text=title).pack(anchor="w")
+        tk.Label(frame, text=number, font=("TkFixedFont", 14), justify="left").pack(
+            anchor="w", pady=(2, 8)
+        )
+
+    def confirm(self, named: str | None = None) -> None:
+        """Mark verified the key named here (or typed in the box); only keys shown qualify."""
+        if named is None and self.name_entry is not None:
+            named = self.name_entry.get().strip() or None
+        self.error.configure(text="")
+        self.window.mark_verified(self, named)
+
+    def refused(self, why: str) -> None:
+        self.error.configure(text=why)
