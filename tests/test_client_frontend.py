@@ -28,13 +28,13 @@ from securechat.client.render import clean, one_line, render
 from .cli_helpers import REPO, LineClient, ServerProcess, cli_env, client_args, run_client
 from .conftest import PASSPHRASE, wait_for
 
-TS = 1_700_000_000_000  # any fixed time; rendered in local time
+TS = 1_700_000_000_000  # any fixed day before today; rendered in local time, with its date
 
 
-def hhmm(ts: int = TS) -> str:
+def dated(ts: int = TS) -> str:
     from datetime import datetime
 
-    return datetime.fromtimestamp(ts / 1000).strftime("%H:%M")
+    return datetime.fromtimestamp(ts / 1000).strftime("%Y-%m-%d %H:%M")
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -89,16 +89,16 @@ def test_bad_commands_say_how_to_write_them(line: str, message: str) -> None:
 
 
 def test_render_each_event() -> None:
-    assert render(Message("#lobby", "alice", "hi", TS), "#lobby") == f"[{hhmm()}] <alice> hi"
-    assert render(Message("#dev", "alice", "hi", TS), "#lobby") == f"[{hhmm()}] #dev <alice> hi"
+    assert render(Message("#lobby", "alice", "hi", TS), "#lobby") == f"[{dated()}] <alice> hi"
+    assert render(Message("#dev", "alice", "hi", TS), "#lobby") == f"[{dated()}] #dev <alice> hi"
     assert render(Message("#lobby", "bob", "waves", TS, action=True), "#lobby") == (
-        f"[{hhmm()}] * bob waves"
+        f"[{dated()}] * bob waves"
     )
     assert render(Message("#lobby", "bob", "old", TS, history=True), "#lobby") == (
-        f"[{hhmm()}] [history] <bob> old"
+        f"[{dated()}] [history] <bob> old"
     )
     assert render(DirectMessage("alice", "bob", "psst", TS, "id", "pinned")) == (
-        f"[{hhmm()}] *alice* psst"
+        f"[{dated()}] *alice* psst"
     )
     assert render(Joined("#dev", "carol", TS)) == "-- carol joined #dev"
     assert render(Parted("#dev", "carol", "left", TS)) == "-- carol left #dev"
@@ -118,7 +118,7 @@ def test_escape_sequences_from_others_are_neutralised() -> None:
     assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in out)
     assert "\u202e" not in out
     assert out == (
-        f"[{hhmm()}] <mal\\x1b[1Alory> \\x1b[2J\\x1b]0;pwned\\x07\\x9b31m"
+        f"[{dated()}] <mal\\x1b[1Alory> \\x1b[2J\\x1b]0;pwned\\x07\\x9b31m"
         "\\u202egnp.exe\\x0dgotcha\\x08"
     )
 
@@ -128,13 +128,13 @@ def test_a_message_cannot_fake_a_status_line() -> None:
         Message("#lobby", "mallory", "hi\n-- alice joined #lobby\n!! server", TS), "#lobby"
     )
     lines = out.split("\n")
-    assert lines[0] == f"[{hhmm()}] <mallory> hi"
+    assert lines[0] == f"[{dated()}] <mallory> hi"
     assert all(line.startswith("    | ") for line in lines[1:])
 
 
 def test_line_mode_puts_every_event_on_one_line() -> None:
     text = render(Message("#lobby", "alice", "one\ntwo \\ three", TS), "#lobby")
-    assert one_line(text) == f"[{hhmm()}] <alice> one\\ntwo \\\\ three"
+    assert one_line(text) == f"[{dated()}] <alice> one\\ntwo \\\\ three"
     assert "\n" not in one_line(text)
     assert clean("tab\there") == "tab\\x09here"
 
