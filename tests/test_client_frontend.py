@@ -23,7 +23,7 @@ from securechat.client.events import (
     Parted,
     ServerError,
 )
-from securechat.client.render import clean, one_line, render
+from securechat.client.render import clean, one_line, render, stamp
 
 from .cli_helpers import REPO, LineClient, ServerProcess, cli_env, client_args, run_client
 from .conftest import PASSPHRASE, wait_for
@@ -121,6 +121,48 @@ def test_escape_sequences_from_others_are_neutralised() -> None:
         f"[{dated()}] <mal\\x1b[1Alory> \\x1b[2J\\x1b]0;pwned\\x07\\x9b31m"
         "\\u202egnp.exe\\x0dgotcha\\x08"
     )
+
+
+# Trojan Source: bidirectional controls, zero-width characters and Unicode line separators.
+INVISIBLE = (
+    "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
+    "\u200b\u200c\u200d\u2060\ufeff\u2028\u2029"
+)
+
+
+def test_bidi_and_zero_width_characters_are_shown_as_escapes() -> None:
+    # Displayed, "\u202e...\u2066" would read as a harmless line with a reordered file name.
+    hostile = "pay al\u200bice \u202eexe.txt\u2066 now\u2028-- alice joined #lobby"
+    out = render(Message("#lobby", "bob", hostile, TS), "#lobby")
+    assert out == (
+        f"[{dated()}] <bob> pay al\\u200bice \\u202eexe.txt\\u2066 now\\u2028-- alice joined #lobby"
+    )
+    assert clean(INVISIBLE) == "".join(f"\\u{ord(c):04x}" for c in INVISIBLE)
+    for event in (
+        Message("#lobby", "bob", INVISIBLE, TS),
+        DirectMessage("bob", "alice", INVISIBLE, TS, "id", "pinned"),
+        DMRejected("bob", "tampered", INVISIBLE),
+        Parted("#lobby", "bob", INVISIBLE, TS),
+    ):
+        assert not set(render(event, "#lobby")) & set(INVISIBLE), event
+    # Text that merely looks unusual is left alone: accents, other scripts, emoji.
+    assert clean("café, Привет, 東京, \U0001f600") == "café, Привет, 東京, \U0001f600"
+
+
+def test_times_before_today_show_the_date() -> None:
+    from datetime import datetime, timedelta
+
+    now = datetime(2026, 11, 26, 9, 30)
+    today = int(datetime(2026, 11, 26, 8, 5).timestamp() * 1000)
+    six_days_ago = int(datetime(2026, 11, 20, 14, 2).timestamp() * 1000)
+    assert stamp(today, now) == "08:05"
+    assert stamp(six_days_ago, now) == "2026-11-20 14:02"
+    assert stamp(int((now + timedelta(days=1)).timestamp() * 1000), now) == "2026-11-27 09:30"
+    # A DM held back six days is dated, whatever today is.
+    held = int((datetime.now() - timedelta(days=6)).timestamp() * 1000)
+    line = render(DirectMessage("bob", "alice", "old news", held, "id", "pinned"))
+    when = datetime.fromtimestamp(held / 1000)
+    assert line == f"[{when:%Y-%m-%d %H:%M}] *bob* old news"
 
 
 def test_a_message_cannot_fake_a_status_line() -> None:
