@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -114,6 +115,30 @@ def drop_acks(monkeypatch: pytest.MonkeyPatch) -> None:
         "send",
         lambda self, data: None if b'"ack"' in data else real_send(self, data),
     )
+
+
+def rewrite_sent_frames(
+    monkeypatch: pytest.MonkeyPatch,
+    frame_type: str,
+    rewrite: Callable[[dict[str, Any]], list[dict[str, Any]]],
+) -> None:
+    """Make the server's hub (a hostile server) send, in place of each frame of `frame_type` it
+    encodes, the frames rewrite(frame) returns (room messages, joins, parts, DMs...)."""
+    from securechat import framing
+    from securechat.server import hub as hub_module
+
+    class HostileFraming:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(framing, name)
+
+        def encode(
+            self, frame: dict[str, Any], max_frame: int = framing.MAX_FRAME_DEFAULT
+        ) -> bytes:
+            if frame.get("type") != frame_type:
+                return framing.encode(frame, max_frame)
+            return b"".join(framing.encode(f, max_frame) for f in rewrite(dict(frame)))
+
+    monkeypatch.setattr(hub_module, "framing", HostileFraming())
 
 
 def wait_for(client: Client, predicate: Callable[[Event], bool], timeout: float = 10.0) -> Event:

@@ -23,18 +23,18 @@ from securechat.client.events import (
     Parted,
     ServerError,
 )
-from securechat.client.render import clean, one_line, render
+from securechat.client.render import clean, one_line, render, stamp
 
 from .cli_helpers import REPO, LineClient, ServerProcess, cli_env, client_args, run_client
 from .conftest import PASSPHRASE, wait_for
 
-TS = 1_700_000_000_000  # any fixed time; rendered in local time
+TS = 1_700_000_000_000  # any fixed day before today; rendered in local time, with its date
 
 
-def hhmm(ts: int = TS) -> str:
+def dated(ts: int = TS) -> str:
     from datetime import datetime
 
-    return datetime.fromtimestamp(ts / 1000).strftime("%H:%M")
+    return datetime.fromtimestamp(ts / 1000).strftime("%Y-%m-%d %H:%M")
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -90,17 +90,17 @@ def test_bad_commands_say_how_to_write_them(line: str, message: str) -> None:
 
 
 def test_render_each_event() -> None:
-    assert render(Message("#lobby", "alice", "hi", TS), "#lobby") == f"[{hhmm()}] <alice> hi"
-    assert render(Message("#dev", "alice", "hi", TS), "#lobby") == f"[{hhmm()}] #dev <alice> hi"
+    assert render(Message("#lobby", "alice", "hi", TS), "#lobby") == f"[{dated()}] <alice> hi"
+    assert render(Message("#dev", "alice", "hi", TS), "#lobby") == f"[{dated()}] #dev <alice> hi"
     assert render(Message("#lobby", "bob", "waves", TS, action=True), "#lobby") == (
-        f"[{hhmm()}] * bob waves"
+        f"[{dated()}] * bob waves"
     )
     assert render(Message("#lobby", "bob", "old", TS, history=True), "#lobby") == (
-        f"[{hhmm()}] [history] <bob> old"
+        f"[{dated()}] [history] <bob> old"
     )
     for state, mark in (("new", "first seen"), ("pinned", "pinned"), ("verified", "verified")):
         assert render(DirectMessage("alice", "bob", "psst", TS, "id", state)) == (
-            f"[{hhmm()}] *alice* [{mark}] psst"
+            f"[{dated()}] *alice* [{mark}] psst"
         )
     assert render(Joined("#dev", "carol", TS)) == "-- carol joined #dev"
     assert render(Parted("#dev", "carol", "left", TS)) == "-- carol left #dev"
@@ -120,9 +120,51 @@ def test_escape_sequences_from_others_are_neutralised() -> None:
     assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in out)
     assert "\u202e" not in out
     assert out == (
-        f"[{hhmm()}] <mal\\x1b[1Alory> \\x1b[2J\\x1b]0;pwned\\x07\\x9b31m"
+        f"[{dated()}] <mal\\x1b[1Alory> \\x1b[2J\\x1b]0;pwned\\x07\\x9b31m"
         "\\u202egnp.exe\\x0dgotcha\\x08"
     )
+
+
+# Trojan Source: bidirectional controls, zero-width characters and Unicode line separators.
+INVISIBLE = (
+    "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
+    "\u200b\u200c\u200d\u2060\ufeff\u2028\u2029"
+)
+
+
+def test_bidi_and_zero_width_characters_are_shown_as_escapes() -> None:
+    # Displayed, "\u202e...\u2066" would read as a harmless line with a reordered file name.
+    hostile = "pay al\u200bice \u202eexe.txt\u2066 now\u2028-- alice joined #lobby"
+    out = render(Message("#lobby", "bob", hostile, TS), "#lobby")
+    assert out == (
+        f"[{dated()}] <bob> pay al\\u200bice \\u202eexe.txt\\u2066 now\\u2028-- alice joined #lobby"
+    )
+    assert clean(INVISIBLE) == "".join(f"\\u{ord(c):04x}" for c in INVISIBLE)
+    for event in (
+        Message("#lobby", "bob", INVISIBLE, TS),
+        DirectMessage("bob", "alice", INVISIBLE, TS, "id", "pinned"),
+        DMRejected("bob", "tampered", INVISIBLE),
+        Parted("#lobby", "bob", INVISIBLE, TS),
+    ):
+        assert not set(render(event, "#lobby")) & set(INVISIBLE), event
+    # Text that merely looks unusual is left alone: accents, other scripts, emoji.
+    assert clean("café, Привет, 東京, \U0001f600") == "café, Привет, 東京, \U0001f600"
+
+
+def test_times_before_today_show_the_date() -> None:
+    from datetime import datetime, timedelta
+
+    now = datetime(2026, 11, 26, 9, 30)
+    today = int(datetime(2026, 11, 26, 8, 5).timestamp() * 1000)
+    six_days_ago = int(datetime(2026, 11, 20, 14, 2).timestamp() * 1000)
+    assert stamp(today, now) == "08:05"
+    assert stamp(six_days_ago, now) == "2026-11-20 14:02"
+    assert stamp(int((now + timedelta(days=1)).timestamp() * 1000), now) == "2026-11-27 09:30"
+    # A DM held back six days is dated, whatever today is.
+    held = int((datetime.now() - timedelta(days=6)).timestamp() * 1000)
+    line = render(DirectMessage("bob", "alice", "old news", held, "id", "pinned"))
+    when = datetime.fromtimestamp(held / 1000)
+    assert line == f"[{when:%Y-%m-%d %H:%M}] *bob* [pinned] old news"
 
 
 def test_a_message_cannot_fake_a_status_line() -> None:
@@ -130,13 +172,13 @@ def test_a_message_cannot_fake_a_status_line() -> None:
         Message("#lobby", "mallory", "hi\n-- alice joined #lobby\n!! server", TS), "#lobby"
     )
     lines = out.split("\n")
-    assert lines[0] == f"[{hhmm()}] <mallory> hi"
+    assert lines[0] == f"[{dated()}] <mallory> hi"
     assert all(line.startswith("    | ") for line in lines[1:])
 
 
 def test_line_mode_puts_every_event_on_one_line() -> None:
     text = render(Message("#lobby", "alice", "one\ntwo \\ three", TS), "#lobby")
-    assert one_line(text) == f"[{hhmm()}] <alice> one\\ntwo \\\\ three"
+    assert one_line(text) == f"[{dated()}] <alice> one\\ntwo \\\\ three"
     assert "\n" not in one_line(text)
     assert clean("tab\there") == "tab\\x09here"
 

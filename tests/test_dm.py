@@ -14,14 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from securechat import framing
 from securechat.client import KeyChanged, RequestError
 from securechat.client.events import DirectMessage, DMRejected, Joined, Message
-from securechat.server import hub as hub_module
 from securechat.server.connection import Connection
 from securechat.trust import KeyState
 
-from .conftest import wait_for
+from .conftest import rewrite_sent_frames, wait_for
 
 SECRET = "meet me at the north gate at dawn"
 
@@ -43,17 +41,7 @@ def ready(*clients) -> None:
 
 def rewrite_delivered_dms(monkeypatch, rewrite) -> None:
     """Make the server rewrite every DM frame it delivers: rewrite(frame) -> list of frames."""
-
-    class HostileFraming:
-        def __getattr__(self, name):
-            return getattr(framing, name)
-
-        def encode(self, frame, max_frame=framing.MAX_FRAME_DEFAULT):
-            if frame.get("type") != "dm":
-                return framing.encode(frame, max_frame)
-            return b"".join(framing.encode(f, max_frame) for f in rewrite(dict(frame)))
-
-    monkeypatch.setattr(hub_module, "framing", HostileFraming())
+    rewrite_sent_frames(monkeypatch, "dm", rewrite)
 
 
 # -- the honest path ------------------------------------------------------------------------------

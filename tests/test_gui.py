@@ -190,7 +190,7 @@ def chat_with_bob(gui_for, bob: LineClient, tmp_path: Path, display: str) -> Non
     gui.window.select("@bob")
     assert "@bob" in gui.window.sidebar.get(0, "end")  # read now
     gui.pump(lambda: gui.window.banner_text.cget("text").endswith(": pinned (not verified)"))
-    assert "<bob> understood" in gui.view()
+    assert "*bob* understood" in gui.view()  # drawn as a DM, never as a room line
     assert str(gui.window.input.cget("state")) == "normal"
 
     # Verify: the number matches the one bob's terminal shows; marking it verified shows it.

@@ -3,8 +3,20 @@ key trust."""
 
 from __future__ import annotations
 
-from securechat.client.events import Closed, DirectMessage, DMRejected, Joined, Message, Parted
-from securechat.gui.model import ChatModel, Trust
+from datetime import datetime
+
+import pytest
+
+from securechat.client.events import (
+    Closed,
+    DirectMessage,
+    DMRejected,
+    FrameDropped,
+    Joined,
+    Message,
+    Parted,
+)
+from securechat.gui.model import ChatModel, Line, Trust
 
 TS = 1_795_000_000_000
 
@@ -82,3 +94,56 @@ def test_closing_the_last_conversation_leaves_something_to_show() -> None:
     assert model.current == "#lobby"
     model.close("#lobby")
     assert model.current == "#lobby" and list(model.conversations) == ["#lobby"]
+
+
+def test_dm_lines_and_room_lines_never_share_a_conversation() -> None:
+    model = ChatModel("alice")
+    model.on_event(DirectMessage("bob", "alice", "sealed hello", TS, "m" * 16, "pinned"))
+    model.on_event(DirectMessage("alice", "bob", "to myself, via bob", TS, "n" * 16, "pinned"))
+    assert [line.kind for line in model.conversations["@bob"].lines] == ["dm", "own_dm"]
+    # A room event naming "@bob" (the Client drops those already) opens no DM conversation.
+    for event in (
+        Message("@bob", "bob", "unsealed", TS),
+        Joined("@carol", "carol", TS),
+        Parted("@carol", "carol", "left", TS),
+    ):
+        model.on_event(event)
+    assert sorted(model.conversations) == ["#lobby", "@bob"]
+    assert [line.text for line in model.conversations["@bob"].lines] == [
+        "sealed hello",
+        "to myself, via bob",
+    ]
+    assert [line.text for line in model.conversations["#lobby"].lines] == [
+        "a room event for '@bob' was dropped",
+        "a room event for '@carol' was dropped",
+        "a room event for '@carol' was dropped",
+    ]
+    with pytest.raises(ValueError, match="a message line does not belong in @bob"):
+        model.add("@bob", Line("message", "unsealed", "bob", TS))
+    with pytest.raises(ValueError, match="a dm line does not belong in #lobby"):
+        model.add("#lobby", Line("dm", "sealed", "bob", TS))
+
+
+def test_a_dropped_frame_is_a_warning_where_the_user_is_looking() -> None:
+    model = ChatModel("alice")
+    model.select("@bob")
+    model.on_event(FrameDropped("message", 'the server sent a room message for "@bob"'))
+    [line] = model.conversations["@bob"].lines
+    assert (line.kind, line.text) == ("warning", 'the server sent a room message for "@bob"')
+
+
+def test_invisible_and_bidi_characters_are_shown_as_escapes() -> None:
+    model = ChatModel("alice")
+    model.on_event(Message("#lobby", "bob", "pay \u202eexe.txt\u2066 al\u200bice\u2028", TS))
+    model.on_event(DirectMessage("bob", "alice", "\ufeffhi\u200d", TS, "m" * 16, "pinned"))
+    assert model.conversations["#lobby"].lines[-1].text == (
+        "pay \\u202eexe.txt\\u2066 al\\u200bice\\u2028"
+    )
+    assert model.conversations["@bob"].lines[-1].text == "\\ufeffhi\\u200d"
+
+
+def test_times_before_today_show_the_date() -> None:
+    old = Line("dm", "held back", "bob", TS)  # a day in November 2026, before today
+    when = datetime.fromtimestamp(TS / 1000)
+    assert old.clock == f"{when:%Y-%m-%d %H:%M}"
+    assert Line("system", "no time").clock == ""

@@ -3,10 +3,12 @@ a restart, one copy of a redelivered DM, and --no-history."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
 import stat
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -131,7 +133,66 @@ def test_a_damaged_row_is_skipped_and_the_rest_stays_readable(make_identity) -> 
             "UPDATE entries SET blob = ? WHERE seq = 1", (blob[:-1] + bytes([blob[-1] ^ 1]),)
         )
     reopened = LocalHistory.beside(make_identity("alice"))
-    assert [e.text for e in reopened.conversation("@bob")] == ["second"]
+    recalled = reopened.conversation("@bob")
+    assert ([e.text for e in recalled], recalled.refused) == (["second"], 1)
+
+
+def test_rows_moved_between_conversations_are_detected_and_reported(
+    server, certs_dir, make_identity
+) -> None:
+    alice = make_identity("alice")
+    history = LocalHistory.beside(alice)
+    history.add(Entry("@bob", "bob", "lunch at noon?", 1_000, msg_id="from-bob-1"))
+    history.add(Entry("@carol", "carol", "the vault code is 7291", 2_000, msg_id="from-carol"))
+    history.add(Entry("#lobby", "dave", "vault tours resume monday", 3_000))
+    history.close()
+    # Someone with the file (but not the key) files carol's DM and a room line under bob's
+    # conversation tag, and copies carol's sealed blob over bob's row.
+    with sqlite3.connect(history_path(alice.path)) as db:
+        rows = db.execute("SELECT seq, conv, blob FROM entries ORDER BY seq").fetchall()
+        (bob_seq, bob_conv, _), (carol_seq, _, carol_blob), (room_seq, _, _) = rows
+        db.execute(
+            "UPDATE entries SET conv = ? WHERE seq IN (?, ?)", (bob_conv, carol_seq, room_seq)
+        )
+        db.execute("UPDATE entries SET blob = ? WHERE seq = ?", (carol_blob, bob_seq))
+
+    reopened = LocalHistory.beside(alice)
+    assert (list(reopened.conversation("@bob")), reopened.conversation("@bob").refused) == ([], 3)
+    assert reopened.conversation("@carol") == []  # its row now claims to be bob's
+    with dial(server, certs_dir, alice, "alice", reopened) as client:
+        out = run_lines(client, "/history @bob", "/search vault")
+    reopened.close()
+    warning = (
+        "!! {} entries of your local history failed their integrity check (damaged, altered,"
+        " or moved from another conversation) and were not shown"
+    )
+    assert out == [
+        "-- 0 messages with bob in your local history",
+        warning.format(3),
+        '-- 0 messages found for "vault"',
+        warning.format(3),
+    ]
+
+
+def test_a_room_line_an_older_version_filed_as_a_dm_is_refused(make_identity) -> None:
+    # Before room names were checked, a server could have a room line "in @bob" recorded under
+    # bob's DM conversation. The file format is unchanged, so such a row may still be there.
+    history = LocalHistory.beside(make_identity("alice"))
+    forged = Entry("@bob", "bob", "forged, never sealed", 1_000)  # no message id: not a DM
+    assert history.add(forged) is False
+    assert history.add(Entry("#lobby", "bob", "a DM id on a room line", 1_000, msg_id="x")) is False
+    plain = json.dumps(asdict(forged)).encode()
+    with sqlite3.connect(history.path) as db:
+        db.execute(
+            "INSERT INTO entries (tag, conv, blob) VALUES (?, ?, ?)",
+            (history._entry_tag(forged), history._tag("conv", "@bob"), history._box.encrypt(plain)),
+        )
+    history.add(Entry("@bob", "bob", "a real DM", 2_000, msg_id="real-one"))
+    recalled = history.conversation("@bob")
+    assert ([e.text for e in recalled], recalled.refused) == (["a real DM"], 1)
+    found = history.search("forged")
+    assert (list(found), found.refused) == ([], 1)
+    history.close()
 
 
 def test_an_unwritable_history_is_a_clear_error(make_identity, tmp_path) -> None:

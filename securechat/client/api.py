@@ -14,6 +14,7 @@ the connection's own thread.
 from __future__ import annotations
 
 import base64
+import json
 import queue
 import threading
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from securechat.client.events import (
     Closed,
     DirectMessage,
     Event,
+    FrameDropped,
     Joined,
     Message,
     Parted,
@@ -40,6 +42,7 @@ from securechat.client.events import (
 from securechat.client.history import Entry, LocalHistory
 from securechat.errors import ConfigError
 from securechat.identity import Identity
+from securechat.protocol import valid_name, valid_room
 from securechat.tls import client_context
 from securechat.trust import (
     KeyChanged,
@@ -158,17 +161,27 @@ class Client:
         return self._conn.request("history", **fields)
 
     @staticmethod
-    def history_events(reply: dict[str, Any]) -> list[Message]:
-        """The Message events in a room_history() reply."""
-        frames = reply.get("messages", [])
-        return [
-            e
-            for f in frames
-            if isinstance(f, dict)
-            and isinstance(
-                e := _event_from_frame({**f, "type": "message", "history": True}, None), Message
+    def history_events(reply: dict[str, Any]) -> list[Message | FrameDropped]:
+        """The Message events in a room_history() reply, with a FrameDropped (a warning to show)
+        in place of each entry that is not a well-formed room message."""
+        events: list[Message | FrameDropped] = []
+        for f in reply.get("messages", []):
+            event = (
+                _event_from_frame({**f, "type": "message", "history": True}, None)
+                if isinstance(f, dict)
+                else None
             )
-        ]
+            if isinstance(event, Message | FrameDropped):
+                events.append(event)
+            else:
+                events.append(
+                    FrameDropped(
+                        "message",
+                        "the server sent a room history entry that is not a message;"
+                        " it was dropped",
+                    )
+                )
+        return events
 
     def ping(self) -> Future[dict[str, Any]]:
         return self._conn.request("ping")
@@ -324,10 +337,45 @@ def _int(frame: dict[str, Any], key: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+# Room-scoped frames, what they are called in a warning, and the field naming their user.
+_ROOM_FRAMES = {
+    "message": ("a room message", "from"),
+    "joined": ("a join", "user"),
+    "parted": ("a part", "user"),
+}
+
+
+def _shown(value: Any) -> str:
+    # A short quoted form of whatever the server sent; render() escapes what is left.
+    if not isinstance(value, str):
+        return "no name"
+    return json.dumps(value[:40] + ("..." if len(value) > 40 else ""), ensure_ascii=False)
+
+
+def _room_frame_problem(frame: dict[str, Any]) -> FrameDropped | None:
+    """A warning when a room-scoped frame names no valid room or user. Room lines are filed by
+    their room name: one naming "@bob" would land in bob's DM conversation with no seal at all."""
+    what, user_field = _ROOM_FRAMES[frame["type"]]
+    room, user = frame.get("room"), frame.get(user_field)
+    if not isinstance(room, str) or valid_room(room):
+        problem = f"for {_shown(room)}, which is not a room name"
+    elif not isinstance(user, str) or valid_name(user):
+        problem = f"in {room} from {_shown(user)}, which is not a user name"
+    else:
+        return None
+    return FrameDropped(
+        frame["type"],
+        f"the server sent {what} {problem}; it was dropped. Only sealed messages are shown as"
+        " direct messages: the server may be trying to pass one off as a DM",
+    )
+
+
 def _event_from_frame(frame: dict[str, Any], dms: DirectMessages | None) -> Event | None:
     """Map a server frame to an event; frames of types we do not know are ignored, so a newer
-    server can add some."""
+    server can add some. A room frame naming no valid room or user becomes FrameDropped."""
     ftype = frame["type"]
+    if ftype in _ROOM_FRAMES and (dropped := _room_frame_problem(frame)) is not None:
+        return dropped
     if ftype == "message":
         return Message(
             _str(frame, "room"),

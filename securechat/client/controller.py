@@ -16,7 +16,7 @@ from typing import Any
 from securechat.client import commands
 from securechat.client.api import Client
 from securechat.client.events import Closed, DirectMessage, Event, Joined, Message, Parted
-from securechat.client.history import LocalHistory
+from securechat.client.history import LocalHistory, Recalled
 from securechat.client.render import clean_line, first_sight, key_mark, render, render_past
 from securechat.errors import ConnectionClosed, SecureChatError
 from securechat.identity import fingerprint
@@ -178,7 +178,8 @@ class Controller:
         events = self.client.history_events(reply)
         for event in events:
             self.output(render(event, self.current_room))
-        self.output(f"-- {len(events)} earlier messages of {room}")
+        shown = sum(isinstance(e, Message) for e in events)
+        self.output(f"-- {shown} earlier messages of {room}")
 
     def _local(self) -> LocalHistory | None:
         history = self.client.history
@@ -196,6 +197,7 @@ class Controller:
         for entry in entries:
             self.output(render_past(entry, self.client.user))
         self.output(f"-- {len(entries)} messages with {peer[1:]} in your local history")
+        self._report_refused(entries)
 
     def _cmd_search(self, words: str) -> None:
         history = self._local()
@@ -206,6 +208,14 @@ class Controller:
             self.output(render_past(entry, self.client.user))
         more = f" (the newest {SEARCH_LIMIT})" if len(found) == SEARCH_LIMIT else ""
         self.output(f'-- {len(found)} messages found{more} for "{clean_line(words)}"')
+        self._report_refused(found)
+
+    def _report_refused(self, recalled: Recalled) -> None:
+        if recalled.refused:
+            self.output(
+                f"!! {recalled.refused} entries of your local history failed their integrity"
+                " check (damaged, altered, or moved from another conversation) and were not shown"
+            )
 
     def _cmd_join(self, room: str) -> None:
         reply = self._wait(self.client.join(room))

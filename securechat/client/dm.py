@@ -3,6 +3,10 @@
 The server relays sealed envelopes and stamps the sender; it cannot read them, and this module
 is where its claims are checked. A key the server offers that differs from the pinned one stops
 sending to that name; a DM that fails any check becomes a DMRejected event, never a message.
+
+The replay guard outlives connections: one ReplayMemory per identity and name for the whole
+process, shared by every Client that logs in as them. A reconnect (the terminal and the GUI make a
+new Client each time) must not give a hostile server a fresh guard to replay old DMs past.
 """
 
 from __future__ import annotations
@@ -34,6 +38,35 @@ def _kind(exc: sealing.SealError) -> str:
     return next(kind for cls, kind in REJECTION_KINDS if isinstance(exc, cls))
 
 
+class ReplayMemory:
+    """A thread-safe ReplayGuard. Bounded by the guard itself: it forgets a DM once its sealed
+    time leaves the accepted window (the server keeps DMs for at most a week) and holds at most
+    sealing.MAX_REMEMBERED_DEFAULT of them."""
+
+    def __init__(self, guard: sealing.ReplayGuard | None = None) -> None:
+        self._guard = guard or sealing.ReplayGuard()
+        self._lock = threading.Lock()
+
+    def check(self, opened: sealing.OpenedDM) -> None:
+        """Accept and remember `opened`, or raise ReplayedMessage / StaleMessage."""
+        with self._lock:
+            self._guard.check(opened)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._guard)
+
+
+_process_memories: dict[tuple[bytes, str], ReplayMemory] = {}
+_process_lock = threading.Lock()
+
+
+def process_replay_memory(identity: Identity, user: str) -> ReplayMemory:
+    """The one ReplayMemory of this process for `user` logged in with `identity`."""
+    with _process_lock:
+        return _process_memories.setdefault((identity.verify_key_bytes, user), ReplayMemory())
+
+
 def _b64(value: Any) -> bytes | None:
     if not isinstance(value, str):
         return None
@@ -53,15 +86,17 @@ class DirectMessages:
         known_keys: KnownKeys,
         *,
         seen: Callable[[str, str], bool] | None = None,
+        replays: ReplayMemory | None = None,
     ) -> None:
         self.identity = identity
         self.user = user
         self.known_keys = known_keys
         # seen(sender, msg_id): shown in an earlier run (the local history knows), so the
-        # replay guard's memory, which dies with the process, is not the only defence.
+        # replay guard's memory, which dies with the process, is not the only defence. A
+        # history that cannot be read answers False: the guard then still refuses repeats.
         self._seen = seen
-        self._replays = sealing.ReplayGuard()
-        self._lock = threading.Lock()  # the replay guard is not thread-safe by itself
+        self.replays = replays if replays is not None else process_replay_memory(identity, user)
+        self._lock = threading.Lock()  # one check-and-record at a time
 
     def seal_to(self, check: KeyCheck, text: str) -> sealing.SealedDM:
         """Seal `text` for the checked key; refuses (KeyChanged) a key that is not pinned."""
@@ -97,7 +132,7 @@ class DirectMessages:
             return DMRejected(sender, "key_changed", check.warning())
         with self._lock:
             try:
-                self._replays.check(opened)
+                self.replays.check(opened)
                 if self._seen is not None and self._seen(opened.sender, opened.message_id):
                     raise sealing.ReplayedMessage(
                         f"a direct message from {sender} arrived again (shown in an earlier"

@@ -76,6 +76,16 @@ class DMRejected:
 
 
 @dataclass(frozen=True)
+class FrameDropped:
+    """A server frame that was NOT shown because it breaks the protocol's own rules (a room
+    message for something that is not a room name, say: a server forging a DM that way).
+    `frame_type` is the frame's type; `detail` is the warning to show."""
+
+    frame_type: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class ServerError:
     """An error frame that answers no request of ours (a protocol complaint, say)."""
 
@@ -90,4 +100,4 @@ class Closed:
     reason: str
 
 
-Event = Message | Joined | Parted | DirectMessage | DMRejected | ServerError | Closed
+Event = Message | Joined | Parted | DirectMessage | DMRejected | FrameDropped | ServerError | Closed

@@ -8,10 +8,20 @@ keys come from the identity's secret seed, which only the passphrase unseals; wi
 shows how many entries there are, roughly how long, and which belong together, but no name and
 no word. Search decrypts and scans, newest first: a chat history is small enough for that, and a
 searchable index would leak the words.
+
+Each row is bound to its place: the sealed entry holds every field its two tags are made from
+(conversation; sender and id, or room, sender, time and text), so reading recomputes both tags
+and refuses a row whose stored tags differ. A row moved to another conversation, or a blob copied
+onto another row, is counted in Recalled.refused and reported, never shown. An entry must also
+have the shape of its conversation: "@peer" rows are DMs (a message id, a valid name), "#room"
+rows are room lines. Files written before this check have the same format and are read the same
+way (no migration); a room line that an older client filed under "@peer" because a server sent it
+there is refused as malformed.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import sqlite3
@@ -28,6 +38,7 @@ import nacl.secret
 
 from securechat.errors import SecureChatError
 from securechat.identity import Identity
+from securechat.protocol import valid_name, valid_room
 
 SCHEMA_VERSION = 1
 PAD = 64
@@ -48,6 +59,26 @@ class Entry:
     ts: int  # milliseconds since the epoch (server time for rooms, sender's time for DMs)
     action: bool = False
     msg_id: str = ""  # DMs only
+
+
+class Recalled(list[Entry]):
+    """Entries read back, oldest first; `refused` counts rows that failed their checks (altered,
+    moved between conversations, or not the shape of their conversation) and were left out."""
+
+    def __init__(self, entries: list[Entry], refused: int = 0) -> None:
+        super().__init__(entries)
+        self.refused = refused
+
+
+def well_formed(entry: Entry) -> bool:
+    """Whether `entry` has the shape of its conversation: "@peer" holds only DMs (with a message
+    id) and "#room" only room lines, each under a valid name."""
+    where, name = entry.conversation[:1], entry.conversation[1:]
+    if valid_name(entry.sender):
+        return False
+    if where == "@":
+        return bool(entry.msg_id) and not valid_name(name) and not entry.action
+    return where == "#" and not entry.msg_id and not valid_room(entry.conversation)
 
 
 def history_path(key_path: Path) -> Path:
@@ -149,7 +180,10 @@ class LocalHistory:
     # -- writing ----------------------------------------------------------------------------------
 
     def add(self, entry: Entry) -> bool:
-        """Remember `entry`; False if it was already there (or recording has stopped)."""
+        """Remember `entry`; False if it was already there, recording has stopped, or it is not
+        of the shape of its conversation (see well_formed: "@peer" keeps only DMs)."""
+        if not well_formed(entry):
+            return False
         plain = json.dumps(asdict(entry), ensure_ascii=False).encode()
         plain += b" " * (-len(plain) % PAD)
         with self._lock:
@@ -182,29 +216,34 @@ class LocalHistory:
             return False  # the replay guard still stands; a lost history must not stop DMs
         return bool(rows)
 
-    def conversation(self, name: str, limit: int = 100) -> list[Entry]:
+    def conversation(self, name: str, limit: int = 100) -> Recalled:
         """The last `limit` entries of "#room" or "@peer", oldest first."""
         rows = self._query(
-            "SELECT blob FROM entries WHERE conv = ? ORDER BY seq DESC LIMIT ?",
+            "SELECT tag, conv, blob FROM entries WHERE conv = ? ORDER BY seq DESC LIMIT ?",
             self._tag("conv", name),
             limit,
         )
-        entries = [e for (blob,) in rows if (e := self._open_entry(blob)) is not None]
-        return sorted(entries, key=lambda e: e.ts)
+        opened = [self._open_entry(*row) for row in rows]
+        entries = [e for e in opened if e is not None]
+        return Recalled(sorted(entries, key=lambda e: e.ts), len(opened) - len(entries))
 
-    def search(self, words: str, limit: int = 50) -> list[Entry]:
+    def search(self, words: str, limit: int = 50) -> Recalled:
         """The newest `limit` entries whose text holds every word (any case), oldest first."""
         wanted = words.casefold().split()
         found: list[Entry] = []
+        refused = 0
         if not wanted:
-            return found
+            return Recalled(found)
         for entry in self._newest_first():
+            if entry is None:
+                refused += 1
+                continue
             text = entry.text.casefold()
             if all(w in text for w in wanted):
                 found.append(entry)
                 if len(found) >= limit:
                     break
-        return sorted(found, key=lambda e: e.ts)
+        return Recalled(sorted(found, key=lambda e: e.ts), refused)
 
     def __len__(self) -> int:
         return self._query("SELECT count(*) FROM entries")[0][0]
@@ -216,29 +255,34 @@ class LocalHistory:
             except sqlite3.Error as exc:
                 raise HistoryError(f"cannot read the local history {self.path}: {exc}") from None
 
-    def _newest_first(self, batch: int = 500) -> Iterator[Entry]:
+    def _newest_first(self, batch: int = 500) -> Iterator[Entry | None]:
+        """Every row's entry, newest first; None for a row that failed its checks."""
         last = None
         while True:
             rows = self._query(
-                "SELECT seq, blob FROM entries WHERE seq < coalesce(?, 9e18)"
+                "SELECT seq, tag, conv, blob FROM entries WHERE seq < coalesce(?, 9e18)"
                 " ORDER BY seq DESC LIMIT ?",
                 last,
                 batch,
             )
             if not rows:
                 return
-            for seq, blob in rows:
+            for seq, tag, conv, blob in rows:
                 last = seq
-                entry = self._open_entry(blob)
-                if entry is not None:
-                    yield entry
+                yield self._open_entry(tag, conv, blob)
 
-    def _open_entry(self, blob: bytes) -> Entry | None:
-        # A damaged row is skipped, not fatal: the rest of the history stays readable.
+    def _open_entry(self, tag: bytes, conv: bytes, blob: bytes) -> Entry | None:
+        """The row's entry, or None when the row is damaged, not where it was written (its tags
+        are not the ones its sealed content makes), or not the shape of its conversation. Such
+        a row is left out, not fatal: the rest of the history stays readable."""
         try:
             record: dict[str, Any] = json.loads(self._box.decrypt(blob))
-            return Entry(**record)
-        except (nacl.exceptions.CryptoError, ValueError, TypeError):
+            entry = Entry(**record)
+            placed = hmac.compare_digest(self._entry_tag(entry), tag) and hmac.compare_digest(
+                self._tag("conv", entry.conversation), conv
+            )
+            return entry if placed and well_formed(entry) else None
+        except (nacl.exceptions.CryptoError, ValueError, TypeError, AttributeError):
             return None
 
     def close(self) -> None:

@@ -2,7 +2,9 @@
 
 Names, message text and reasons come from other users or the server, so control characters and
 escape sequences are shown as visible escapes: nobody can move your cursor, clear your screen,
-retitle your terminal, or start a line that looks like one of ours.
+retitle your terminal, or start a line that looks like one of ours. Bidirectional controls and
+invisible characters are escaped too (the "Trojan Source" trick: text that reads one way on screen
+and is another). The GUI draws text through the same clean().
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from securechat.client.events import (
     DirectMessage,
     DMRejected,
     Event,
+    FrameDropped,
     Joined,
     Message,
     Parted,
@@ -22,9 +25,14 @@ from securechat.client.events import (
 )
 from securechat.client.history import Entry
 
-# C0 controls but newline, DEL, C1 controls, and bidirectional overrides/isolates (which can make
-# text display in another order than it is).
-_UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# C0 controls but newline, DEL, C1 controls; bidirectional embeddings, overrides, isolates and
+# marks (U+202A-U+202E, U+2066-U+2069, U+200E, U+200F, U+061C), which make text display in another
+# order than it is; zero-width characters (U+200B-U+200D, U+2060, U+FEFF), which hide characters
+# inside a word; and the line and paragraph separators U+2028/U+2029, which break a line where
+# the terminal's newline handling cannot see it.
+_UNSAFE = re.compile(
+    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060\u2066-\u2069\ufeff]"
+)
 CONTINUATION = "    | "
 
 
@@ -43,8 +51,12 @@ def clean_line(text: str) -> str:
     return clean(text).replace("\n", "\\n")
 
 
-def _clock(ts: int) -> str:
-    return datetime.fromtimestamp(ts / 1000).strftime("%H:%M")
+def stamp(ts: int, now: datetime | None = None) -> str:
+    """The local time of `ts` (ms since the epoch): "14:02" today, "2026-11-20 14:02" on any
+    other day, so that a message held back for days never passes for one from this afternoon."""
+    when = datetime.fromtimestamp(ts / 1000)
+    today = (now or datetime.now()).date()
+    return when.strftime("%H:%M" if when.date() == today else "%Y-%m-%d %H:%M")
 
 
 def _body(text: str) -> str:
@@ -78,11 +90,11 @@ def render(event: Event, current_room: str | None = None) -> str:
         mark = "[history] " if event.history else ""
         sender = clean_line(event.sender)
         if event.action:
-            return f"[{_clock(event.ts)}] {mark}{where}* {sender} {_body(event.text)}"
-        return f"[{_clock(event.ts)}] {mark}{where}<{sender}> {_body(event.text)}"
+            return f"[{stamp(event.ts)}] {mark}{where}* {sender} {_body(event.text)}"
+        return f"[{stamp(event.ts)}] {mark}{where}<{sender}> {_body(event.text)}"
     if isinstance(event, DirectMessage):
         mark = key_mark(event.key_state)
-        return f"[{_clock(event.ts)}] *{clean_line(event.sender)}* {mark} {_body(event.text)}"
+        return f"[{stamp(event.ts)}] *{clean_line(event.sender)}* {mark} {_body(event.text)}"
     if isinstance(event, Joined):
         return f"-- {clean_line(event.user)} joined {clean_line(event.room)}"
     if isinstance(event, Parted):
@@ -93,6 +105,8 @@ def render(event: Event, current_room: str | None = None) -> str:
             f"!! a direct message from {clean_line(event.sender)} was refused "
             f"({event.kind}): {_body(event.detail)}"
         )
+    if isinstance(event, FrameDropped):
+        return f"!! {clean_line(event.detail)}"
     if isinstance(event, ServerError):
         return f"!! server: {clean_line(event.message)} ({clean_line(event.code)})"
     if isinstance(event, Closed):

@@ -8,25 +8,31 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from securechat.client.events import (
     Closed,
     DirectMessage,
     DMRejected,
     Event,
+    FrameDropped,
     Joined,
     Message,
     Parted,
     ServerError,
 )
-from securechat.client.render import clean, clean_line
-from securechat.protocol import LOBBY
+from securechat.client.render import clean, clean_line, stamp
+from securechat.protocol import LOBBY, valid_room
+
+# Which line kinds may stand in which conversations: a room line never in a DM conversation, a
+# DM line (a sealed message that opened and passed every check) never in a room.
+ROOM_KINDS = frozenset({"message", "action", "own", "history"})
+DM_KINDS = frozenset({"dm", "own_dm"})
 
 
 @dataclass(frozen=True)
 class Line:
-    """One line of a conversation. `kind`: message, action, own, system, warning, history."""
+    """One line of a conversation. `kind`: message, action, own, history (room lines), dm,
+    own_dm (sealed DMs received and sent), system, warning."""
 
     kind: str
     text: str
@@ -36,7 +42,7 @@ class Line:
 
     @property
     def clock(self) -> str:
-        return datetime.fromtimestamp(self.ts / 1000).strftime("%H:%M") if self.ts else ""
+        return stamp(self.ts) if self.ts else ""
 
 
 @dataclass
@@ -115,10 +121,12 @@ class ChatModel:
         return sorted(self.conversations.values(), key=lambda c: (c.is_dm, c.name))
 
     def add(self, name: str, line: Line) -> None:
+        if line.kind in (DM_KINDS if not name.startswith("@") else ROOM_KINDS):
+            raise ValueError(f"a {line.kind} line does not belong in {name}")
         conv = self.open(name)
         conv.lines.append(line)
         del conv.lines[: -self.MAX_LINES]
-        if name != self.current and line.kind not in ("system", "own"):
+        if name != self.current and line.kind not in ("system", "own", "own_dm"):
             conv.unread += 1
 
     def note(self, text: str, name: str | None = None, kind: str = "system") -> None:
@@ -128,7 +136,10 @@ class ChatModel:
     # -- events -----------------------------------------------------------------------------------
 
     def on_event(self, event: Event) -> None:
-        if isinstance(event, Message):
+        if isinstance(event, Message | Joined | Parted) and valid_room(event.room):
+            # The Client drops such frames already; a room line must never open a DM pane.
+            self.note(f"a room event for {event.room[:40]!r} was dropped", kind="warning")
+        elif isinstance(event, Message):
             if event.history:
                 kind = "history"
             elif event.sender == self.user:
@@ -136,14 +147,16 @@ class ChatModel:
             else:
                 kind = "action" if event.action else "message"
             mention = event.sender != self.user and bool(self._mention.search(event.text))
-            self.add(event.room, Line(kind, clean(event.text), event.sender, event.ts, mention))
+            sender = clean_line(event.sender)
+            self.add(event.room, Line(kind, clean(event.text), sender, event.ts, mention))
         elif isinstance(event, DirectMessage):
             peer = event.sender if event.sender != self.user else event.recipient
             conv = self.open(f"@{peer}")
             if conv.trust is None or conv.trust.state != event.key_state:
                 old = conv.trust
                 conv.trust = Trust(event.key_state, old.fingerprint if old else "")
-            self.add(conv.name, Line("message", clean(event.text), event.sender, event.ts))
+            kind = "own_dm" if event.sender == self.user else "dm"
+            self.add(conv.name, Line(kind, clean(event.text), event.sender, event.ts))
         elif isinstance(event, DMRejected):
             name = f"@{event.sender}"
             self.add(name, Line("warning", clean(f"a direct message was refused: {event.detail}")))
@@ -164,6 +177,8 @@ class ChatModel:
             self.add(event.room, Line("system", f"{clean_line(event.user)} left{why}", ts=event.ts))
             if event.user == self.user:
                 conv.members.clear()
+        elif isinstance(event, FrameDropped):
+            self.note(event.detail, kind="warning")
         elif isinstance(event, ServerError):
             self.note(f"server: {event.message} ({event.code})", kind="warning")
         elif isinstance(event, Closed):

@@ -20,9 +20,10 @@ from securechat.client.controller import Controller
 from securechat.client.events import Closed, DirectMessage, DMRejected, Event, Joined
 from securechat.client.history import LocalHistory
 from securechat.client.reconnect import backoff_delays
+from securechat.client.render import clean
 from securechat.errors import AuthError, SecureChatError
 from securechat.gui.bridge import Bridge
-from securechat.gui.model import ChatModel, Line, Trust
+from securechat.gui.model import DM_KINDS, ChatModel, Line, Trust
 from securechat.identity import fingerprint
 from securechat.protocol import LOBBY, valid_name
 from securechat.trust import KeyCheck, KeyNotNamed, KeyState, PinnedKey, Verification
@@ -191,6 +192,12 @@ class ChatWindow:
             view.insert(
                 "end", f"{'-- ' if line.kind == 'system' else '!! '}{line.text}\n", line.kind
             )
+            return
+        if line.kind in DM_KINDS:
+            # Drawn as the terminal draws a DM (*name*), never as a room line (<name>).
+            sender_tags = ("sender", "own") if line.kind == "own_dm" else ("sender",)
+            view.insert("end", f"*{line.sender}* ", sender_tags)
+            view.insert("end", line.text.replace("\n", "\n    ") + "\n")
             return
         extra = ("mention",) if line.mention else ()
         body_tags = ("history",) if line.kind == "history" else extra
@@ -409,7 +416,9 @@ class ChatWindow:
                     return
                 reply = f.result()
                 queued = " (queued: they are offline)" if reply.get("status") == "queued" else ""
-                line = Line("own", text + queued, self.client.user, int(reply.get("ts", 0)))
+                line = Line(
+                    "own_dm", clean(text) + queued, self.client.user, int(reply.get("ts", 0))
+                )
                 self.bridge.post(lambda: self.model.add(name, line))
 
             future.add_done_callback(done)
