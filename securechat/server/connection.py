@@ -247,10 +247,7 @@ class Connection:
             if server.store.public_key(to) is None:
                 raise ProtocolError("no_such_user", f"nobody is called {to}")
             server.store.queue_dm(
-                dm,
-                ttl_ms=server.config.dm_ttl_ms,
-                max_count=server.config.dm_quota_count,
-                max_bytes=server.config.dm_quota_bytes,
+                dm, ttl_ms=server.config.dm_ttl_ms, quota=server.config.dm_quota()
             )
             return dm
 
