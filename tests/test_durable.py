@@ -178,21 +178,13 @@ def test_room_history_on_join_on_request_and_after_restart(
         srv.stop()
 
 
-def test_offline_dm_survives_sigkill_through_the_cli_alone(certs_dir, tmp_path) -> None:
+def test_offline_dm_survives_sigkill_through_the_cli_alone(certs_dir, tmp_path, cli_key) -> None:
     """Issue 4, done when: alice DMs bob while bob is offline; the server is killed with SIGKILL
     and restarted; bob logs in and reads the DM; the server's data folder never held the text;
     a user who joins #lobby late sees the earlier room messages."""
-    from securechat import identity
-
     from .cli_helpers import run_client
-    from .conftest import PASSPHRASE
 
-    def key(name: str) -> Path:
-        path = tmp_path / "keys" / f"{name}.key"
-        if not path.exists():
-            identity.create(path, PASSPHRASE, kdf=identity.KDF_FAST_FOR_TESTS)
-        return path
-
+    key = cli_key
     secret = "the treasure is buried under the old oak"
     ca, data = certs_dir / "ca.pem", tmp_path / "data"
     server = ServerProcess("--certs", str(certs_dir), "--data", str(data), cwd=tmp_path)
