@@ -262,6 +262,14 @@ def _limit_options(command):  # type: ignore[no-untyped-def]
     help="Most bytes of DMs waiting for one recipient.",
     **_env("DM_QUOTA_BYTES"),
 )
+@click.option(
+    "--dm-sender-share",
+    type=click.IntRange(1, 100),
+    default=10,
+    show_default=True,
+    help="Percent of each recipient's DM quota (count and bytes) one sender may fill.",
+    **_env("DM_SENDER_SHARE"),
+)
 @_limit_options
 def server(
     host: str,
@@ -275,6 +283,7 @@ def server(
     dm_ttl: float,
     dm_quota_count: int,
     dm_quota_bytes: int,
+    dm_sender_share: int,
     **limits: float,
 ) -> None:
     """Run the chat server (TLS 1.3 only) until SIGINT or SIGTERM."""
@@ -291,6 +300,7 @@ def server(
         dm_ttl_ms=int(dm_ttl * 3600 * 1000),
         dm_quota_count=dm_quota_count,
         dm_quota_bytes=dm_quota_bytes,
+        dm_sender_share=dm_sender_share,
         **limits,  # type: ignore[arg-type]
     )
     if io_threads:

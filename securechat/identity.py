@@ -1,8 +1,9 @@
 """Identity keys: one Ed25519 signing key per user, sealed at rest with a passphrase.
 
 The key file holds the 32-byte seed inside a SecretBox whose key comes from Argon2id; the KDF
-limits live in the file. Nothing here ever logs, prints or puts in an exception a passphrase, a
-seed or a derived key.
+limits live in the file. The identity key signs the whole record, so the user name and limits
+stored beside the sealed seed cannot be changed unnoticed. Nothing here ever logs, prints or puts
+in an exception a passphrase, a seed or a derived key.
 """
 
 from __future__ import annotations
@@ -32,9 +33,13 @@ from securechat.errors import IdentityError
 from securechat.files import write_atomically
 
 FORMAT = "securechat-identity"
-VERSION = 1
+# Version 1 had no signature: its user name is never used (see legacy_user); remember_user
+# rewrites such a file as version 2.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+RECORD_CONTEXT = b"securechat identity key file v2\n"
 KDF_MODERATE: tuple[int, int] = (argon2id.OPSLIMIT_MODERATE, argon2id.MEMLIMIT_MODERATE)
-# Tests and the load generator only: ask for it explicitly, never by default.
+# Tests only: ask for it explicitly, never by default; load() refuses it unless told to accept it.
 KDF_FAST_FOR_TESTS: tuple[int, int] = (argon2id.OPSLIMIT_MIN, argon2id.MEMLIMIT_MIN)
 # A hostile key file must not make us allocate without bound.
 MEMLIMIT_CEILING = 4 * 1024**3
@@ -93,7 +98,7 @@ def create(
     """Make a new identity and seal it into `path` (mode 0600; parent folders made 0700)."""
     if not passphrase:
         raise IdentityError("an empty passphrase is not allowed")
-    if path.exists():
+    if os.path.lexists(path):
         raise IdentityError(f"identity key {path} already exists; refusing to overwrite it")
     opslimit, memlimit = kdf
     signing_key = nacl.signing.SigningKey.generate()
@@ -112,35 +117,86 @@ def create(
     }
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(record, indent=1).encode() + b"\n")
     except OSError as exc:
         raise IdentityError(f"cannot write identity key {path}: {exc.strerror or exc}") from None
+    _write_signed(path, record, signing_key, "write identity key")
     return Identity(path, signing_key, user)
 
 
-def _read_record(path: Path) -> dict[str, Any]:
+def _signed_bytes(record: dict[str, Any]) -> bytes:
+    """What the signature covers: every field but itself, in one canonical form."""
+    fields = {name: value for name, value in record.items() if name != "signature"}
+    return RECORD_CONTEXT + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _write_signed(
+    path: Path, record: dict[str, Any], signing_key: nacl.signing.SigningKey, doing: str
+) -> None:
+    record = {**record, "version": VERSION}
+    record.pop("signature", None)
+    record["signature"] = _b64(signing_key.sign(_signed_bytes(record)).signature)
     try:
-        st = path.stat()
+        write_atomically(path, json.dumps(record, indent=1).encode() + b"\n")
+    except OSError as exc:
+        raise IdentityError(f"cannot {doing} {path}: {exc.strerror or exc}") from None
+
+
+def _read_private(path: Path) -> bytes:
+    """The file's bytes, if it is a regular file of ours that nobody else can read."""
+    try:
+        st = path.lstat()
     except FileNotFoundError:
         raise IdentityError(f"identity key {path} does not exist") from None
     except OSError as exc:
         raise IdentityError(f"cannot read identity key {path}: {exc.strerror or exc}") from None
+    # Whoever can point the link elsewhere chooses which key we use: take only the file itself.
+    if stat.S_ISLNK(st.st_mode):
+        raise IdentityError(
+            f"identity key {path} is a symbolic link; refusing to follow it (give the path of "
+            "the key file itself)"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise IdentityError(f"identity key {path} is not a regular file")
+    # O_NONBLOCK: a FIFO swapped in after the lstat must not hang the open.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        with os.fdopen(os.open(path, flags), "rb") as f:
+            st = os.fstat(f.fileno())  # the file we read, whatever the path names by now
+            _check_private(path, st)
+            return f.read(64 * 1024)
+    except OSError as exc:
+        raise IdentityError(f"cannot read identity key {path}: {exc.strerror or exc}") from None
+
+
+def _check_private(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise IdentityError(f"identity key {path} is not a regular file")
+    # As OpenSSH: a key someone else owns may be theirs to replace, and one others can read
+    # may already be copied; refuse to use either.
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise IdentityError(
+            f"identity key {path} belongs to user id {st.st_uid}, not to you (user id "
+            f"{os.geteuid()}); refusing to use it"
+        )
     mode = stat.S_IMODE(st.st_mode)
-    # As OpenSSH: a private key others can read may already be copied; refuse to use it.
     if mode & 0o077:
         raise IdentityError(
             f"permissions {mode:04o} for '{path}' are too open; the key must be readable by "
             f"you only (chmod 600 {path})"
         )
+
+
+def _read_record(path: Path) -> dict[str, Any]:
     try:
-        record = json.loads(path.read_bytes()[: 64 * 1024])
-    except OSError as exc:
-        raise IdentityError(f"cannot read identity key {path}: {exc.strerror or exc}") from None
+        record = json.loads(_read_private(path))
     except ValueError:
         raise IdentityError(f"{path} is not a securechat identity key (not JSON)") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise IdentityError(f"{path} is not a securechat identity key")
-    if record.get("version") != VERSION or record.get("kdf") != "argon2id":
+    version = record.get("version")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise IdentityError(f"{path} has an identity key format this securechat cannot read")
+    if record.get("kdf") != "argon2id":
         raise IdentityError(f"{path} has an identity key format this securechat cannot read")
     return record
 
@@ -156,7 +212,7 @@ def _field(record: dict[str, Any], name: str, path: Path, size: int | None = Non
     return raw
 
 
-def _limits(record: dict[str, Any], path: Path) -> tuple[int, int]:
+def _limits(record: dict[str, Any], path: Path, least: tuple[int, int]) -> tuple[int, int]:
     ops, mem = record.get("opslimit"), record.get("memlimit")
     if not (isinstance(ops, int) and isinstance(mem, int)) or isinstance(ops, bool):
         raise IdentityError(f"identity key {path} is damaged (bad KDF limits)")
@@ -164,16 +220,27 @@ def _limits(record: dict[str, Any], path: Path) -> tuple[int, int]:
         raise IdentityError(f"identity key {path} has an unacceptable KDF opslimit {ops}")
     if not argon2id.MEMLIMIT_MIN <= mem <= MEMLIMIT_CEILING:
         raise IdentityError(f"identity key {path} has an unacceptable KDF memlimit {mem}")
+    # Weaker limits make a copied file cheaper to brute-force; whoever lowered them gets nothing.
+    if ops < least[0] or mem < least[1]:
+        raise IdentityError(
+            f"identity key {path} has Argon2id limits below the minimum (opslimit {ops}, "
+            f"memlimit {mem}; at least {least[0]} and {least[1]}); refusing to use it"
+        )
     return ops, mem
 
 
-def load(path: Path, passphrase: bytes) -> Identity:
-    """Open the identity sealed in `path`; IdentityError with a clear reason on any failure."""
+def load(path: Path, passphrase: bytes, *, min_kdf: tuple[int, int] = KDF_MODERATE) -> Identity:
+    """Open the identity sealed in `path`; IdentityError with a clear reason on any failure.
+
+    A file whose Argon2id limits are below `min_kdf` is refused before any work is done. A
+    version 1 file (no signature) loads without its user name: nothing vouches for it.
+    """
     record = _read_record(path)
-    opslimit, memlimit = _limits(record, path)
+    opslimit, memlimit = _limits(record, path, min_kdf)
     salt = _field(record, "salt", path, argon2id.SALTBYTES)
     sealed = _field(record, "sealed_seed", path)
     public_key = _field(record, "public_key", path, 32)
+    signature = _field(record, "signature", path, 64) if record["version"] >= 2 else None
     user = record.get("user")
     if user is not None and not isinstance(user, str):
         raise IdentityError(f"identity key {path} is damaged (bad user)")
@@ -187,6 +254,15 @@ def load(path: Path, passphrase: bytes) -> Identity:
     signing_key = nacl.signing.SigningKey(seed)
     if not hmac.compare_digest(bytes(signing_key.verify_key), public_key):
         raise IdentityError(f"identity key {path} is damaged (public key does not match)")
+    if signature is None:
+        return Identity(path, signing_key, None)
+    try:
+        signing_key.verify_key.verify(_signed_bytes(record), signature)
+    except nacl.exceptions.BadSignatureError:
+        raise IdentityError(
+            f"identity key {path} was changed by something other than securechat (its "
+            "signature does not match its user name and settings); refusing to use it"
+        ) from None
     return Identity(path, signing_key, user)
 
 
@@ -199,32 +275,47 @@ def load_or_create(
     """Load `path`, or create it on first use; returns (identity, created).
 
     passphrase_source(new) is asked with new=True when the key does not exist yet, so a prompt
-    can ask twice.
+    can ask twice. `kdf` gives a new key its limits and is the least an existing one may have.
     """
-    if path.exists():
-        return load(path, passphrase_source(False)), False
+    if os.path.lexists(path):
+        return load(path, passphrase_source(False), min_kdf=kdf), False
     return create(path, passphrase_source(True), kdf=kdf), True
 
 
 def remember_user(ident: Identity, user: str) -> Identity:
-    """Record the user name in the key file (the seed stays sealed as it is)."""
+    """Record the user name in the key file, signed (the seed stays sealed as it is).
+
+    A version 1 file is rewritten as version 2 on the way.
+    """
     if ident.path is None:
         return replace(ident, user=user)
     record = _read_record(ident.path)
-    record["user"] = user
-    try:
-        write_atomically(ident.path, json.dumps(record, indent=1).encode() + b"\n")
-    except OSError as exc:
-        raise IdentityError(f"cannot update {ident.path}: {exc.strerror or exc}") from None
+    if _field(record, "public_key", ident.path, 32) != ident.verify_key_bytes:
+        raise IdentityError(f"identity key {ident.path} holds another key than the one in use")
+    _write_signed(ident.path, {**record, "user": user}, ident.signing_key, "update")
     return replace(ident, user=user)
 
 
 def peek_user(path: Path) -> str | None:
-    """The user name remembered in a key file, without the passphrase (None if none)."""
+    """The user name remembered in a key file, without the passphrase (None if none).
+
+    Unverified until load() checks the file's signature; a version 1 file gives None.
+    """
+    return _stored_user(path, VERSION)
+
+
+def legacy_user(path: Path) -> str | None:
+    """The unauthenticated user name of a version 1 key file, for a front end to suggest; None
+    for any other file."""
+    return _stored_user(path, 1)
+
+
+def _stored_user(path: Path, version: int) -> str | None:
     if not path.exists():
         return None
-    user = _read_record(path).get("user")
-    return user if isinstance(user, str) else None
+    record = _read_record(path)
+    user = record.get("user")
+    return user if isinstance(user, str) and record["version"] == version else None
 
 
 def passphrase_from_env_or_prompt(path: Path, *, new: bool) -> bytes:

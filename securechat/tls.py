@@ -13,6 +13,9 @@ import hashlib
 import ssl
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
 from securechat.errors import CertificateError, ConnectionClosed
 
 READ_CHUNK = 64 * 1024
@@ -43,8 +46,11 @@ def server_context(
     try:
         ctx.load_cert_chain(cert, key)
         if require_client_cert:
+            # As strict as the client is with us: only our CA, strict X.509 rules. OpenSSL also
+            # checks dates and, when present, key usages; client_certificate_problem the rest.
             ctx.load_verify_locations(cafile=ca)
             ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     except (OSError, ssl.SSLError) as exc:
         raise CertificateError(
             f"cannot load the server certificate from {certs_dir} ({exc}); "
@@ -55,6 +61,35 @@ def server_context(
     except (OSError, UnicodeDecodeError) as exc:
         raise CertificateError(f"cannot read {cert}: {exc}") from None
     return ctx, cert_sha256(ssl.PEM_cert_to_DER_cert(pem))
+
+
+def client_certificate_problem(der: bytes | None) -> str | None:
+    """Why a client certificate that passed OpenSSL's checks is still refused, or None.
+
+    OpenSSL refuses a client certificate whose key usage or extended key usage excludes client
+    authentication, but lets one through that has no extended key usage at all, and does not
+    look at whether it is a CA's. We ask for what our generator gives every client certificate:
+    not a CA, digital signatures allowed, and clientAuth named.
+    """
+    if der is None:
+        return "no certificate"
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        extensions = {ext.oid: ext.value for ext in cert.extensions}
+    except ValueError:
+        return "it cannot be parsed"
+    constraints = extensions.get(x509.BasicConstraints.oid)
+    if not isinstance(constraints, x509.BasicConstraints) or constraints.ca:
+        return "it is a CA certificate, not a client certificate"
+    usage = extensions.get(x509.KeyUsage.oid)
+    if not isinstance(usage, x509.KeyUsage) or not usage.digital_signature:
+        return "its key usage does not allow digital signatures"
+    extended = extensions.get(x509.ExtendedKeyUsage.oid)
+    if not isinstance(extended, x509.ExtendedKeyUsage):
+        return "it has no extended key usage; a client certificate must allow clientAuth"
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in extended:
+        return "its extended key usage does not allow clientAuth"
+    return None
 
 
 def _limit_key_exchange(ctx: ssl.SSLContext) -> None:
@@ -175,8 +210,11 @@ class TLSStream:
         except (ssl.SSLError, ValueError):
             pass
 
+    def peer_cert_der(self) -> bytes | None:
+        return self.obj.getpeercert(binary_form=True)
+
     def peer_cert_sha256(self) -> bytes:
-        der = self.obj.getpeercert(binary_form=True)
+        der = self.peer_cert_der()
         if der is None:
             raise CertificateError("the server presented no certificate")
         return cert_sha256(der)

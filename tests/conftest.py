@@ -4,6 +4,7 @@ loopback port, identities with light KDF limits, and clients that are always clo
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,6 +82,35 @@ def make_identity(tmp_path: Path) -> Callable[[str], identity.Identity]:
         return made[name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def _full_strength_keys(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    folder = tmp_path_factory.mktemp("full-strength-keys")
+
+    def template(name: str) -> Path:
+        path = folder / f"{name}.key"
+        if not path.exists():
+            identity.create(path, PASSPHRASE)
+        return path
+
+    return template
+
+
+@pytest.fixture
+def cli_key(tmp_path: Path, _full_strength_keys: Callable[[str], Path]) -> Callable[[str], Path]:
+    """Key files for `securechat` subprocesses, which refuse the light test KDF limits: each
+    name's key is made once a session with the full limits and copied into tmp_path/keys."""
+
+    def key(name: str) -> Path:
+        path = tmp_path / "keys" / f"{name}.key"
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.copyfile(_full_strength_keys(name), path)
+            path.chmod(0o600)
+        return path
+
+    return key
 
 
 @pytest.fixture

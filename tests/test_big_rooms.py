@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from securechat import framing, identity
+from securechat import framing
 from securechat.client import Client
 from securechat.client.events import Joined, Message, Parted
 from securechat.server.hub import Hub
 from tests.cli_helpers import run_client
-from tests.conftest import PASSPHRASE, wait_for
+from tests.conftest import wait_for
 
 
 @dataclass(eq=False)
@@ -110,14 +110,14 @@ def test_a_real_big_room_stays_quiet_and_clients_still_know_their_rooms(
 
 @pytest.mark.server_config(max_frame=framing.MIN_FRAME)
 def test_who_in_a_crowded_room_names_those_that_fit_and_counts_the_rest(
-    connect: Callable[..., Client], server, certs_dir, tmp_path
+    connect: Callable[..., Client], server, certs_dir, cli_key
 ) -> None:
     crowd_names = [f"member{i:02d}-{'x' * 22}" for i in range(30)]
     for name in crowd_names:
         connect(name)
-    key = tmp_path / "keys" / "dana.key"
-    identity.create(key, PASSPHRASE, kdf=identity.KDF_FAST_FOR_TESTS)
-    out = run_client(key, server.address[1], certs_dir / "ca.pem", "/who\n", user="dana")
+    out = run_client(
+        cli_key("dana"), server.address[1], certs_dir / "ca.pem", "/who\n", user="dana"
+    )
     assert out.returncode == 0, out.stderr
     (line,) = [line for line in out.stdout.splitlines() if line.startswith("-- in #lobby: ")]
     listed = line.removeprefix("-- in #lobby: ").split(" and ")[0].split(", ")

@@ -235,14 +235,9 @@ def test_console_exits_non_zero_when_the_server_drops_us(connect, server) -> Non
 
 
 @pytest.fixture
-def keys(tmp_path: Path):
-    def key(name: str) -> Path:
-        path = tmp_path / "keys" / f"{name}.key"
-        if not path.exists():
-            identity.create(path, PASSPHRASE, kdf=identity.KDF_FAST_FOR_TESTS)
-        return path
-
-    return key
+def keys(cli_key):
+    """Key files the CLI accepts (conftest's cli_key)."""
+    return cli_key
 
 
 def test_two_line_mode_clients_chat_in_the_lobby(server, certs_dir, keys) -> None:
@@ -413,7 +408,7 @@ def test_the_readme_bot_runs_as_written(server, certs_dir, tmp_path, connect) ->
     code = code.replace("12345", str(server.address[1])).replace(
         'Path("certs/ca.pem")', f"Path({str(certs_dir / 'ca.pem')!r})"
     )
-    identity.create(tmp_path / "bot.key", b"bot passphrase", kdf=identity.KDF_FAST_FOR_TESTS)
+    identity.create(tmp_path / "bot.key", b"bot passphrase")  # as the README says
     bot = subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=tmp_path,

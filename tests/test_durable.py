@@ -75,7 +75,7 @@ def test_dm_not_acknowledged_is_delivered_again(
 
 
 def test_a_full_queue_refuses_with_a_clear_error(certs_dir, tmp_path, make_identity) -> None:
-    srv = start_server(certs_dir, tmp_path / "data", dm_quota_count=2)
+    srv = start_server(certs_dir, tmp_path / "data", dm_quota_count=2, dm_sender_share=100)
     try:
         dial(srv.address, certs_dir, make_identity("bob"), "bob").close()
         with dial(srv.address, certs_dir, make_identity("alice"), "alice") as alice:
@@ -90,7 +90,7 @@ def test_a_full_queue_refuses_with_a_clear_error(certs_dir, tmp_path, make_ident
 
 
 def test_byte_quota(certs_dir, tmp_path, make_identity) -> None:
-    srv = start_server(certs_dir, tmp_path / "data", dm_quota_bytes=2000)
+    srv = start_server(certs_dir, tmp_path / "data", dm_quota_bytes=2000, dm_sender_share=100)
     try:
         dial(srv.address, certs_dir, make_identity("bob"), "bob").close()
         with dial(srv.address, certs_dir, make_identity("alice"), "alice") as alice:
@@ -98,6 +98,37 @@ def test_byte_quota(certs_dir, tmp_path, make_identity) -> None:
             with pytest.raises(RequestError) as info:
                 alice.send_dm("bob", "y" * 1000).result(5)
         assert info.value.code == "quota_exceeded"
+    finally:
+        srv.stop()
+
+
+def test_one_sender_cannot_fill_anothers_queue_for_everyone(
+    certs_dir, tmp_path, make_identity
+) -> None:
+    """mallory fills her share of bob's queue (a quarter of it) and is told so; alice's DM to bob
+    is still queued and reaches him."""
+    srv = start_server(certs_dir, tmp_path / "data", dm_quota_count=8, dm_sender_share=25)
+    try:
+        dial(srv.address, certs_dir, make_identity("bob"), "bob").close()
+        with dial(srv.address, certs_dir, make_identity("mallory"), "mallory") as mallory:
+            for i in range(2):
+                assert mallory.send_dm("bob", f"spam {i}").result(5)["status"] == "queued"
+            with pytest.raises(RequestError) as info:
+                mallory.send_dm("bob", "spam 2").result(5)
+        assert info.value.code == "quota_exceeded"
+        assert info.value.message.startswith(
+            "your share of bob's queue of waiting messages is full (2 messages, "
+        )
+        assert "one sender may have at most 2 messages or 2621440 bytes" in info.value.message
+        with dial(srv.address, certs_dir, make_identity("alice"), "alice") as alice:
+            assert alice.send_dm("bob", "lunch?").result(5)["status"] == "queued"
+        with dial(srv.address, certs_dir, make_identity("bob"), "bob") as bob:
+            got = dms(bob, 3)
+        assert [(d.sender, d.text) for d in got] == [
+            ("mallory", "spam 0"),
+            ("mallory", "spam 1"),
+            ("alice", "lunch?"),
+        ]
     finally:
         srv.stop()
 
@@ -155,21 +186,13 @@ def test_room_history_on_join_on_request_and_after_restart(
         srv.stop()
 
 
-def test_offline_dm_survives_sigkill_through_the_cli_alone(certs_dir, tmp_path) -> None:
+def test_offline_dm_survives_sigkill_through_the_cli_alone(certs_dir, tmp_path, cli_key) -> None:
     """Issue 4, done when: alice DMs bob while bob is offline; the server is killed with SIGKILL
     and restarted; bob logs in and reads the DM; the server's data folder never held the text;
     a user who joins #lobby late sees the earlier room messages."""
-    from securechat import identity
-
     from .cli_helpers import run_client
-    from .conftest import PASSPHRASE
 
-    def key(name: str) -> Path:
-        path = tmp_path / "keys" / f"{name}.key"
-        if not path.exists():
-            identity.create(path, PASSPHRASE, kdf=identity.KDF_FAST_FOR_TESTS)
-        return path
-
+    key = cli_key
     secret = "the treasure is buried under the old oak"
     ca, data = certs_dir / "ca.pem", tmp_path / "data"
     server = ServerProcess("--certs", str(certs_dir), "--data", str(data), cwd=tmp_path)

@@ -273,7 +273,7 @@ def test_the_connect_dialog_says_what_went_wrong(
     host, port = server.address
     Client.connect(host, port, make_identity("taken"), "taken", certs_dir / "ca.pem").close()
     key = tmp_path / "dialog" / "carol.key"
-    identity.create(key, b"right passphrase", user="carol", kdf=identity.KDF_FAST_FOR_TESTS)
+    identity.create(key, b"right passphrase", user="carol")  # the GUI wants full KDF limits
     root = tk.Tk()
     opts = GuiOptions(key, None, host, port, certs_dir / "ca.pem")
     dialog = ConnectDialog(root, Bridge(root), opts)

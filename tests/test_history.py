@@ -117,7 +117,7 @@ def test_the_same_identity_reopens_it_after_loading_the_key_again(make_identity)
     with_key = LocalHistory.beside(alice)
     with_key.add(Entry("@bob", "bob", "hello again", 5, msg_id="x"))
     with_key.close()
-    reloaded = identity.load(alice.path, PASSPHRASE)
+    reloaded = identity.load(alice.path, PASSPHRASE, min_kdf=identity.KDF_FAST_FOR_TESTS)
     assert [e.text for e in LocalHistory.beside(reloaded).conversation("@bob")] == ["hello again"]
 
 
@@ -222,7 +222,7 @@ def test_dms_and_rooms_are_there_after_a_restart(server, certs_dir, make_identit
     bob_history.close()
 
     # A new process, in effect: the key is loaded again and the history reopened.
-    bob_again = identity.load(bob_key.path, PASSPHRASE)
+    bob_again = identity.load(bob_key.path, PASSPHRASE, min_kdf=identity.KDF_FAST_FOR_TESTS)
     with dial(server, certs_dir, bob_again, "bob", LocalHistory.beside(bob_again)) as bob:
         out = run_lines(bob, "/history @alice", "/search MARMALADE", "/search quokka noon")
     assert [undated(line) for line in out] == [
@@ -254,7 +254,7 @@ def test_a_redelivered_dm_is_shown_once_across_restarts(
     history.close()
     monkeypatch.undo()
 
-    bob_again = identity.load(bob_key.path, PASSPHRASE)
+    bob_again = identity.load(bob_key.path, PASSPHRASE, min_kdf=identity.KDF_FAST_FOR_TESTS)
     with dial(server, certs_dir, bob_again, "bob", LocalHistory.beside(bob_again)) as bob:
         assert bob.wait_queue(5)  # the server delivered both again...
         bob.ping().result(5)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 import ssl
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from securechat import framing
 from securechat.client import Client, RequestError
@@ -140,6 +146,163 @@ class TestMutualTLS:
         ) as alice:
             alice.send("#lobby", "over mutual TLS").result(5)
             assert wait_for(alice, is_msg("over mutual TLS")).sender == "alice"
+
+    @pytest.mark.parametrize(
+        ("name", "reason"),
+        [
+            ("server", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE: it is not a client certificate"),
+            ("ca", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE: it is not a client certificate"),
+        ],
+    )
+    def test_our_server_or_ca_certificate_is_refused_as_a_client_certificate(
+        self, mtls_server, certs_dir, make_identity, name, reason
+    ) -> None:
+        host, port = mtls_server.address
+        with pytest.raises(ConnectError) as info:
+            Client.connect(
+                host,
+                port,
+                make_identity("alice"),
+                "alice",
+                certs_dir / "ca.pem",
+                cert=certs_dir / f"{name}.pem",
+                cert_key=certs_dir / f"{name}.key",
+            )
+        assert str(info.value) == (
+            f"the server at {host}:{port} refused our client certificate ({reason})"
+        )
+
+    @pytest.mark.parametrize(
+        ("usage", "ca", "reason"),
+        [
+            # OpenSSL lets these two through: no extended key usage means "any" to it.
+            (
+                None,
+                False,
+                "it has no extended key usage; a client certificate must allow clientAuth",
+            ),
+            (None, True, "it is a CA certificate, not a client certificate"),
+            (
+                [ExtendedKeyUsageOID.CODE_SIGNING],
+                False,
+                "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE: it is not a client certificate",
+            ),
+        ],
+    )
+    def test_a_certificate_from_our_ca_without_client_auth_is_refused(
+        self, mtls_server, certs_dir, tmp_path, make_identity, usage, ca, reason
+    ) -> None:
+        cert, key = leaf_signed_by_test_ca(certs_dir, tmp_path, usage=usage, ca=ca)
+        host, port = mtls_server.address
+        with pytest.raises(ConnectError) as info:
+            Client.connect(
+                host,
+                port,
+                make_identity("alice"),
+                "alice",
+                certs_dir / "ca.pem",
+                cert=cert,
+                cert_key=key,
+            )
+        assert str(info.value) == (
+            f"the server at {host}:{port} refused our client certificate ({reason})"
+        )
+        # The same certificate with clientAuth is let in: the refusal was about the usage.
+        cert, key = leaf_signed_by_test_ca(
+            certs_dir, tmp_path, usage=[ExtendedKeyUsageOID.CLIENT_AUTH]
+        )
+        Client.connect(
+            host,
+            port,
+            make_identity("alice"),
+            "alice",
+            certs_dir / "ca.pem",
+            cert=cert,
+            cert_key=key,
+        ).close()
+
+    def test_an_expired_client_certificate_is_refused(
+        self, mtls_server, certs_dir, tmp_path, make_identity
+    ) -> None:
+        cert, key = leaf_signed_by_test_ca(
+            certs_dir, tmp_path, usage=[ExtendedKeyUsageOID.CLIENT_AUTH], expired=True
+        )
+        host, port = mtls_server.address
+        with pytest.raises(ConnectError) as info:
+            Client.connect(
+                host,
+                port,
+                make_identity("alice"),
+                "alice",
+                certs_dir / "ca.pem",
+                cert=cert,
+                cert_key=key,
+            )
+        assert str(info.value) == (
+            f"the server at {host}:{port} refused our client certificate "
+            "(SSLV3_ALERT_CERTIFICATE_EXPIRED: it has expired or is not valid yet)"
+        )
+
+
+def leaf_signed_by_test_ca(
+    certs_dir: Path, tmp_path: Path, *, usage: list | None, ca: bool = False, expired: bool = False
+) -> tuple[Path, Path]:
+    """A client certificate signed by the test CA as our generator signs one, except for its
+    extended key usage (None: no such extension) and, if asked, a CA flag or past validity."""
+    ca_cert = x509.load_pem_x509_certificate((certs_dir / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((certs_dir / "ca.key").read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    start, end = (
+        (now - dt.timedelta(days=30), now - dt.timedelta(days=1))
+        if expired
+        else (
+            now - dt.timedelta(minutes=5),
+            now + dt.timedelta(days=1),
+        )
+    )
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "eve")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+    )
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    cert_path, key_path = tmp_path / "eve.pem", tmp_path / "eve.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
 
 
 # -- hostile bytes --------------------------------------------------------------------------------

@@ -10,15 +10,22 @@ import pytest
 
 from securechat.client import Client
 from securechat.errors import StorageError
-from securechat.server.store import Claim, QueuedDM, QuotaExceeded, SQLiteStore
+from securechat.server.store import (
+    Claim,
+    DMQuota,
+    QueuedDM,
+    QuotaExceeded,
+    SenderShareExceeded,
+    SQLiteStore,
+)
 from tests.conftest import start_server
 
 KEY = b"k" * 32
-LIMITS = {"ttl_ms": 60_000, "max_count": 2, "max_bytes": 10_000}
+LIMITS = {"ttl_ms": 60_000, "quota": DMQuota(2, 10_000, 2, 10_000)}
 
 
-def dm(msg_id: str, to: str = "bob") -> QueuedDM:
-    return QueuedDM("alice", KEY, to, msg_id, "Ym94", 1_000)
+def dm(msg_id: str, to: str = "bob", sender: str = "alice") -> QueuedDM:
+    return QueuedDM(sender, KEY, to, msg_id, "Ym94", 1_000)
 
 
 def ids(store: SQLiteStore, user: str = "bob") -> list[str]:
@@ -53,6 +60,41 @@ def test_a_batch_that_fails_stores_nothing(tmp_path: Path) -> None:
     assert ids(store) == []
     store.queue_dm(dm("after-id1"), **LIMITS)  # and the store still works on its own
     assert ids(SQLiteStore(path)) == ["after-id1"]
+
+
+def test_one_sender_fills_only_its_share_of_a_recipients_queue(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "db.sqlite")
+    quota = {"ttl_ms": 60_000, "quota": DMQuota(4, 10_000, 2, 10_000)}
+    store.queue_dm(dm("mallory-1", sender="mallory"), **quota)
+    store.queue_dm(dm("mallory-2", sender="mallory"), **quota)
+    with pytest.raises(SenderShareExceeded) as info:
+        store.queue_dm(dm("mallory-3", sender="mallory"), **quota)
+    assert str(info.value) == (
+        "your share of bob's queue of waiting messages is full (2 messages, 8 bytes from you; "
+        "one sender may have at most 2 messages or 10000 bytes waiting for one recipient); "
+        "try again when bob has read them"
+    )
+    store.queue_dm(dm("mallory-4", to="dave", sender="mallory"), **quota)  # others' queues: open
+    store.queue_dm(dm("alice-1"), **quota)
+    store.queue_dm(dm("alice-2"), **quota)
+    # The whole queue is full now; that is the recipient's limit, worded as such.
+    with pytest.raises(QuotaExceeded) as info:
+        store.queue_dm(dm("carol-1", sender="carol"), **quota)
+    assert not isinstance(info.value, SenderShareExceeded)
+    assert str(info.value) == (
+        "bob's queue of waiting messages is full (4 messages, 16 bytes); try again later"
+    )
+    assert ids(store) == ["mallory-1", "mallory-2", "alice-1", "alice-2"]
+
+
+def test_a_senders_share_counts_bytes_too(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "db.sqlite")
+    quota = {"ttl_ms": 60_000, "quota": DMQuota(100, 10_000, 100, 6)}
+    store.queue_dm(dm("mallory-1", sender="mallory"), **quota)  # 4 bytes of box
+    with pytest.raises(SenderShareExceeded, match=r"\(1 messages, 4 bytes from you; .* 6 bytes"):
+        store.queue_dm(dm("mallory-2", sender="mallory"), **quota)
+    store.queue_dm(dm("alice-1"), **quota)
+    assert ids(store) == ["mallory-1", "alice-1"]
 
 
 def test_a_store_that_cannot_write_says_so(tmp_path: Path) -> None:

@@ -53,10 +53,18 @@ def _tls_error(exc: ssl.SSLError, where: str) -> ConnectError:
             f"the server at {where} requires a client certificate; pass --cert and --cert-key"
         )
     if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason:
-        return ConnectError(f"the server at {where} refused our client certificate ({reason})")
+        return _refused_certificate(where, reason)
+    if "UNSUPPORTED_CERTIFICATE" in reason:
+        return _refused_certificate(where, f"{reason}: it is not a client certificate")
+    if "CERTIFICATE_EXPIRED" in reason:
+        return _refused_certificate(where, f"{reason}: it has expired or is not valid yet")
     if "PROTOCOL_VERSION" in reason or "UNSUPPORTED_PROTOCOL" in reason:
         return ConnectError(f"the server at {where} does not speak TLS 1.3 ({reason})")
     return ConnectError(f"TLS with {where} failed: {reason}")
+
+
+def _refused_certificate(where: str, why: str) -> ConnectError:
+    return ConnectError(f"the server at {where} refused our client certificate ({why})")
 
 
 class _Blocking:
@@ -157,6 +165,8 @@ def open_connection(
             while not frames:
                 frames = io.frames(session)
             first = frames.pop(0)
+        if first["type"] == "error" and first.get("code") == "bad_certificate":
+            raise _refused_certificate(where, str(first.get("message", "no reason given")))
         if first["type"] == "error":
             raise AuthError(
                 f"{where} refused the login: {first.get('message', 'no reason given')}",

@@ -33,6 +33,11 @@ class ClientOptions:
 
 def resolve_user(opts: ClientOptions) -> str:
     user = opts.user or identity.peek_user(opts.key_path)
+    if not user and (old := identity.legacy_user(opts.key_path)):
+        raise ConfigError(
+            f"{opts.key_path} comes from an older securechat and nothing vouches for the user "
+            f"name in it ({old!r}); pass --user NAME once to confirm yours"
+        )
     if not user:
         raise ConfigError(f"no user name yet for {opts.key_path}; pass --user NAME the first time")
     user = user.lower()

@@ -26,7 +26,7 @@ from securechat.server.admission import Admission
 from securechat.server.connection import Connection
 from securechat.server.hub import Hub
 from securechat.server.loop import IOLoop
-from securechat.server.store import HistoryRow, SQLiteStore
+from securechat.server.store import DMQuota, HistoryRow, SQLiteStore
 from securechat.tls import server_context
 
 log = logging.getLogger("securechat.server")
@@ -65,6 +65,16 @@ class ServerConfig:
     dm_ttl_ms: int = 7 * 24 * 3600 * 1000  # queued DMs expire after this
     dm_quota_count: int = 1000  # per recipient
     dm_quota_bytes: int = 10 * 1024 * 1024  # per recipient
+    dm_sender_share: int = 10  # percent of each of those one sender may fill
+
+    def dm_quota(self) -> DMQuota:
+        share = self.dm_sender_share
+        return DMQuota(
+            self.dm_quota_count,
+            self.dm_quota_bytes,
+            max(1, self.dm_quota_count * share // 100),
+            max(1, self.dm_quota_bytes * share // 100),
+        )
 
 
 class Server:

@@ -28,7 +28,7 @@ from securechat.protocol import (
 )
 from securechat.ratelimit import TokenBucket
 from securechat.server.store import Claim, QueuedDM, QuotaExceeded
-from securechat.tls import TLSStream
+from securechat.tls import TLSStream, client_certificate_problem
 
 if TYPE_CHECKING:
     from securechat.server.app import Server
@@ -106,8 +106,15 @@ class Connection:
                     self._flush_tls()
                     return
                 if self.refusal is not None:
-                    self._refuse_connection()
+                    full = self.refusal.startswith("the server is full")
+                    self._refuse("server_full" if full else "too_many_connections", self.refusal)
                     return
+                if self.server.config.require_client_cert:
+                    problem = client_certificate_problem(self.tls.peer_cert_der())
+                    if problem is not None:
+                        log.info("refusing the client certificate of %s: %s", self.addr, problem)
+                        self._refuse("bad_certificate", problem)
+                        return
                 # --login-timeout counts from the end of the handshake, as its help says.
                 self._login_deadline = time.monotonic() + self.server.config.login_timeout
                 self.loop.add_deadline(self._login_deadline, self)
@@ -129,11 +136,10 @@ class Connection:
     def on_writable(self) -> None:
         self._send_outbuf()
 
-    def _refuse_connection(self) -> None:
-        """Over a cap: say why in the one frame a client reads first, then close."""
-        reason = self.refusal or "refused"
+    def _refuse(self, code: str, reason: str) -> None:
+        """Over a cap, or a client certificate we do not take: say why in the one frame a client
+        reads first, then close."""
         self.session.state = State.CLOSING
-        code = "server_full" if reason.startswith("the server is full") else "too_many_connections"
         self.session.send(error_frame(code, reason))
         self.close_soon(reason)
 
@@ -247,10 +253,7 @@ class Connection:
             if server.store.public_key(to) is None:
                 raise ProtocolError("no_such_user", f"nobody is called {to}")
             server.store.queue_dm(
-                dm,
-                ttl_ms=server.config.dm_ttl_ms,
-                max_count=server.config.dm_quota_count,
-                max_bytes=server.config.dm_quota_bytes,
+                dm, ttl_ms=server.config.dm_ttl_ms, quota=server.config.dm_quota()
             )
             return dm
 

@@ -53,11 +53,27 @@ class QuotaExceeded(StorageError):
     """The recipient's queue is full; the DM was not stored."""
 
 
+class SenderShareExceeded(QuotaExceeded):
+    """The sender's share of the recipient's queue is full; the DM was not stored."""
+
+
+@dataclass(frozen=True)
+class DMQuota:
+    """Most DMs, and most bytes of sealed boxes, that may wait for one recipient; and the part
+    of that which one sender may fill, so that one account cannot lock a recipient's queue
+    against everyone else."""
+
+    count: int
+    bytes: int
+    sender_count: int
+    sender_bytes: int
+
+
 class Store(Protocol):
     def batch(self) -> contextlib.AbstractContextManager[None]: ...
     def claim_name(self, user: str, public_key: bytes) -> Claim: ...
     def public_key(self, user: str) -> bytes | None: ...
-    def queue_dm(self, dm: QueuedDM, *, ttl_ms: int, max_count: int, max_bytes: int) -> None: ...
+    def queue_dm(self, dm: QueuedDM, *, ttl_ms: int, quota: DMQuota) -> None: ...
     def pending_dms(self, recipient: str, now_ms: int) -> list[QueuedDM]: ...
     def ack_dms(self, recipient: str, msg_ids: list[str]) -> int: ...
     def append_history(self, rows: list[HistoryRow], keep: int) -> None: ...
@@ -198,23 +214,34 @@ class SQLiteStore:
 
     # -- direct messages waiting for their recipient -----------------------------------------------
 
-    def queue_dm(self, dm: QueuedDM, *, ttl_ms: int, max_count: int, max_bytes: int) -> None:
+    def queue_dm(self, dm: QueuedDM, *, ttl_ms: int, quota: DMQuota) -> None:
         """Store a sealed DM (durable, with synchronous=FULL, once its transaction commits: on
         return, or at the end of the batch it is in).
 
         A DM already queued (same recipient, sender and id: the sender retried) is not stored
-        twice. Raises QuotaExceeded when the recipient's queue is full.
+        twice. Raises QuotaExceeded when the recipient's queue is full, SenderShareExceeded
+        when the sender's share of it is.
         """
         with self._operation() as db:
-            count, size = db.execute(
+            waiting = (
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(box)), 0) FROM queued_dms "
-                "WHERE recipient = ? AND expires > ?",
-                (dm.recipient, dm.ts),
-            ).fetchone()
-            if count >= max_count or size + len(dm.box) > max_bytes:
+                "WHERE recipient = ? AND expires > ?"
+            )
+            count, size = db.execute(waiting, (dm.recipient, dm.ts)).fetchone()
+            if count >= quota.count or size + len(dm.box) > quota.bytes:
                 raise QuotaExceeded(
                     f"{dm.recipient}'s queue of waiting messages is full "
                     f"({count} messages, {size} bytes); try again later"
+                )
+            count, size = db.execute(
+                waiting + " AND sender = ?", (dm.recipient, dm.ts, dm.sender)
+            ).fetchone()
+            if count >= quota.sender_count or size + len(dm.box) > quota.sender_bytes:
+                raise SenderShareExceeded(
+                    f"your share of {dm.recipient}'s queue of waiting messages is full "
+                    f"({count} messages, {size} bytes from you; one sender may have at most "
+                    f"{quota.sender_count} messages or {quota.sender_bytes} bytes waiting for "
+                    f"one recipient); try again when {dm.recipient} has read them"
                 )
             db.execute(
                 "INSERT OR IGNORE INTO queued_dms (recipient, sender, sender_key, msg_id, box,"
