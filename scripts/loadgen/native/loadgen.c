@@ -50,6 +50,7 @@
 #define NONCE_BYTES 32                      /* protocol.NONCE_BYTES */
 #define MAX_FRAME (16u << 20)               /* the most a securechat server may announce */
 #define READ_CHUNK 65536
+#define READS_PER_TURN 32
 #define STAMP_LEN 29 /* "~T" + 20-digit send time + "." + 5-digit sender + "~" */
 #define MAX_SENDERS 99999
 #define NS 1000000000ull
@@ -70,6 +71,7 @@ struct conn {
     enum state state;
     uint32_t events; /* what epoll watches for it now */
     int dirty;       /* output queued since the last flush pass */
+    int pending;     /* on the pending list: more to read than one turn reads */
     uint64_t deadline;
     unsigned char seed[32];
     unsigned char cert_sha256[32];
@@ -116,8 +118,8 @@ static struct {
     struct sockaddr_in addr;
     struct conn *conns;
     struct sender *senders;
-    int *dirty;
-    int ndirty;
+    int *dirty, *pending;
+    int ndirty, npending;
     enum phase phase;
     uint64_t now;
     int next_to_open, in_flight, ready, failed, dropped, sync_from, sync_seen;
@@ -675,17 +677,23 @@ static void consume(struct conn *c) {
     }
 }
 
+/* Read until the socket is empty, or READS_PER_TURN records: then the connection waits on the
+ * pending list for the next turn, since with read-ahead what OpenSSL already holds is invisible
+ * to epoll, and one busy member must not starve the others. */
 static void read_all(struct conn *c) {
     unsigned char chunk[READ_CHUNK];
-    while (c->state == READY || c->state == LOGIN) {
+    int got = 0;
+    for (int k = 0; c->state == READY || c->state == LOGIN; k++) {
+        if (k == READS_PER_TURN) {
+            if (!c->pending) {
+                c->pending = 1;
+                g.pending[g.npending++] = (int)(c - g.conns);
+            }
+            break;
+        }
         int r = SSL_read(c->ssl, chunk, sizeof chunk);
         if (r > 0) {
-            if (opt.quickack) {
-                /* Linux delays an ACK up to 40 ms, and re-arms that after each quick one; a
-                 * server that leaves Nagle on (ngircd does) would wait on that timer. */
-                int one = 1;
-                setsockopt(c->fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
-            }
+            got = 1;
             g.now = now_ns();
             buf_put(&c->in, chunk, (size_t)r);
             consume(c);
@@ -693,10 +701,10 @@ static void read_all(struct conn *c) {
         }
         int e = SSL_get_error(c->ssl, r);
         if (e == SSL_ERROR_WANT_READ)
-            return;
+            break;
         if (e == SSL_ERROR_WANT_WRITE) {
             watch(c, EPOLLIN | EPOLLOUT);
-            return;
+            break;
         }
         char why[160];
         if (e == SSL_ERROR_ZERO_RETURN)
@@ -705,6 +713,23 @@ static void read_all(struct conn *c) {
             tls_reason(why, sizeof why, "read");
         lost(c, why);
         return;
+    }
+    if (got && opt.quickack && c->fd >= 0) {
+        /* Linux delays an ACK up to 40 ms and falls back to that after a quick one; a server
+         * that leaves Nagle on (ngircd does) would then wait on that timer between writes. */
+        int one = 1;
+        setsockopt(c->fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
+    }
+}
+
+static void read_pending(void) {
+    int n = g.npending;
+    g.npending = 0;
+    for (int i = 0; i < n; i++) {
+        struct conn *c = &g.conns[g.pending[i]];
+        c->pending = 0;
+        if (c->state == READY || c->state == LOGIN)
+            read_all(c);
     }
 }
 
@@ -931,7 +956,7 @@ static void run(void) {
     g.lg_cpu_open = own_cpu_seconds();
     open_more();
     while (g.phase != DONE) {
-        int k = epoll_wait(g.epfd, events, 512, loop_timeout_ms());
+        int k = epoll_wait(g.epfd, events, 512, g.npending ? 0 : loop_timeout_ms());
         if (k < 0 && errno != EINTR)
             die("epoll_wait: %s", strerror(errno));
         g.now = now_ns();
@@ -940,6 +965,7 @@ static void run(void) {
             if (c->state != CLOSED && c->state != WAITING)
                 on_event(c, events[i].events);
         }
+        read_pending();
         flush_dirty();
         g.now = now_ns();
         if (g.phase == OPENING && g.now - last_check > NS) {
@@ -1152,8 +1178,13 @@ int main(int argc, char **argv) {
     SSL_CTX_set_verify(g.ctx, SSL_VERIFY_PEER, NULL);
     SSL_CTX_set_session_cache_mode(g.ctx, SSL_SESS_CACHE_OFF); /* every login a full handshake */
     long mode = SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER;
-    if (opt.workload == HOLD)
+    if (opt.workload == HOLD) {
         mode |= SSL_MODE_RELEASE_BUFFERS; /* idle clients: keep the generator small */
+    } else {
+        /* Take all the socket holds in one recv, not a record header and a body at a time. */
+        SSL_CTX_set_read_ahead(g.ctx, 1);
+        SSL_CTX_set_default_read_buffer_len(g.ctx, READ_CHUNK);
+    }
     SSL_CTX_set_mode(g.ctx, mode);
 
     unsigned char tag[2];
@@ -1161,8 +1192,9 @@ int main(int argc, char **argv) {
     snprintf(opt.prefix, sizeof opt.prefix, "n%02x%02x", tag[0], tag[1]);
     g.conns = calloc((size_t)opt.n, sizeof *g.conns);
     g.dirty = calloc((size_t)opt.n, sizeof *g.dirty);
+    g.pending = calloc((size_t)opt.n, sizeof *g.pending);
     g.senders = calloc((size_t)opt.senders, sizeof *g.senders);
-    if (!g.conns || !g.dirty || !g.senders)
+    if (!g.conns || !g.dirty || !g.pending || !g.senders)
         die("out of memory");
     for (int i = 0; i < opt.n; i++) {
         g.conns[i].fd = -1;
