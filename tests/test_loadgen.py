@@ -1,5 +1,6 @@
-"""The load generator runs each workload end to end on a tiny scale and reports well-formed
-figures. Its numbers are benchmarks (BENCHMARKS.md), never pass/fail thresholds here."""
+"""Both load generators (the Python one and the native one in C) run each workload end to end on
+a tiny scale and report well-formed, consistent figures. Their numbers are benchmarks
+(BENCHMARKS.md), never pass/fail thresholds here."""
 
 from __future__ import annotations
 
@@ -8,19 +9,22 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from scripts.loadgen import servers
+from scripts.loadgen import native, servers
+from securechat.server import Server
 from tests.cli_helpers import REPO, cli_env
 
 pytestmark = pytest.mark.timeout(180)
 
 
-def loadgen(*args: str) -> list[dict]:
+def loadgen(*args: str, module: str = "scripts.loadgen") -> list[dict]:
+    extra = ["--workers", "1"] if module == "scripts.loadgen" else []
     # A session of its own, so that a hang kills the servers it started too, not only itself.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scripts.loadgen", *args, "--json", "--workers", "1"],
+        [sys.executable, "-m", module, *args, "--json", *extra],
         cwd=REPO,
         env=cli_env(),
         stdout=subprocess.PIPE,
@@ -90,3 +94,109 @@ def test_a_bad_argument_is_refused_with_a_reason() -> None:
     )
     assert out.returncode == 2
     assert "the dm workload is securechat's only" in out.stderr
+
+
+# -- the native load generator --------------------------------------------------------------------
+
+needs_ngircd = pytest.mark.skipif(
+    servers.ngircd_binary() is None, reason="ngircd is not installed (.ci/run installs it)"
+)
+
+
+@pytest.fixture(scope="module")
+def native_binary() -> Path:
+    why = native.missing_prerequisite()
+    if why is not None:
+        pytest.skip(f"the native load generator cannot be built here: {why}")
+    return native.build()
+
+
+def native_loadgen(*args: str) -> list[dict]:
+    return loadgen(*args, module="scripts.loadgen.native")
+
+
+def assert_every_message_reached_every_other_member(row: dict, n: int) -> None:
+    assert row["logged_in"] == n and row["login_failures"] == 0
+    assert row["still_connected"] == n and row["dropped"] == 0
+    assert row["refused"] == 0
+    assert row["sent_total"] > 0 and row["sent"] == row["sent_total"]
+    # Each message reaches the n - 1 members besides its sender, every one of them.
+    assert row["delivered_total"] == row["expected_total"] == (n - 1) * row["sent_total"]
+    assert row["missing"] == 0
+    assert 0 < row["deliveries"] <= row["delivered_total"]
+    assert row["member_min_per_s"] > 0
+    assert row["latency_samples"] == row["delivered_total"]
+    assert 0 <= row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    assert row["server_rss_mib"] > 0 and row["server_cpu_pct"] >= 0
+
+
+def test_native_fanout_sweeps_io_threads_and_every_message_arrives(native_binary: Path) -> None:
+    rows = native_loadgen(
+        "fanout", "-n", "5", "--senders", "2", "--duration", "1", "--io-threads", "1,2"
+    )
+    assert [(r["target"], r["io_threads"]) for r in rows] == [("securechat", 1), ("securechat", 2)]
+    for row in rows:
+        assert row["workload"] == "fanout" and row["window"] == 4 and row["size"] == 100
+        assert row["server_cpus"] == "all" and row["server_pinned"] is False
+        assert_every_message_reached_every_other_member(row, 5)
+
+
+@needs_ngircd
+def test_native_fanout_gives_ngircd_the_same_workload_and_a_ratio(native_binary: Path) -> None:
+    irc, secure = native_loadgen(
+        "fanout", "-n", "5", "--senders", "2", "--duration", "1", "--target", "both"
+    )
+    assert (irc["target"], secure["target"]) == ("ngircd", "securechat")
+    for row in (secure, irc):
+        assert_every_message_reached_every_other_member(row, 5)
+    assert irc["io_threads"] is None and "vs_ngircd" not in irc
+    expected = secure["deliveries_per_s"] / irc["deliveries_per_s"]
+    assert secure["vs_ngircd"] == pytest.approx(expected)
+
+
+def test_native_hold_keeps_every_client_logged_in(native_binary: Path) -> None:
+    (row,) = native_loadgen("hold", "-n", "5", "--duration", "0.5")
+    assert row["workload"] == "hold" and row["logged_in"] == 5 and row["held"] == 5
+    assert row["login_failures"] == 0 and row["dropped"] == 0
+    assert row["logins_per_s"] > 0 and row["server_rss_mib"] > 0
+
+
+def run_native(binary: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(binary), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_native_login_is_accepted_only_from_a_server_our_ca_signed(
+    native_binary: Path, server: Server, certs_dir: Path, other_certs_dir: Path
+) -> None:
+    host, port = server.address
+    common = ["--workload", "hold", "-n", "3", "--duration", "0.1", "--json"]
+    common += ["--host", host, "--port", str(port)]
+    # Our CA: the server checked each client's Ed25519 signature over its login transcript.
+    good = run_native(native_binary, *common, "--ca", str(certs_dir / "ca.pem"))
+    assert good.returncode == 0, good.stderr
+    row = json.loads(good.stdout)
+    assert row["logged_in"] == 3 and row["login_failures"] == 0 and row["held"] == 3
+    # Another CA: every TLS handshake is refused, nobody logs in, and the reason says why.
+    bad = run_native(native_binary, *common, "--ca", str(other_certs_dir / "ca.pem"))
+    assert bad.returncode == 1
+    row = json.loads(bad.stdout)
+    assert row["logged_in"] == 0 and row["login_failures"] == 3
+    assert row["login_failure"].startswith("tls: certificate verify failed")
+
+
+def test_native_bad_arguments_are_refused_with_a_reason(native_binary: Path) -> None:
+    out = run_native(native_binary, "--port", "1", "--ca", "ca.pem", "--size", "10")
+    assert out.returncode == 2
+    assert out.stderr == "loadgen: --size must be a number from 32 to 400, not 10\n"
+    out = subprocess.run(
+        [sys.executable, "-m", "scripts.loadgen.native", "fanout", "--io-threads", "1,0"],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "takes numbers from 1 to 64, comma-separated: '1,0'" in out.stderr

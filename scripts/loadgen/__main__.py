@@ -26,7 +26,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from scripts.loadgen import peers, servers, worker
+from scripts.loadgen import peers, report, servers, worker
 from scripts.loadgen.servers import Target
 
 PHASE_TIMEOUT = 600.0  # seconds any one phase (logins, sync) may take before the run gives up
@@ -264,7 +264,7 @@ def run_once(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     return out
 
 
-COLUMNS = [
+COLUMNS: list[report.Column] = [
     ("target", "server", "{}"),
     ("n", "N", "{:,}"),
     ("logins_per_s", "logins/s", "{:,.0f}"),
@@ -278,16 +278,6 @@ COLUMNS = [
     ("server_cpu_pct", "server CPU%", "{:.0f}"),
     ("loadgen_cpu_pct", "loadgen CPU%", "{:.0f}"),
 ]
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
-    cells = [[title for _, title, _ in cols]]
-    for r in rows:
-        cells.append([fmt.format(r[k]) if k in r else "-" for k, _, fmt in cols])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
-    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -346,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows[0][f"{key}_ratio"] = rows[0][key] / rows[1][key]
         print(json.dumps({"ratio": {k: v for k, v in rows[0].items() if k.endswith("_ratio")}}))
     if not args.json_only:
-        print(table(rows))
+        print(report.table(rows, COLUMNS))
         print(f"(load generator: {args.workers} processes on {os.cpu_count()} CPUs)")
     return 0
 
