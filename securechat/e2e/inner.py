@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from securechat.e2e.device import valid_device_id
@@ -59,7 +59,7 @@ class InnerRecord:
     recipient_device: str
     message_id: str
     ts: int  # ms since the epoch, by the sender's clock
-    body: str
+    body: str = field(repr=False)  # DM text never reaches a log through a repr
     chain: str  # 16 hex digits, the sending device's chain to the recipient device
     seq: int  # 1, 2, 3, ... within the chain
     prev: str  # SHA-256 hex of the previous record in the chain, "" for seq 1
@@ -90,9 +90,9 @@ def _problem(r: InnerRecord) -> str | None:
         return "a device id is malformed"
     if not isinstance(r.message_id, str) or not _MESSAGE_ID_RE.fullmatch(r.message_id):
         return "the message id must be 8 to 64 characters of A-Z, a-z, 0-9, _ and -"
-    for field, value in (("timestamp", r.ts), ("sequence number", r.seq)):
+    for what, value in (("timestamp", r.ts), ("sequence number", r.seq)):
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < _TS_MAX:
-            return f"the {field} is out of range"
+            return f"the {what} is out of range"
     if r.seq < 1:
         return "the sequence number is out of range"
     if not isinstance(r.chain, str) or not _CHAIN_RE.fullmatch(r.chain):
