@@ -155,9 +155,9 @@ class SessionStore:
                 continue
             self._push(key, session)
             return Decrypted(bytes(plaintext))
-        wedged = bool(sessions) and now_ms - self._last_wedged.get(key, -UNWEDGE_INTERVAL_MS) >= (
-            UNWEDGE_INTERVAL_MS
-        )
+        # Whether we lost our sessions or they fell out of step, a new one from our side mends it.
+        last = self._last_wedged.get(key)
+        wedged = last is None or now_ms - last >= UNWEDGE_INTERVAL_MS
         if wedged:
             self._wedged.add(key)
             self._last_wedged[key] = now_ms
