@@ -129,8 +129,10 @@ class ConversationTracker:
     def record_sent(self, record: InnerRecord) -> None:
         key = (record.sender, record.recipient, record.recipient_device)
         old = self._out.pop(key, None)
-        if old is not None and (old.chain != record.chain or record.seq != old.last_seq + 1):
-            self._out[key] = old  # not the record next_record made; the chain stays as it was
+        expected = (old.chain, old.last_seq + 1) if old else (record.chain, 1)
+        if (record.chain, record.seq) != expected:
+            if old is not None:
+                self._out[key] = old  # not the record next_record made: nothing changes
             return
         self._put(self._out, key, _Chain(record.chain, record.seq, record.digest))
 
