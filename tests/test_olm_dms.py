@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from securechat.e2e import atrest, envelope, records, storage
 from securechat.e2e.conversations import Arrival
@@ -397,3 +399,15 @@ def test_a_tampered_session_file_is_refused(world: World) -> None:
     assert str(err.value) == (
         f"the session file {path} is damaged or was altered (it does not open with your key)"
     )
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from([0, 1]), garbage=st.binary(max_size=400))
+def test_garbage_from_the_server_is_only_ever_undecryptable(world: World, kind, garbage) -> None:
+    bob, peer = world["bob-phone"], world.record("alice-phone")
+    try:
+        bob.store.decrypt(bob.device, peer, kind, garbage, now_ms())
+    except UndecryptableMessage as exc:
+        assert exc.user == "alice"
+    else:
+        pytest.fail("garbage decrypted")

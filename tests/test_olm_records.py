@@ -7,6 +7,8 @@ from dataclasses import replace
 
 import pytest
 import vodozemac
+from hypothesis import given
+from hypothesis import strategies as st
 
 from securechat.e2e import inner
 from securechat.e2e.conversations import Arrival, ConversationTracker
@@ -297,3 +299,11 @@ def test_damaged_tracker_state_is_refused(damage) -> None:
         "the conversation file x is damaged; move it aside to start afresh (replays of old "
         "messages may then be shown once more)"
     )
+
+
+@given(st.one_of(st.binary(max_size=600), st.binary(min_size=256, max_size=256)))
+def test_any_decrypted_bytes_are_a_record_or_invalid(plaintext: bytes) -> None:
+    try:
+        inner.decode(plaintext)
+    except InvalidRecord:
+        pass

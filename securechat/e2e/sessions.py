@@ -34,6 +34,9 @@ UNWEDGE_INTERVAL_MS = 60 * 60 * 1000
 OLM_PRE_KEY, OLM_NORMAL = 0, 1
 
 _PeerKey = tuple[str, str, str]
+# Every exception vodozemac raises derives from ValueError; a hostile message must not escape
+# as anything but UndecryptableMessage.
+_OLM_FAILURE = ValueError
 
 
 class NoteKind(enum.Enum):
@@ -139,7 +142,7 @@ class SessionStore:
         key = _key(peer)
         try:
             message = vodozemac.AnyOlmMessage.from_parts(message_type, ciphertext)
-        except (vodozemac.DecodeException, OverflowError, TypeError):
+        except (_OLM_FAILURE, OverflowError, TypeError):
             raise self._undecryptable(peer, "it is not a well-formed Olm message") from None
         sessions = self._sessions.get(key, [])
         pre_key = message.to_pre_key()
@@ -151,7 +154,7 @@ class SessionStore:
         for session in sessions:
             try:
                 plaintext = session.decrypt(message)
-            except vodozemac.OlmDecryptionException:
+            except _OLM_FAILURE:
                 continue
             self._push(key, session)
             return Decrypted(bytes(plaintext))
@@ -169,7 +172,7 @@ class SessionStore:
     ) -> bytes:
         try:
             plaintext = session.decrypt(message)
-        except vodozemac.OlmDecryptionException:
+        except _OLM_FAILURE:
             # The session it belongs to has already used this message's key: a replay.
             raise self._undecryptable(
                 peer, "it was already decrypted once (a replayed copy)"
@@ -184,7 +187,7 @@ class SessionStore:
             session, plaintext = device.account.create_inbound_session(
                 _curve(peer.curve25519), pre_key
             )
-        except (vodozemac.SessionCreationException, vodozemac.KeyException):
+        except _OLM_FAILURE:
             raise self._undecryptable(
                 peer,
                 "it starts a session with a one-time key that is unknown or already used (the "
