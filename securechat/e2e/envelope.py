@@ -133,6 +133,8 @@ def open_envelope(
     `stamped_sender` is the user the server says sent it and `sender_device` the verified record
     of the device it names. Refusals: EnvelopeError, UndecryptableMessage, InvalidRecord,
     ReplayedRecord, BrokenChain (and the ReplayGuard's ReplayedMessage / StaleMessage).
+    Save the device, sessions and tracker afterwards, refused or not: a refused message may
+    still have used up a one-time key or marked a session wedged.
     """
     if sender_device.user != stamped_sender:
         raise EnvelopeError(

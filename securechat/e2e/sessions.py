@@ -173,9 +173,9 @@ class SessionStore:
         try:
             plaintext = session.decrypt(message)
         except _OLM_FAILURE:
-            # The session it belongs to has already used this message's key: a replay.
+            # The session it belongs to has already used this message's key, or it was altered.
             raise self._undecryptable(
-                peer, "it was already decrypted once (a replayed copy)"
+                peer, "it was already decrypted once, or altered (a replayed or forged copy)"
             ) from None
         self._push(key, session)
         return bytes(plaintext)
