@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from securechat.e2e import atrest, envelope, records, storage
 from securechat.e2e.conversations import Arrival
+from securechat.e2e.device import Device
 from securechat.e2e.envelope import Envelope
 from securechat.e2e.sessions import SessionStore
 from securechat.errors import (
@@ -411,3 +412,18 @@ def test_garbage_from_the_server_is_only_ever_undecryptable(world: World, kind, 
         assert exc.user == "alice"
     else:
         pytest.fail("garbage decrypted")
+
+
+def test_a_device_the_server_adds_for_bob_gets_nothing_and_is_warned_about(
+    world: World, make_identity
+) -> None:
+    planted = records.sign_device(make_identity("mallory"), "bob", Device.create())
+    world.directory.records["bob"].append(planted.to_wire())
+    envs = world.send("alice-phone", "bob", "not for mallory", "plant-01")
+    assert planted.device_id not in {e.recipient_device for e in envs}
+    assert len(envs) == 3
+    listing = world["alice-phone"].devices_of("bob", world.pins["bob"])
+    assert listing.refused == (
+        f"a device record for bob ({planted.device_id}) is signed by a key that is not the one "
+        "you pinned for bob; it was refused. The server may be adding a device of its own",
+    )
