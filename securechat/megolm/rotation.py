@@ -1,9 +1,10 @@
 """When an outbound Megolm session must be replaced: pure policy, the clock passed in.
 
 Rules, checked in this order:
-  1. someone who holds the session lost access: a member left (MEMBER_LEFT), or one of a
-     member's devices is no longer a recipient, e.g. revoked or its identity key changed
-     (DEVICE_REMOVED); a new session keeps them out of what follows;
+  1. someone who holds the session lost access: a member left or is no longer trusted, e.g.
+     their identity key changed (MEMBER_LEFT), or one device of a member that stays is no
+     longer a recipient, e.g. it was revoked (DEVICE_REMOVED); a new session keeps them out of
+     what follows;
   2. the session has encrypted `max_messages` messages (MESSAGES);
   3. the session is `max_age_s` old, or the clock went back past its start (AGE).
 New recipients need no rotation: they get the session at its current index, so they cannot read
@@ -22,7 +23,7 @@ WEEK_S = 7 * 24 * 3600.0
 
 
 class RotationReason(enum.Enum):
-    MEMBER_LEFT = "a member left"
+    MEMBER_LEFT = "a member left or lost your trust"
     DEVICE_REMOVED = "a device was removed"
     MESSAGES = "the session reached its message limit"
     AGE = "the session reached its age limit"
