@@ -26,11 +26,12 @@ RECORD_KIND = "room"
 _KEYS = frozenset({"v", "kind", "room", "from", "device", "id", "ts", "body"})
 _MESSAGE_ID_RE = re.compile(rf"[A-Za-z0-9_-]{{{MESSAGE_ID_MIN},{MESSAGE_ID_MAX}}}")
 _TS_MAX = 2**53
-# Powers of two up to 16 KiB, then 1 KiB steps: the largest record (TEXT_MAX control characters,
-# each escaped to 6 bytes) pads to 48.5 KiB; its Megolm message in base64 fits a 64 KiB frame.
+# Powers of two up to 16 KiB, then 256-byte steps: the largest record (TEXT_MAX control characters,
+# each escaped to 6 bytes, and the longest names) pads to 48,384 bytes, so its Megolm message in
+# base64 (about 64.6 KB) still fits a 64 KiB frame beside the frame's other fields.
 _SMALL_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384)
-_LARGE_STEP = 1024
-MAX_PADDED = 49 * 1024
+_LARGE_STEP = 256
+MAX_PADDED = 48_384
 
 
 @dataclass(frozen=True)
