@@ -84,6 +84,7 @@ class OlmNet:
         self.identities: dict[str, Identity] = {}
         self.clients: dict[DeviceRef, Client] = {}
         self.olm_messages = 0
+        self._valid: set[SignedDevice] = set()
 
     # -- devices ----------------------------------------------------------------------------------
 
@@ -157,14 +158,18 @@ class OlmNet:
                     client.known.check(user, ident.verify_key_bytes)
 
     def checked_devices(self, user: str) -> list[SignedDevice]:
-        """What the Olm layer returns: records with a valid signature by the key they name."""
+        """What the Olm layer returns: records with a valid signature by the key they name.
+
+        Checked once per record, as the Olm layer checks records when they arrive."""
         valid = []
         for record in self.directory.get(user, []):
-            try:
-                key = nacl.signing.VerifyKey(record.identity_key)
-                key.verify(record.transcript(), record.signature)
-            except (nacl.exceptions.BadSignatureError, ValueError):
-                continue
+            if record not in self._valid:
+                try:
+                    key = nacl.signing.VerifyKey(record.identity_key)
+                    key.verify(record.transcript(), record.signature)
+                except (nacl.exceptions.BadSignatureError, ValueError):
+                    continue
+                self._valid.add(record)
             valid.append(record)
         return valid
 

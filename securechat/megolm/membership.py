@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from securechat.megolm.port import DeviceRef, OlmPort
+from securechat.megolm.port import DeviceInfo, DeviceRef, OlmPort
 from securechat.trust import KeyState, KnownKeys
 
 NEW_FOR_S = 24 * 3600.0  # a pin younger than this is marked "new"
@@ -125,16 +125,22 @@ class Trust:
         why = self.identity_problem(user)
         if why:
             return why
-        pinned = self.pinned_key(user)
         for device in self.port.devices(user):
-            if device.device_id != device_id or device.user != user:
-                continue
-            if pinned is None or not hmac.compare_digest(device.identity_key, pinned):
-                return f"device {device_id} of {user} is not signed by {user}'s pinned key"
-            if device.revoked:
-                return f"device {device_id} of {user} was revoked"
-            return None
+            if device.device_id == device_id and device.user == user:
+                return self._signed_problem(device)
         return f"{user} has no device {device_id}"
+
+    def _signed_problem(self, device: DeviceInfo) -> str | None:
+        """Rule 4 for a device record the Olm layer listed (rule 3 already checked)."""
+        pinned = self.pinned_key(device.user)
+        if pinned is None or not hmac.compare_digest(device.identity_key, pinned):
+            return (
+                f"device {device.device_id} of {device.user} is not signed by "
+                f"{device.user}'s pinned key"
+            )
+        if device.revoked:
+            return f"device {device.device_id} of {device.user} was revoked"
+        return None
 
     def plan(self, membership: RoomMembership) -> RecipientPlan:
         """The devices that get this room's keys now, the ones left out and the warnings."""
@@ -150,7 +156,7 @@ class Trust:
                 ref = DeviceRef(user, device.device_id)
                 if ref == self.me or device.user != user:
                     continue
-                why = self.device_problem(user, device.device_id)
+                why = self._signed_problem(device)
                 if why is None:
                     devices.add(ref)
                     continue

@@ -53,7 +53,10 @@ class OlmPort(Protocol):
     """The Olm device layer, seen from the room core."""
 
     def devices(self, user: str) -> Sequence[DeviceInfo]:
-        """Every device record of `user` with a valid signature (revoked ones flagged)."""
+        """Every device record of `user` with a valid signature (revoked ones flagged).
+
+        Called for every member on every room message sent and once per message read, so it
+        must answer from memory: check signatures when records arrive, not here."""
         ...
 
     def send_to_device(self, user: str, device_id: str, payload: bytes) -> None:
