@@ -16,7 +16,7 @@ from securechat.errors import SecureChatError
 from securechat.identity import Identity
 from securechat.megolm import keyshare, record
 from securechat.megolm.envelope import RoomCiphertext
-from securechat.megolm.errors import KeyShareRefused
+from securechat.megolm.errors import KeyShareRefused, RoomCryptoError
 from securechat.megolm.forwarding import own_devices, sibling_problem
 from securechat.megolm.inbound import CannotDecrypt, DecryptedRoomMessage, InboundStore
 from securechat.megolm.keys import StateBox, damaged_state
@@ -56,7 +56,7 @@ class RoomCrypto:
     ) -> None:
         name = user or identity.user
         if not name:
-            raise KeyShareRefused("an identity without a user name cannot hold room keys")
+            raise RoomCryptoError("an identity without a user name cannot hold room keys")
         self.me = DeviceRef(name, device_id)
         self.trust = Trust(self.me, identity.verify_key_bytes, known, port)
         self._port = port
