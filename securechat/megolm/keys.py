@@ -1,0 +1,67 @@
+"""Keys for the room-key state at rest, derived from the identity seed, and sealing that state.
+
+Two independent keys come from the seed: one for vodozemac's own encrypted pickles of group
+sessions, one for a SecretBox around the whole state (room names, senders, replay records), so
+the saved blob shows nothing but its length. Nothing here logs or raises with key material.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import nacl.encoding
+import nacl.exceptions
+import nacl.hash
+import nacl.secret
+
+from securechat.identity import Identity
+from securechat.megolm.errors import RoomStateError
+
+STATE_VERSION = 1
+_PICKLE_PURPOSE = b"sc-megolm-pickle"
+_STATE_PURPOSE = b"sc-megolm-state"
+
+
+def derive_key(identity: Identity, purpose: bytes) -> bytes:
+    """A 32-byte key for `purpose` (at most 16 bytes): BLAKE2b keyed with the identity seed."""
+    return nacl.hash.blake2b(
+        b"",
+        digest_size=32,
+        key=bytes(identity.signing_key),
+        person=purpose.ljust(16, b"\0"),
+        encoder=nacl.encoding.RawEncoder,
+    )
+
+
+class StateBox:
+    """Seals and opens the JSON state of the room-key stores under keys only `identity` derives."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.pickle_key = derive_key(identity, _PICKLE_PURPOSE)
+        self._box = nacl.secret.SecretBox(derive_key(identity, _STATE_PURPOSE))
+
+    def seal(self, data: dict[str, Any]) -> bytes:
+        raw = json.dumps({"v": STATE_VERSION, "state": data}, sort_keys=True).encode()
+        return bytes(self._box.encrypt(raw))  # PyNaCl draws the nonce
+
+    def open(self, blob: bytes) -> dict[str, Any]:
+        try:
+            outer = json.loads(self._box.decrypt(blob))
+        except (nacl.exceptions.CryptoError, ValueError, TypeError):
+            raise RoomStateError(
+                "the saved room keys do not open with this identity key (another identity's "
+                "file, or damaged); encrypted rooms start afresh without them if you move it aside"
+            ) from None
+        if not isinstance(outer, dict) or outer.get("v") != STATE_VERSION:
+            raise RoomStateError("the saved room keys have a format this securechat cannot read")
+        state = outer.get("state")
+        if not isinstance(state, dict):
+            raise damaged_state("no state table")
+        return state
+
+
+def damaged_state(why: str) -> RoomStateError:
+    return RoomStateError(
+        f"the saved room keys are damaged ({why}); move them aside to start afresh"
+    )
