@@ -22,7 +22,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import nacl.encoding
 import nacl.exceptions
+import nacl.hash
 import nacl.pwhash
 import nacl.secret
 import nacl.signing
@@ -64,6 +66,22 @@ class Identity:
     def sign(self, message: bytes) -> bytes:
         """A detached 64-byte Ed25519 signature."""
         return self.signing_key.sign(message).signature
+
+    def subkey(self, purpose: bytes) -> bytes:
+        """A 32-byte key for local state, one per `purpose` (1 to 16 bytes).
+
+        BLAKE2b keyed with the secret seed and personalised with the purpose: only the unlocked
+        identity derives it, and keys for different purposes are independent.
+        """
+        if not 1 <= len(purpose) <= 16:
+            raise ValueError("a key purpose is 1 to 16 bytes")
+        return nacl.hash.blake2b(
+            b"",
+            digest_size=32,
+            key=bytes(self.signing_key),
+            person=purpose.ljust(16, b"\0"),
+            encoder=nacl.encoding.RawEncoder,
+        )
 
     def __repr__(self) -> str:
         return f"Identity(path={self.path!s}, user={self.user!r}, fingerprint={self.fingerprint!r})"

@@ -32,7 +32,9 @@ def test_a_device_is_made_once_and_reloaded_from_the_file_beside_the_key(alice) 
     path = storage.device_path(alice)
     assert path == alice.path.with_name("alice.device.json")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    again, created = storage.load_or_create_device(identity.load(alice.path, PASSPHRASE))
+    again, created = storage.load_or_create_device(
+        identity.load(alice.path, PASSPHRASE, min_kdf=identity.KDF_FAST_FOR_TESTS)
+    )
     assert not created
     assert (again.device_id, again.created_ms) == (device.device_id, 1_234)
     assert (again.curve25519, again.ed25519) == (device.curve25519, device.ed25519)
@@ -44,7 +46,9 @@ def test_two_installations_of_one_key_are_two_devices(alice, tmp_path: Path) -> 
     other.write_bytes(alice.path.read_bytes())
     other.chmod(0o600)
     one, _ = storage.load_or_create_device(alice)
-    two, _ = storage.load_or_create_device(identity.load(other, PASSPHRASE))
+    two, _ = storage.load_or_create_device(
+        identity.load(other, PASSPHRASE, min_kdf=identity.KDF_FAST_FOR_TESTS)
+    )
     assert one.device_id != two.device_id and one.curve25519 != two.curve25519
 
 
@@ -134,7 +138,9 @@ def test_the_pickle_key_differs_per_identity_and_purpose(alice, make_identity) -
         atrest.derive_key(alice, atrest.PURPOSE_SESSIONS_FILE),
     }
     assert len(keys) == 4 and all(len(k) == 32 for k in keys)
-    assert atrest.pickle_key(identity.load(alice.path, PASSPHRASE)) == atrest.pickle_key(alice)
+    assert atrest.pickle_key(
+        identity.load(alice.path, PASSPHRASE, min_kdf=identity.KDF_FAST_FOR_TESTS)
+    ) == atrest.pickle_key(alice)
 
 
 # -- device records and revocations ---------------------------------------------------------------

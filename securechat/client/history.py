@@ -87,25 +87,13 @@ def history_path(key_path: Path) -> Path:
     return key_path.with_name(f"{key_path.stem or key_path.name}.history.db")
 
 
-def _subkey(seed: bytes, purpose: bytes) -> bytes:
-    # BLAKE2b keyed with the seed and personalised per purpose: independent keys from one secret.
-    return nacl.hash.blake2b(
-        b"",
-        digest_size=32,
-        key=seed,
-        person=purpose.ljust(16, b"\0"),
-        encoder=nacl.encoding.RawEncoder,
-    )
-
-
 class LocalHistory:
     """Thread-safe: the connection thread records while the UI thread reads."""
 
     def __init__(self, path: Path, identity: Identity) -> None:
-        seed = bytes(identity.signing_key)
         self.path = Path(path)
-        self._box = nacl.secret.SecretBox(_subkey(seed, b"sc-history-box"))
-        self._tag_key = _subkey(seed, b"sc-history-tag")
+        self._box = nacl.secret.SecretBox(identity.subkey(b"sc-history-box"))
+        self._tag_key = identity.subkey(b"sc-history-tag")
         self._lock = threading.Lock()
         self.failure: str | None = None  # set once a write failed; recording then stops
         self._db = self._open()

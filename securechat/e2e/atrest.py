@@ -29,16 +29,8 @@ PURPOSE_OLM_PICKLE = b"sc-e2e-pickle"
 
 
 def derive_key(identity: Identity, purpose: bytes) -> bytes:
-    """A 32-byte key for `purpose`: BLAKE2b keyed with the identity's seed, personalised."""
-    if not 1 <= len(purpose) <= 16:
-        raise ValueError("a key purpose is 1 to 16 bytes")
-    return nacl.hash.blake2b(
-        b"",
-        digest_size=32,
-        key=bytes(identity.signing_key),
-        person=purpose.ljust(16, b"\0"),
-        encoder=nacl.encoding.RawEncoder,
-    )
+    """A 32-byte key for `purpose`, derived from the identity's seed (Identity.subkey)."""
+    return identity.subkey(purpose)
 
 
 def pickle_key(identity: Identity) -> bytes:

@@ -24,14 +24,8 @@ _STATE_PURPOSE = b"sc-megolm-state"
 
 
 def derive_key(identity: Identity, purpose: bytes) -> bytes:
-    """A 32-byte key for `purpose` (at most 16 bytes): BLAKE2b keyed with the identity seed."""
-    return nacl.hash.blake2b(
-        b"",
-        digest_size=32,
-        key=bytes(identity.signing_key),
-        person=purpose.ljust(16, b"\0"),
-        encoder=nacl.encoding.RawEncoder,
-    )
+    """A 32-byte key for `purpose`, derived from the identity's seed (Identity.subkey)."""
+    return identity.subkey(purpose)
 
 
 class StateBox:
