@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from securechat import framing
 from securechat.client import Client
 from securechat.client.events import Closed, Joined, Message, Parted
 from securechat.errors import AuthError
 
 from .cli_helpers import ServerProcess, run_client
 from .conftest import wait_for
+from .proxy import HoldingProxy
 from .raw import RawTLS
 
 
@@ -289,7 +291,7 @@ def test_a_client_that_never_reads_is_dropped_and_nobody_waits(
 def test_a_flood_is_refused_then_dropped(server, connect) -> None:
     bob = connect("bob")
     mallory = connect("mallory")
-    mallory._conn._pace = None  # a hostile client ignores the rate the server announced
+    mallory._conn._pacer = None  # a hostile client ignores the rate the server announced
     futures = [mallory.send("#lobby", f"flood {i}") for i in range(40)]
     outcomes = []
     for f in futures:
@@ -318,6 +320,33 @@ def test_a_client_paces_itself_to_the_announced_rate_and_loses_nothing(server, c
     assert all(f.result(10)["type"] == "ok" for f in futures)  # slowed down, never refused
     got = [wait_for(bob, lambda e: isinstance(e, Message)).text for _ in range(30)]
     assert got == [f"paced {i}" for i in range(30)]
+
+
+@pytest.mark.server_config(rate=20.0, burst=5)
+def test_requests_refused_after_a_held_back_burst_are_sent_again_in_order_and_once(
+    server, connect, certs_dir, make_identity
+) -> None:
+    bob = connect("bob")
+    proxy = HoldingProxy(server.address)
+    alice = Client.connect(*proxy.address, make_identity("alice"), "alice", ca(certs_dir))
+    try:
+        wait_for(bob, lambda e: isinstance(e, Joined) and e.user == "alice")
+        proxy.hold()
+        futures = [alice.send("#lobby", f"line {i:02d}") for i in range(30)]
+        # One TLS record per request at most: this many bytes hold at least 12 requests, which
+        # reach the server at once and find only the 5 of its burst.
+        record = len(framing.encode({"type": "say", "id": 10, "room": "#lobby", "text": "line 00"}))
+        proxy.wait_held(12 * (record + 22))
+        proxy.release()
+        assert [f.result(30)["type"] for f in futures] == ["ok"] * 30  # slowed, none refused
+        got = [wait_for(bob, lambda e: isinstance(e, Message)).text for _ in range(30)]
+        assert got == [f"line {i:02d}" for i in range(30)]  # every one, in order
+        alice.send("#lobby", "the end").result(10)
+        assert wait_for(bob, lambda e: isinstance(e, Message)).text == "the end"  # none twice
+        assert alice._conn._pacer.retries >= 7  # the server did refuse them, all but its burst
+    finally:
+        alice.close()
+        proxy.close()
 
 
 @pytest.mark.server_config(max_message=20)

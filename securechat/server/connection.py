@@ -193,7 +193,13 @@ class Connection:
         """Spend a token for this request; refuse it (and drop a flooder) when there is none."""
         acking = frame["type"] == "ack"
         bucket = self._acks if acking else self._rate
-        if bucket is None or bucket.take(self._heard):
+        if bucket is None:
+            return True
+        if acking:  # never sent again, so a refused one holds nothing up
+            passed = bucket.take(self._heard)
+        else:  # requests that clients send again: what passes keeps its order
+            passed = bucket.take_in_order(self._heard, frame.get("resume") is True)
+        if passed:
             return True
         if bucket.flooding:
             log.info("dropping %s (%s): message flood", self.user, self.addr)
@@ -205,6 +211,7 @@ class Connection:
                 "rate_limited",
                 f"slow down: the limit is {config.rate:g} requests a second, in bursts of at "
                 f"most {config.burst}; this one was not sent",
+                retry_after=round(bucket.retry_after(self._heard), 3),
             )
         return False
 
