@@ -311,6 +311,49 @@ def test_a_flood_is_refused_then_dropped(server, connect) -> None:
     still_chatting(connect, "after-flood")
 
 
+@pytest.mark.server_config(rate=20.0, burst=2, flood_refusals=4)
+def test_after_a_refusal_the_server_holds_every_request_until_resume(
+    server, certs_dir, make_identity
+) -> None:
+    with RawTLS(server.address, ca(certs_dir)) as raw:
+
+        def reply() -> dict:
+            while "id" not in (frame := raw.frame()):
+                pass  # our own messages and joins, as events
+            return frame
+
+        def say(request_id: int, **extra: object) -> dict:
+            raw.send_frame(
+                {"type": "say", "id": request_id, "room": "#lobby", "text": "m", **extra}
+            )
+            return reply()
+
+        assert raw.login("mallory", make_identity("mallory"))["flood_refusals"] == 4
+        assert [say(1)["type"], say(2)["type"]] == ["ok", "ok"]  # the burst
+        refused = say(3)
+        assert (refused["code"], refused["message"]) == (
+            "rate_limited",
+            "slow down: the limit is 20 requests a second, in bursts of at most 2; "
+            "this one was not sent",
+        )
+        assert 0 < refused["retry_after"] <= 0.05
+        until = time.monotonic() + refused["retry_after"]
+        while time.monotonic() <= until:  # the wait the server asked for; pings spend nothing
+            raw.send_frame({"type": "ping", "id": 0})
+            assert reply()["type"] == "pong"
+        held = say(4)  # a token is there now, but we have not said we saw the refusal
+        assert (held["code"], held["retry_after"]) == ("rate_limited", 0.0)
+        assert say(5, resume=1)["message"] == 'field "resume" must be true or false'
+        assert say(6, resume=True)["type"] == "ok"
+        assert say(7)["code"] == "rate_limited"  # a refusal of its own: no token left
+        assert [say(8)["code"], say(9)["code"]] == ["rate_limited"] * 2  # held, and counted
+        raw.send_frame({"type": "say", "id": 10, "room": "#lobby", "text": "m"})  # the fourth
+        assert raw.until_closed()[-1] == {
+            "type": "bye",
+            "reason": "message flood: too many messages after being told to slow down",
+        }
+
+
 @pytest.mark.server_config(rate=20.0, burst=5)
 def test_a_client_paces_itself_to_the_announced_rate_and_loses_nothing(server, connect) -> None:
     alice, bob = connect("alice"), connect("bob")

@@ -8,6 +8,7 @@ worker thread whose answer comes back through the loop's inbox.
 from __future__ import annotations
 
 import logging
+import math
 import selectors
 import socket
 import ssl
@@ -211,7 +212,7 @@ class Connection:
                 "rate_limited",
                 f"slow down: the limit is {config.rate:g} requests a second, in bursts of at "
                 f"most {config.burst}; this one was not sent",
-                retry_after=round(bucket.retry_after(self._heard), 3),
+                retry_after=_whole_ms_up(bucket.retry_after(self._heard)),
             )
         return False
 
@@ -452,3 +453,9 @@ class Connection:
             pass
         self.sock.close()
         self.server.connection_closed(self)
+
+
+def _whole_ms_up(seconds: float) -> float:
+    """Rounded up to the millisecond (a client that waits this long finds a token), but not
+    beyond the float noise of a wait that is really zero."""
+    return math.ceil(seconds * 1000 - 1e-6) / 1000
