@@ -194,30 +194,40 @@ def _version(value: Any, field: str) -> int:
 
 
 Check = Callable[[Any, str], Any]
+# On every rate-limited request: the sender has seen its earlier rate_limited refusals (see
+# TokenBucket.take_in_order).
+_RESUME: dict[str, tuple[Check, bool]] = {"resume": (_flag, False)}
 # Client frame schemas: field -> (check, required). Unknown extra fields are ignored so that a
 # newer client can talk to an older server.
 CLIENT_FRAMES: dict[str, dict[str, tuple[Check, bool]]] = {
     "hello": {"user": (_name, True), "key": (_b64(32), True), "version": (_version, True)},
     "auth": {"signature": (_b64(64), True)},
-    "join": {"id": (_request_id, True), "room": (_room, True)},
-    "part": {"id": (_request_id, True), "room": (_room, True)},
+    "join": {"id": (_request_id, True), "room": (_room, True), **_RESUME},
+    "part": {"id": (_request_id, True), "room": (_room, True), **_RESUME},
     "say": {
         "id": (_request_id, True),
         "room": (_room, True),
         "text": (_text, True),
         "action": (_flag, False),
+        **_RESUME,
     },
-    "rooms": {"id": (_request_id, True)},
-    "who": {"id": (_request_id, True), "room": (_room, True)},
-    "keys": {"id": (_request_id, True), "user": (_name, True)},
+    "rooms": {"id": (_request_id, True), **_RESUME},
+    "who": {"id": (_request_id, True), "room": (_room, True), **_RESUME},
+    "keys": {"id": (_request_id, True), "user": (_name, True), **_RESUME},
     "dm": {
         "id": (_request_id, True),
         "to": (_name, True),
         "msg_id": (_message_id, True),
         "box": (_b64_blob, True),
+        **_RESUME,
     },
     "ack": {"msg_ids": (_message_ids, True)},
-    "history": {"id": (_request_id, True), "room": (_room, True), "limit": (_limit, False)},
+    "history": {
+        "id": (_request_id, True),
+        "room": (_room, True),
+        "limit": (_limit, False),
+        **_RESUME,
+    },
     "ping": {"id": (_request_id, True)},
     "pong": {},  # the answer to the server's keep-alive ping
     "bye": {},
@@ -258,8 +268,10 @@ def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def error_frame(code: str, message: str, request_id: int | None = None) -> dict[str, Any]:
-    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+def error_frame(
+    code: str, message: str, request_id: int | None = None, **extra: Any
+) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message, **extra}
     if request_id is not None:
         frame["id"] = request_id
     return frame
@@ -422,10 +434,10 @@ class ServerSession:
         self.send(error_frame(code, message))
         return Close(message)
 
-    def reply_error(self, request_id: int, code: str, message: str) -> None:
+    def reply_error(self, request_id: int, code: str, message: str, **extra: Any) -> None:
         """Refuse one well-formed request the hub cannot do (not in that room, say): an
         ordinary user mistake, so it is no strike."""
-        self.send(error_frame(code, message, request_id))
+        self.send(error_frame(code, message, request_id, **extra))
 
     def close(self, reason: str) -> None:
         """Tell the peer we are closing (shutdown, replaced, dropped)."""

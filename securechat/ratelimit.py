@@ -16,6 +16,11 @@ class TokenBucket:
     After `max_refusals` refusals in a row (a sender that goes on while told to slow down) the
     bucket reports a flood, and the caller drops the sender. A request that gets through resets
     that count: a client that only bursts now and then is never dropped.
+
+    take_in_order() is for a sender that pipelines and sends refused requests again: once it
+    refuses one, it refuses every later one too (spending nothing, but counting each refusal)
+    until one comes with `resume`, which the sender sets only once it has seen the refusals. What
+    gets through is then always in the order it was sent, with no gap a retry would fill late.
     """
 
     rate: float
@@ -24,6 +29,7 @@ class TokenBucket:
     tokens: float = 0.0
     stamp: float = 0.0
     refusals: int = 0
+    held: bool = False
 
     @classmethod
     def full(cls, rate: float, burst: int, now: float, max_refusals: int) -> TokenBucket:
@@ -31,15 +37,36 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Spend a token if there is one; False means refuse this request."""
-        if now > self.stamp:
-            self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
+        self._refill(now)
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             self.refusals = 0
             return True
         self.refusals += 1
         return False
+
+    def take_in_order(self, now: float, resume: bool) -> bool:
+        """take(), but after a refusal refuse everything until a request says `resume`."""
+        if self.held and not resume:
+            self.refusals += 1
+            return False
+        self.held = not self.take(now)
+        return not self.held
+
+    def drain(self, now: float) -> None:
+        """Spend everything saved up (the other side of a link says it has nothing left)."""
+        self._refill(now)
+        self.tokens = 0.0
+
+    def retry_after(self, now: float) -> float:
+        """Seconds until the next token."""
+        self._refill(now)
+        return max(0.0, 1.0 - self.tokens) / self.rate
+
+    def _refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
 
     @property
     def flooding(self) -> bool:

@@ -50,6 +50,7 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "room": ROOMS,
     "text": st.text(min_size=1, max_size=50).filter(str.strip),
     "action": st.booleans(),
+    "resume": st.booleans(),
     "to": NAMES,
     "msg_id": MESSAGE_IDS,
     "box": st.binary(min_size=1, max_size=64).map(lambda raw: base64.b64encode(raw).decode()),

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from securechat import framing
 from securechat.client import Client
 from securechat.client.events import Closed, Joined, Message, Parted
 from securechat.errors import AuthError
 
 from .cli_helpers import ServerProcess, run_client
 from .conftest import wait_for
+from .proxy import HoldingProxy
 from .raw import RawTLS
 
 
@@ -289,7 +291,7 @@ def test_a_client_that_never_reads_is_dropped_and_nobody_waits(
 def test_a_flood_is_refused_then_dropped(server, connect) -> None:
     bob = connect("bob")
     mallory = connect("mallory")
-    mallory._conn._pace = None  # a hostile client ignores the rate the server announced
+    mallory._conn._pacer = None  # a hostile client ignores the rate the server announced
     futures = [mallory.send("#lobby", f"flood {i}") for i in range(40)]
     outcomes = []
     for f in futures:
@@ -309,6 +311,49 @@ def test_a_flood_is_refused_then_dropped(server, connect) -> None:
     still_chatting(connect, "after-flood")
 
 
+@pytest.mark.server_config(rate=20.0, burst=2, flood_refusals=4)
+def test_after_a_refusal_the_server_holds_every_request_until_resume(
+    server, certs_dir, make_identity
+) -> None:
+    with RawTLS(server.address, ca(certs_dir)) as raw:
+
+        def reply() -> dict:
+            while "id" not in (frame := raw.frame()):
+                pass  # our own messages and joins, as events
+            return frame
+
+        def say(request_id: int, **extra: object) -> dict:
+            raw.send_frame(
+                {"type": "say", "id": request_id, "room": "#lobby", "text": "m", **extra}
+            )
+            return reply()
+
+        assert raw.login("mallory", make_identity("mallory"))["flood_refusals"] == 4
+        assert [say(1)["type"], say(2)["type"]] == ["ok", "ok"]  # the burst
+        refused = say(3)
+        assert (refused["code"], refused["message"]) == (
+            "rate_limited",
+            "slow down: the limit is 20 requests a second, in bursts of at most 2; "
+            "this one was not sent",
+        )
+        assert 0 < refused["retry_after"] <= 0.05
+        until = time.monotonic() + refused["retry_after"]
+        while time.monotonic() <= until:  # the wait the server asked for; pings spend nothing
+            raw.send_frame({"type": "ping", "id": 0})
+            assert reply()["type"] == "pong"
+        held = say(4)  # a token is there now, but we have not said we saw the refusal
+        assert (held["code"], held["retry_after"]) == ("rate_limited", 0.0)
+        assert say(5, resume=1)["message"] == 'field "resume" must be true or false'
+        assert say(6, resume=True)["type"] == "ok"
+        assert say(7)["code"] == "rate_limited"  # a refusal of its own: no token left
+        assert [say(8)["code"], say(9)["code"]] == ["rate_limited"] * 2  # held, and counted
+        raw.send_frame({"type": "say", "id": 10, "room": "#lobby", "text": "m"})  # the fourth
+        assert raw.until_closed()[-1] == {
+            "type": "bye",
+            "reason": "message flood: too many messages after being told to slow down",
+        }
+
+
 @pytest.mark.server_config(rate=20.0, burst=5)
 def test_a_client_paces_itself_to_the_announced_rate_and_loses_nothing(server, connect) -> None:
     alice, bob = connect("alice"), connect("bob")
@@ -318,6 +363,33 @@ def test_a_client_paces_itself_to_the_announced_rate_and_loses_nothing(server, c
     assert all(f.result(10)["type"] == "ok" for f in futures)  # slowed down, never refused
     got = [wait_for(bob, lambda e: isinstance(e, Message)).text for _ in range(30)]
     assert got == [f"paced {i}" for i in range(30)]
+
+
+@pytest.mark.server_config(rate=20.0, burst=5)
+def test_requests_refused_after_a_held_back_burst_are_sent_again_in_order_and_once(
+    server, connect, certs_dir, make_identity
+) -> None:
+    bob = connect("bob")
+    proxy = HoldingProxy(server.address)
+    alice = Client.connect(*proxy.address, make_identity("alice"), "alice", ca(certs_dir))
+    try:
+        wait_for(bob, lambda e: isinstance(e, Joined) and e.user == "alice")
+        proxy.hold()
+        futures = [alice.send("#lobby", f"line {i:02d}") for i in range(30)]
+        # One TLS record per request at most: this many bytes hold at least 12 requests, which
+        # reach the server at once and find only the 5 of its burst.
+        record = len(framing.encode({"type": "say", "id": 10, "room": "#lobby", "text": "line 00"}))
+        proxy.wait_held(12 * (record + 22))
+        proxy.release()
+        assert [f.result(30)["type"] for f in futures] == ["ok"] * 30  # slowed, none refused
+        got = [wait_for(bob, lambda e: isinstance(e, Message)).text for _ in range(30)]
+        assert got == [f"line {i:02d}" for i in range(30)]  # every one, in order
+        alice.send("#lobby", "the end").result(10)
+        assert wait_for(bob, lambda e: isinstance(e, Message)).text == "the end"  # none twice
+        assert alice._conn._pacer.retries >= 7  # the server did refuse them, all but its burst
+    finally:
+        alice.close()
+        proxy.close()
 
 
 @pytest.mark.server_config(max_message=20)

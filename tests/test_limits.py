@@ -44,6 +44,20 @@ def test_bucket_ignores_a_clock_that_goes_back() -> None:
     assert bucket.tokens == 0.0
 
 
+def test_bucket_in_order_refuses_all_after_a_refusal_until_resume() -> None:
+    bucket = TokenBucket.full(rate=1.0, burst=1, now=0.0, max_refusals=5)
+    assert bucket.take_in_order(0.0, resume=False)
+    assert not bucket.take_in_order(0.5, resume=False)
+    assert bucket.retry_after(0.5) == 0.5
+    # A token is back, but the sender has not said it saw the refusal: held, and counted.
+    assert not bucket.take_in_order(2.0, resume=False)
+    assert (bucket.refusals, bucket.tokens) == (2, 0.5)  # held refusals spend nothing
+    assert bucket.retry_after(2.0) == 0.0
+    assert bucket.take_in_order(2.0, resume=True)
+    assert bucket.refusals == 0
+    assert not bucket.take_in_order(2.0, resume=False)  # no token: a refusal of its own
+
+
 def test_admission_caps_total_and_per_address() -> None:
     caps = Admission(max_total=3, max_per_address=2, max_refusing=1)
     assert caps.admit("10.0.0.1") is None

@@ -123,6 +123,7 @@ class Client:
             on_close=lambda r: client._on_close(r),
             rate=_number(welcome.get("rate")),
             burst=int(_number(welcome.get("burst")) or 0),
+            flood_refusals=int(_number(welcome.get("flood_refusals")) or 0) or None,
             keepalive=keepalive,
         )
         client = cls(conn, user, welcome, identity, known_keys, history)

@@ -1,8 +1,9 @@
 """The client's TLS connection: opened and logged in by the caller, then owned by one I/O thread.
 
 Until login completes the socket is used only by the thread that called open_connection(); from
-then on only by the ClientConnection thread (DESIGN.md hazard 1). Other threads send by handing
-bytes to that thread (send()), which coalesces what is queued into one TLS write.
+then on only by the ClientConnection thread (OpenSSL forbids reading and writing one SSL object
+from two threads at once). Other threads send by handing bytes to that thread (send()), which
+coalesces what is queued into one TLS write.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from securechat.client.pacing import MAX_TRIES, Paced, Pacer, Verdict
 from securechat.client.session import ClientSession
 from securechat.errors import (
     AuthError,
@@ -27,18 +29,15 @@ from securechat.errors import (
     ProtocolError,
 )
 from securechat.identity import Identity
-from securechat.ratelimit import TokenBucket
 from securechat.tls import TLSStream
 
 log = logging.getLogger("securechat.client")
 RECV_SIZE = 64 * 1024
 KEEPALIVE = 60.0  # seconds of silence from the server before we ping it
 KEEPALIVE_ANSWER = 20.0  # seconds it then has to say anything before we call it gone
-# Requests the server rate-limits; we pace them to its announced rate rather than be refused.
+# Requests the server rate-limits; we pace them to its announced rate rather than be refused,
+# and send one again if it is refused all the same.
 PACED = frozenset({"join", "part", "say", "rooms", "who", "history", "keys", "dm"})
-# The server's bucket fills from before our welcome and spends a token when a frame arrives,
-# never before we sent it: pacing a little under its rate with the same burst stays within it.
-PACE_MARGIN = 0.95
 
 
 def _tls_error(exc: ssl.SSLError, where: str) -> ConnectError:
@@ -194,7 +193,8 @@ class ClientConnection(threading.Thread):
     """The one thread that owns a logged-in client's socket and TLS stream.
 
     It answers the server's keep-alive pings, pings a server that has gone quiet (and gives up on
-    one that stays quiet), and paces rate-limited requests to the rate the server announced.
+    one that stays quiet), and paces rate-limited requests to the rate the server announced,
+    sending again those it refuses for rate (see pacing.py).
     """
 
     def __init__(
@@ -207,6 +207,7 @@ class ClientConnection(threading.Thread):
         *,
         rate: float | None = None,
         burst: int | None = None,
+        flood_refusals: int | None = None,
         keepalive: float = KEEPALIVE,
         keepalive_answer: float = KEEPALIVE_ANSWER,
     ) -> None:
@@ -214,9 +215,10 @@ class ClientConnection(threading.Thread):
         self.sock, self.tls, self.session = sock, tls, session
         self._on_frame, self._on_close = on_frame, on_close
         self._outbox: collections.deque[bytes] = collections.deque()
-        self._paced: collections.deque[bytes] = collections.deque()
-        self._pace = (
-            TokenBucket.full(rate * PACE_MARGIN, burst, time.monotonic(), 1)
+        # Paced requests from any thread, in request-id order, for the owner's pacer.
+        self._incoming: collections.deque[Paced] = collections.deque()
+        self._pacer = (
+            Pacer(rate, burst, flood_refusals, time.monotonic(), session.encode)
             if rate and burst
             else None
         )
@@ -227,6 +229,7 @@ class ClientConnection(threading.Thread):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._closing = False
+        self._bye_sent = False
         self._close_reason: str | None = None
         self._outbuf = bytearray()
         self.closed = threading.Event()
@@ -243,8 +246,10 @@ class ClientConnection(threading.Thread):
                 return future
             request_id, data = self.session.request(ftype, **fields)
             self.pending[request_id] = future
-        if self._pace is not None and ftype in PACED:
-            self._paced.append(data)
+            paced = self._pacer is not None and ftype in PACED
+            if paced:  # under the lock, so that the queue keeps the order of the ids
+                self._incoming.append(Paced(request_id, request_id, ftype, fields, future, data))
+        if paced:
             self._wake()
         else:
             self.send(data)
@@ -260,16 +265,12 @@ class ClientConnection(threading.Thread):
         self._wake()
 
     def close(self, reason: str = "closed by user") -> None:
-        """Say goodbye and close once what is queued has been written."""
+        """Say goodbye once every paced request has gone out and been answered (a refused one
+        must still be sent again), then close once that is written."""
         if not self._closing:
             self._close_reason = reason
             self._closing = True
-            bye = self.session.encode({"type": "bye"})
-            if self._paced:
-                self._paced.append(bye)  # after the requests still waiting for their turn
-                self._wake()
-            else:
-                self.send(bye)
+            self._wake()
 
     def _wake(self) -> None:
         try:
@@ -296,9 +297,12 @@ class ClientConnection(threading.Thread):
                     if key.data == "sock" and mask & selectors.EVENT_WRITE:
                         self._write()
                 self._check_alive()
+                if self._closing and not self._bye_sent and self._paced_done():
+                    self._outbox.append(self.session.encode({"type": "bye"}))
+                    self._bye_sent = True
                 self._take_outbox()
                 self._write()
-                if self._closing and not self._outbuf and not self._paced:
+                if self._bye_sent and not self._outbuf:
                     reason = self._close_reason or reason
                     self.tls.close()
                     self._outbuf += self.tls.data_to_send()
@@ -346,9 +350,14 @@ class ClientConnection(threading.Thread):
         now = time.monotonic()
         wait = self._heard + self._keepalive + (self._keepalive_answer if self._probed else 0)
         timeout = max(0.0, wait - now)
-        if self._paced and self._pace is not None:
-            timeout = min(timeout, max(0.0, (1.0 - self._pace.tokens) / self._pace.rate))
+        if self._pacer is not None:
+            due = self._pacer.next_due(now)
+            if due is not None:
+                timeout = min(timeout, due)
         return timeout
+
+    def _paced_done(self) -> bool:
+        return self._pacer is None or (self._pacer.idle and not self._incoming)
 
     def _check_alive(self) -> None:
         silent = time.monotonic() - self._heard
@@ -362,11 +371,16 @@ class ClientConnection(threading.Thread):
                 self._outbox.append(self.session.request("ping")[1])
 
     def _take_outbox(self) -> None:
-        paced, pace = self._paced, self._pace
-        if paced and pace is not None:
-            now = time.monotonic()
-            while paced and pace.take(now):
-                self._outbox.append(paced.popleft())
+        pacer = self._pacer
+        if pacer is not None:
+            while self._incoming:
+                pacer.add(self._incoming.popleft())
+            due, failed = pacer.take_due(time.monotonic())
+            self._outbox.extend(due)
+            for request, exc in failed:
+                with self._pending_lock:
+                    self.pending.pop(request.request_id, None)
+                request.future.set_exception(exc)
         outbox = self._outbox
         if outbox:
             chunks = []
@@ -404,8 +418,13 @@ class ClientConnection(threading.Thread):
         ftype = frame["type"]
         request_id = frame.get("id")
         if ftype in ("ok", "error", "pong") and isinstance(request_id, int):
+            refused = ftype == "error" and frame.get("code") == "rate_limited"
+            if refused and self._retry(request_id, frame):
+                return
             with self._pending_lock:
                 future = self.pending.pop(request_id, None)
+            if self._pacer is not None and not refused:
+                self._pacer.answered(request_id, carried_out=ftype == "ok")
             if future is not None:
                 if ftype == "error":
                     future.set_exception(RequestError(frame))
@@ -418,6 +437,23 @@ class ClientConnection(threading.Thread):
             self._outbox.append(self.session.encode({"type": "pong"}))  # the server's keep-alive
             return
         self._on_frame(frame)
+
+    def _retry(self, request_id: int, frame: dict[str, Any]) -> bool:
+        """A rate_limited refusal: True if the request is queued to go again (its future now
+        waits under a new id); False to fail it with the server's words."""
+        if self._pacer is None:
+            return False
+        with self._pending_lock:
+            new_id = self.session.next_id()
+            verdict = self._pacer.refused(
+                request_id, frame.get("retry_after"), time.monotonic(), new_id
+            )
+            if verdict is Verdict.RETRY:
+                self.pending[new_id] = self.pending.pop(request_id)
+                return True
+        if verdict is Verdict.GIVE_UP and self._pacer.max_refusals is not None:
+            frame["message"] = f"{frame.get('message', 'refused')} (refused {MAX_TRIES} times)"
+        return False
 
 
 class RequestError(ProtocolError):

@@ -36,9 +36,12 @@ class ClientSession:
     def encode(self, frame: dict[str, Any]) -> bytes:
         return framing.encode(frame, self.max_frame)
 
+    def next_id(self) -> int:
+        return next(self._ids)
+
     def request(self, ftype: str, **fields: Any) -> tuple[int, bytes]:
         """A numbered request frame; the server's reply will carry the same id."""
-        request_id = next(self._ids)
+        request_id = self.next_id()
         return request_id, self.encode({"type": ftype, "id": request_id, **fields})
 
     def hello(self, user: str, identity: Identity) -> bytes:

@@ -346,6 +346,7 @@ class Server:
             "max_message": config.max_message,
             "rate": config.rate,
             "burst": config.burst,
+            "flood_refusals": config.flood_refusals,
             "idle_timeout": config.idle_timeout,
         }
 

@@ -8,6 +8,7 @@ worker thread whose answer comes back through the loop's inbox.
 from __future__ import annotations
 
 import logging
+import math
 import selectors
 import socket
 import ssl
@@ -199,7 +200,13 @@ class Connection:
         """Spend a token for this request; refuse it (and drop a flooder) when there is none."""
         acking = frame["type"] == "ack"
         bucket = self._acks if acking else self._rate
-        if bucket is None or bucket.take(self._heard):
+        if bucket is None:
+            return True
+        if acking:  # never sent again, so a refused one holds nothing up
+            passed = bucket.take(self._heard)
+        else:  # requests that clients send again: what passes keeps its order
+            passed = bucket.take_in_order(self._heard, frame.get("resume") is True)
+        if passed:
             return True
         if bucket.flooding:
             log.info("dropping %s (%s): message flood", self.user, self.addr)
@@ -211,6 +218,7 @@ class Connection:
                 "rate_limited",
                 f"slow down: the limit is {config.rate:g} requests a second, in bursts of at "
                 f"most {config.burst}; this one was not sent",
+                retry_after=_whole_ms_up(bucket.retry_after(self._heard)),
             )
         return False
 
@@ -448,3 +456,9 @@ class Connection:
             pass
         self.sock.close()
         self.server.connection_closed(self)
+
+
+def _whole_ms_up(seconds: float) -> float:
+    """Rounded up to the millisecond (a client that waits this long finds a token), but not
+    beyond the float noise of a wait that is really zero."""
+    return math.ceil(seconds * 1000 - 1e-6) / 1000
