@@ -383,7 +383,7 @@ def client(
     cert_key: Path | None,
 ) -> None:
     """Chat: interactive on a terminal, line mode when stdin is not a terminal."""
-    from securechat.client.frontend import ClientOptions, run
+    from securechat.terminal.frontend import ClientOptions, run
 
     code = run(
         ClientOptions(

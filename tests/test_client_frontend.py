@@ -12,8 +12,6 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from securechat import identity
-from securechat.client import console
-from securechat.client.commands import Command, CommandError, Say, parse
 from securechat.client.events import (
     Closed,
     DirectMessage,
@@ -23,7 +21,10 @@ from securechat.client.events import (
     Parted,
     ServerError,
 )
-from securechat.client.render import clean, one_line, render, stamp
+from securechat.client.text import clean, stamp
+from securechat.terminal import console
+from securechat.terminal.commands import Command, CommandError, Say, parse
+from securechat.terminal.render import one_line, render
 
 from .cli_helpers import REPO, LineClient, ServerProcess, cli_env, client_args, run_client
 from .conftest import PASSPHRASE, wait_for

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from securechat.client import Client
-from securechat.client.controller import Controller
 from securechat.client.events import DirectMessage, FrameDropped, Joined, Message
 from securechat.client.history import LocalHistory
-from securechat.client.render import render
 from securechat.gui.model import ChatModel
+from securechat.terminal.controller import Controller
+from securechat.terminal.render import render
 
 from .conftest import rewrite_sent_frames, wait_for
 

@@ -15,9 +15,9 @@ import pytest
 
 from securechat import identity
 from securechat.client import Client
-from securechat.client.controller import Controller
 from securechat.client.events import DirectMessage, Message
 from securechat.client.history import Entry, HistoryError, LocalHistory, history_path
+from securechat.terminal.controller import Controller
 
 from .cli_helpers import LineClient, run_client
 from .conftest import PASSPHRASE, drop_acks, wait_for

@@ -13,10 +13,10 @@ import threading
 import pytest
 
 from securechat.client import Client
-from securechat.client.controller import Controller
 from securechat.client.events import DirectMessage, Joined
 from securechat.errors import ConnectError
 from securechat.identity import fingerprint
+from securechat.terminal.controller import Controller
 from securechat.trust import KeyState, safety_number
 
 from .conftest import wait_for

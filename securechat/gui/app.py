@@ -15,11 +15,11 @@ from tkinter import ttk
 
 from securechat import identity
 from securechat.client.api import Client
-from securechat.client.frontend import resolve_user
 from securechat.client.history import LocalHistory
 from securechat.errors import SecureChatError
 from securechat.gui.bridge import Bridge
 from securechat.gui.window import ChatWindow
+from securechat.terminal.frontend import resolve_user
 
 DEFAULT_KEY = Path.home() / ".securechat" / "me.key"
 
@@ -102,7 +102,7 @@ class ConnectDialog:
         self.error.configure(text="connecting\u2026", foreground="#555555")
 
         def work() -> tuple[Client, LocalHistory | None]:
-            from securechat.client.frontend import ClientOptions
+            from securechat.terminal.frontend import ClientOptions
 
             if not passphrase:
                 raise SecureChatError("enter the passphrase of your identity key")

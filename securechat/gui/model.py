@@ -20,7 +20,7 @@ from securechat.client.events import (
     Parted,
     ServerError,
 )
-from securechat.client.render import clean, clean_line, stamp
+from securechat.client.text import clean, clean_line, stamp
 from securechat.protocol import LOBBY, valid_room
 
 # Which line kinds may stand in which conversations: a room line never in a DM conversation, a

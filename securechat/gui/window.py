@@ -14,18 +14,18 @@ from collections.abc import Callable
 from tkinter import ttk
 from typing import Any
 
-from securechat.client import commands
 from securechat.client.api import Client
-from securechat.client.controller import Controller
 from securechat.client.events import Closed, DirectMessage, DMRejected, Event, Joined
 from securechat.client.history import LocalHistory
 from securechat.client.reconnect import backoff_delays
-from securechat.client.render import clean
+from securechat.client.text import clean
 from securechat.errors import AuthError, SecureChatError
 from securechat.gui.bridge import Bridge
 from securechat.gui.model import DM_KINDS, ChatModel, Line, Trust
 from securechat.identity import fingerprint
 from securechat.protocol import LOBBY, valid_name
+from securechat.terminal import commands
+from securechat.terminal.controller import Controller
 from securechat.trust import KeyCheck, KeyNotNamed, KeyState, PinnedKey, Verification
 
 COLOURS = {

@@ -1,15 +1,12 @@
 """Events as text lines for a terminal, with everything from other people made harmless.
 
-Names, message text and reasons come from other users or the server, so control characters and
-escape sequences are shown as visible escapes: nobody can move your cursor, clear your screen,
-retitle your terminal, or start a line that looks like one of ours. Bidirectional controls and
-invisible characters are escaped too (the "Trojan Source" trick: text that reads one way on screen
-and is another). The GUI draws text through the same clean().
+Names, message text and reasons come from other users or the server, so every one of them goes
+through securechat.client.text (clean, clean_line) before it reaches a line: nobody can move your
+cursor, clear your screen, retitle your terminal, or start a line that looks like one of ours.
 """
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 
 from securechat.client.events import (
@@ -24,39 +21,9 @@ from securechat.client.events import (
     ServerError,
 )
 from securechat.client.history import Entry
+from securechat.client.text import clean, clean_line, stamp
 
-# C0 controls but newline, DEL, C1 controls; bidirectional embeddings, overrides, isolates and
-# marks (U+202A-U+202E, U+2066-U+2069, U+200E, U+200F, U+061C), which make text display in another
-# order than it is; zero-width characters (U+200B-U+200D, U+2060, U+FEFF), which hide characters
-# inside a word; and the line and paragraph separators U+2028/U+2029, which break a line where
-# the terminal's newline handling cannot see it.
-_UNSAFE = re.compile(
-    "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060\u2066-\u2069\ufeff]"
-)
 CONTINUATION = "    | "
-
-
-def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def clean(text: str) -> str:
-    """Text from others, with every unsafe character replaced by a visible escape."""
-    return _UNSAFE.sub(_escape, text)
-
-
-def clean_line(text: str) -> str:
-    """clean(), and newlines too: for names and reasons, which must stay on one line."""
-    return clean(text).replace("\n", "\\n")
-
-
-def stamp(ts: int, now: datetime | None = None) -> str:
-    """The local time of `ts` (ms since the epoch): "14:02" today, "2026-11-20 14:02" on any
-    other day, so that a message held back for days never passes for one from this afternoon."""
-    when = datetime.fromtimestamp(ts / 1000)
-    today = (now or datetime.now()).date()
-    return when.strftime("%H:%M" if when.date() == today else "%Y-%m-%d %H:%M")
 
 
 def _body(text: str) -> str:

@@ -13,14 +13,15 @@ from concurrent.futures import Future
 from datetime import datetime
 from typing import Any
 
-from securechat.client import commands
 from securechat.client.api import Client
 from securechat.client.events import Closed, DirectMessage, Event, Joined, Message, Parted
 from securechat.client.history import LocalHistory, Recalled
-from securechat.client.render import clean_line, first_sight, key_mark, render, render_past
+from securechat.client.text import clean_line
 from securechat.errors import ConnectionClosed, SecureChatError
 from securechat.identity import fingerprint
 from securechat.protocol import LOBBY
+from securechat.terminal import commands
+from securechat.terminal.render import first_sight, key_mark, render, render_past
 from securechat.trust import KeyChanged, KeyNotNamed, KeyState, PinnedKey, Verification
 
 REPLY_TIMEOUT = 10.0

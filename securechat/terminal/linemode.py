@@ -17,9 +17,9 @@ import threading
 from typing import TextIO
 
 from securechat.client.api import Client
-from securechat.client.controller import Controller
 from securechat.client.events import Closed
-from securechat.client.render import one_line
+from securechat.terminal.controller import Controller
+from securechat.terminal.render import one_line
 
 DRAIN_TIMEOUT = 30.0
 

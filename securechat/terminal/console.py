@@ -21,12 +21,12 @@ from prompt_toolkit.input import Input
 from prompt_toolkit.output import Output
 from prompt_toolkit.patch_stdout import patch_stdout
 
-from securechat.client import commands
 from securechat.client.api import Client
-from securechat.client.controller import Controller
 from securechat.client.events import Closed
 from securechat.client.reconnect import backoff_delays
 from securechat.errors import AuthError, SecureChatError
+from securechat.terminal import commands
+from securechat.terminal.controller import Controller
 
 
 class ChatCompleter(Completer):

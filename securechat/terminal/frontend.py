@@ -73,10 +73,10 @@ def run(opts: ClientOptions) -> int:
             identity.remember_user(me, user)
         interactive = sys.stdin.isatty() if opts.interactive is None else opts.interactive
         if interactive:
-            from securechat.client import console
+            from securechat.terminal import console
 
             return console.run(client, f"{opts.host}:{opts.port}", reconnect=connect)
-        from securechat.client import linemode
+        from securechat.terminal import linemode
 
         return linemode.run(client)
     finally:
