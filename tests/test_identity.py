@@ -174,28 +174,6 @@ def test_repr_shows_no_secret(tmp_path: Path) -> None:
     assert made.fingerprint in text
 
 
-def test_passphrase_comes_from_the_environment(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SECURECHAT_PASSPHRASE", "from env")
-    assert identity.passphrase_from_env_or_prompt(tmp_path / "k", new=True) == b"from env"
-
-
-def test_no_terminal_and_no_environment_is_a_clear_error(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("SECURECHAT_PASSPHRASE", raising=False)
-    monkeypatch.setattr(identity, "_have_terminal", lambda: False)
-    with pytest.raises(IdentityError) as info:
-        identity.passphrase_from_env_or_prompt(tmp_path / "k", new=False)
-    assert str(info.value).endswith("set SECURECHAT_PASSPHRASE")
-
-
-def test_mismatched_new_passphrases_are_refused(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("SECURECHAT_PASSPHRASE", raising=False)
-    monkeypatch.setattr(identity, "_have_terminal", lambda: True)
-    answers = iter(["one", "two"])
-    monkeypatch.setattr(identity.getpass, "getpass", lambda prompt: next(answers))
-    with pytest.raises(IdentityError, match="the two passphrases differ"):
-        identity.passphrase_from_env_or_prompt(tmp_path / "k", new=True)
-
-
 def run_cli(*args: str, passphrase: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SECURECHAT_PASSPHRASE": passphrase, "PYTHONPATH": str(REPO)}
     return subprocess.run(

@@ -7,9 +7,8 @@ the words of our own errors, never as a traceback.
 
 from __future__ import annotations
 
-import os
 import tkinter as tk
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from tkinter import ttk
 
@@ -32,6 +31,7 @@ class GuiOptions:
     port: int = 12345
     ca: Path = Path("certs/ca.pem")
     history: bool = True
+    passphrase: str = field(default="", repr=False)  # from SECURECHAT_PASSPHRASE, if set
 
 
 class ConnectDialog:
@@ -51,7 +51,7 @@ class ConnectDialog:
             ("host", "Server", opts.host, ""),
             ("port", "Port", str(opts.port), ""),
             ("ca", "CA certificate", str(opts.ca), ""),
-            ("passphrase", "Passphrase", os.environ.get(identity.PASSPHRASE_ENV, ""), "\u2022"),
+            ("passphrase", "Passphrase", opts.passphrase, "\u2022"),
         )
         for row, (name, label, value, show) in enumerate(rows):
             ttk.Label(self.frame, text=label).grid(row=row, column=0, sticky="w", pady=2)

@@ -16,6 +16,7 @@ from securechat.client.api import Client
 from securechat.client.history import LocalHistory
 from securechat.errors import ConfigError
 from securechat.protocol import valid_name
+from securechat.terminal import passphrase
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,7 @@ def resolve_user(opts: ClientOptions) -> str:
 def run(opts: ClientOptions) -> int:
     """Chat; returns the exit status (see linemode for what line mode returns)."""
     user = resolve_user(opts)
-    me, created = identity.load_or_create(
-        opts.key_path, identity.passphrase_source_from_env_or_prompt(opts.key_path)
-    )
+    me, created = identity.load_or_create(opts.key_path, passphrase.source(opts.key_path))
     if created:
         print(
             f"created identity key {opts.key_path} (fingerprint {me.fingerprint})", file=sys.stderr
