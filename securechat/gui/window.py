@@ -24,7 +24,7 @@ from securechat.gui.bridge import Bridge
 from securechat.gui.model import DM_KINDS, ChatModel, Line, Trust
 from securechat.identity import fingerprint
 from securechat.protocol import LOBBY, valid_name
-from securechat.terminal import commands
+from securechat.terminal import commands, hints
 from securechat.terminal.controller import Controller
 from securechat.trust import KeyCheck, KeyNotNamed, KeyState, PinnedKey, Verification
 
@@ -37,7 +37,7 @@ COLOURS = {
 
 
 def trust_of(check: KeyCheck) -> Trust:
-    warning = check.warning() if check.state is KeyState.CHANGED else ""
+    warning = hints.key_changed(check) if check.state is KeyState.CHANGED else ""
     return Trust(check.state.value, check.fingerprint, warning)
 
 

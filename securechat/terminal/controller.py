@@ -20,7 +20,7 @@ from securechat.client.text import clean_line
 from securechat.errors import ConnectionClosed, SecureChatError
 from securechat.identity import fingerprint
 from securechat.protocol import LOBBY
-from securechat.terminal import commands
+from securechat.terminal import commands, hints
 from securechat.terminal.render import first_sight, key_mark, render, render_past
 from securechat.trust import KeyChanged, KeyNotNamed, KeyState, PinnedKey, Verification
 
@@ -125,7 +125,7 @@ class Controller:
                 getattr(self, f"_cmd_{parsed.name}")(*parsed.args)
         except KeyChanged as exc:
             self.failures += 1
-            self.output(f"!! {exc}")
+            self.output(f"!! {hints.key_changed(exc.check)}")
         except (SecureChatError, TimeoutError) as exc:
             self.output(f"!! {exc or 'no answer from the server'}")
         return not self.quit_requested
@@ -289,7 +289,7 @@ class Controller:
         state = check.state.value
         self.output(f"-- {user}: key {check.fingerprint} ({state})")
         if check.state is KeyState.CHANGED:
-            self.output(f"!! {check.warning()}")
+            self.output(f"!! {hints.key_changed(check)}")
 
     def verify(self, user: str) -> Verification:
         """Look up the safety number(s) for `user` and remember what was shown: trust() marks

@@ -22,6 +22,7 @@ from securechat.client.events import (
 )
 from securechat.client.history import Entry
 from securechat.client.text import clean, clean_line, stamp
+from securechat.terminal import hints
 
 CONTINUATION = "    | "
 
@@ -70,7 +71,7 @@ def render(event: Event, current_room: str | None = None) -> str:
     if isinstance(event, DMRejected):
         return (
             f"!! a direct message from {clean_line(event.sender)} was refused "
-            f"({event.kind}): {_body(event.detail)}"
+            f"({event.kind}): {_body(hints.rejected_detail(event))}"
         )
     if isinstance(event, FrameDropped):
         return f"!! {clean_line(event.detail)}"
