@@ -26,6 +26,7 @@ from securechat.identity import fingerprint
 from securechat.protocol import LOBBY, valid_name
 from securechat.terminal import commands, hints
 from securechat.terminal.controller import Controller
+from securechat.terminal.notices import Notice, NoticeKind
 from securechat.trust import KeyCheck, KeyNotNamed, KeyState, PinnedKey, Verification
 
 COLOURS = {
@@ -374,13 +375,11 @@ class ChatWindow:
                 self.model.close(name)  # a room we left
         self.redraw()
 
-    def _command_output(self, text: str) -> None:
+    def _command_output(self, notice: Notice) -> None:
         # Called from the background thread (or the client's thread, for late replies).
         target = self.model.current
-        self.bridge.post(
-            lambda: self.model.note(text.removeprefix("!! ").removeprefix("-- "), target,
-                                    "warning" if text.startswith("!! ") else "system")
-        )  # fmt: skip
+        kind = "warning" if notice.kind is NoticeKind.WARNING else "system"
+        self.bridge.post(lambda: self.model.note(notice.text, target, kind))
 
     def _send_room(self, room: str, text: str) -> None:
         future = self.client.send(room, text)

@@ -25,8 +25,9 @@ from securechat.client.api import Client
 from securechat.client.events import Closed
 from securechat.client.reconnect import backoff_delays
 from securechat.errors import AuthError, SecureChatError
-from securechat.terminal import commands
+from securechat.terminal import commands, notices
 from securechat.terminal.controller import Controller
+from securechat.terminal.notices import Notice, as_text
 
 
 class ChatCompleter(Completer):
@@ -73,7 +74,8 @@ def run(
         history=InMemoryHistory(), input=pt_input, output=pt_output
     )
 
-    def show(text: str) -> None:
+    def show(notice: Notice) -> None:
+        text = as_text(notice)
         print(text, flush=True)
         if on_output:
             on_output(text)
@@ -107,7 +109,7 @@ def run(
     def reconnect_loop(reason: str) -> Client | None:
         assert reconnect is not None
         controller.detach()
-        show(f"-- connection lost ({reason}); reconnecting")
+        show(notices.info(f"connection lost ({reason}); reconnecting"))
         for attempt, delay in enumerate(backoff_delays(), start=1):
             status[0] = f"reconnecting: attempt {attempt} in {delay:.1f}s ({reason})"
             poke_prompt(False)
@@ -116,13 +118,13 @@ def run(
             try:
                 new = reconnect()
             except AuthError as exc:
-                show(f"!! cannot log in again: {exc}")
+                show(notices.warning(f"cannot log in again: {exc}"))
                 return None
             except SecureChatError as exc:
                 reason = str(exc)
                 continue
             status[0] = "connected (TLS 1.3)"
-            show("-- reconnected")
+            show(notices.info("reconnected"))
             controller.attach(new)
             poke_prompt(False)
             return new
@@ -173,7 +175,11 @@ def run(
         return 1
     controller.quit_requested = True
     if controller.held:
-        show(f"!! {len(controller.held)} line(s) typed while disconnected were not sent")
+        show(
+            notices.warning(
+                f"{len(controller.held)} line(s) typed while disconnected were not sent"
+            )
+        )
     client = controller.client
     client.wait_idle(5)
     client.close()

@@ -20,8 +20,9 @@ from securechat.client.text import clean_line
 from securechat.errors import ConnectionClosed, SecureChatError
 from securechat.identity import fingerprint
 from securechat.protocol import LOBBY
-from securechat.terminal import commands, hints
-from securechat.terminal.render import first_sight, key_mark, render, render_past
+from securechat.terminal import commands, hints, notices
+from securechat.terminal.notices import Notice
+from securechat.terminal.render import first_sight, key_mark, notice_of, render_past
 from securechat.trust import KeyChanged, KeyNotNamed, KeyState, PinnedKey, Verification
 
 REPLY_TIMEOUT = 10.0
@@ -29,7 +30,7 @@ SEARCH_LIMIT = 50
 
 
 class Controller:
-    def __init__(self, client: Client, output: Callable[[str], None]) -> None:
+    def __init__(self, client: Client, output: Callable[[Notice], None]) -> None:
         self.client = client
         self.output = output
         self.current_room: str | None = LOBBY
@@ -41,6 +42,12 @@ class Controller:
         self.held: list[str] = []  # lines typed while disconnected, sent after reconnecting
         self._shown: dict[str, Verification] = {}  # the last /verify per user, for /trust
         self._lock = threading.Lock()
+
+    def _info(self, text: str) -> None:
+        self.output(notices.info(text))
+
+    def _warn(self, text: str) -> None:
+        self.output(notices.warning(text))
 
     # -- reconnecting -----------------------------------------------------------------------------
 
@@ -57,7 +64,7 @@ class Controller:
             try:
                 self._wait(client.join(room))
             except (SecureChatError, TimeoutError) as exc:
-                self.output(f"!! could not rejoin {room}: {exc}")
+                self._warn(f"could not rejoin {room}: {exc}")
         if self.current_room not in client.rooms:
             self.current_room = self._fallback_room("")
         held, self.held = self.held, []
@@ -70,7 +77,7 @@ class Controller:
         self.track(event)
         if isinstance(event, Closed) and self.quit_requested:
             return
-        self.output(render(event, self.current_room))
+        self.output(notice_of(event, self.current_room))
         if isinstance(event, DirectMessage) and event.key_state == KeyState.NEW.value:
             self._first_sight(event.sender)
 
@@ -104,8 +111,8 @@ class Controller:
         if not _is_unicode(line):
             # Undecodable input bytes arrive as lone surrogates, which no frame can carry.
             self.failures += 1
-            self.output(
-                "!! that line is not valid UTF-8 (check your terminal's or file's encoding); "
+            self._warn(
+                "that line is not valid UTF-8 (check your terminal's or file's encoding); "
                 "it was not sent"
             )
             return not self.quit_requested
@@ -117,7 +124,7 @@ class Controller:
                 isinstance(parsed, commands.Command) and parsed.name in ("quit", "help")
             ):
                 self.held.append(line)
-                self.output("-- not connected: this will be sent once we reconnect")
+                self._info("not connected: this will be sent once we reconnect")
                 return True
             if isinstance(parsed, commands.Say):
                 self._say(parsed.text)
@@ -125,16 +132,16 @@ class Controller:
                 getattr(self, f"_cmd_{parsed.name}")(*parsed.args)
         except KeyChanged as exc:
             self.failures += 1
-            self.output(f"!! {hints.key_changed(exc.check)}")
+            self._warn(hints.key_changed(exc.check))
         except (SecureChatError, TimeoutError) as exc:
-            self.output(f"!! {exc or 'no answer from the server'}")
+            self._warn(f"{exc or 'no answer from the server'}")
         return not self.quit_requested
 
     def _say(self, text: str) -> None:
         if self.query:
             self._cmd_msg(self.query, text)
         elif self.current_room is None:
-            self.output("!! you are in no room; /join #room first")
+            self._warn("you are in no room; /join #room first")
         else:
             self._track(self.client.send(self.current_room, text), "message not delivered")
 
@@ -153,7 +160,7 @@ class Controller:
             with self._lock:
                 self.failures += 1
             if not (isinstance(exc, ConnectionClosed) and self.quit_requested):
-                self.output(f"!! {what}: {exc}")
+                self._warn(f"{what}: {exc}")
 
         future.add_done_callback(done)
 
@@ -171,23 +178,23 @@ class Controller:
             return
         room = target or self.current_room
         if room is None:
-            self.output("!! you are in no room; /history #room")
+            self._warn("you are in no room; /history #room")
             return
         if not room.startswith("#"):
             room = "#" + room
         reply = self._wait(self.client.room_history(room, min(limit or 100, 1000)))
         events = self.client.history_events(reply)
         for event in events:
-            self.output(render(event, self.current_room))
+            self.output(notice_of(event, self.current_room))
         shown = sum(isinstance(e, Message) for e in events)
-        self.output(f"-- {shown} earlier messages of {room}")
+        self._info(f"{shown} earlier messages of {room}")
 
     def _local(self) -> LocalHistory | None:
         history = self.client.history
         if history is None:
-            self.output("!! local history is off (--no-history)")
+            self._warn("local history is off (--no-history)")
         elif history.failure:
-            self.output(f"!! local history: {history.failure}")
+            self._warn(f"local history: {history.failure}")
         return history
 
     def _local_history(self, peer: str, limit: int) -> None:
@@ -196,8 +203,8 @@ class Controller:
             return
         entries = history.conversation(peer, min(limit, 10_000))
         for entry in entries:
-            self.output(render_past(entry, self.client.user))
-        self.output(f"-- {len(entries)} messages with {peer[1:]} in your local history")
+            self.output(notices.line(render_past(entry, self.client.user)))
+        self._info(f"{len(entries)} messages with {peer[1:]} in your local history")
         self._report_refused(entries)
 
     def _cmd_search(self, words: str) -> None:
@@ -206,15 +213,15 @@ class Controller:
             return
         found = history.search(words, SEARCH_LIMIT)
         for entry in found:
-            self.output(render_past(entry, self.client.user))
+            self.output(notices.line(render_past(entry, self.client.user)))
         more = f" (the newest {SEARCH_LIMIT})" if len(found) == SEARCH_LIMIT else ""
-        self.output(f'-- {len(found)} messages found{more} for "{clean_line(words)}"')
+        self._info(f'{len(found)} messages found{more} for "{clean_line(words)}"')
         self._report_refused(found)
 
     def _report_refused(self, recalled: Recalled) -> None:
         if recalled.refused:
-            self.output(
-                f"!! {recalled.refused} entries of your local history failed their integrity"
+            self._warn(
+                f"{recalled.refused} entries of your local history failed their integrity"
                 " check (damaged, altered, or moved from another conversation) and were not shown"
             )
 
@@ -223,39 +230,39 @@ class Controller:
         self.current_room = room
         members = reply.get("members", [])
         self.names.update(members)
-        self.output(f"-- now talking in {room} ({_member_count(reply)} here)")
+        self._info(f"now talking in {room} ({_member_count(reply)} here)")
 
     def _cmd_part(self, room: str | None = None) -> None:
         room = room or self.current_room
         if room is None:
-            self.output("!! you are in no room")
+            self._warn("you are in no room")
             return
         self._wait(self.client.part(room))
         if room == self.current_room:
             self.current_room = self._fallback_room(room)
         where = f"; now talking in {self.current_room}" if self.current_room else ""
-        self.output(f"-- you left {room}{where}")
+        self._info(f"you left {room}{where}")
 
     def _cmd_rooms(self) -> None:
         rooms = self._wait(self.client.list_rooms()).get("rooms", [])
         listing = ", ".join(f"{clean_line(r['name'])} ({r['members']})" for r in rooms)
-        self.output(f"-- rooms: {listing or 'none'}")
+        self._info(f"rooms: {listing or 'none'}")
 
     def _cmd_who(self, room: str | None = None) -> None:
         room = room or self.current_room
         if room is None:
-            self.output("!! you are in no room; /who #room")
+            self._warn("you are in no room; /who #room")
             return
         reply = self._wait(self.client.who(room))
         members = reply.get("members", [])
         self.names.update(members)
         unlisted = _member_count(reply) - len(members)
         more = f" and {unlisted} more" if unlisted > 0 else ""
-        self.output(f"-- in {room}: {', '.join(clean_line(m) for m in members)}{more}")
+        self._info(f"in {room}: {', '.join(clean_line(m) for m in members)}{more}")
 
     def _cmd_me(self, action: str) -> None:
         if self.current_room is None:
-            self.output("!! you are in no room; /join #room first")
+            self._warn("you are in no room; /join #room first")
             return
         self._track(
             self.client.send(self.current_room, action, action=True), "action not delivered"
@@ -271,7 +278,7 @@ class Controller:
 
         def sent(reply: dict[str, Any]) -> None:
             queued = " (queued: they are offline)" if reply.get("status") == "queued" else ""
-            self.output(f"[{stamp}] -> *{user}* {mark} {clean_line(body)}{queued}")
+            self.output(notices.line(f"[{stamp}] -> *{user}* {mark} {clean_line(body)}{queued}"))
             if check.state is KeyState.NEW:
                 self._first_sight(user)
 
@@ -280,16 +287,16 @@ class Controller:
     def _cmd_query(self, user: str | None = None) -> None:
         self.query = user
         if user:
-            self.output(f"-- plain lines now go to {user} as direct messages; /query to stop")
+            self._info(f"plain lines now go to {user} as direct messages; /query to stop")
         else:
-            self.output(f"-- plain lines go to {self.current_room or 'no room'} again")
+            self._info(f"plain lines go to {self.current_room or 'no room'} again")
 
     def _cmd_whois(self, user: str) -> None:
         check = self.client.check_key(user)
         state = check.state.value
-        self.output(f"-- {user}: key {check.fingerprint} ({state})")
+        self._info(f"{user}: key {check.fingerprint} ({state})")
         if check.state is KeyState.CHANGED:
-            self.output(f"!! {hints.key_changed(check)}")
+            self._warn(hints.key_changed(check))
 
     def verify(self, user: str) -> Verification:
         """Look up the safety number(s) for `user` and remember what was shown: trust() marks
@@ -318,41 +325,37 @@ class Controller:
     def _cmd_verify(self, user: str) -> None:
         shown = self.verify(user)
         if shown.offered_key is None:
-            self.output(f"-- {user}'s key: {shown.pinned_fingerprint} ({shown.pinned_state.value})")
-            self.output(f"-- safety number with {user}: {shown.pinned_number}")
-            self.output(
-                f"-- compare it with {user} outside this chat; if it matches, /trust {user}"
-            )
+            self._info(f"{user}'s key: {shown.pinned_fingerprint} ({shown.pinned_state.value})")
+            self._info(f"safety number with {user}: {shown.pinned_number}")
+            self._info(f"compare it with {user} outside this chat; if it matches, /trust {user}")
             return
-        self.output(f"!! the server now offers {user} a different key than the one you pinned")
-        self.output(
-            f"-- pinned key: {shown.pinned_fingerprint} ({shown.pinned_state.value}); "
+        self._warn(f"the server now offers {user} a different key than the one you pinned")
+        self._info(
+            f"pinned key: {shown.pinned_fingerprint} ({shown.pinned_state.value}); "
             f"safety number: {shown.pinned_number}"
         )
-        self.output(
-            f"-- new key: {shown.offered_fingerprint}; safety number: {shown.offered_number}"
-        )
-        self.output(
-            f"-- compare with {user} outside this chat, and trust the key whose number matches:"
+        self._info(f"new key: {shown.offered_fingerprint}; safety number: {shown.offered_number}")
+        self._info(
+            f"compare with {user} outside this chat, and trust the key whose number matches:"
         )
         self._say_choices(user, shown.choices())
 
     def _say_choices(self, user: str, choices: list[tuple[str, str]]) -> None:
         for label, start in choices:
-            self.output(f"--   /trust {user} {start}   trusts {label}")
+            self._info(f"  /trust {user} {start}   trusts {label}")
 
     def _cmd_trust(self, user: str, *named: str) -> None:
         try:
             entry = self.trust(user, " ".join(named) if named else None)
         except KeyNotNamed as exc:
-            self.output(f"!! {exc}")
+            self._warn(str(exc))
             self._say_choices(user, exc.choices)
             return
-        self.output(f"-- {user}'s key {fingerprint(entry.key)} is now verified")
+        self._info(f"{user}'s key {fingerprint(entry.key)} is now verified")
 
     def _cmd_help(self) -> None:
         for line in commands.help_lines():
-            self.output(line)
+            self.output(notices.line(line))
 
     def _cmd_quit(self) -> None:
         self.quit_requested = True

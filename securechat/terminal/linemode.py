@@ -19,6 +19,7 @@ from typing import TextIO
 from securechat.client.api import Client
 from securechat.client.events import Closed
 from securechat.terminal.controller import Controller
+from securechat.terminal.notices import Notice, as_text
 from securechat.terminal.render import one_line
 
 DRAIN_TIMEOUT = 30.0
@@ -29,9 +30,9 @@ def run(client: Client, stdin: TextIO | None = None, stdout: TextIO | None = Non
     stdout = stdout or sys.stdout
     lock = threading.Lock()
 
-    def output(text: str) -> None:
+    def output(notice: Notice) -> None:
         with lock:
-            stdout.write(one_line(text) + "\n")
+            stdout.write(one_line(as_text(notice)) + "\n")
             stdout.flush()
 
     controller = Controller(client, output)

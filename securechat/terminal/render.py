@@ -22,7 +22,8 @@ from securechat.client.events import (
 )
 from securechat.client.history import Entry
 from securechat.client.text import clean, clean_line, stamp
-from securechat.terminal import hints
+from securechat.terminal import hints, notices
+from securechat.terminal.notices import Notice
 
 CONTINUATION = "    | "
 
@@ -43,43 +44,49 @@ def key_mark(state: str) -> str:
     return KEY_MARKS[state]
 
 
-def first_sight(peer: str, key_fingerprint: str) -> str:
+def first_sight(peer: str, key_fingerprint: str) -> Notice:
     """Said once, when a DM pins a peer's key: trust on first use is never silent."""
-    return (
-        f"-- {clean_line(peer)}'s key {key_fingerprint} was seen for the first time and pinned, "
+    return notices.info(
+        f"{clean_line(peer)}'s key {key_fingerprint} was seen for the first time and pinned, "
         f"not verified; compare safety numbers with them: /verify {clean_line(peer)}"
     )
 
 
-def render(event: Event, current_room: str | None = None) -> str:
-    """One event as display text (it may span lines only for a multi-line message)."""
+def notice_of(event: Event, current_room: str | None = None) -> Notice:
+    """One event as a notice (its text may span lines only for a multi-line message)."""
     if isinstance(event, Message):
         where = "" if event.room == current_room else f"{clean_line(event.room)} "
         mark = "[history] " if event.history else ""
         sender = clean_line(event.sender)
         if event.action:
-            return f"[{stamp(event.ts)}] {mark}{where}* {sender} {_body(event.text)}"
-        return f"[{stamp(event.ts)}] {mark}{where}<{sender}> {_body(event.text)}"
+            return notices.line(f"[{stamp(event.ts)}] {mark}{where}* {sender} {_body(event.text)}")
+        return notices.line(f"[{stamp(event.ts)}] {mark}{where}<{sender}> {_body(event.text)}")
     if isinstance(event, DirectMessage):
         mark = key_mark(event.key_state)
-        return f"[{stamp(event.ts)}] *{clean_line(event.sender)}* {mark} {_body(event.text)}"
+        sender = clean_line(event.sender)
+        return notices.line(f"[{stamp(event.ts)}] *{sender}* {mark} {_body(event.text)}")
     if isinstance(event, Joined):
-        return f"-- {clean_line(event.user)} joined {clean_line(event.room)}"
+        return notices.info(f"{clean_line(event.user)} joined {clean_line(event.room)}")
     if isinstance(event, Parted):
         reason = "" if event.reason == "left" else f" ({clean_line(event.reason)})"
-        return f"-- {clean_line(event.user)} left {clean_line(event.room)}{reason}"
+        return notices.info(f"{clean_line(event.user)} left {clean_line(event.room)}{reason}")
     if isinstance(event, DMRejected):
-        return (
-            f"!! a direct message from {clean_line(event.sender)} was refused "
+        return notices.warning(
+            f"a direct message from {clean_line(event.sender)} was refused "
             f"({event.kind}): {_body(hints.rejected_detail(event))}"
         )
     if isinstance(event, FrameDropped):
-        return f"!! {clean_line(event.detail)}"
+        return notices.warning(clean_line(event.detail))
     if isinstance(event, ServerError):
-        return f"!! server: {clean_line(event.message)} ({clean_line(event.code)})"
+        return notices.warning(f"server: {clean_line(event.message)} ({clean_line(event.code)})")
     if isinstance(event, Closed):
-        return f"-- disconnected: {clean_line(event.reason)}"
+        return notices.info(f"disconnected: {clean_line(event.reason)}")
     raise TypeError(f"no rendering for {event!r}")
+
+
+def render(event: Event, current_room: str | None = None) -> str:
+    """One event as the terminal shows it."""
+    return notices.as_text(notice_of(event, current_room))
 
 
 def render_past(entry: Entry, me: str) -> str:
