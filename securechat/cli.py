@@ -385,10 +385,11 @@ def client(
     cert_key: Path | None,
 ) -> None:
     """Chat: interactive on a terminal, line mode when stdin is not a terminal."""
-    from securechat.terminal.frontend import ClientOptions, run
+    from securechat.client.chat_session import ChatOptions
+    from securechat.terminal.frontend import run
 
     code = run(
-        ClientOptions(
+        ChatOptions(
             key_path=key_path,
             user=user,
             host=host,

@@ -12,6 +12,7 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from securechat import identity
+from securechat.client.chat_session import ChatSession
 from securechat.client.events import (
     Closed,
     DirectMessage,
@@ -21,6 +22,7 @@ from securechat.client.events import (
     Parted,
     ServerError,
 )
+from securechat.client.reconnect import backoff_delays
 from securechat.client.text import clean, stamp
 from securechat.terminal import console
 from securechat.terminal.commands import Command, CommandError, Say, parse
@@ -192,7 +194,7 @@ def start_console(client, pipe) -> tuple[threading.Thread, list[int]]:
     result: list[int] = []
     thread = threading.Thread(
         target=lambda: result.append(
-            console.run(client, "test", pt_input=pipe, pt_output=DummyOutput())
+            console.run(ChatSession(client), "test", pt_input=pipe, pt_output=DummyOutput())
         )
     )
     thread.start()
@@ -505,9 +507,8 @@ def test_console_reconnects_after_a_server_restart_and_sends_what_was_typed(
         thread = threading.Thread(
             target=lambda: result.append(
                 console.run(
-                    dial(),
+                    ChatSession(dial(), dial),
                     "test",
-                    reconnect=dial,
                     pt_input=pipe,
                     pt_output=DummyOutput(),
                     on_output=shown.put,
@@ -546,7 +547,7 @@ def test_console_reconnects_after_a_server_restart_and_sends_what_was_typed(
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
     import random
 
-    delays = console.backoff_delays(random.Random(7))
+    delays = backoff_delays(random.Random(7))
     got = [next(delays) for _ in range(10)]
     assert 0.25 <= got[0] <= 0.5 and 0.5 <= got[1] <= 1.0 and 1.0 <= got[2] <= 2.0
     assert all(15.0 <= d <= 30.0 for d in got[7:])

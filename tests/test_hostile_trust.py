@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from securechat.client import Client
+from securechat.client.chat_session import ChatSession
 from securechat.client.events import DirectMessage, Joined
 from securechat.errors import ConnectError
 from securechat.identity import fingerprint
@@ -29,7 +30,7 @@ class Terminal:
     def __init__(self, client: Client) -> None:
         self.lines: list[str] = []
         self._grew = threading.Condition()
-        self.controller = Controller(client, self._output)
+        self.controller = Controller(ChatSession(client), self._output)
 
     def _output(self, notice: Notice) -> None:  # the UI thread, or the connection's for replies
         with self._grew:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nacl.signing
 
+from securechat.client.chat_session import ChatSession
 from securechat.client.events import DMRejected, Joined, Message
 from securechat.identity import fingerprint
 from securechat.terminal.controller import Controller
@@ -47,7 +48,7 @@ def test_a_dm_refused_for_a_changed_key_says_which_commands_check_it(tmp_path: P
 
 def test_the_controller_emits_typed_notices(connect) -> None:
     got: list[Notice] = []
-    controller = Controller(connect("alice"), got.append)
+    controller = Controller(ChatSession(connect("alice")), got.append)
     controller.handle_line("/frob")
     controller.handle_line("/query bob")
     controller.handle_line("/help")

@@ -21,12 +21,17 @@ from prompt_toolkit.input import Input
 from prompt_toolkit.output import Output
 from prompt_toolkit.patch_stdout import patch_stdout
 
-from securechat.client.api import Client
-from securechat.client.events import Closed
-from securechat.client.reconnect import backoff_delays
-from securechat.errors import AuthError, SecureChatError
+from securechat.client.chat_session import (
+    ChatSession,
+    ConnectionLost,
+    GaveUp,
+    Reconnected,
+    Retrying,
+    SessionEvent,
+)
+from securechat.client.events import Closed, Event
 from securechat.terminal import commands, notices
-from securechat.terminal.controller import Controller
+from securechat.terminal.controller import Controller, OwnerThread
 from securechat.terminal.notices import Notice, as_text
 
 
@@ -55,49 +60,49 @@ class ChatCompleter(Completer):
                 yield Completion(candidate, start_position=-len(word))
 
 
-def run(
-    client: Client,
-    where: str,
-    *,
-    reconnect: Callable[[], Client] | None = None,
-    pt_input: Input | None = None,
-    pt_output: Output | None = None,
-    on_output: Callable[[str], None] | None = None,
-) -> int:
-    """Chat until /quit, Ctrl-D/Ctrl-C, or a connection loss we cannot recover from.
+class Console:
+    """One interactive chat: the prompt on the caller's thread, the session's events on an
+    "events" thread, and the controller on its own owner thread, which both hand work to."""
 
-    With `reconnect` (a function that connects and logs in again) a dropped connection is
-    retried with backoff and jitter while the user keeps typing. pt_input/pt_output replace the
-    terminal and on_output sees every line shown (tests drive the real prompt through a pipe).
-    """
-    session: PromptSession[str] = PromptSession(
-        history=InMemoryHistory(), input=pt_input, output=pt_output
-    )
+    def __init__(
+        self,
+        session: ChatSession,
+        where: str,
+        pt_input: Input | None = None,
+        pt_output: Output | None = None,
+        on_output: Callable[[str], None] | None = None,
+    ) -> None:
+        self.session, self.where, self.on_output = session, where, on_output
+        self.prompt: PromptSession[str] = PromptSession(
+            history=InMemoryHistory(), input=pt_input, output=pt_output
+        )
+        self.owner = OwnerThread()
+        self.controller = Controller(session, self.show)
+        self.prompt.completer = ChatCompleter(self.controller)
+        self.prompt.bottom_toolbar = self.toolbar
+        self.status = "connected (TLS 1.3)"
+        self.gone: str | None = None  # why we stop for good, when the connection decides it
 
-    def show(notice: Notice) -> None:
+    def show(self, notice: Notice) -> None:
         text = as_text(notice)
         print(text, flush=True)
-        if on_output:
-            on_output(text)
+        if self.on_output:
+            self.on_output(text)
 
-    controller = Controller(client, show)
-    session.completer = ChatCompleter(controller)
-    status = ["connected (TLS 1.3)"]
-    closed: list[str] = []  # set when we stop for good
-    stop = threading.Event()
-
-    def toolbar() -> str:
+    def toolbar(self) -> str:
+        controller = self.controller
         target = (
             f"DM {controller.query}" if controller.query else (controller.current_room or "no room")
         )
-        return f" {controller.client.user}@{where}  {target}  {status[0]}  /help"
+        return f" {controller.client.user}@{self.where}  {target}  {self.status}  /help"
 
-    session.bottom_toolbar = toolbar
+    def prompt_text(self) -> str:
+        return f"[{self.controller.query or self.controller.current_room or '-'}] "
 
-    def poke_prompt(closing: bool) -> None:
+    def poke_prompt(self, closing: bool = False) -> None:
         # The prompt's event loop may be between two prompts or already closed; both are fine:
-        # the next prompt redraws, and the main loop sees `closed`.
-        app = session.app
+        # the next prompt redraws, and the main loop sees `gone`.
+        app = self.prompt.app
         try:
             if closing and app.is_running and app.loop is not None:
                 app.loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()))
@@ -106,82 +111,85 @@ def run(
         except RuntimeError:
             pass
 
-    def reconnect_loop(reason: str) -> Client | None:
-        assert reconnect is not None
-        controller.detach()
-        show(notices.info(f"connection lost ({reason}); reconnecting"))
-        for attempt, delay in enumerate(backoff_delays(), start=1):
-            status[0] = f"reconnecting: attempt {attempt} in {delay:.1f}s ({reason})"
-            poke_prompt(False)
-            if stop.wait(delay):
-                return None
-            try:
-                new = reconnect()
-            except AuthError as exc:
-                show(notices.warning(f"cannot log in again: {exc}"))
-                return None
-            except SecureChatError as exc:
-                reason = str(exc)
-                continue
-            status[0] = "connected (TLS 1.3)"
-            show(notices.info("reconnected"))
-            controller.attach(new)
-            poke_prompt(False)
-            return new
-        return None
+    def exit_if_gone(self) -> None:
+        # Closes the gap between `while self.gone is None` and the prompt starting to run.
+        if self.gone is not None:
+            self.prompt.app.exit(exception=EOFError())
 
-    def pump_events() -> None:
-        current: Client | None = controller.client
-        while current is not None:
-            for event in current.events():
-                if isinstance(event, Closed):
-                    if controller.quit_requested or stop.is_set():
-                        current = None
-                    elif reconnect is not None:
-                        current = reconnect_loop(event.reason)
-                        if current is None and not stop.is_set():
-                            closed.append("gave up reconnecting")
-                    else:
-                        controller.on_event(event)
-                        current = None
-                        closed.append(event.reason)
-                    if current is None:
-                        status[0] = "disconnected"
-                        poke_prompt(bool(closed))
-                    break
-                controller.on_event(event)
-                poke_prompt(False)
+    # -- the events thread ----------------------------------------------------------------------
 
-    def prompt_text() -> str:
-        return f"[{controller.query or controller.current_room or '-'}] "
+    def pump_events(self) -> None:
+        for event in self.session.events():
+            self.on_event(event)
+            self.poke_prompt()
+        self.status = "disconnected"
+        self.poke_prompt(closing=self.gone is not None)
 
-    def exit_if_closed() -> None:
-        # Closes the gap between `while not closed` and the prompt starting to run.
-        if closed:
-            session.app.exit(exception=EOFError())
-
-    printer = threading.Thread(target=pump_events, name="events", daemon=True)
-    with patch_stdout(raw=False):
-        printer.start()
-        while not closed:
-            try:
-                line = session.prompt(prompt_text, pre_run=exit_if_closed)
-            except (EOFError, KeyboardInterrupt):
-                break  # Ctrl-D or Ctrl-C: leave cleanly
-            if not controller.handle_line(line):
-                break
-    stop.set()
-    if closed and not controller.quit_requested:
-        return 1
-    controller.quit_requested = True
-    if controller.held:
-        show(
-            notices.warning(
-                f"{len(controller.held)} line(s) typed while disconnected were not sent"
+    def on_event(self, event: Event | SessionEvent) -> None:
+        controller, call = self.controller, self.owner.call
+        if isinstance(event, ConnectionLost):
+            self.show(notices.info(f"connection lost ({event.reason}); reconnecting"))
+        elif isinstance(event, Retrying):
+            self.status = (
+                f"reconnecting: attempt {event.attempt} in {event.delay:.1f}s ({event.reason})"
             )
-        )
-    client = controller.client
-    client.wait_idle(5)
-    client.close()
-    printer.join(5)
-    return 0
+        elif isinstance(event, Reconnected):
+            self.status = "connected (TLS 1.3)"
+            self.show(notices.info("reconnected"))
+            for room, why in event.rejoin_failures:
+                self.show(notices.warning(f"could not rejoin {room}: {why}"))
+            call(lambda: controller.reattached(self.session.resume()))
+        elif isinstance(event, GaveUp):
+            if event.login_refused:
+                self.show(notices.warning(f"cannot log in again: {event.reason}"))
+            self.gone = "gave up reconnecting"
+        elif isinstance(event, Closed):
+            if not controller.quit_requested:
+                call(lambda: controller.on_event(event))
+                self.gone = event.reason
+        else:
+            call(lambda: controller.on_event(event))
+
+    # -- the prompt (the caller's thread) --------------------------------------------------------
+
+    def run(self) -> int:
+        """Chat until /quit, Ctrl-D/Ctrl-C, or a connection loss we cannot recover from."""
+        controller = self.controller
+        printer = threading.Thread(target=self.pump_events, name="events", daemon=True)
+        with patch_stdout(raw=False):
+            printer.start()
+            while self.gone is None:
+                try:
+                    line = self.prompt.prompt(self.prompt_text, pre_run=self.exit_if_gone)
+                except (EOFError, KeyboardInterrupt):
+                    break  # Ctrl-D or Ctrl-C: leave cleanly
+                if not self.owner.call(lambda line=line: controller.handle_line(line)):
+                    break
+        self.session.stop()
+        if self.gone is not None and not controller.quit_requested:
+            self.owner.close()
+            return 1
+        controller.quit_requested = True
+        held = self.session.held
+        if held:
+            self.show(
+                notices.warning(f"{len(held)} line(s) typed while disconnected were not sent")
+            )
+        self.session.close(idle_timeout=5)
+        printer.join(5)
+        self.owner.close()
+        return 0
+
+
+def run(
+    session: ChatSession,
+    where: str,
+    *,
+    pt_input: Input | None = None,
+    pt_output: Output | None = None,
+    on_output: Callable[[str], None] | None = None,
+) -> int:
+    """Chat on the terminal. A session that can redial retries a dropped connection with
+    backoff and jitter while the user keeps typing. pt_input/pt_output replace the terminal and
+    on_output sees every line shown (tests drive the real prompt through a pipe)."""
+    return Console(session, where, pt_input, pt_output, on_output).run()

@@ -1,19 +1,30 @@
-"""What the user's lines do, shared by the terminal, line mode and (later) a GUI.
+"""What the user's lines do: the slash commands of the terminal, line mode and the GUI.
 
 The controller keeps the current room and query, turns parsed commands into Client calls, and
-reports everything as text through one `output` callback. Requests that answer later (a sent
-message) report failures when the reply comes; nothing is silently lost.
+reports everything as typed notices through one `output` callback. Requests that answer later (a
+sent message) report failures when the reply comes; nothing is silently lost.
+
+Threads. A controller belongs to one thread, its owner: the first thread that calls one of its
+methods. Every method (handle_line, on_event, track, reattached, verify, trust) must then be
+called on that thread, and a call from any other thread raises WrongThread instead of racing:
+the terminal and line mode funnel input lines and events through one "controller" thread, the
+GUI runs it on its background worker. The one exception is the client's I/O thread, which runs
+the callbacks of requests answered later: they only count failures (under the lock) and call
+`output`, so `output` must be safe to call from any thread. Other threads may read the plain
+attributes (current_room, query, failures) and set `quit_requested`, a flag.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from securechat.client.api import Client
+from securechat.client.chat_session import ChatSession, Held
 from securechat.client.events import Closed, DirectMessage, Event, Joined, Message, Parted
 from securechat.client.history import LocalHistory, Recalled
 from securechat.client.text import clean_line
@@ -28,20 +39,58 @@ from securechat.trust import KeyChanged, KeyNotNamed, KeyState, PinnedKey, Verif
 REPLY_TIMEOUT = 10.0
 SEARCH_LIMIT = 50
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class WrongThread(RuntimeError):
+    """A controller method was called on a thread other than the controller's owner (a bug)."""
+
+
+def _owned(method: Callable[P, R]) -> Callable[P, R]:
+    """Check that the call comes from the controller's owner thread (binding it on first use)."""
+
+    @functools.wraps(method)
+    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+        self = args[0]
+        assert isinstance(self, Controller)
+        self._check_owner(method.__name__)
+        return method(*args, **kwargs)
+
+    return checked
+
 
 class Controller:
-    def __init__(self, client: Client, output: Callable[[Notice], None]) -> None:
-        self.client = client
+    def __init__(self, session: ChatSession, output: Callable[[Notice], None]) -> None:
+        self.session = session
         self.output = output
         self.current_room: str | None = LOBBY
         self.query: str | None = None
-        self.names: set[str] = {client.user}  # for tab completion
+        self.names: set[str] = {session.client.user}  # for tab completion
         self.failures = 0  # requests the server refused or never answered
         self.quit_requested = False
-        self.connected = True
-        self.held: list[str] = []  # lines typed while disconnected, sent after reconnecting
         self._shown: dict[str, Verification] = {}  # the last /verify per user, for /trust
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # failures, counted on the client's I/O thread too
+        self._owner: threading.Thread | None = None
+
+    def _check_owner(self, what: str) -> None:
+        me = threading.current_thread()
+        with self._lock:
+            if self._owner is None:
+                self._owner = me
+        if self._owner is not me:
+            raise WrongThread(
+                f"Controller.{what} called on thread {me.name!r}; the controller belongs to "
+                f"thread {self._owner.name!r}"
+            )
+
+    @property
+    def client(self) -> Client:
+        return self.session.client
+
+    def _failed(self) -> None:
+        with self._lock:
+            self.failures += 1
 
     def _info(self, text: str) -> None:
         self.output(notices.info(text))
@@ -51,28 +100,17 @@ class Controller:
 
     # -- reconnecting -----------------------------------------------------------------------------
 
-    def detach(self) -> None:
-        """The connection is gone: hold what the user types until attach()."""
-        self.connected = False
-
-    def attach(self, client: Client) -> None:
-        """A new connection: rejoin the rooms we were in, then send what was typed meanwhile."""
-        rooms = sorted(self.client.rooms - {LOBBY})
-        self.client = client
-        self.connected = True
-        for room in rooms:
-            try:
-                self._wait(client.join(room))
-            except (SecureChatError, TimeoutError) as exc:
-                self._warn(f"could not rejoin {room}: {exc}")
-        if self.current_room not in client.rooms:
+    @_owned
+    def reattached(self, held: list[Held]) -> None:
+        """The session reconnected (and rejoined our rooms): send what was typed meanwhile."""
+        if self.current_room not in self.client.rooms:
             self.current_room = self._fallback_room("")
-        held, self.held = self.held, []
         for line in held:
-            self.handle_line(line)
+            self.handle_line(line.text)
 
     # -- events -----------------------------------------------------------------------------------
 
+    @_owned
     def on_event(self, event: Event) -> None:
         self.track(event)
         if isinstance(event, Closed) and self.quit_requested:
@@ -86,6 +124,7 @@ class Controller:
         if key is not None:
             self.output(first_sight(peer, fingerprint(key)))
 
+    @_owned
     def track(self, event: Event) -> None:
         """Keep names and the current room up to date, showing nothing (a GUI draws events
         itself)."""
@@ -106,11 +145,12 @@ class Controller:
 
     # -- input ------------------------------------------------------------------------------------
 
+    @_owned
     def handle_line(self, line: str) -> bool:
         """Act on one input line; False once the user asked to quit."""
         if not _is_unicode(line):
             # Undecodable input bytes arrive as lone surrogates, which no frame can carry.
-            self.failures += 1
+            self._failed()
             self._warn(
                 "that line is not valid UTF-8 (check your terminal's or file's encoding); "
                 "it was not sent"
@@ -120,10 +160,10 @@ class Controller:
             parsed = commands.parse(line)
             if parsed is None:
                 return True
-            if not self.connected and not (
+            if not self.session.connected and not (
                 isinstance(parsed, commands.Command) and parsed.name in ("quit", "help")
             ):
-                self.held.append(line)
+                self.session.hold(line)
                 self._info("not connected: this will be sent once we reconnect")
                 return True
             if isinstance(parsed, commands.Say):
@@ -131,7 +171,7 @@ class Controller:
             else:
                 getattr(self, f"_cmd_{parsed.name}")(*parsed.args)
         except KeyChanged as exc:
-            self.failures += 1
+            self._failed()
             self._warn(hints.key_changed(exc.check))
         except (SecureChatError, TimeoutError) as exc:
             self._warn(f"{exc or 'no answer from the server'}")
@@ -157,8 +197,7 @@ class Controller:
                 if on_ok:
                     on_ok(f.result())
                 return
-            with self._lock:
-                self.failures += 1
+            self._failed()
             if not (isinstance(exc, ConnectionClosed) and self.quit_requested):
                 self._warn(f"{what}: {exc}")
 
@@ -298,28 +337,27 @@ class Controller:
         if check.state is KeyState.CHANGED:
             self._warn(hints.key_changed(check))
 
+    @_owned
     def verify(self, user: str) -> Verification:
         """Look up the safety number(s) for `user` and remember what was shown: trust() marks
         only a key shown here."""
         shown = self.client.safety_number(user)
-        with self._lock:
-            self._shown[user] = shown
+        self._shown[user] = shown
         return shown
 
+    @_owned
     def trust(self, user: str, named: str | None = None) -> PinnedKey:
         """Mark verified the key that the last verify(user) showed and `named` names (see
         Verification.choose); asks the server nothing."""
-        with self._lock:
-            shown = self._shown.get(user)
+        shown = self._shown.get(user)
         if shown is None:
             raise commands.CommandError(
                 f"no safety number for {user} was shown yet: /verify {user} shows it; compare "
                 f"it with {user}, then /trust {user}"
             )
         entry = self.client.mark_verified(shown, named)
-        with self._lock:
-            if self._shown.get(user) is shown:
-                del self._shown[user]
+        if self._shown.get(user) is shown:
+            del self._shown[user]
         return entry
 
     def _cmd_verify(self, user: str) -> None:
@@ -359,6 +397,20 @@ class Controller:
 
     def _cmd_quit(self) -> None:
         self.quit_requested = True
+
+
+class OwnerThread:
+    """The one thread that owns a controller, for front ends whose input and events arrive on
+    threads of their own: call(fn) runs fn there, in order, and returns its result or raises."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="controller")
+
+    def call(self, fn: Callable[[], R]) -> R:
+        return self._pool.submit(fn).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
 
 
 def _member_count(reply: dict[str, Any]) -> int:
