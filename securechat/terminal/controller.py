@@ -169,7 +169,7 @@ class Controller:
             if isinstance(parsed, commands.Say):
                 self._say(parsed.text)
             else:
-                getattr(self, f"_cmd_{parsed.name}")(*parsed.args)
+                HANDLERS[parsed.name](self, *parsed.args)
         except KeyChanged as exc:
             self._failed()
             self._warn(hints.key_changed(exc.check))
@@ -397,6 +397,30 @@ class Controller:
 
     def _cmd_quit(self) -> None:
         self.quit_requested = True
+
+
+# Every command of commands.COMMANDS, and what runs it (checked at import below).
+HANDLERS: dict[str, Callable[..., None]] = {
+    "history": Controller._cmd_history,
+    "search": Controller._cmd_search,
+    "join": Controller._cmd_join,
+    "part": Controller._cmd_part,
+    "rooms": Controller._cmd_rooms,
+    "who": Controller._cmd_who,
+    "me": Controller._cmd_me,
+    "msg": Controller._cmd_msg,
+    "query": Controller._cmd_query,
+    "whois": Controller._cmd_whois,
+    "verify": Controller._cmd_verify,
+    "trust": Controller._cmd_trust,
+    "help": Controller._cmd_help,
+    "quit": Controller._cmd_quit,
+}
+if HANDLERS.keys() != commands.COMMANDS.keys():
+    raise ImportError(
+        f"commands without a handler, or handlers without a command: "
+        f"{sorted(HANDLERS.keys() ^ commands.COMMANDS.keys())}"
+    )
 
 
 class OwnerThread:
