@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import tkinter as tk
 from collections.abc import Callable
+from functools import partial
 from tkinter import ttk
 from typing import Any
 
@@ -120,7 +121,7 @@ class ChatWindow:
         self.view.configure(yscrollcommand=scroll.set)
         scroll.pack(side="right", fill="y")
         self.view.pack(side="left", fill="both", expand=True)
-        for tag, options in {
+        tags: dict[str, dict[str, Any]] = {
             "time": {"foreground": "#777777"},
             "sender": {"font": ("TkDefaultFont", 10, "bold")},
             "own": {"foreground": "#1f5fa8"},
@@ -128,7 +129,8 @@ class ChatWindow:
             "warning": {"foreground": "#b00020"},
             "history": {"foreground": "#8a8a8a"},
             "mention": {"background": "#fff2a8"},
-        }.items():
+        }
+        for tag, options in tags.items():
             self.view.tag_configure(tag, **options)
         self.input = tk.Text(middle, height=3, wrap="word", undo=True)
         self.input.pack(fill="x", side="bottom", pady=(4, 0))
@@ -256,7 +258,7 @@ class ChatWindow:
 
     def _pump_events(self) -> None:
         for event in self.session.events():
-            self.bridge.post(lambda e=event: self._on_event(e))
+            self.bridge.post(partial(self._on_event, event))
 
     def _set_status(self, text: str) -> None:
         self.model.connected = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from functools import partial
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
@@ -163,7 +164,7 @@ class Console:
                     line = self.prompt.prompt(self.prompt_text, pre_run=self.exit_if_gone)
                 except (EOFError, KeyboardInterrupt):
                     break  # Ctrl-D or Ctrl-C: leave cleanly
-                if not self.owner.call(lambda line=line: controller.handle_line(line)):
+                if not self.owner.call(partial(controller.handle_line, line)):
                     break
         self.session.stop()
         if self.gone is not None and not controller.quit_requested:

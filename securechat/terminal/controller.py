@@ -440,8 +440,9 @@ class OwnerThread:
 def _member_count(reply: dict[str, Any]) -> int:
     """How many are in the room: a big room's reply lists only the names that fit in a frame."""
     count, members = reply.get("count"), reply.get("members", [])
-    valid = isinstance(count, int) and not isinstance(count, bool) and count >= len(members)
-    return count if valid else len(members)
+    if isinstance(count, int) and not isinstance(count, bool) and count >= len(members):
+        return count
+    return len(members)
 
 
 def _is_unicode(text: str) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from functools import partial
 from typing import TextIO
 
 from securechat.client.chat_session import ChatSession, SessionEvent
@@ -45,13 +46,13 @@ def run(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None
             if isinstance(event, Closed) and not controller.quit_requested:
                 lost.append(event.reason)
             if not isinstance(event, SessionEvent):
-                owner.call(lambda event=event: controller.on_event(event))
+                owner.call(partial(controller.on_event, event))
         finished.set()
 
     def read_input() -> None:
         try:
             for line in stdin:
-                if not owner.call(lambda line=line: controller.handle_line(line.rstrip("\r\n"))):
+                if not owner.call(partial(controller.handle_line, line.rstrip("\r\n"))):
                     break
         finally:
             # Whatever ended the input (even a bug), the client must not wait forever for it.
