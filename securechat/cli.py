@@ -7,6 +7,7 @@ one line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -128,8 +129,9 @@ def gen_certs(
 def fingerprint(key_path: Path) -> None:
     """Print the fingerprint of an identity key (asks for its passphrase)."""
     from securechat import identity
+    from securechat.terminal import passphrase
 
-    ident = identity.load(key_path, identity.passphrase_from_env_or_prompt(key_path, new=False))
+    ident = identity.load(key_path, passphrase.from_env_or_prompt(key_path, new=False))
     click.echo(ident.fingerprint)
 
 
@@ -393,10 +395,11 @@ def client(
     cert_key: Path | None,
 ) -> None:
     """Chat: interactive on a terminal, line mode when stdin is not a terminal."""
-    from securechat.client.frontend import ClientOptions, run
+    from securechat.client.chat_session import ChatOptions
+    from securechat.terminal.frontend import run
 
     code = run(
-        ClientOptions(
+        ChatOptions(
             key_path=key_path,
             user=user,
             host=host,
@@ -418,5 +421,8 @@ def gui(
 ) -> None:
     """Chat in a desktop window (Tk): a connect dialog asks for whatever is not given."""
     from securechat.gui.app import GuiOptions, run
+    from securechat.terminal.passphrase import PASSPHRASE_ENV
 
-    sys.exit(run(GuiOptions(key_path, user, host, port, ca, history=not no_history)))
+    secret = os.environ.get(PASSPHRASE_ENV, "")  # pre-fills the dialog's masked field
+    opts = GuiOptions(key_path, user, host, port, ca, history=not no_history, passphrase=secret)
+    sys.exit(run(opts))

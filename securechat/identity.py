@@ -2,21 +2,20 @@
 
 The key file holds the 32-byte seed inside a SecretBox whose key comes from Argon2id; the KDF
 limits live in the file. The identity key signs the whole record, so the user name and limits
-stored beside the sealed seed cannot be changed unnoticed. Nothing here ever logs, prints or puts
-in an exception a passphrase, a seed or a derived key.
+stored beside the sealed seed cannot be changed unnoticed. It never prompts: callers pass the
+passphrase in (the front ends ask for it). Nothing here ever logs, prints or puts in an exception
+a passphrase, a seed or a derived key.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import getpass
 import hashlib
 import hmac
 import json
 import os
 import stat
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,7 +45,6 @@ KDF_FAST_FOR_TESTS: tuple[int, int] = (argon2id.OPSLIMIT_MIN, argon2id.MEMLIMIT_
 # A hostile key file must not make us allocate without bound.
 MEMLIMIT_CEILING = 4 * 1024**3
 OPSLIMIT_CEILING = 64
-PASSPHRASE_ENV = "SECURECHAT_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
 
 
 @dataclass(frozen=True, repr=False)
@@ -334,45 +332,3 @@ def _stored_user(path: Path, version: int) -> str | None:
     record = _read_record(path)
     user = record.get("user")
     return user if isinstance(user, str) and record["version"] == version else None
-
-
-def passphrase_from_env_or_prompt(path: Path, *, new: bool) -> bytes:
-    """SECURECHAT_PASSPHRASE if set, else a prompt on the terminal (twice for a new key)."""
-    env = os.environ.get(PASSPHRASE_ENV)
-    if env:
-        return env.encode("utf-8")
-    if not _have_terminal():
-        raise IdentityError(
-            f"no terminal to ask for the passphrase of {path}; set {PASSPHRASE_ENV}"
-        )
-    try:
-        first = getpass.getpass(
-            f"New passphrase for {path}: " if new else f"Passphrase for {path}: "
-        )
-        if new:
-            again = getpass.getpass("Repeat the passphrase: ")
-            if not hmac.compare_digest(first.encode(), again.encode()):
-                raise IdentityError("the two passphrases differ; nothing was created")
-    except (EOFError, OSError):
-        raise IdentityError(
-            f"no terminal to ask for the passphrase of {path}; set {PASSPHRASE_ENV}"
-        ) from None
-    if not first:
-        raise IdentityError("an empty passphrase is not allowed")
-    return first.encode("utf-8")
-
-
-def _have_terminal() -> bool:
-    # getpass falls back to reading stdin when there is no terminal, which in line mode would
-    # swallow the first chat line as a passphrase; refuse instead.
-    if os.name != "posix":
-        return sys.stdin is not None and sys.stdin.isatty()
-    try:
-        with open("/dev/tty", "rb"):
-            return True
-    except OSError:
-        return False
-
-
-def passphrase_source_from_env_or_prompt(path: Path) -> Callable[[bool], bytes]:
-    return lambda new: passphrase_from_env_or_prompt(path, new=new)

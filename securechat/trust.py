@@ -117,20 +117,30 @@ class KeyCheck:
     def may_send(self) -> bool:
         return self.state is not KeyState.CHANGED
 
-    def warning(self) -> str:
-        """The loud warning to show for a changed key (an empty string for any other state)."""
+    @property
+    def new_key_start(self) -> str:
+        """For a changed key: the shortest fingerprint start that names the offered key apart
+        from the pinned one (what the user types to accept it)."""
+        assert self.pinned_key is not None  # a CHANGED check always has the old key
+        return distinct_starts(self.pinned_key, self.key)[1]
+
+    def warning(self, action: str | None = None) -> str:
+        """The loud warning to show for a changed key (an empty string for any other state).
+
+        `action` says what the user must do to accept the new key, in a front end's own words
+        (its commands); without it, the warning names no command."""
         if self.state is not KeyState.CHANGED:
             return ""
         was = " You had verified the old key." if self.pinned_state is KeyState.VERIFIED else ""
-        assert self.pinned_key is not None  # a CHANGED check always has the old key
-        _, new_start = distinct_starts(self.pinned_key, self.key)
+        action = action or (
+            "compare safety numbers with them outside this chat and accept the new key, whose "
+            f"fingerprint starts {self.new_key_start}"
+        )
         return (
             f"WARNING: the key for {self.name} has changed.{was}\n"
             f"  pinned key: {self.pinned_fingerprint}\n"
             f"  offered now: {self.fingerprint}\n"
-            f"Nothing will be sent to {self.name} until you compare safety numbers with them "
-            f"outside this chat (/verify {self.name}) and accept the new key by naming it "
-            f"(/trust {self.name} {new_start}). "
+            f"Nothing will be sent to {self.name} until you {action}. "
             f"If {self.name} did not make a new key, someone may be trying to read your messages."
         )
 

@@ -12,8 +12,7 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from securechat import identity
-from securechat.client import console
-from securechat.client.commands import Command, CommandError, Say, parse
+from securechat.client.chat_session import ChatSession
 from securechat.client.events import (
     Closed,
     DirectMessage,
@@ -23,7 +22,11 @@ from securechat.client.events import (
     Parted,
     ServerError,
 )
-from securechat.client.render import clean, one_line, render, stamp
+from securechat.client.reconnect import backoff_delays
+from securechat.client.text import clean, stamp
+from securechat.terminal import console
+from securechat.terminal.commands import Command, CommandError, Say, parse
+from securechat.terminal.render import one_line, render
 
 from .cli_helpers import REPO, LineClient, ServerProcess, cli_env, client_args, run_client
 from .conftest import PASSPHRASE, wait_for
@@ -191,7 +194,7 @@ def start_console(client, pipe) -> tuple[threading.Thread, list[int]]:
     result: list[int] = []
     thread = threading.Thread(
         target=lambda: result.append(
-            console.run(client, "test", pt_input=pipe, pt_output=DummyOutput())
+            console.run(ChatSession(client), "test", pt_input=pipe, pt_output=DummyOutput())
         )
     )
     thread.start()
@@ -499,9 +502,8 @@ def test_console_reconnects_after_a_server_restart_and_sends_what_was_typed(
         thread = threading.Thread(
             target=lambda: result.append(
                 console.run(
-                    dial(),
+                    ChatSession(dial(), dial),
                     "test",
-                    reconnect=dial,
                     pt_input=pipe,
                     pt_output=DummyOutput(),
                     on_output=shown.put,
@@ -540,7 +542,7 @@ def test_console_reconnects_after_a_server_restart_and_sends_what_was_typed(
 def test_backoff_grows_with_jitter_and_is_capped() -> None:
     import random
 
-    delays = console.backoff_delays(random.Random(7))
+    delays = backoff_delays(random.Random(7))
     got = [next(delays) for _ in range(10)]
     assert 0.25 <= got[0] <= 0.5 and 0.5 <= got[1] <= 1.0 and 1.0 <= got[2] <= 2.0
     assert all(15.0 <= d <= 30.0 for d in got[7:])

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from securechat.client import Client
-from securechat.client.controller import Controller
+from securechat.client.chat_session import ChatSession
 from securechat.client.events import DirectMessage, FrameDropped, Joined, Message
 from securechat.client.history import LocalHistory
-from securechat.client.render import render
 from securechat.gui.model import ChatModel
+from securechat.terminal.controller import Controller
+from securechat.terminal.notices import as_text
+from securechat.terminal.render import render
 
 from .conftest import rewrite_sent_frames, wait_for
 
@@ -54,7 +56,7 @@ def nothing_filed_as_a_dm(alice: Client, history: LocalHistory, dropped: FrameDr
     assert history.conversation("@bob") == []
     assert history.search("vault") == []
     out: list[str] = []
-    controller = Controller(alice, out.append)
+    controller = Controller(ChatSession(alice), lambda notice: out.append(as_text(notice)))
     for line in ("/history @bob", "/search vault"):
         controller.handle_line(line)
     assert out == [
@@ -133,7 +135,9 @@ def test_a_room_history_entry_for_a_dm_name_is_dropped_with_a_warning(
         lambda conn, frame: {"room": frame["room"], "messages": [forged, honest, "junk"]},
     )
     out: list[str] = []
-    Controller(alice, out.append).handle_line("/history #lobby")
+    Controller(ChatSession(alice), lambda notice: out.append(as_text(notice))).handle_line(
+        "/history #lobby"
+    )
     assert [line.split("] ", 1)[-1] for line in out] == [
         '!! the server sent a room message for "@bob", which is not a room name' + WHY,
         "[history] <bob> earlier",

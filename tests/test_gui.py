@@ -16,6 +16,7 @@ import pytest
 
 from securechat import identity
 from securechat.client import Client
+from securechat.client.chat_session import ChatSession, Held
 
 from .cli_helpers import LineClient, ServerProcess, cli_env, run_client
 from .conftest import PASSPHRASE, REPO
@@ -81,13 +82,13 @@ def collect_tk_on_the_main_thread() -> Iterator[None]:
 class Gui:
     """One chat window on the test's thread, pumped until what we wait for has happened."""
 
-    def __init__(self, client: Client, where: str = "test") -> None:
+    def __init__(self, session: ChatSession, where: str = "test") -> None:
         from securechat.gui.bridge import Bridge
         from securechat.gui.window import ChatWindow
 
         self.root = tk.Tk()
         self.bridge = Bridge(self.root)
-        self.window = ChatWindow(self.root, self.bridge, client, where)
+        self.window = ChatWindow(self.root, self.bridge, session, where)
         self.model = self.window.model
         # A new window is ready to type into: its keys will go to the input box.
         assert self.root.focus_lastfor() is self.window.input
@@ -129,7 +130,7 @@ def gui_for(display, server, certs_dir, make_identity) -> Iterator[Callable[[str
     def make(user: str) -> Gui:
         host, port = server.address
         client = Client.connect(host, port, make_identity(user), user, certs_dir / "ca.pem")
-        gui = Gui(client, f"{host}:{port}")
+        gui = Gui(ChatSession(client), f"{host}:{port}")
         made.append(gui)
         gui.pump(lambda: gui.model.conversations["#lobby"].members)
         return gui
@@ -241,7 +242,7 @@ def test_a_changed_key_is_shown_and_blocks_sending(display, certs_dir, tmp_path,
         host, port = hostile.address
         fake = LineClient(key_file(tmp_path, "not-bob"), port, ca, user="bob")
         fake.out.wait_for("-- bob joined #lobby", WAIT)
-        gui = Gui(Client.connect(host, port, alice_key, "alice", ca))
+        gui = Gui(ChatSession(Client.connect(host, port, alice_key, "alice", ca)))
         gui.window.submit("/query bob")
         gui.pump(lambda: gui.model.conversations["@bob"].blocked)
         banner = gui.window.banner_text.cget("text")
@@ -380,15 +381,14 @@ def test_the_window_reconnects_and_sends_what_was_typed(
     def dial(user: str = "alice") -> Client:
         return Client.connect("127.0.0.1", port, make_identity(user), user, certs_dir / "ca.pem")
 
-    gui = Gui(dial())
-    gui.window._reconnect = dial
+    gui = Gui(ChatSession(dial(), dial))
     gui.window.submit("/join #ops")
     gui.pump(lambda: gui.model.current == "#ops")
     srv.stop()
     gui.pump(lambda: not gui.model.connected)
     gui.window.submit("typed while the server was down")
     gui.window.select("#lobby")  # held lines go where they were typed, not where we are now
-    assert gui.window.held == [("#ops", "typed while the server was down")]
+    assert gui.window.session.held == [Held("typed while the server was down", "#ops")]
     srv = start_server(certs_dir, data, port=port)
     try:
         gui.pump(lambda: gui.model.connected)

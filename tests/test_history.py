@@ -15,9 +15,11 @@ import pytest
 
 from securechat import identity
 from securechat.client import Client
-from securechat.client.controller import Controller
+from securechat.client.chat_session import ChatSession
 from securechat.client.events import DirectMessage, Message
 from securechat.client.history import Entry, HistoryError, LocalHistory, history_path
+from securechat.terminal.controller import Controller
+from securechat.terminal.notices import as_text
 
 from .cli_helpers import LineClient, run_client
 from .conftest import PASSPHRASE, drop_acks, wait_for
@@ -40,7 +42,7 @@ def undated(line: str) -> str:
 
 def run_lines(client: Client, *lines: str) -> list[str]:
     out: list[str] = []
-    controller = Controller(client, out.append)
+    controller = Controller(ChatSession(client), lambda notice: out.append(as_text(notice)))
     for line in lines:
         controller.handle_line(line)
     return out

@@ -13,10 +13,12 @@ import threading
 import pytest
 
 from securechat.client import Client
-from securechat.client.controller import Controller
+from securechat.client.chat_session import ChatSession
 from securechat.client.events import DirectMessage, Joined
 from securechat.errors import ConnectError
 from securechat.identity import fingerprint
+from securechat.terminal.controller import Controller
+from securechat.terminal.notices import Notice, as_text
 from securechat.trust import KeyState, safety_number
 
 from .conftest import wait_for
@@ -28,11 +30,11 @@ class Terminal:
     def __init__(self, client: Client) -> None:
         self.lines: list[str] = []
         self._grew = threading.Condition()
-        self.controller = Controller(client, self._output)
+        self.controller = Controller(ChatSession(client), self._output)
 
-    def _output(self, line: str) -> None:  # the UI thread, or the connection's for late replies
+    def _output(self, notice: Notice) -> None:  # the UI thread, or the connection's for replies
         with self._grew:
-            self.lines.append(line)
+            self.lines.append(as_text(notice))
             self._grew.notify_all()
 
     def run(self, line: str) -> list[str]:

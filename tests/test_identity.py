@@ -182,28 +182,6 @@ def test_repr_shows_no_secret(tmp_path: Path) -> None:
     assert made.fingerprint in text
 
 
-def test_passphrase_comes_from_the_environment(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SECURECHAT_PASSPHRASE", "from env")
-    assert identity.passphrase_from_env_or_prompt(tmp_path / "k", new=True) == b"from env"
-
-
-def test_no_terminal_and_no_environment_is_a_clear_error(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("SECURECHAT_PASSPHRASE", raising=False)
-    monkeypatch.setattr(identity, "_have_terminal", lambda: False)
-    with pytest.raises(IdentityError) as info:
-        identity.passphrase_from_env_or_prompt(tmp_path / "k", new=False)
-    assert str(info.value).endswith("set SECURECHAT_PASSPHRASE")
-
-
-def test_mismatched_new_passphrases_are_refused(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("SECURECHAT_PASSPHRASE", raising=False)
-    monkeypatch.setattr(identity, "_have_terminal", lambda: True)
-    answers = iter(["one", "two"])
-    monkeypatch.setattr(identity.getpass, "getpass", lambda prompt: next(answers))
-    with pytest.raises(IdentityError, match="the two passphrases differ"):
-        identity.passphrase_from_env_or_prompt(tmp_path / "k", new=True)
-
-
 def run_cli(*args: str, passphrase: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SECURECHAT_PASSPHRASE": passphrase, "PYTHONPATH": str(REPO)}
     return subprocess.run(
@@ -321,12 +299,11 @@ def test_a_version_1_file_loads_and_its_name_counts_only_once_confirmed(tmp_path
     # Nothing vouches for the name in it (a signed file stripped to version 1 looks the same).
     assert (old.user, identity.peek_user(made.path)) == (None, None)
     assert identity.legacy_user(made.path) == "alice"
-    from securechat.client.frontend import ClientOptions, resolve_user
+    from securechat.client.chat_session import resolve_user
     from securechat.errors import ConfigError
 
-    opts = ClientOptions(made.path, None, "127.0.0.1", 1, tmp_path / "ca.pem")
     with pytest.raises(ConfigError) as info:
-        resolve_user(opts)
+        resolve_user(made.path, None)
     assert str(info.value) == (
         f"{made.path} comes from an older securechat and nothing vouches for the user name in "
         "it ('alice'); pass --user NAME once to confirm yours"

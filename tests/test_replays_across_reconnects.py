@@ -14,7 +14,7 @@ from securechat.client import Client
 from securechat.client.dm import process_replay_memory
 from securechat.client.events import Closed, DirectMessage, DMRejected, Joined
 from securechat.client.history import LocalHistory
-from securechat.client.render import render
+from securechat.terminal.render import render
 
 from .conftest import rewrite_sent_frames, wait_for
 

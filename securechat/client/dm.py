@@ -129,7 +129,7 @@ class DirectMessages:
         # Pin or compare the sender's key only once the message proved it holds that key.
         check = self.known_keys.check(sender, sender_key)
         if check.state is KeyState.CHANGED:
-            return DMRejected(sender, "key_changed", check.warning())
+            return DMRejected(sender, "key_changed", check.warning(), check)
         with self._lock:
             try:
                 self.replays.check(opened)

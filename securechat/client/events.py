@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from securechat.trust import KeyCheck
 
 
 def _when(ms: int) -> datetime:
@@ -68,11 +72,13 @@ class DirectMessage:
 @dataclass(frozen=True)
 class DMRejected:
     """A DM that was NOT shown: `kind` is tampered, forged, misrouted, reflected, replayed,
-    stale, unsupported or key_changed; `detail` is the warning to show."""
+    stale, unsupported or key_changed; `detail` is the warning to show. For key_changed, `check`
+    holds the key check, so that a front end can word what to do in its own commands."""
 
     sender: str
     kind: str
     detail: str
+    check: KeyCheck | None = None
 
 
 @dataclass(frozen=True)

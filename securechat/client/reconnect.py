@@ -1,4 +1,4 @@
-"""When to try again after a dropped connection: shared by the terminal client and the GUI."""
+"""When to try again after a dropped connection: shared by both front ends."""
 
 from __future__ import annotations
 

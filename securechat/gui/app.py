@@ -7,16 +7,14 @@ the words of our own errors, never as a traceback.
 
 from __future__ import annotations
 
-import os
 import tkinter as tk
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from tkinter import ttk
 
 from securechat import identity
-from securechat.client.api import Client
-from securechat.client.frontend import resolve_user
-from securechat.client.history import LocalHistory
+from securechat.client.chat_session import ChatOptions, ChatSession, resolve_user
 from securechat.errors import SecureChatError
 from securechat.gui.bridge import Bridge
 from securechat.gui.window import ChatWindow
@@ -32,6 +30,7 @@ class GuiOptions:
     port: int = 12345
     ca: Path = Path("certs/ca.pem")
     history: bool = True
+    passphrase: str = field(default="", repr=False)  # from SECURECHAT_PASSPHRASE, if set
 
 
 class ConnectDialog:
@@ -51,7 +50,7 @@ class ConnectDialog:
             ("host", "Server", opts.host, ""),
             ("port", "Port", str(opts.port), ""),
             ("ca", "CA certificate", str(opts.ca), ""),
-            ("passphrase", "Passphrase", os.environ.get(identity.PASSPHRASE_ENV, ""), "\u2022"),
+            ("passphrase", "Passphrase", opts.passphrase, "\u2022"),
         )
         for row, (name, label, value, show) in enumerate(rows):
             ttk.Label(self.frame, text=label).grid(row=row, column=0, sticky="w", pady=2)
@@ -101,24 +100,13 @@ class ConnectDialog:
         self.button.state(["disabled"])
         self.error.configure(text="connecting\u2026", foreground="#555555")
 
-        def work() -> tuple[Client, LocalHistory | None]:
-            from securechat.client.frontend import ClientOptions
-
+        def work() -> ChatSession:
             if not passphrase:
                 raise SecureChatError("enter the passphrase of your identity key")
-            user = resolve_user(ClientOptions(key_path, user_field, host, port, ca))
+            user = resolve_user(key_path, user_field)
             me, _created = identity.load_or_create(key_path, lambda _new: passphrase)
-            history = LocalHistory.beside(me) if history_wanted else None
-            try:
-                client = Client.connect(host, port, me, user, ca, history=history)
-            except BaseException:
-                if history is not None:
-                    history.close()
-                raise
-            if me.user != user:
-                identity.remember_user(me, user)
-            self._redial = lambda: Client.connect(host, port, me, user, ca, history=history)
-            return client, history
+            opts = ChatOptions(key_path, user, host, port, ca, history=history_wanted)
+            return ChatSession.connect(opts, me, user)
 
         def failed(exc: Exception) -> None:
             self.error.configure(foreground="#b00020")
@@ -126,13 +114,10 @@ class ConnectDialog:
 
         self.bridge.run(work, self._connected(f"{host}:{port}"), failed)
 
-    def _connected(self, where: str):  # type: ignore[no-untyped-def]
-        def show(result: tuple[Client, LocalHistory | None]) -> None:
-            client, history = result
+    def _connected(self, where: str) -> Callable[[ChatSession], None]:
+        def show(session: ChatSession) -> None:
             self.frame.destroy()
-            self.window = ChatWindow(
-                self.root, self.bridge, client, where, history, reconnect=self._redial
-            )
+            self.window = ChatWindow(self.root, self.bridge, session, where)
 
         return show
 

@@ -13,6 +13,7 @@ import logging
 import queue
 import tkinter as tk
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 from securechat.errors import SecureChatError
@@ -56,7 +57,7 @@ class Bridge:
                 result = work()
             except (SecureChatError, TimeoutError) as exc:
                 if failed is not None:
-                    self.post(lambda exc=exc: failed(exc))
+                    self.post(partial(failed, exc))
                 return
             except Exception as exc:
                 log.exception("background task failed")

@@ -20,8 +20,9 @@ from securechat.client.events import (
     Parted,
     ServerError,
 )
-from securechat.client.render import clean, clean_line, stamp
+from securechat.client.text import clean, clean_line, stamp
 from securechat.protocol import LOBBY, valid_room
+from securechat.terminal import hints
 
 # Which line kinds may stand in which conversations: a room line never in a DM conversation, a
 # DM line (a sealed message that opened and passed every check) never in a room.
@@ -159,11 +160,12 @@ class ChatModel:
             self.add(conv.name, Line(kind, clean(event.text), event.sender, event.ts))
         elif isinstance(event, DMRejected):
             name = f"@{event.sender}"
-            self.add(name, Line("warning", clean(f"a direct message was refused: {event.detail}")))
+            detail = hints.rejected_detail(event)
+            self.add(name, Line("warning", clean(f"a direct message was refused: {detail}")))
             if event.kind == "key_changed":
                 conv = self.open(name)
                 fingerprint = conv.trust.fingerprint if conv.trust else ""
-                conv.trust = Trust("changed", fingerprint, clean(event.detail))
+                conv.trust = Trust("changed", fingerprint, clean(detail))
         elif isinstance(event, Joined):
             conv = self.open(event.room)
             conv.members.add(event.user)

@@ -11,21 +11,29 @@ from __future__ import annotations
 import threading
 import tkinter as tk
 from collections.abc import Callable
+from functools import partial
 from tkinter import ttk
 from typing import Any
 
-from securechat.client import commands
 from securechat.client.api import Client
-from securechat.client.controller import Controller
+from securechat.client.chat_session import (
+    ChatSession,
+    ConnectionLost,
+    GaveUp,
+    Reconnected,
+    Retrying,
+    SessionEvent,
+)
 from securechat.client.events import Closed, DirectMessage, DMRejected, Event, Joined
-from securechat.client.history import LocalHistory
-from securechat.client.reconnect import backoff_delays
-from securechat.client.render import clean
-from securechat.errors import AuthError, SecureChatError
+from securechat.client.text import clean
+from securechat.errors import SecureChatError
 from securechat.gui.bridge import Bridge
 from securechat.gui.model import DM_KINDS, ChatModel, Line, Trust
 from securechat.identity import fingerprint
 from securechat.protocol import LOBBY, valid_name
+from securechat.terminal import commands, hints
+from securechat.terminal.controller import Controller
+from securechat.terminal.notices import Notice, NoticeKind
 from securechat.trust import KeyCheck, KeyNotNamed, KeyState, PinnedKey, Verification
 
 COLOURS = {
@@ -37,7 +45,7 @@ COLOURS = {
 
 
 def trust_of(check: KeyCheck) -> Trust:
-    warning = check.warning() if check.state is KeyState.CHANGED else ""
+    warning = hints.key_changed(check) if check.state is KeyState.CHANGED else ""
     return Trust(check.state.value, check.fingerprint, warning)
 
 
@@ -46,20 +54,17 @@ class ChatWindow:
         self,
         root: tk.Tk,
         bridge: Bridge,
-        client: Client,
+        session: ChatSession,
         where: str,
-        history: LocalHistory | None = None,
         on_closed: Callable[[], None] | None = None,
-        reconnect: Callable[[], Client] | None = None,
     ) -> None:
-        self.root, self.bridge, self.client = root, bridge, client
-        self.where, self.history, self._on_closed = where, history, on_closed
-        self._reconnect = reconnect
-        self._stop = threading.Event()
-        # (conversation, text) typed while disconnected; sent after reconnecting
-        self.held: list[tuple[str, str]] = []
+        self.root, self.bridge, self.session = root, bridge, session
+        self.where, self._on_closed = where, on_closed
+        client = session.client
         self.model = ChatModel(client.user)
-        self.controller = Controller(client, self._command_output)
+        # The controller belongs to the bridge's background thread: every call to it goes
+        # through bridge.run.
+        self.controller = Controller(session, self._command_output)
         self._shown: tuple[str, int] = ("", 0)  # conversation drawn, and how many of its lines
         self._closing = False
         self.verify_dialog: VerifyDialog | None = None
@@ -68,6 +73,11 @@ class ChatWindow:
         threading.Thread(target=self._pump_events, name="gui-events", daemon=True).start()
         self.bridge.run(lambda: client.who(LOBBY).result(10), self._got_members(LOBBY))
         self.redraw()
+
+    @property
+    def client(self) -> Client:
+        """The current connection (the session's: a new one after each reconnect)."""
+        return self.session.client
 
     # -- layout -----------------------------------------------------------------------------------
 
@@ -111,7 +121,7 @@ class ChatWindow:
         self.view.configure(yscrollcommand=scroll.set)
         scroll.pack(side="right", fill="y")
         self.view.pack(side="left", fill="both", expand=True)
-        for tag, options in {
+        tags: dict[str, dict[str, Any]] = {
             "time": {"foreground": "#777777"},
             "sender": {"font": ("TkDefaultFont", 10, "bold")},
             "own": {"foreground": "#1f5fa8"},
@@ -119,7 +129,8 @@ class ChatWindow:
             "warning": {"foreground": "#b00020"},
             "history": {"foreground": "#8a8a8a"},
             "mention": {"background": "#fff2a8"},
-        }.items():
+        }
+        for tag, options in tags.items():
             self.view.tag_configure(tag, **options)
         self.input = tk.Text(middle, height=3, wrap="word", undo=True)
         self.input.pack(fill="x", side="bottom", pady=(4, 0))
@@ -246,54 +257,38 @@ class ChatWindow:
     # -- events from the client (its event thread) ------------------------------------------------
 
     def _pump_events(self) -> None:
-        current: Client | None = self.client
-        while current is not None:
-            for event in current.events():
-                if isinstance(event, Closed) and self._reconnect and not self._closing:
-                    self.bridge.post(lambda e=event: self._on_event(e))
-                    current = self._reconnect_loop(event.reason)
-                    break
-                self.bridge.post(lambda e=event: self._on_event(e))
-            else:
-                current = None
-
-    def _reconnect_loop(self, reason: str) -> Client | None:
-        """Like the terminal client: retry with backoff and jitter, rejoin, send what waited."""
-        assert self._reconnect is not None
-        self.controller.detach()
-        for attempt, delay in enumerate(backoff_delays(), start=1):
-            status = f"reconnecting: attempt {attempt} in {delay:.1f}s ({reason})"
-            self.bridge.post(lambda s=status: self._set_status(s))
-            if self._stop.wait(delay):
-                return None
-            try:
-                new = self._reconnect()
-            except AuthError as exc:
-                self.bridge.post(lambda e=exc: self._set_status(f"cannot log in again: {e}"))
-                return None
-            except SecureChatError as exc:
-                reason = str(exc)
-                continue
-            self.client = new
-            self.controller.attach(new)  # rejoins our rooms (and waits for the answers)
-            self.bridge.post(self._reattached)
-            return new
-        return None
+        for event in self.session.events():
+            self.bridge.post(partial(self._on_event, event))
 
     def _set_status(self, text: str) -> None:
         self.model.connected = False
         self.model.status = text
 
-    def _reattached(self) -> None:
+    def _reattached(self, failures: tuple[tuple[str, str], ...]) -> None:
         self.model.connected = True
         self.model.status = ""
         self.model.note("reconnected")
-        held, self.held = self.held, []
-        for name, text in held:
-            self.submit(text, name)
+        for room, why in failures:
+            self.model.note(f"could not rejoin {room}: {why}", kind="warning")
+        for held in self.session.resume():
+            self.submit(held.text, held.where)
 
-    def _on_event(self, event: Event) -> None:
-        self.controller.track(event)
+    def _on_event(self, event: Event | SessionEvent) -> None:
+        if isinstance(event, ConnectionLost):
+            self.model.on_event(Closed(event.reason))  # shown as the Client's own Closed
+        elif isinstance(event, Retrying):
+            why = event.reason
+            self._set_status(f"reconnecting: attempt {event.attempt} in {event.delay:.1f}s ({why})")
+        elif isinstance(event, Reconnected):
+            self._reattached(event.rejoin_failures)
+        elif isinstance(event, GaveUp):
+            if event.login_refused:
+                self._set_status(f"cannot log in again: {event.reason}")
+        else:
+            self._on_client_event(event)
+
+    def _on_client_event(self, event: Event) -> None:
+        self.bridge.run(lambda: self.controller.track(event))
         self.model.on_event(event)
         if isinstance(event, Joined) and event.user == self.client.user:
             room = event.room
@@ -323,10 +318,10 @@ class ChatWindow:
         the current one)."""
         where = where if where in self.model.conversations else self.model.current
         if not self.model.connected and not self._closing and text.strip() != "/quit":
-            if self._reconnect is None:
+            if not self.session.redials:
                 self.model.note("not connected", kind="warning")
             else:
-                self.held.append((where, text))
+                self.session.hold(text, where)
                 self.model.note("not connected: this will be sent once we reconnect")
             self.redraw()
             return
@@ -360,10 +355,15 @@ class ChatWindow:
             self.close()
         else:
             # Everything else is the terminal client's own command, answered in this conversation.
-            self.controller.current_room = None if conv.is_dm else conv.name
-            self.bridge.run(lambda: self.controller.handle_line(text), self._after_command)
+            room = None if conv.is_dm else conv.name
+            self.bridge.run(lambda: self._command(room, text), self._after_command)
             if name == "trust":
                 self.open_dm(args[0])  # runs after it (one worker): the banner shows the result
+
+    def _command(self, room: str | None, text: str) -> bool:
+        # On the bridge's background thread, which owns the controller.
+        self.controller.current_room = room
+        return self.controller.handle_line(text)
 
     def _after_command(self, _ok: object) -> None:
         room = self.controller.current_room
@@ -374,13 +374,11 @@ class ChatWindow:
                 self.model.close(name)  # a room we left
         self.redraw()
 
-    def _command_output(self, text: str) -> None:
+    def _command_output(self, notice: Notice) -> None:
         # Called from the background thread (or the client's thread, for late replies).
         target = self.model.current
-        self.bridge.post(
-            lambda: self.model.note(text.removeprefix("!! ").removeprefix("-- "), target,
-                                    "warning" if text.startswith("!! ") else "system")
-        )  # fmt: skip
+        kind = "warning" if notice.kind is NoticeKind.WARNING else "system"
+        self.bridge.post(lambda: self.model.note(notice.text, target, kind))
 
     def _send_room(self, room: str, text: str) -> None:
         future = self.client.send(room, text)
@@ -511,15 +509,13 @@ class ChatWindow:
         if self._closing:
             return
         self._closing = True
-        self._stop.set()
+        self.session.stop()
         self.controller.quit_requested = True
-        client, history = self.client, self.history
-        if self.held:
-            self.model.note(f"{len(self.held)} line(s) typed while disconnected were not sent")
-        self.bridge.run(client.close)
-        self.bridge.close()  # waits for the close above
-        if history is not None:
-            history.close()
+        held = len(self.session.held)
+        if held:
+            self.model.note(f"{held} line(s) typed while disconnected were not sent")
+        self.bridge.run(self.session.close)
+        self.bridge.close()  # waits for the close above (and the local history's)
         self.root.destroy()
         if self._on_closed is not None:
             self._on_closed()

@@ -1,75 +1,121 @@
-"""What the user's lines do, shared by the terminal, line mode and (later) a GUI.
+"""What the user's lines do: the slash commands of the terminal, line mode and the GUI.
 
 The controller keeps the current room and query, turns parsed commands into Client calls, and
-reports everything as text through one `output` callback. Requests that answer later (a sent
-message) report failures when the reply comes; nothing is silently lost.
+reports everything as typed notices through one `output` callback. Requests that answer later (a
+sent message) report failures when the reply comes; nothing is silently lost.
+
+Threads. A controller belongs to one thread, its owner: the first thread that calls one of its
+methods. Every method (handle_line, on_event, track, reattached, verify, trust) must then be
+called on that thread, and a call from any other thread raises WrongThread instead of racing:
+the terminal and line mode funnel input lines and events through one "controller" thread, the
+GUI runs it on its background worker. The one exception is the client's I/O thread, which runs
+the callbacks of requests answered later: they only count failures (under the lock) and call
+`output`, so `output` must be safe to call from any thread. Other threads may read the plain
+attributes (current_room, query, failures) and set `quit_requested`, a flag.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from securechat.client import commands
 from securechat.client.api import Client
+from securechat.client.chat_session import ChatSession, Held
 from securechat.client.events import Closed, DirectMessage, Event, Joined, Message, Parted
 from securechat.client.history import LocalHistory, Recalled
-from securechat.client.render import clean_line, first_sight, key_mark, render, render_past
+from securechat.client.text import clean_line
 from securechat.errors import ConnectionClosed, SecureChatError
 from securechat.identity import fingerprint
 from securechat.protocol import LOBBY
+from securechat.terminal import commands, hints, notices
+from securechat.terminal.notices import Notice
+from securechat.terminal.render import first_sight, key_mark, notice_of, render_past
 from securechat.trust import KeyChanged, KeyNotNamed, KeyState, PinnedKey, Verification
 
 REPLY_TIMEOUT = 10.0
 SEARCH_LIMIT = 50
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class WrongThread(RuntimeError):
+    """A controller method was called on a thread other than the controller's owner (a bug)."""
+
+
+def _owned(method: Callable[P, R]) -> Callable[P, R]:
+    """Check that the call comes from the controller's owner thread (binding it on first use)."""
+
+    @functools.wraps(method)
+    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+        self = args[0]
+        assert isinstance(self, Controller)
+        self._check_owner(method.__name__)
+        return method(*args, **kwargs)
+
+    return checked
+
 
 class Controller:
-    def __init__(self, client: Client, output: Callable[[str], None]) -> None:
-        self.client = client
+    def __init__(self, session: ChatSession, output: Callable[[Notice], None]) -> None:
+        self.session = session
         self.output = output
         self.current_room: str | None = LOBBY
         self.query: str | None = None
-        self.names: set[str] = {client.user}  # for tab completion
+        self.names: set[str] = {session.client.user}  # for tab completion
         self.failures = 0  # requests the server refused or never answered
         self.quit_requested = False
-        self.connected = True
-        self.held: list[str] = []  # lines typed while disconnected, sent after reconnecting
         self._shown: dict[str, Verification] = {}  # the last /verify per user, for /trust
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # failures, counted on the client's I/O thread too
+        self._owner: threading.Thread | None = None
+
+    def _check_owner(self, what: str) -> None:
+        me = threading.current_thread()
+        with self._lock:
+            if self._owner is None:
+                self._owner = me
+        if self._owner is not me:
+            raise WrongThread(
+                f"Controller.{what} called on thread {me.name!r}; the controller belongs to "
+                f"thread {self._owner.name!r}"
+            )
+
+    @property
+    def client(self) -> Client:
+        return self.session.client
+
+    def _failed(self) -> None:
+        with self._lock:
+            self.failures += 1
+
+    def _info(self, text: str) -> None:
+        self.output(notices.info(text))
+
+    def _warn(self, text: str) -> None:
+        self.output(notices.warning(text))
 
     # -- reconnecting -----------------------------------------------------------------------------
 
-    def detach(self) -> None:
-        """The connection is gone: hold what the user types until attach()."""
-        self.connected = False
-
-    def attach(self, client: Client) -> None:
-        """A new connection: rejoin the rooms we were in, then send what was typed meanwhile."""
-        rooms = sorted(self.client.rooms - {LOBBY})
-        self.client = client
-        self.connected = True
-        for room in rooms:
-            try:
-                self._wait(client.join(room))
-            except (SecureChatError, TimeoutError) as exc:
-                self.output(f"!! could not rejoin {room}: {exc}")
-        if self.current_room not in client.rooms:
+    @_owned
+    def reattached(self, held: list[Held]) -> None:
+        """The session reconnected (and rejoined our rooms): send what was typed meanwhile."""
+        if self.current_room not in self.client.rooms:
             self.current_room = self._fallback_room("")
-        held, self.held = self.held, []
         for line in held:
-            self.handle_line(line)
+            self.handle_line(line.text)
 
     # -- events -----------------------------------------------------------------------------------
 
+    @_owned
     def on_event(self, event: Event) -> None:
         self.track(event)
         if isinstance(event, Closed) and self.quit_requested:
             return
-        self.output(render(event, self.current_room))
+        self.output(notice_of(event, self.current_room))
         if isinstance(event, DirectMessage) and event.key_state == KeyState.NEW.value:
             self._first_sight(event.sender)
 
@@ -78,6 +124,7 @@ class Controller:
         if key is not None:
             self.output(first_sight(peer, fingerprint(key)))
 
+    @_owned
     def track(self, event: Event) -> None:
         """Keep names and the current room up to date, showing nothing (a GUI draws events
         itself)."""
@@ -98,13 +145,14 @@ class Controller:
 
     # -- input ------------------------------------------------------------------------------------
 
+    @_owned
     def handle_line(self, line: str) -> bool:
         """Act on one input line; False once the user asked to quit."""
         if not _is_unicode(line):
             # Undecodable input bytes arrive as lone surrogates, which no frame can carry.
-            self.failures += 1
-            self.output(
-                "!! that line is not valid UTF-8 (check your terminal's or file's encoding); "
+            self._failed()
+            self._warn(
+                "that line is not valid UTF-8 (check your terminal's or file's encoding); "
                 "it was not sent"
             )
             return not self.quit_requested
@@ -112,28 +160,28 @@ class Controller:
             parsed = commands.parse(line)
             if parsed is None:
                 return True
-            if not self.connected and not (
+            if not self.session.connected and not (
                 isinstance(parsed, commands.Command) and parsed.name in ("quit", "help")
             ):
-                self.held.append(line)
-                self.output("-- not connected: this will be sent once we reconnect")
+                self.session.hold(line)
+                self._info("not connected: this will be sent once we reconnect")
                 return True
             if isinstance(parsed, commands.Say):
                 self._say(parsed.text)
             else:
-                getattr(self, f"_cmd_{parsed.name}")(*parsed.args)
+                HANDLERS[parsed.name](self, *parsed.args)
         except KeyChanged as exc:
-            self.failures += 1
-            self.output(f"!! {exc}")
+            self._failed()
+            self._warn(hints.key_changed(exc.check))
         except (SecureChatError, TimeoutError) as exc:
-            self.output(f"!! {exc or 'no answer from the server'}")
+            self._warn(f"{exc or 'no answer from the server'}")
         return not self.quit_requested
 
     def _say(self, text: str) -> None:
         if self.query:
             self._cmd_msg(self.query, text)
         elif self.current_room is None:
-            self.output("!! you are in no room; /join #room first")
+            self._warn("you are in no room; /join #room first")
         else:
             self._track(self.client.send(self.current_room, text), "message not delivered")
 
@@ -149,10 +197,9 @@ class Controller:
                 if on_ok:
                     on_ok(f.result())
                 return
-            with self._lock:
-                self.failures += 1
+            self._failed()
             if not (isinstance(exc, ConnectionClosed) and self.quit_requested):
-                self.output(f"!! {what}: {exc}")
+                self._warn(f"{what}: {exc}")
 
         future.add_done_callback(done)
 
@@ -170,23 +217,23 @@ class Controller:
             return
         room = target or self.current_room
         if room is None:
-            self.output("!! you are in no room; /history #room")
+            self._warn("you are in no room; /history #room")
             return
         if not room.startswith("#"):
             room = "#" + room
         reply = self._wait(self.client.room_history(room, min(limit or 100, 1000)))
         events = self.client.history_events(reply)
         for event in events:
-            self.output(render(event, self.current_room))
+            self.output(notice_of(event, self.current_room))
         shown = sum(isinstance(e, Message) for e in events)
-        self.output(f"-- {shown} earlier messages of {room}")
+        self._info(f"{shown} earlier messages of {room}")
 
     def _local(self) -> LocalHistory | None:
         history = self.client.history
         if history is None:
-            self.output("!! local history is off (--no-history)")
+            self._warn("local history is off (--no-history)")
         elif history.failure:
-            self.output(f"!! local history: {history.failure}")
+            self._warn(f"local history: {history.failure}")
         return history
 
     def _local_history(self, peer: str, limit: int) -> None:
@@ -195,8 +242,8 @@ class Controller:
             return
         entries = history.conversation(peer, min(limit, 10_000))
         for entry in entries:
-            self.output(render_past(entry, self.client.user))
-        self.output(f"-- {len(entries)} messages with {peer[1:]} in your local history")
+            self.output(notices.line(render_past(entry, self.client.user)))
+        self._info(f"{len(entries)} messages with {peer[1:]} in your local history")
         self._report_refused(entries)
 
     def _cmd_search(self, words: str) -> None:
@@ -205,15 +252,15 @@ class Controller:
             return
         found = history.search(words, SEARCH_LIMIT)
         for entry in found:
-            self.output(render_past(entry, self.client.user))
+            self.output(notices.line(render_past(entry, self.client.user)))
         more = f" (the newest {SEARCH_LIMIT})" if len(found) == SEARCH_LIMIT else ""
-        self.output(f'-- {len(found)} messages found{more} for "{clean_line(words)}"')
+        self._info(f'{len(found)} messages found{more} for "{clean_line(words)}"')
         self._report_refused(found)
 
     def _report_refused(self, recalled: Recalled) -> None:
         if recalled.refused:
-            self.output(
-                f"!! {recalled.refused} entries of your local history failed their integrity"
+            self._warn(
+                f"{recalled.refused} entries of your local history failed their integrity"
                 " check (damaged, altered, or moved from another conversation) and were not shown"
             )
 
@@ -222,39 +269,39 @@ class Controller:
         self.current_room = room
         members = reply.get("members", [])
         self.names.update(members)
-        self.output(f"-- now talking in {room} ({_member_count(reply)} here)")
+        self._info(f"now talking in {room} ({_member_count(reply)} here)")
 
     def _cmd_part(self, room: str | None = None) -> None:
         room = room or self.current_room
         if room is None:
-            self.output("!! you are in no room")
+            self._warn("you are in no room")
             return
         self._wait(self.client.part(room))
         if room == self.current_room:
             self.current_room = self._fallback_room(room)
         where = f"; now talking in {self.current_room}" if self.current_room else ""
-        self.output(f"-- you left {room}{where}")
+        self._info(f"you left {room}{where}")
 
     def _cmd_rooms(self) -> None:
         rooms = self._wait(self.client.list_rooms()).get("rooms", [])
         listing = ", ".join(f"{clean_line(r['name'])} ({r['members']})" for r in rooms)
-        self.output(f"-- rooms: {listing or 'none'}")
+        self._info(f"rooms: {listing or 'none'}")
 
     def _cmd_who(self, room: str | None = None) -> None:
         room = room or self.current_room
         if room is None:
-            self.output("!! you are in no room; /who #room")
+            self._warn("you are in no room; /who #room")
             return
         reply = self._wait(self.client.who(room))
         members = reply.get("members", [])
         self.names.update(members)
         unlisted = _member_count(reply) - len(members)
         more = f" and {unlisted} more" if unlisted > 0 else ""
-        self.output(f"-- in {room}: {', '.join(clean_line(m) for m in members)}{more}")
+        self._info(f"in {room}: {', '.join(clean_line(m) for m in members)}{more}")
 
     def _cmd_me(self, action: str) -> None:
         if self.current_room is None:
-            self.output("!! you are in no room; /join #room first")
+            self._warn("you are in no room; /join #room first")
             return
         self._track(
             self.client.send(self.current_room, action, action=True), "action not delivered"
@@ -270,7 +317,7 @@ class Controller:
 
         def sent(reply: dict[str, Any]) -> None:
             queued = " (queued: they are offline)" if reply.get("status") == "queued" else ""
-            self.output(f"[{stamp}] -> *{user}* {mark} {clean_line(body)}{queued}")
+            self.output(notices.line(f"[{stamp}] -> *{user}* {mark} {clean_line(body)}{queued}"))
             if check.state is KeyState.NEW:
                 self._first_sight(user)
 
@@ -279,89 +326,123 @@ class Controller:
     def _cmd_query(self, user: str | None = None) -> None:
         self.query = user
         if user:
-            self.output(f"-- plain lines now go to {user} as direct messages; /query to stop")
+            self._info(f"plain lines now go to {user} as direct messages; /query to stop")
         else:
-            self.output(f"-- plain lines go to {self.current_room or 'no room'} again")
+            self._info(f"plain lines go to {self.current_room or 'no room'} again")
 
     def _cmd_whois(self, user: str) -> None:
         check = self.client.check_key(user)
         state = check.state.value
-        self.output(f"-- {user}: key {check.fingerprint} ({state})")
+        self._info(f"{user}: key {check.fingerprint} ({state})")
         if check.state is KeyState.CHANGED:
-            self.output(f"!! {check.warning()}")
+            self._warn(hints.key_changed(check))
 
+    @_owned
     def verify(self, user: str) -> Verification:
         """Look up the safety number(s) for `user` and remember what was shown: trust() marks
         only a key shown here."""
         shown = self.client.safety_number(user)
-        with self._lock:
-            self._shown[user] = shown
+        self._shown[user] = shown
         return shown
 
+    @_owned
     def trust(self, user: str, named: str | None = None) -> PinnedKey:
         """Mark verified the key that the last verify(user) showed and `named` names (see
         Verification.choose); asks the server nothing."""
-        with self._lock:
-            shown = self._shown.get(user)
+        shown = self._shown.get(user)
         if shown is None:
             raise commands.CommandError(
                 f"no safety number for {user} was shown yet: /verify {user} shows it; compare "
                 f"it with {user}, then /trust {user}"
             )
         entry = self.client.mark_verified(shown, named)
-        with self._lock:
-            if self._shown.get(user) is shown:
-                del self._shown[user]
+        if self._shown.get(user) is shown:
+            del self._shown[user]
         return entry
 
     def _cmd_verify(self, user: str) -> None:
         shown = self.verify(user)
         if shown.offered_key is None:
-            self.output(f"-- {user}'s key: {shown.pinned_fingerprint} ({shown.pinned_state.value})")
-            self.output(f"-- safety number with {user}: {shown.pinned_number}")
-            self.output(
-                f"-- compare it with {user} outside this chat; if it matches, /trust {user}"
-            )
+            self._info(f"{user}'s key: {shown.pinned_fingerprint} ({shown.pinned_state.value})")
+            self._info(f"safety number with {user}: {shown.pinned_number}")
+            self._info(f"compare it with {user} outside this chat; if it matches, /trust {user}")
             return
-        self.output(f"!! the server now offers {user} a different key than the one you pinned")
-        self.output(
-            f"-- pinned key: {shown.pinned_fingerprint} ({shown.pinned_state.value}); "
+        self._warn(f"the server now offers {user} a different key than the one you pinned")
+        self._info(
+            f"pinned key: {shown.pinned_fingerprint} ({shown.pinned_state.value}); "
             f"safety number: {shown.pinned_number}"
         )
-        self.output(
-            f"-- new key: {shown.offered_fingerprint}; safety number: {shown.offered_number}"
-        )
-        self.output(
-            f"-- compare with {user} outside this chat, and trust the key whose number matches:"
+        self._info(f"new key: {shown.offered_fingerprint}; safety number: {shown.offered_number}")
+        self._info(
+            f"compare with {user} outside this chat, and trust the key whose number matches:"
         )
         self._say_choices(user, shown.choices())
 
     def _say_choices(self, user: str, choices: list[tuple[str, str]]) -> None:
         for label, start in choices:
-            self.output(f"--   /trust {user} {start}   trusts {label}")
+            self._info(f"  /trust {user} {start}   trusts {label}")
 
     def _cmd_trust(self, user: str, *named: str) -> None:
         try:
             entry = self.trust(user, " ".join(named) if named else None)
         except KeyNotNamed as exc:
-            self.output(f"!! {exc}")
+            self._warn(str(exc))
             self._say_choices(user, exc.choices)
             return
-        self.output(f"-- {user}'s key {fingerprint(entry.key)} is now verified")
+        self._info(f"{user}'s key {fingerprint(entry.key)} is now verified")
 
     def _cmd_help(self) -> None:
         for line in commands.help_lines():
-            self.output(line)
+            self.output(notices.line(line))
 
     def _cmd_quit(self) -> None:
         self.quit_requested = True
 
 
+# Every command of commands.COMMANDS, and what runs it (checked at import below).
+HANDLERS: dict[str, Callable[..., None]] = {
+    "history": Controller._cmd_history,
+    "search": Controller._cmd_search,
+    "join": Controller._cmd_join,
+    "part": Controller._cmd_part,
+    "rooms": Controller._cmd_rooms,
+    "who": Controller._cmd_who,
+    "me": Controller._cmd_me,
+    "msg": Controller._cmd_msg,
+    "query": Controller._cmd_query,
+    "whois": Controller._cmd_whois,
+    "verify": Controller._cmd_verify,
+    "trust": Controller._cmd_trust,
+    "help": Controller._cmd_help,
+    "quit": Controller._cmd_quit,
+}
+if HANDLERS.keys() != commands.COMMANDS.keys():
+    raise ImportError(
+        f"commands without a handler, or handlers without a command: "
+        f"{sorted(HANDLERS.keys() ^ commands.COMMANDS.keys())}"
+    )
+
+
+class OwnerThread:
+    """The one thread that owns a controller, for front ends whose input and events arrive on
+    threads of their own: call(fn) runs fn there, in order, and returns its result or raises."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="controller")
+
+    def call(self, fn: Callable[[], R]) -> R:
+        return self._pool.submit(fn).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
 def _member_count(reply: dict[str, Any]) -> int:
     """How many are in the room: a big room's reply lists only the names that fit in a frame."""
     count, members = reply.get("count"), reply.get("members", [])
-    valid = isinstance(count, int) and not isinstance(count, bool) and count >= len(members)
-    return count if valid else len(members)
+    if isinstance(count, int) and not isinstance(count, bool) and count >= len(members):
+        return count
+    return len(members)
 
 
 def _is_unicode(text: str) -> bool:

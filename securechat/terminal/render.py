@@ -1,0 +1,108 @@
+"""Events as text lines for a terminal, with everything from other people made harmless.
+
+Names, message text and reasons come from other users or the server, so every one of them goes
+through securechat.client.text (clean, clean_line) before it reaches a line: nobody can move your
+cursor, clear your screen, retitle your terminal, or start a line that looks like one of ours.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from securechat.client.events import (
+    Closed,
+    DirectMessage,
+    DMRejected,
+    Event,
+    FrameDropped,
+    Joined,
+    Message,
+    Parted,
+    ServerError,
+)
+from securechat.client.history import Entry
+from securechat.client.text import clean, clean_line, stamp
+from securechat.terminal import hints, notices
+from securechat.terminal.notices import Notice
+
+CONTINUATION = "    | "
+
+
+def _body(text: str) -> str:
+    # Continuation lines are indented under a marker, so a message can never begin a line of
+    # its own that looks like a status line.
+    first, *more = clean(text).split("\n")
+    return "\n".join([first, *(CONTINUATION + line for line in more)])
+
+
+# How far a DM peer's key is trusted, shown on every DM line, in and out.
+KEY_MARKS = {"verified": "[verified]", "pinned": "[pinned]", "new": "[first seen]"}
+
+
+def key_mark(state: str) -> str:
+    """The mark for a DM peer's key state ("new", "pinned" or "verified")."""
+    return KEY_MARKS[state]
+
+
+def first_sight(peer: str, key_fingerprint: str) -> Notice:
+    """Said once, when a DM pins a peer's key: trust on first use is never silent."""
+    return notices.info(
+        f"{clean_line(peer)}'s key {key_fingerprint} was seen for the first time and pinned, "
+        f"not verified; compare safety numbers with them: /verify {clean_line(peer)}"
+    )
+
+
+def notice_of(event: Event, current_room: str | None = None) -> Notice:
+    """One event as a notice (its text may span lines only for a multi-line message)."""
+    if isinstance(event, Message):
+        where = "" if event.room == current_room else f"{clean_line(event.room)} "
+        mark = "[history] " if event.history else ""
+        sender = clean_line(event.sender)
+        if event.action:
+            return notices.line(f"[{stamp(event.ts)}] {mark}{where}* {sender} {_body(event.text)}")
+        return notices.line(f"[{stamp(event.ts)}] {mark}{where}<{sender}> {_body(event.text)}")
+    if isinstance(event, DirectMessage):
+        mark = key_mark(event.key_state)
+        sender = clean_line(event.sender)
+        return notices.line(f"[{stamp(event.ts)}] *{sender}* {mark} {_body(event.text)}")
+    if isinstance(event, Joined):
+        return notices.info(f"{clean_line(event.user)} joined {clean_line(event.room)}")
+    if isinstance(event, Parted):
+        reason = "" if event.reason == "left" else f" ({clean_line(event.reason)})"
+        return notices.info(f"{clean_line(event.user)} left {clean_line(event.room)}{reason}")
+    if isinstance(event, DMRejected):
+        return notices.warning(
+            f"a direct message from {clean_line(event.sender)} was refused "
+            f"({event.kind}): {_body(hints.rejected_detail(event))}"
+        )
+    if isinstance(event, FrameDropped):
+        return notices.warning(clean_line(event.detail))
+    if isinstance(event, ServerError):
+        return notices.warning(f"server: {clean_line(event.message)} ({clean_line(event.code)})")
+    if isinstance(event, Closed):
+        return notices.info(f"disconnected: {clean_line(event.reason)}")
+    raise TypeError(f"no rendering for {event!r}")
+
+
+def render(event: Event, current_room: str | None = None) -> str:
+    """One event as the terminal shows it."""
+    return notices.as_text(notice_of(event, current_room))
+
+
+def render_past(entry: Entry, me: str) -> str:
+    """One entry of the local history, dated, with its conversation."""
+    when = datetime.fromtimestamp(entry.ts / 1000).strftime("%Y-%m-%d %H:%M")
+    where = clean_line(entry.conversation)
+    sender = clean_line(entry.sender)
+    if entry.conversation.startswith("@"):
+        if entry.sender == me:
+            return f"[{when}] -> *{where[1:]}* {_body(entry.text)}"
+        return f"[{when}] *{sender}* {_body(entry.text)}"
+    if entry.action:
+        return f"[{when}] {where} * {sender} {_body(entry.text)}"
+    return f"[{when}] {where} <{sender}> {_body(entry.text)}"
+
+
+def one_line(text: str) -> str:
+    """For line mode: every event on exactly one line (newlines and backslashes escaped)."""
+    return text.replace("\\", "\\\\").replace("\n" + CONTINUATION, "\\n").replace("\n", "\\n")
