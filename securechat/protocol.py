@@ -29,7 +29,7 @@ import nacl.exceptions
 import nacl.signing
 
 from securechat import framing
-from securechat.errors import ProtocolError
+from securechat.errors import ErrorCode, ProtocolError
 
 PROTOCOL_VERSION = 1
 LOGIN_CONTEXT = b"securechat/login/v1"
@@ -69,7 +69,7 @@ ALLOWED: dict[State, frozenset[str]] = {
 
 
 def _bad(field: str, why: str) -> ProtocolError:
-    return ProtocolError("bad_field", f'field "{field}" {why}')
+    return ProtocolError(ErrorCode.BAD_FIELD, f'field "{field}" {why}')
 
 
 def valid_name(name: str) -> str | None:
@@ -95,7 +95,7 @@ def _name(value: Any, field: str) -> str:
         raise _bad(field, "must be a string")
     why = valid_name(value)
     if why:
-        raise ProtocolError("bad_name", f"user name {why}")
+        raise ProtocolError(ErrorCode.BAD_NAME, f"user name {why}")
     return value
 
 
@@ -104,7 +104,7 @@ def _room(value: Any, field: str) -> str:
         raise _bad(field, "must be a string")
     why = valid_room(value)
     if why:
-        raise ProtocolError("bad_room", f"room name {why}")
+        raise ProtocolError(ErrorCode.BAD_ROOM, f"room name {why}")
     return value
 
 
@@ -187,7 +187,7 @@ def _version(value: Any, field: str) -> int:
         # Echo at most a short piece: the value is whatever the client sent, and an error frame
         # must stay small (an unbounded echo overflowed the frame limit and cost two strikes).
         raise ProtocolError(
-            "bad_version",
+            ErrorCode.BAD_VERSION,
             f"protocol version {value!r:.40} is not supported (need {PROTOCOL_VERSION})",
         )
     return PROTOCOL_VERSION
@@ -229,7 +229,7 @@ def validate_client_frame(frame: Mapping[str, Any]) -> dict[str, Any]:
     ftype = frame["type"]
     schema = CLIENT_FRAMES.get(ftype)
     if schema is None:
-        raise ProtocolError("unknown_type", f'unknown frame type "{ftype[:40]}"')
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f'unknown frame type "{ftype[:40]}"')
     out: dict[str, Any] = {"type": ftype}
     for field, (check, required) in schema.items():
         if field in frame:
@@ -258,7 +258,7 @@ def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def error_frame(code: str, message: str, request_id: int | None = None) -> dict[str, Any]:
+def error_frame(code: ErrorCode, message: str, request_id: int | None = None) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
     if request_id is not None:
         frame["id"] = request_id
@@ -366,8 +366,10 @@ class ServerSession:
         ftype = raw["type"]
         if ftype not in ALLOWED[self.state]:
             if ftype not in CLIENT_FRAMES:
-                raise ProtocolError("unknown_type", f'unknown frame type "{ftype[:40]}"')
-            raise ProtocolError("not_allowed", f'"{ftype}" is not allowed while {self.state.value}')
+                raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f'unknown frame type "{ftype[:40]}"')
+            raise ProtocolError(
+                ErrorCode.NOT_ALLOWED, f'"{ftype}" is not allowed while {self.state.value}'
+            )
         try:
             request_id: int | None = _request_id(raw.get("id"), "id")
         except ProtocolError:
@@ -405,7 +407,7 @@ class ServerSession:
             nacl.signing.VerifyKey(self._claimed_key).verify(transcript, signature)
         except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError):
             self.state = State.CLOSING
-            self.send(error_frame("bad_signature", "login signature does not verify"))
+            self.send(error_frame(ErrorCode.BAD_SIGNATURE, "login signature does not verify"))
             return Close("bad login signature")
         self.state = State.AUTHENTICATING
         return LoginVerified(self._claimed_user, self._claimed_key)
@@ -417,12 +419,16 @@ class ServerSession:
         self.state = State.AUTHENTICATED
         self.send({"type": "welcome", "user": self.user, **welcome})
 
-    def login_refused(self, code: str, message: str) -> Close:
+    def close_with_error(
+        self, code: ErrorCode, message: str, request_id: int | None = None
+    ) -> Close:
+        """Refuse for good (a login the store refused, a full server, a store failure): the
+        error frame is the last thing the peer hears."""
         self.state = State.CLOSING
-        self.send(error_frame(code, message))
+        self.send(error_frame(code, message, request_id))
         return Close(message)
 
-    def reply_error(self, request_id: int, code: str, message: str) -> None:
+    def reply_error(self, request_id: int, code: ErrorCode, message: str) -> None:
         """Refuse one well-formed request the hub cannot do (not in that room, say): an
         ordinary user mistake, so it is no strike."""
         self.send(error_frame(code, message, request_id))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import nacl.signing
 import pytest
 
 from securechat import framing, protocol
+from securechat.errors import ErrorCode
 from securechat.protocol import Close, LoginVerified, Request, ServerSession, State
 
 SERVER_FP = bytes(range(32))
@@ -273,7 +275,7 @@ def test_login_refused_closes_with_the_reason(key) -> None:
     s.receive_data(hello(key))
     s.receive_data(signed_auth(key))
     s.take_outbox()
-    assert s.login_refused("name_taken", "taken") == Close("taken")
+    assert s.close_with_error(ErrorCode.NAME_TAKEN, "taken") == Close("taken")
     assert frames_of(s) == [{"type": "error", "code": "name_taken", "message": "taken"}]
     assert s.state is State.CLOSING
 
@@ -282,3 +284,11 @@ def test_every_state_has_a_rule() -> None:
     assert set(protocol.ALLOWED) == set(State)
     for allowed in protocol.ALLOWED.values():
         assert allowed <= set(protocol.CLIENT_FRAMES)
+
+
+def test_the_protocol_doc_lists_exactly_the_error_codes_of_the_enum() -> None:
+    rows = [f"| `{c.value}` | {c.when} | {c.closes} |" for c in ErrorCode]
+    table = "\n".join(["| code | when | closes the connection |", "|---|---|---|", *rows])
+    doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
+    assert table + "\n" in doc
+    assert len(rows) == 22

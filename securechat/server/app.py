@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from securechat import __version__, framing, protocol
 from securechat.errors import ConfigError, SecureChatError, StorageError
-from securechat.server.admission import Admission
+from securechat.server.admission import Admission, Refusal
 from securechat.server.connection import Connection
 from securechat.server.hub import Hub
 from securechat.server.loop import IOLoop
@@ -99,9 +99,6 @@ class Server:
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name="listener", daemon=True
         )
-        self._open_count = 0
-        self._count_lock = threading.Lock()
-        self._drained = threading.Condition(self._count_lock)
         self._stopped = threading.Event()
 
     def _listen(self) -> socket.socket:
@@ -161,7 +158,9 @@ class Server:
         for loop in self.loops:
             loop.call_soon(lambda loop=loop: kick_all(loop))
         done.wait(timeout)
-        self._wait_drained(timeout)
+        # Closing connections abort themselves once their last frames are written (or after
+        # LINGER); wait for that rather than cutting them off mid-write.
+        self.admission.wait_all_closed(timeout)
         for loop in self.loops:
             loop.stop()
         for loop in self.loops:
@@ -172,12 +171,6 @@ class Server:
         self._stop_r.close()
         self._stop_w.close()
         log.info("server stopped")
-
-    def _wait_drained(self, timeout: float) -> None:
-        # Closing connections abort themselves once their last frames are written (or after
-        # LINGER); wait for that rather than cutting them off mid-write.
-        with self._drained:
-            self._drained.wait_for(lambda: self._open_count == 0, timeout)
 
     def __enter__(self) -> Server:
         return self.start()
@@ -222,8 +215,6 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = f"{ip}:{addr[1]}" if len(addr) == 2 else f"[{ip}]:{addr[1]}"
             loop = next(self._next_loop)
-            with self._count_lock:
-                self._open_count += 1
             loop.call_soon(
                 lambda sock=sock, peer=peer, ip=ip, refusal=refusal, loop=loop: self._adopt(
                     loop, sock, peer, ip, refusal
@@ -232,7 +223,7 @@ class Server:
         return True
 
     def _adopt(
-        self, loop: IOLoop, sock: socket.socket, peer: str, ip: str, refusal: str | None
+        self, loop: IOLoop, sock: socket.socket, peer: str, ip: str, refusal: Refusal | None
     ) -> None:
         if self._stopped.is_set():
             sock.close()
@@ -241,21 +232,17 @@ class Server:
         if refusal is None:
             log.info("connection from %s", peer)
         else:
-            log.info("refusing %s: %s", peer, refusal)
+            log.info("refusing %s: %s", peer, refusal.message)
         Connection(self, loop, sock, peer, ip, refusal)
 
     def connection_closed(self, conn: Connection) -> None:
         self._release(conn.ip, conn.refusal)
 
-    def _release(self, ip: str, refusal: str | None) -> None:
+    def _release(self, ip: str, refusal: Refusal | None) -> None:
         if refusal is None:
             self.admission.release(ip)
         else:
             self.admission.end_refusal()
-        with self._drained:
-            self._open_count -= 1
-            if not self._open_count:
-                self._drained.notify_all()
 
     def run_blocking(self, work: Callable[[], T], then: Callable[[T | Exception], None]) -> None:
         """Run `work` on the store's worker thread, then `then(result)` back on the calling loop.
@@ -341,8 +328,7 @@ class Server:
 
     @property
     def open_connections(self) -> int:
-        with self._count_lock:
-            return self._open_count
+        return self.admission.open
 
 
 def _outcome(work: Callable[[], T]) -> T | Exception:

@@ -14,7 +14,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
-from securechat.errors import ConnectionClosed, ProtocolError, StorageError
+from securechat.errors import ConnectionClosed, ErrorCode, ProtocolError, StorageError
 from securechat.identity import fingerprint
 from securechat.protocol import (
     Close,
@@ -23,10 +23,10 @@ from securechat.protocol import (
     ServerSession,
     State,
     b64,
-    error_frame,
     now_ms,
 )
 from securechat.ratelimit import TokenBucket
+from securechat.server.admission import Refusal
 from securechat.server.store import Claim, QueuedDM, QuotaExceeded
 from securechat.tls import TLSStream
 
@@ -55,7 +55,7 @@ class Connection:
         sock: socket.socket,
         addr: str,
         ip: str = "",
-        refusal: str | None = None,
+        refusal: Refusal | None = None,
     ) -> None:
         self.server = server
         self.loop = loop
@@ -131,11 +131,9 @@ class Connection:
 
     def _refuse_connection(self) -> None:
         """Over a cap: say why in the one frame a client reads first, then close."""
-        reason = self.refusal or "refused"
-        self.session.state = State.CLOSING
-        code = "server_full" if reason.startswith("the server is full") else "too_many_connections"
-        self.session.send(error_frame(code, reason))
-        self.close_soon(reason)
+        assert self.refusal is not None
+        close = self.session.close_with_error(self.refusal.code, self.refusal.message)
+        self.close_soon(close.reason)
 
     def check_deadline(self, now: float) -> None:
         if self.closing is not None:
@@ -202,7 +200,7 @@ class Connection:
             config = self.server.config
             self.session.reply_error(
                 frame["id"],
-                "rate_limited",
+                ErrorCode.RATE_LIMITED,
                 f"slow down: the limit is {config.rate:g} requests a second, in bursts of at "
                 f"most {config.burst}; this one was not sent",
             )
@@ -216,12 +214,16 @@ class Connection:
         if not self.open:
             return
         if isinstance(result, QuotaExceeded):
-            self.session.reply_error(frame["id"], "quota_exceeded", str(result))
+            self.session.reply_error(frame["id"], ErrorCode.QUOTA_EXCEEDED, str(result))
         elif isinstance(result, ProtocolError):
             self.session.reply_error(frame["id"], result.code, result.message)
         elif isinstance(result, StorageError):
+            # The store failed us, not the client: say so and close, as the protocol promises.
             log.error("store error for %s: %s", self.user, result)
-            self.session.reply_error(frame["id"], "server_error", "server storage error")
+            close = self.session.close_with_error(
+                ErrorCode.SERVER_ERROR, "server storage error", frame["id"]
+            )
+            self.close_soon(close.reason)
         else:
             self.session.send({"type": "ok", "id": frame["id"], **fields})
         self.loop.dirty.add(self)
@@ -236,7 +238,9 @@ class Connection:
         if len(frame["box"]) > server.config.max_frame - DM_FRAME_OVERHEAD:
             # Relayed, it gains the sender's name and key: it must still fit in one frame.
             self.session.reply_error(
-                frame["id"], "too_large", "this direct message is too large to relay; split it"
+                frame["id"],
+                ErrorCode.TOO_LARGE,
+                "this direct message is too large to relay; split it",
             )
             return
         dm = QueuedDM(
@@ -245,7 +249,7 @@ class Connection:
 
         def accept() -> QueuedDM:
             if server.store.public_key(to) is None:
-                raise ProtocolError("no_such_user", f"nobody is called {to}")
+                raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody is called {to}")
             server.store.queue_dm(
                 dm,
                 ttl_ms=server.config.dm_ttl_ms,
@@ -291,7 +295,7 @@ class Connection:
         def lookup() -> bytes:
             key = self.server.store.public_key(user)
             if key is None:
-                raise ProtocolError("no_such_user", f"nobody is called {user}")
+                raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody is called {user}")
             return key
 
         def answer(result: object) -> None:
@@ -305,13 +309,12 @@ class Connection:
             return
         if isinstance(result, StorageError):
             log.error("store error during login of %s: %s", event.user, result)
-            self.close_soon(
-                self.session.login_refused("server_error", "server storage error").reason
-            )
+            close = self.session.close_with_error(ErrorCode.SERVER_ERROR, "server storage error")
+            self.close_soon(close.reason)
         elif result is Claim.TAKEN:
             log.info("refused name %s from %s: bound to another key", event.user, self.addr)
-            close = self.session.login_refused(
-                "name_taken", f'the name "{event.user}" belongs to another identity key'
+            close = self.session.close_with_error(
+                ErrorCode.NAME_TAKEN, f'the name "{event.user}" belongs to another identity key'
             )
             self.close_soon(close.reason)
         else:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from securechat import framing
-from securechat.errors import ProtocolError
+from securechat.errors import ErrorCode, ProtocolError
 from securechat.protocol import LOBBY, TEXT_MAX, now_ms
 from securechat.server.store import HistoryRow, QueuedDM
 
@@ -185,7 +185,7 @@ class Hub:
         room = self._member_room(conn, frame["room"])
         if len(frame["text"]) > self._max_message:
             raise ProtocolError(
-                "too_long", f"a message may be at most {self._max_message} characters here"
+                ErrorCode.TOO_LONG, f"a message may be at most {self._max_message} characters here"
             )
         ts = now_ms()
         message = {
@@ -212,7 +212,7 @@ class Hub:
     def _req_who(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
         room = self._rooms.get(frame["room"])
         if room is None:
-            raise ProtocolError("no_such_room", f"there is no room {frame['room']}")
+            raise ProtocolError(ErrorCode.NO_SUCH_ROOM, f"there is no room {frame['room']}")
         return {"room": room.name, **self._member_list(room)}
 
     # -- internals (lock held) --------------------------------------------------------------------
@@ -235,7 +235,7 @@ class Hub:
 
     def _member_room(self, conn: Connection, name: str) -> Room:
         if name not in conn.rooms:
-            raise ProtocolError("not_in_room", f"you are not in {name}")
+            raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"you are not in {name}")
         return self._rooms[name]
 
     def _join(self, conn: Connection, name: str) -> None:
