@@ -121,7 +121,7 @@ class ProtocolError(SecureChatError):
     connection cannot go on (the byte stream can no longer be trusted to be in sync).
     """
 
-    def __init__(self, code: str, message: str, *, fatal: bool = False) -> None:
+    def __init__(self, code: ErrorCode, message: str, *, fatal: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

@@ -181,7 +181,7 @@ def test_request_after_login_becomes_a_checked_event(key) -> None:
     events = s.receive_data(
         wire({"type": "say", "id": 3, "room": "#lobby", "text": "hi", "extra": "ignored"})
     )
-    assert events == [Request({"type": "say", "id": 3, "room": "#lobby", "text": "hi"})]
+    assert events == [Request(protocol.Say(id=3, room="#lobby", text="hi"))]
 
 
 @pytest.mark.parametrize(
