@@ -65,6 +65,9 @@ class Step(str, enum.Enum):
     LOGIN_ACCEPTED = "Name bound to the key"
     CLOSE = "Close"  # rule 5
 
+    def __str__(self) -> str:
+        return self.value
+
 
 _OPEN = (State.CONNECTED, State.CHALLENGED, State.AUTHENTICATING, State.AUTHENTICATED)
 _REQUESTS = ("join", "part", "say", "rooms", "who", "history", "keys", "dm", "ack")
@@ -465,7 +468,7 @@ class ServerSession:
         try:
             self.state = TRANSITIONS[self.state][key]
         except KeyError:
-            raise RuntimeError(f"no transition for {key!r} while {self.state.value}") from None
+            raise RuntimeError(f'no transition for "{key}" while {self.state.value}') from None
 
     # output
     def send(self, frame: Mapping[str, Any]) -> None:

@@ -292,3 +292,46 @@ def test_the_protocol_doc_lists_exactly_the_error_codes_of_the_enum() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
     assert table + "\n" in doc
     assert len(rows) == 22
+
+
+def test_a_table_entry_without_a_frame_class_is_caught_at_import(monkeypatch) -> None:
+    monkeypatch.setitem(protocol.TRANSITIONS[State.AUTHENTICATED], "shout", State.AUTHENTICATED)
+    with pytest.raises(RuntimeError) as info:
+        protocol._check_tables()
+    assert str(info.value).startswith("protocol tables disagree: frame types in TRANSITIONS")
+
+
+def test_a_request_no_state_accepts_is_caught_at_import(monkeypatch) -> None:
+    monkeypatch.delitem(protocol.TRANSITIONS[State.AUTHENTICATED], "who")
+    with pytest.raises(RuntimeError) as info:
+        protocol._check_tables()
+    assert "!= frame classes" in str(info.value)
+
+
+def test_a_request_without_a_server_handler_is_caught_at_import(monkeypatch) -> None:
+    from securechat.server import connection, requests
+
+    monkeypatch.delitem(requests.HANDLERS, protocol.Keys)
+    with pytest.raises(RuntimeError) as info:
+        connection._check_dispatch()
+    assert str(info.value) == (
+        "request handlers disagree with the protocol: store ['ack', 'dm'], "
+        "hub ['history', 'join', 'part', 'rooms', 'say', 'who']"
+    )
+
+
+def test_every_legal_move_of_the_session_is_in_one_table() -> None:
+    moves = {
+        (state.value, str(key), new.value)
+        for state, row in protocol.TRANSITIONS.items()
+        for key, new in row.items()
+        if new is not state
+    }
+    assert moves == {
+        ("connected", "hello", "challenged"),
+        ("challenged", "Signature verified", "authenticating"),
+        ("authenticating", "Name bound to the key", "authenticated"),
+        ("authenticated", "bye", "closing"),
+        *((s, "Close", "closing") for s in ("connected", "challenged", "authenticating")),
+        ("authenticated", "Close", "closing"),
+    }

@@ -92,13 +92,21 @@ class IOLoop(threading.Thread):
 
     # -- loop thread only -------------------------------------------------------------------------
 
+    def _owner_only(self) -> None:
+        # The one-owner rule, enforced where a connection asks its loop for service: a call
+        # from another thread is a bug that would race on the connection's TLS stream.
+        if threading.current_thread() is not self and self.is_alive():
+            raise RuntimeError(f"{self.name} called from {threading.current_thread().name}")
+
     def register(self, conn: Connection) -> None:
         """Adopt a connection: watch its socket for reading."""
+        self._owner_only()
         self.connections.add(conn)
         self.selector.register(conn.sock, selectors.EVENT_READ, conn)
 
     def unregister(self, conn: Connection) -> None:
         """Forget a connection that is closing; its socket is the caller's to close."""
+        self._owner_only()
         self.connections.discard(conn)
         self.dirty.discard(conn)
         try:
@@ -108,10 +116,12 @@ class IOLoop(threading.Thread):
 
     def mark_dirty(self, conn: Connection) -> None:
         """Write out what `conn` has queued before the next select."""
+        self._owner_only()
         self.dirty.add(conn)
 
     def watch_writable(self, conn: Connection, want: bool) -> None:
         """Be told when `conn`'s socket can take more (it has bytes waiting), or stop."""
+        self._owner_only()
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
         self.selector.modify(conn.sock, events, conn)
 
