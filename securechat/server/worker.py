@@ -50,7 +50,7 @@ class StoreWorker:
         self._jobs: list[Job] = []
         self._rows: list[HistoryRow] = []
         self._flush_at = 0.0  # when the rows waiting must be written
-        self._flushed_at = 0.0
+        self._flushed_at = float("-inf")
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="store", daemon=True)
         self._thread.start()
