@@ -51,7 +51,7 @@ class ErrorCode(str, enum.Enum):
     when: str
     closes: str
 
-    def __new__(cls, value: str, when: str, closes: str) -> ErrorCode:
+    def __new__(cls, value: str, when: str = "", closes: str = "") -> ErrorCode:
         member = str.__new__(cls, value)
         member._value_ = value
         member.when = when
@@ -117,11 +117,13 @@ class ErrorCode(str, enum.Enum):
 class ProtocolError(SecureChatError):
     """A peer sent bytes or frames that break the wire protocol.
 
-    `code` is the stable machine-readable error code sent in an error frame; `fatal` says the
-    connection cannot go on (the byte stream can no longer be trusted to be in sync).
+    `code` is the stable machine-readable error code sent in an error frame: an ErrorCode for
+    every error we raise, a plain string only for a code a peer sent that this version does not
+    know. `fatal` says the connection cannot go on (the byte stream can no longer be trusted to
+    be in sync).
     """
 
-    def __init__(self, code: ErrorCode, message: str, *, fatal: bool = False) -> None:
+    def __init__(self, code: ErrorCode | str, message: str, *, fatal: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

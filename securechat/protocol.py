@@ -503,7 +503,7 @@ class ServerSession:
 
     def _refuse(self, exc: ProtocolError, request_id: int | None = None) -> Close | None:
         self.strikes += 1
-        self.send(error_frame(exc.code, exc.message, request_id))
+        self.send(error_frame(ErrorCode(exc.code), exc.message, request_id))
         if exc.fatal or self.strikes >= MAX_STRIKES:
             self._move(Step.CLOSE)
             reason = exc.message if exc.fatal else "too many protocol errors"

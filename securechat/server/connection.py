@@ -186,7 +186,7 @@ class Connection:
         try:
             reply = self.ctx.hub.handle(self, frame)
         except ProtocolError as exc:
-            self.session.reply_error(frame.id, exc.code, exc.message)
+            self.session.reply_error(frame.id, ErrorCode(exc.code), exc.message)
         else:
             self.session.send(reply)
 

@@ -32,7 +32,7 @@ def reply(conn: Connection, request_id: int, result: object, fields: Mapping[str
     if isinstance(result, QuotaExceeded):
         conn.session.reply_error(request_id, ErrorCode.QUOTA_EXCEEDED, str(result))
     elif isinstance(result, ProtocolError):
-        conn.session.reply_error(request_id, result.code, result.message)
+        conn.session.reply_error(request_id, ErrorCode(result.code), result.message)
     elif isinstance(result, StorageError):
         # The store failed us, not the client: say so and close, as the protocol promises.
         log.error("store error for %s: %s", conn.user, result)
