@@ -335,3 +335,13 @@ def test_every_legal_move_of_the_session_is_in_one_table() -> None:
         *((s, "Close", "closing") for s in ("connected", "challenged", "authenticating")),
         ("authenticated", "Close", "closing"),
     }
+
+
+def test_a_session_with_an_owner_hands_over_each_frame_and_keeps_no_outbox(key) -> None:
+    sent: list[bytes] = []
+    s = ServerSession(SERVER_FP, nonce_source=lambda n: NONCE, emit=sent.append)
+    s.receive_data(wire({"type": "ping", "id": 4}))
+    assert [json.loads(data[4:]) for data in sent] == [{"type": "pong", "id": 4}]
+    with pytest.raises(RuntimeError) as info:
+        s.take_outbox()  # it would be empty: the frames went to their owner
+    assert str(info.value) == "this session hands its frames to emit; it keeps no outbox"
