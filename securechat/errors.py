@@ -6,6 +6,8 @@ what to do; the CLI prints that one line and exits non-zero, never a traceback.
 
 from __future__ import annotations
 
+import enum
+
 
 class SecureChatError(Exception):
     """Base of every error securechat raises on purpose."""
@@ -37,14 +39,103 @@ class AuthError(SecureChatError):
         self.code = code
 
 
+class ErrorCode(str, enum.Enum):
+    """The stable machine-readable `code` of an error frame: the whole list, in one place.
+
+    Each member carries when it is sent and whether the connection closes after it; the error
+    table in docs/PROTOCOL.md is made from these (tests/test_protocol.py checks that it is).
+    A member is its wire string (`ErrorCode.NOT_ALLOWED == "not_allowed"`), so a client may
+    compare a received code with either.
+    """
+
+    when: str
+    closes: str
+
+    def __new__(cls, value: str, when: str = "", closes: str = "") -> ErrorCode:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.when = when
+        member.closes = closes
+        return member
+
+    def __str__(self) -> str:
+        return self.value
+
+    FRAME_TOO_LARGE = ("frame_too_large", "a frame header above the limit", "yes")
+    BAD_FRAME = (
+        "bad_frame",
+        "zero length, not a JSON object, no string `type`",
+        "zero length: yes",
+    )
+    BAD_UTF8 = (
+        "bad_utf8",
+        'the payload is not UTF-8, or a string in it is a lone surrogate escape (`"\\ud800"`),'
+        " which has no UTF-8 form",
+        "no (a strike)",
+    )
+    BAD_JSON = ("bad_json", "the payload is not JSON", "no (a strike)")
+    UNKNOWN_TYPE = ("unknown_type", "a frame type the server does not know", "no (a strike)")
+    NOT_ALLOWED = ("not_allowed", "a frame the current state does not accept", "no (a strike)")
+    BAD_FIELD = ("bad_field", "a field is missing or of the wrong type or size", "no (a strike)")
+    BAD_NAME = ("bad_name", "a user name breaks the rules above", "no (a strike)")
+    BAD_ROOM = ("bad_room", "a room name breaks the rules above", "no (a strike)")
+    BAD_VERSION = (
+        "bad_version",
+        "`hello` asks for a protocol version the server does not speak",
+        "no (a strike)",
+    )
+    BAD_SIGNATURE = ("bad_signature", "the login signature does not verify", "yes")
+    NAME_TAKEN = ("name_taken", "the name belongs to another key", "yes")
+    SERVER_ERROR = ("server_error", "the server could not reach its store", "yes")
+    NOT_IN_ROOM = ("not_in_room", "`say` or `part` for a room you are not in", "no")
+    QUOTA_EXCEEDED = (
+        "quota_exceeded",
+        "the recipient's queue of waiting DMs is full, or the sender's share of it "
+        "(`--dm-sender-share`); the message says which",
+        "no",
+    )
+    NO_SUCH_USER = ("no_such_user", "`keys` for a name nobody has claimed", "no")
+    NO_SUCH_ROOM = ("no_such_room", "`who` for a room that does not exist", "no")
+    RATE_LIMITED = (
+        "rate_limited",
+        "a request over the user's rate, or sent after such a refusal without `resume`; it was "
+        "not carried out; `retry_after` says when to send it again (see Rate limit)",
+        "no; `--flood-refusals` in a row close it",
+    )
+    TOO_LONG = ("too_long", "`say` text longer than the server's `max_message`", "no")
+    TOO_LARGE = (
+        "too_large",
+        "a `dm` whose box, with the sender's name and key added, would not fit in one frame",
+        "no",
+    )
+    BAD_CERTIFICATE = (
+        "bad_certificate",
+        "with `--require-client-cert`, the client certificate is not one for a client "
+        "(instead of `challenge`)",
+        "yes",
+    )
+    SERVER_FULL = (
+        "server_full",
+        "the server is at `--max-connections` (instead of `challenge`)",
+        "yes",
+    )
+    TOO_MANY_CONNECTIONS = (
+        "too_many_connections",
+        "your address is at `--max-per-address` (instead of `challenge`)",
+        "yes",
+    )
+
+
 class ProtocolError(SecureChatError):
     """A peer sent bytes or frames that break the wire protocol.
 
-    `code` is the stable machine-readable error code sent in an error frame; `fatal` says the
-    connection cannot go on (the byte stream can no longer be trusted to be in sync).
+    `code` is the stable machine-readable error code sent in an error frame: an ErrorCode for
+    every error we raise, a plain string only for a code a peer sent that this version does not
+    know. `fatal` says the connection cannot go on (the byte stream can no longer be trusted to
+    be in sync).
     """
 
-    def __init__(self, code: str, message: str, *, fatal: bool = False) -> None:
+    def __init__(self, code: ErrorCode | str, message: str, *, fatal: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message

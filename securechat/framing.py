@@ -12,7 +12,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-from securechat.errors import ProtocolError
+from securechat.errors import ErrorCode, ProtocolError
 
 MAX_FRAME_DEFAULT = 64 * 1024
 # The smallest usable limit: a session's own replies (errors, pongs, challenges) must always fit,
@@ -26,7 +26,8 @@ def encode(frame: Mapping[str, Any], max_frame: int = MAX_FRAME_DEFAULT) -> byte
     payload = json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     if len(payload) > max_frame:
         raise ProtocolError(
-            "frame_too_large", f"frame of {len(payload)} bytes exceeds the {max_frame}-byte limit"
+            ErrorCode.FRAME_TOO_LARGE,
+            f"frame of {len(payload)} bytes exceeds the {max_frame}-byte limit",
         )
     return HEADER.pack(len(payload)) + payload
 
@@ -37,20 +38,22 @@ def parse(payload: bytes) -> dict[str, Any]:
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError:
-        raise ProtocolError("bad_utf8", "frame is not valid UTF-8") from None
+        raise ProtocolError(ErrorCode.BAD_UTF8, "frame is not valid UTF-8") from None
     try:
         obj = json.loads(text, parse_constant=_not_json)
     # ValueError covers JSONDecodeError and over-long integers; deep nesting raises RecursionError.
     except (ValueError, RecursionError):
-        raise ProtocolError("bad_json", "frame is not valid JSON") from None
+        raise ProtocolError(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
     if not isinstance(obj, dict):
-        raise ProtocolError("bad_frame", "frame must be a JSON object")
+        raise ProtocolError(ErrorCode.BAD_FRAME, "frame must be a JSON object")
     if not isinstance(obj.get("type"), str):
-        raise ProtocolError("bad_frame", 'frame has no string "type"')
+        raise ProtocolError(ErrorCode.BAD_FRAME, 'frame has no string "type"')
     # JSON may spell a lone surrogate as an escape (raw UTF-8 cannot hold one): such a string
     # has no UTF-8 form, so nothing could echo or store it. Only escapes can bring one in.
     if b"\\u" in payload and _has_lone_surrogate(obj):
-        raise ProtocolError("bad_utf8", "frame holds a lone surrogate, which is not valid Unicode")
+        raise ProtocolError(
+            ErrorCode.BAD_UTF8, "frame holds a lone surrogate, which is not valid Unicode"
+        )
     return obj
 
 
@@ -100,12 +103,12 @@ class FrameDecoder:
             (length,) = HEADER.unpack_from(self._buf)
             if length > self.max_frame:
                 raise ProtocolError(
-                    "frame_too_large",
+                    ErrorCode.FRAME_TOO_LARGE,
                     f"frame header announces {length} bytes; the limit is {self.max_frame}",
                     fatal=True,
                 )
             if length == 0:
-                raise ProtocolError("bad_frame", "empty frame", fatal=True)
+                raise ProtocolError(ErrorCode.BAD_FRAME, "empty frame", fatal=True)
             del self._buf[: HEADER.size]
             self._need = length
         if len(self._buf) < self._need:

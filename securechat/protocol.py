@@ -1,35 +1,40 @@
-"""Frame types, field validation, the login transcript, and the session state tables.
+"""Frame types, field validation, the login transcript, and the session state machine.
 
 No I/O here: the server and client sessions take bytes in and give frames and bytes out, so every
 rule can be tested by feeding bytes. The server never trusts a name or time the client writes;
-it stamps both itself.
+it stamps both itself. This module owns the wire vocabulary: the frames a client may send (one
+frozen dataclass each), the error codes (`ErrorCode`) and the states.
 
-Rules of the server session (the tables below are the whole truth):
+Rules of the server session (TRANSITIONS below is the whole truth; the session consults it for
+every move and checks nothing else):
   1. A session starts CONNECTED and may only say hello (or ping).
   2. hello moves it to CHALLENGED, with a fresh random nonce; only auth may follow.
   3. A valid signature over the login transcript moves it to AUTHENTICATING while the name is
      bound in the store; only then, AUTHENTICATED, are room frames accepted.
-  4. A frame not allowed in the current state is refused with error "not_allowed"; MAX_STRIKES
-     refusals of any kind close the connection.
+  4. A frame with no entry for the current state is refused with error "not_allowed";
+     MAX_STRIKES refusals of any kind close the connection.
+  5. Every open state may close (CLOSING): a fatal error, too many strikes, or the owner's
+     decision (shutdown, a refused login, a full server). CLOSING accepts nothing and is final.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import enum
 import os
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import nacl.exceptions
 import nacl.signing
 
 from securechat import framing
-from securechat.errors import ProtocolError
+from securechat.errors import ErrorCode, ProtocolError
 
 PROTOCOL_VERSION = 1
 LOGIN_CONTEXT = b"securechat/login/v1"
@@ -52,16 +57,41 @@ class State(enum.Enum):
     CLOSING = "closing"
 
 
-# Rule table: the client frame types each server-session state accepts.
+class Step(str, enum.Enum):
+    """What moves a session besides a client frame: an outcome the session or its owner reaches.
+    (Frame types are lower-case words; these are written so that no frame type can equal one.)"""
+
+    SIGNATURE_OK = "Signature verified"
+    LOGIN_ACCEPTED = "Name bound to the key"
+    CLOSE = "Close"  # rule 5
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_OPEN = (State.CONNECTED, State.CHALLENGED, State.AUTHENTICATING, State.AUTHENTICATED)
+_REQUESTS = ("join", "part", "say", "rooms", "who", "history", "keys", "dm", "ack")
+
+# Every legal (state, frame type or step) -> next state. Nothing else moves a session.
+TRANSITIONS: dict[State, dict[str, State]] = {
+    State.CONNECTED: {"hello": State.CHALLENGED, "ping": State.CONNECTED},
+    State.CHALLENGED: {"auth": State.CHALLENGED, "ping": State.CHALLENGED,
+                       Step.SIGNATURE_OK: State.AUTHENTICATING},
+    State.AUTHENTICATING: {"ping": State.AUTHENTICATING,
+                           Step.LOGIN_ACCEPTED: State.AUTHENTICATED},
+    State.AUTHENTICATED: {
+        **{ftype: State.AUTHENTICATED for ftype in (*_REQUESTS, "ping", "pong")},
+        "bye": State.CLOSING,
+    },
+    State.CLOSING: {},
+}  # fmt: skip
+for _state in _OPEN:
+    TRANSITIONS[_state][Step.CLOSE] = State.CLOSING
+
+# The client frame types each state accepts: the frame keys of the table.
 ALLOWED: dict[State, frozenset[str]] = {
-    State.CONNECTED: frozenset({"hello", "ping"}),
-    State.CHALLENGED: frozenset({"auth", "ping"}),
-    State.AUTHENTICATING: frozenset({"ping"}),
-    State.AUTHENTICATED: frozenset(
-        {"join", "part", "say", "rooms", "who", "history", "keys", "dm", "ack", "bye"}
-        | {"ping", "pong"}
-    ),
-    State.CLOSING: frozenset(),
+    state: frozenset(k for k in moves if not isinstance(k, Step))
+    for state, moves in TRANSITIONS.items()
 }
 
 
@@ -69,7 +99,7 @@ ALLOWED: dict[State, frozenset[str]] = {
 
 
 def _bad(field: str, why: str) -> ProtocolError:
-    return ProtocolError("bad_field", f'field "{field}" {why}')
+    return ProtocolError(ErrorCode.BAD_FIELD, f'field "{field}" {why}')
 
 
 def valid_name(name: str) -> str | None:
@@ -95,7 +125,7 @@ def _name(value: Any, field: str) -> str:
         raise _bad(field, "must be a string")
     why = valid_name(value)
     if why:
-        raise ProtocolError("bad_name", f"user name {why}")
+        raise ProtocolError(ErrorCode.BAD_NAME, f"user name {why}")
     return value
 
 
@@ -104,7 +134,7 @@ def _room(value: Any, field: str) -> str:
         raise _bad(field, "must be a string")
     why = valid_room(value)
     if why:
-        raise ProtocolError("bad_room", f"room name {why}")
+        raise ProtocolError(ErrorCode.BAD_ROOM, f"room name {why}")
     return value
 
 
@@ -170,10 +200,10 @@ ACK_MAX = 500
 HISTORY_MAX = 1000
 
 
-def _message_ids(value: Any, field: str) -> list[str]:
+def _message_ids(value: Any, field: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not 1 <= len(value) <= ACK_MAX:
         raise _bad(field, f"must be a list of 1 to {ACK_MAX} message ids")
-    return [_message_id(v, field) for v in value]
+    return tuple(_message_id(v, field) for v in value)
 
 
 def _limit(value: Any, field: str) -> int:
@@ -187,66 +217,173 @@ def _version(value: Any, field: str) -> int:
         # Echo at most a short piece: the value is whatever the client sent, and an error frame
         # must stay small (an unbounded echo overflowed the frame limit and cost two strikes).
         raise ProtocolError(
-            "bad_version",
+            ErrorCode.BAD_VERSION,
             f"protocol version {value!r:.40} is not supported (need {PROTOCOL_VERSION})",
         )
     return PROTOCOL_VERSION
 
 
 Check = Callable[[Any, str], Any]
-# On every rate-limited request: the sender has seen its earlier rate_limited refusals (see
-# TokenBucket.take_in_order).
-_RESUME: dict[str, tuple[Check, bool]] = {"resume": (_flag, False)}
-# Client frame schemas: field -> (check, required). Unknown extra fields are ignored so that a
-# newer client can talk to an older server.
+
+
+def _field(check: Check, default: Any = dataclasses.MISSING) -> Any:
+    """A frame field with the check that parses it; without a default it is required."""
+    return dataclasses.field(default=default, metadata={"check": check})
+
+
+def _resume() -> Any:
+    """On every rate-limited request: the sender has seen its earlier rate_limited refusals (see
+    TokenBucket.take_in_order)."""
+    return _field(_flag, False)
+
+
+# -- client frames: one frozen, validated class per frame type a client may send -----------------
+# Parsed once, at the boundary (ServerSession), and passed as these types from there on. Unknown
+# extra fields are ignored so that a newer client can talk to an older server.
+
+
+@dataclass(frozen=True)
+class Hello:
+    TYPE: ClassVar[str] = "hello"
+    user: str = _field(_name)
+    key: bytes = _field(_b64(32))
+    version: int = _field(_version)
+
+
+@dataclass(frozen=True)
+class Auth:
+    TYPE: ClassVar[str] = "auth"
+    signature: bytes = _field(_b64(64))
+
+
+@dataclass(frozen=True)
+class Join:
+    TYPE: ClassVar[str] = "join"
+    id: int = _field(_request_id)
+    room: str = _field(_room)
+    resume: bool = _resume()
+
+
+@dataclass(frozen=True)
+class Part:
+    TYPE: ClassVar[str] = "part"
+    id: int = _field(_request_id)
+    room: str = _field(_room)
+    resume: bool = _resume()
+
+
+@dataclass(frozen=True)
+class Say:
+    TYPE: ClassVar[str] = "say"
+    id: int = _field(_request_id)
+    room: str = _field(_room)
+    text: str = _field(_text)
+    action: bool = _field(_flag, False)
+    resume: bool = _resume()
+
+
+@dataclass(frozen=True)
+class Rooms:
+    TYPE: ClassVar[str] = "rooms"
+    id: int = _field(_request_id)
+    resume: bool = _resume()
+
+
+@dataclass(frozen=True)
+class Who:
+    TYPE: ClassVar[str] = "who"
+    id: int = _field(_request_id)
+    room: str = _field(_room)
+    resume: bool = _resume()
+
+
+@dataclass(frozen=True)
+class History:
+    TYPE: ClassVar[str] = "history"
+    id: int = _field(_request_id)
+    room: str = _field(_room)
+    limit: int | None = _field(_limit, None)  # None: all that is kept
+    resume: bool = _resume()
+
+
+@dataclass(frozen=True)
+class Keys:
+    TYPE: ClassVar[str] = "keys"
+    id: int = _field(_request_id)
+    user: str = _field(_name)
+    resume: bool = _resume()
+
+
+@dataclass(frozen=True)
+class DM:
+    TYPE: ClassVar[str] = "dm"
+    id: int = _field(_request_id)
+    to: str = _field(_name)
+    msg_id: str = _field(_message_id)
+    box: str = _field(_b64_blob)  # sealed, opaque to the server: relayed as the same string
+    resume: bool = _resume()
+
+
+@dataclass(frozen=True)
+class Ack:
+    TYPE: ClassVar[str] = "ack"
+    msg_ids: tuple[str, ...] = _field(_message_ids)
+
+
+@dataclass(frozen=True)
+class Ping:
+    TYPE: ClassVar[str] = "ping"
+    id: int = _field(_request_id)
+
+
+@dataclass(frozen=True)
+class Pong:
+    """The answer to the server's keep-alive ping."""
+
+    TYPE: ClassVar[str] = "pong"
+
+
+@dataclass(frozen=True)
+class Bye:
+    TYPE: ClassVar[str] = "bye"
+
+
+# What an authenticated client asks the server to do; the server answers each with "ok" (or an
+# error) carrying its id, except Ack, which is answered by nothing.
+RequestFrame = Join | Part | Say | Rooms | Who | History | Keys | DM | Ack
+ClientFrame = Hello | Auth | Ping | Pong | Bye | RequestFrame
+
+FRAME_CLASSES: dict[str, type[ClientFrame]] = {
+    cls.TYPE: cls
+    for cls in (Hello, Auth, Join, Part, Say, Rooms, Who, History, Keys, DM, Ack, Ping, Pong, Bye)
+}
+REQUEST_CLASSES: tuple[type[RequestFrame], ...] = (
+    Join, Part, Say, Rooms, Who, History, Keys, DM, Ack,
+)  # fmt: skip
+
+# Client frame schemas, derived from the classes: type -> field -> (check, required).
 CLIENT_FRAMES: dict[str, dict[str, tuple[Check, bool]]] = {
-    "hello": {"user": (_name, True), "key": (_b64(32), True), "version": (_version, True)},
-    "auth": {"signature": (_b64(64), True)},
-    "join": {"id": (_request_id, True), "room": (_room, True), **_RESUME},
-    "part": {"id": (_request_id, True), "room": (_room, True), **_RESUME},
-    "say": {
-        "id": (_request_id, True),
-        "room": (_room, True),
-        "text": (_text, True),
-        "action": (_flag, False),
-        **_RESUME,
-    },
-    "rooms": {"id": (_request_id, True), **_RESUME},
-    "who": {"id": (_request_id, True), "room": (_room, True), **_RESUME},
-    "keys": {"id": (_request_id, True), "user": (_name, True), **_RESUME},
-    "dm": {
-        "id": (_request_id, True),
-        "to": (_name, True),
-        "msg_id": (_message_id, True),
-        "box": (_b64_blob, True),
-        **_RESUME,
-    },
-    "ack": {"msg_ids": (_message_ids, True)},
-    "history": {
-        "id": (_request_id, True),
-        "room": (_room, True),
-        "limit": (_limit, False),
-        **_RESUME,
-    },
-    "ping": {"id": (_request_id, True)},
-    "pong": {},  # the answer to the server's keep-alive ping
-    "bye": {},
+    ftype: {
+        f.name: (f.metadata["check"], f.default is dataclasses.MISSING)
+        for f in dataclasses.fields(cls)
+    }
+    for ftype, cls in FRAME_CLASSES.items()
 }
 
 
-def validate_client_frame(frame: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a client frame against its schema; return the checked fields plus "type"."""
+def parse_client_frame(frame: Mapping[str, Any]) -> ClientFrame:
+    """Check a client frame (a parsed JSON object with a string "type") against its class."""
     ftype = frame["type"]
-    schema = CLIENT_FRAMES.get(ftype)
-    if schema is None:
-        raise ProtocolError("unknown_type", f'unknown frame type "{ftype[:40]}"')
-    out: dict[str, Any] = {"type": ftype}
-    for field, (check, required) in schema.items():
+    cls = FRAME_CLASSES.get(ftype)
+    if cls is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f'unknown frame type "{ftype[:40]}"')
+    values: dict[str, Any] = {}
+    for field, (check, required) in CLIENT_FRAMES[ftype].items():
         if field in frame:
-            out[field] = check(frame[field], field)
+            values[field] = check(frame[field], field)
         elif required:
             raise _bad(field, "is missing")
-    return out
+    return cls(**values)
 
 
 # -- login ----------------------------------------------------------------------------------------
@@ -269,7 +406,7 @@ def b64(raw: bytes) -> str:
 
 
 def error_frame(
-    code: str, message: str, request_id: int | None = None, **extra: Any
+    code: ErrorCode, message: str, request_id: int | None = None, **extra: Any
 ) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "error", "code": code, "message": message, **extra}
     if request_id is not None:
@@ -290,13 +427,13 @@ class LoginVerified:
 
 @dataclass(frozen=True)
 class Request:
-    """A checked frame from an authenticated client, for the hub to act on."""
+    """A checked frame from an authenticated client, for the server to act on."""
 
-    frame: dict[str, Any]
+    frame: RequestFrame
 
     @property
     def type(self) -> str:
-        return self.frame["type"]
+        return self.frame.TYPE
 
 
 @dataclass(frozen=True)
@@ -312,8 +449,9 @@ Event = LoginVerified | Request | Close
 class ServerSession:
     """The server side of one connection: bytes in, events and frames out.
 
-    Outgoing frames are collected in `outbox` (encoded bytes); the owner of the connection sends
-    them. The session never touches a socket, the store or the hub.
+    Each outgoing frame (encoded bytes) goes to `emit` as soon as it is made, or, without one,
+    into an outbox that take_outbox() empties (tests and fuzzing read it that way). The session
+    never touches a socket, the store or the hub.
     """
 
     def __init__(
@@ -321,6 +459,7 @@ class ServerSession:
         server_cert_sha256: bytes,
         max_frame: int = framing.MAX_FRAME_DEFAULT,
         nonce_source: Callable[[int], bytes] = os.urandom,
+        emit: Callable[[bytes], None] | None = None,
     ) -> None:
         if max_frame < framing.MIN_FRAME:
             # Below it a refusal could not be encoded, and receive_data would raise.
@@ -329,7 +468,9 @@ class ServerSession:
         self.user: str | None = None
         self.public_key: bytes | None = None
         self.strikes = 0
-        self.outbox: list[bytes] = []
+        self._outbox: list[bytes] = []
+        self._emit = emit if emit is not None else self._outbox.append
+        self._has_emit = emit is not None
         self._server_fp = server_cert_sha256
         self._decoder = framing.FrameDecoder(max_frame)
         self._max_frame = max_frame
@@ -338,12 +479,23 @@ class ServerSession:
         self._claimed_user: str | None = None
         self._claimed_key: bytes | None = None
 
+    def _move(self, key: str) -> None:
+        """Take the transition `key` (a frame type or a Step) names from the current state."""
+        try:
+            self.state = TRANSITIONS[self.state][key]
+        except KeyError:
+            raise RuntimeError(f'no transition for "{key}" while {self.state.value}') from None
+
     # output
     def send(self, frame: Mapping[str, Any]) -> None:
-        self.outbox.append(framing.encode(frame, self._max_frame))
+        self._emit(framing.encode(frame, self._max_frame))
 
     def take_outbox(self) -> list[bytes]:
-        out, self.outbox = self.outbox, []
+        """The frames made since the last call, oldest first (a session without `emit`)."""
+        if self._has_emit:
+            raise RuntimeError("this session hands its frames to emit; it keeps no outbox")
+        out = self._outbox[:]
+        self._outbox.clear()
         return out
 
     # input
@@ -367,83 +519,124 @@ class ServerSession:
 
     def _refuse(self, exc: ProtocolError, request_id: int | None = None) -> Close | None:
         self.strikes += 1
-        self.send(error_frame(exc.code, exc.message, request_id))
+        self.send(error_frame(ErrorCode(exc.code), exc.message, request_id))
         if exc.fatal or self.strikes >= MAX_STRIKES:
-            self.state = State.CLOSING
+            self._move(Step.CLOSE)
             reason = exc.message if exc.fatal else "too many protocol errors"
             return Close(reason)
         return None
 
     def _handle(self, raw: dict[str, Any]) -> Event | None:
         ftype = raw["type"]
+        if ftype not in FRAME_CLASSES:
+            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f'unknown frame type "{ftype[:40]}"')
         if ftype not in ALLOWED[self.state]:
-            if ftype not in CLIENT_FRAMES:
-                raise ProtocolError("unknown_type", f'unknown frame type "{ftype[:40]}"')
-            raise ProtocolError("not_allowed", f'"{ftype}" is not allowed while {self.state.value}')
+            raise ProtocolError(
+                ErrorCode.NOT_ALLOWED, f'"{ftype}" is not allowed while {self.state.value}'
+            )
         try:
             request_id: int | None = _request_id(raw.get("id"), "id")
         except ProtocolError:
             request_id = None  # an error reply carries the id only when it was a valid one
         try:
-            frame = validate_client_frame(raw)
+            frame = parse_client_frame(raw)
         except ProtocolError as exc:
             return self._refuse(exc, request_id)
-        if ftype == "ping":
-            self.send({"type": "pong", "id": frame["id"]})
-            return None
-        if ftype == "pong":
-            return None  # a sign of life is all it is
-        if ftype == "hello":
-            self._nonce = self._nonce_source(NONCE_BYTES)
-            self._claimed_user = frame["user"]
-            self._claimed_key = frame["key"]
-            self.state = State.CHALLENGED
-            self.send({"type": "challenge", "nonce": b64(self._nonce)})
-            return None
-        if ftype == "auth":
-            return self._auth(frame["signature"])
-        if ftype == "bye":
-            self.state = State.CLOSING
-            return Close("quit")
-        return Request(frame)
+        self._move(ftype)
+        handler = _SESSION_HANDLERS.get(type(frame))
+        if handler is None:
+            return Request(frame)  # type: ignore[arg-type]  # the rest are requests (checked)
+        return handler(self, frame)
 
-    def _auth(self, signature: bytes) -> Event | None:
+    def _hello(self, frame: Hello) -> None:
+        self._nonce = self._nonce_source(NONCE_BYTES)
+        self._claimed_user = frame.user
+        self._claimed_key = frame.key
+        self.send({"type": "challenge", "nonce": b64(self._nonce)})
+
+    def _auth(self, frame: Auth) -> Event:
         assert self._nonce is not None and self._claimed_user and self._claimed_key
         transcript = login_transcript(
             self._nonce, self._claimed_user, self._claimed_key, self._server_fp
         )
         self._nonce = None  # one signature per challenge, right or wrong
         try:
-            nacl.signing.VerifyKey(self._claimed_key).verify(transcript, signature)
+            nacl.signing.VerifyKey(self._claimed_key).verify(transcript, frame.signature)
         except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError):
-            self.state = State.CLOSING
-            self.send(error_frame("bad_signature", "login signature does not verify"))
+            self._move(Step.CLOSE)
+            self.send(error_frame(ErrorCode.BAD_SIGNATURE, "login signature does not verify"))
             return Close("bad login signature")
-        self.state = State.AUTHENTICATING
+        self._move(Step.SIGNATURE_OK)
         return LoginVerified(self._claimed_user, self._claimed_key)
+
+    def _ping(self, frame: Ping) -> None:
+        self.send({"type": "pong", "id": frame.id})
+
+    def _pong(self, frame: Pong) -> None:
+        return None  # a sign of life is all it is
+
+    def _bye(self, frame: Bye) -> Close:
+        return Close("quit")
 
     # outcomes decided by the owner (after the store has answered)
     def login_accepted(self, welcome: Mapping[str, Any]) -> None:
-        assert self.state is State.AUTHENTICATING
+        self._move(Step.LOGIN_ACCEPTED)
         self.user, self.public_key = self._claimed_user, self._claimed_key
-        self.state = State.AUTHENTICATED
         self.send({"type": "welcome", "user": self.user, **welcome})
 
-    def login_refused(self, code: str, message: str) -> Close:
-        self.state = State.CLOSING
-        self.send(error_frame(code, message))
+    def close_with_error(
+        self, code: ErrorCode, message: str, request_id: int | None = None
+    ) -> Close:
+        """Refuse for good (a login the store refused, a full server, a store failure): the
+        error frame is the last thing the peer hears."""
+        self._move(Step.CLOSE)
+        self.send(error_frame(code, message, request_id))
         return Close(message)
 
-    def reply_error(self, request_id: int, code: str, message: str, **extra: Any) -> None:
-        """Refuse one well-formed request the hub cannot do (not in that room, say): an
+    def reply_error(self, request_id: int, code: ErrorCode, message: str, **extra: Any) -> None:
+        """Refuse one well-formed request the server cannot do (not in that room, say): an
         ordinary user mistake, so it is no strike."""
         self.send(error_frame(code, message, request_id, **extra))
 
     def close(self, reason: str) -> None:
         """Tell the peer we are closing (shutdown, replaced, dropped)."""
         if self.state is not State.CLOSING:
-            self.state = State.CLOSING
+            self._move(Step.CLOSE)
             self.send({"type": "bye", "reason": reason})
+
+
+# The frames the session answers itself; every other accepted frame is a Request for its owner.
+_SESSION_HANDLERS: dict[type, Callable[[ServerSession, Any], Event | None]] = {
+    Hello: ServerSession._hello,
+    Auth: ServerSession._auth,
+    Ping: ServerSession._ping,
+    Pong: ServerSession._pong,
+    Bye: ServerSession._bye,
+}
+
+
+def _check_tables() -> None:
+    """At import: the transitions, the frame classes and the handlers name the same things."""
+    keys = {k for moves in TRANSITIONS.values() for k in moves}
+    frames_in_table = {k for k in keys if not isinstance(k, Step)}
+    problems = []
+    if set(TRANSITIONS) != set(State):
+        problems.append("TRANSITIONS must have a row for every state")
+    if frames_in_table != set(FRAME_CLASSES):
+        problems.append(f"frame types in TRANSITIONS {sorted(frames_in_table)} != frame classes")
+    if set(Step) - keys:
+        problems.append(f"steps never taken: {sorted(set(Step) - keys)}")
+    handled = set(_SESSION_HANDLERS) | set(REQUEST_CLASSES)
+    if handled != set(FRAME_CLASSES.values()) or set(_SESSION_HANDLERS) & set(REQUEST_CLASSES):
+        problems.append("every frame class needs exactly one of: a session handler, a request")
+    requests_in_table = {FRAME_CLASSES[t] for t in ALLOWED[State.AUTHENTICATED]}
+    if set(REQUEST_CLASSES) - requests_in_table:
+        problems.append("every request must be accepted when authenticated")
+    if problems:
+        raise RuntimeError("protocol tables disagree: " + "; ".join(problems))
+
+
+_check_tables()
 
 
 def now_ms() -> int:

@@ -1,10 +1,11 @@
 """TLS: the server and client SSL contexts, and one TLS connection driven over memory buffers.
 
-Theory of operation (DESIGN.md hazard 1): OpenSSL forbids using one SSL object from two threads at
-once and Python's ssl module adds no lock. So a TLSStream has exactly one owner thread, which feeds
-it the bytes read from the socket and sends the bytes it produces. Any other thread that wants to
-send hands plaintext to the owner and wakes it; it never touches the stream or the socket.
-TLSStream does no I/O itself, so the owner decides when to read, write and coalesce.
+Theory of operation (docs/ARCHITECTURE.md): OpenSSL forbids using one SSL object from two
+threads at once and Python's ssl module adds no lock. So a TLSStream has exactly one owner
+thread, which feeds it the bytes read from the socket and sends the bytes it produces. Any other
+thread that wants to send hands plaintext to the owner and wakes it; it never touches the stream
+or the socket. TLSStream does no I/O itself, so the owner decides when to read, write and
+coalesce.
 """
 
 from __future__ import annotations

@@ -62,7 +62,11 @@ class HoldingProxy:
                     if key.data is None:
                         self._wake_r.recv(64)
                     else:
-                        data = key.fileobj.recv(65536)
+                        try:
+                            data = key.fileobj.recv(65536)
+                        except ConnectionResetError:
+                            # A side that closes with bytes unread resets instead of ending.
+                            return
                         if not data:
                             return
                         if key.fileobj is client:

@@ -480,12 +480,13 @@ def test_300_stalled_connections_do_not_stop_a_real_client(certs_dir, tmp_path) 
 
 
 def test_a_bug_in_one_request_costs_only_that_connection(server, connect, monkeypatch) -> None:
+    from securechat.protocol import Rooms
     from securechat.server.hub import Hub
 
     def broken(self, conn, frame):
         raise RuntimeError("a bug we have not found yet")
 
-    monkeypatch.setattr(Hub, "_req_rooms", broken)  # stands in for any unexpected error
+    monkeypatch.setitem(Hub.HANDLERS, Rooms, broken)  # stands in for any unexpected error
     victim = connect("victim")
     with pytest.raises(Exception) as info:
         victim.list_rooms().result(5)

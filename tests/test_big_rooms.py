@@ -12,6 +12,7 @@ import pytest
 from securechat import framing
 from securechat.client import Client
 from securechat.client.events import Joined, Message, Parted
+from securechat.protocol import Join, Part, Who
 from securechat.server.hub import Hub
 from tests.cli_helpers import run_client
 from tests.conftest import wait_for
@@ -30,7 +31,6 @@ class StubLoop:
 class StubConn:
     user: str
     loop: StubLoop
-    rooms: set[str] = field(default_factory=set)
 
 
 def crowd(hub: Hub, names: list[str]) -> tuple[StubLoop, list[StubConn]]:
@@ -56,7 +56,7 @@ def test_a_part_from_a_big_room_is_told_only_to_the_user_who_leaves() -> None:
     hub = Hub(presence_limit=2)
     loop, (_ann, bob, cat) = crowd(hub, ["ann", "bob", "cat"])
     loop.frames.clear()
-    hub.handle(cat, {"type": "part", "id": 1, "room": "#lobby"})  # type: ignore[arg-type]
+    hub.handle(cat, Part(id=1, room="#lobby"))  # type: ignore[arg-type]
     hub.logout(bob, "quit")  # type: ignore[arg-type]  # two members left: announced again
     assert kinds(loop, "cat") == [("parted", "cat")]
     assert kinds(loop, "ann") == [("parted", "bob")]
@@ -71,20 +71,20 @@ def test_a_member_list_too_long_for_one_frame_is_cut_and_counted() -> None:
     hub = Hub(max_frame=framing.MIN_FRAME)
     names = [f"user{i:03d}-" + "x" * 20 for i in range(60)]
     _, conns = crowd(hub, names)
-    reply = hub.handle(conns[0], {"type": "who", "id": 7, "room": "#lobby"})  # type: ignore[arg-type]
+    reply = hub.handle(conns[0], Who(id=7, room="#lobby"))  # type: ignore[arg-type]
     assert reply["count"] == 60
     assert reply["truncated"] is True
     assert 0 < len(reply["members"]) < 60
     assert reply["members"] == sorted(names)[: len(reply["members"])]
     assert len(framing.encode(reply, framing.MIN_FRAME)) <= framing.MIN_FRAME + 4
-    join = hub.handle(conns[1], {"type": "join", "id": 8, "room": "#lobby"})  # type: ignore[arg-type]
+    join = hub.handle(conns[1], Join(id=8, room="#lobby"))  # type: ignore[arg-type]
     assert join["count"] == 60 and join["truncated"] is True
 
 
 def test_a_short_member_list_is_whole() -> None:
     hub = Hub()
     _, conns = crowd(hub, ["ann", "bob"])
-    reply = hub.handle(conns[0], {"type": "who", "id": 1, "room": "#lobby"})  # type: ignore[arg-type]
+    reply = hub.handle(conns[0], Who(id=1, room="#lobby"))  # type: ignore[arg-type]
     assert reply == {"type": "ok", "id": 1, "room": "#lobby", "members": ["ann", "bob"], "count": 2}
 
 

@@ -21,9 +21,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from securechat import certs
 from securechat.errors import CertificateError, ConfigError
 
+from .tools import find, needs
+
 REPO = Path(__file__).resolve().parents[1]
-OPENSSL = shutil.which("openssl")
-needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl command not installed")
+OPENSSL = find("openssl")
+needs_openssl = needs("openssl")
 
 
 def generate(out: Path, **kwargs: object) -> certs.Report:

@@ -8,6 +8,7 @@ message shown as genuine.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -16,12 +17,19 @@ import pytest
 
 from securechat.client import KeyChanged, RequestError
 from securechat.client.events import DirectMessage, DMRejected, Joined, Message
-from securechat.server.connection import Connection
+from securechat.protocol import DM
+from securechat.server import requests
 from securechat.trust import KeyState
 
 from .conftest import rewrite_sent_frames, wait_for
 
 SECRET = "meet me at the north gate at dawn"
+
+
+def hook_server_dm(monkeypatch, change) -> None:  # type: ignore[no-untyped-def]
+    """Make the server's dm handler act on `change(frame)` instead of the frame it got."""
+    original = requests.HANDLERS[DM]
+    monkeypatch.setitem(requests.HANDLERS, DM, lambda conn, f: original(conn, change(f)))
 
 
 def is_dm(e) -> bool:
@@ -115,9 +123,8 @@ def test_swapped_key_for_a_pinned_name_warns_and_sends_nothing(
     monkeypatch.setattr(
         server.store, "public_key", lambda user: mallory_key if user == "bob" else real(user)
     )
-    relayed: list[dict] = []
-    original = Connection._dm
-    monkeypatch.setattr(Connection, "_dm", lambda self, f: relayed.append(f) or original(self, f))
+    relayed: list[DM] = []
+    hook_server_dm(monkeypatch, lambda f: relayed.append(f) or f)
 
     with pytest.raises(KeyChanged) as info:
         alice.send_dm("bob", SECRET)
@@ -162,8 +169,7 @@ def test_flipped_ciphertext_byte_is_never_shown(connect, monkeypatch, position) 
 def test_dm_rerouted_to_someone_else_is_never_shown(connect, monkeypatch) -> None:
     alice, bob, carol = connect("alice"), connect("bob"), connect("carol")
     ready(alice, bob, carol)
-    original = Connection._dm
-    monkeypatch.setattr(Connection, "_dm", lambda self, f: original(self, {**f, "to": "carol"}))
+    hook_server_dm(monkeypatch, lambda f: dataclasses.replace(f, to="carol"))
     alice.send_dm("bob", SECRET).result(5)
     rejected = wait_for(carol, lambda e: isinstance(e, DMRejected | DirectMessage))
     assert isinstance(rejected, DMRejected)
@@ -197,10 +203,9 @@ def test_dm_reflected_back_to_its_sender_is_never_shown(connect, monkeypatch) ->
     alice, bob = connect("alice"), connect("bob")
     ready(alice, bob)
     bob_key = base64.b64encode(bob.identity.verify_key_bytes).decode()
-    original = Connection._dm
     # Deliver alice's DM for bob back to alice, stamped as from bob with bob's key: Box opens it
     # (the shared key is the same both ways); only the sealed names catch it.
-    monkeypatch.setattr(Connection, "_dm", lambda self, f: original(self, {**f, "to": "alice"}))
+    hook_server_dm(monkeypatch, lambda f: dataclasses.replace(f, to="alice"))
     rewrite_delivered_dms(monkeypatch, lambda f: [{**f, "from": "bob", "from_key": bob_key}])
     alice.send_dm("bob", SECRET).result(5)
     rejected = wait_for(alice, lambda e: isinstance(e, DMRejected | DirectMessage))
@@ -271,11 +276,12 @@ def test_server_disk_and_log_never_hold_dm_plaintext(connect, server, tmp_path: 
 def test_what_the_server_sees_of_a_dm(connect, monkeypatch) -> None:
     alice, bob = connect("alice"), connect("bob")
     ready(alice, bob)
-    seen: list[dict] = []
-    original = Connection._dm
-    monkeypatch.setattr(Connection, "_dm", lambda self, f: seen.append(f) or original(self, f))
+    seen: list[DM] = []
+    hook_server_dm(monkeypatch, lambda f: seen.append(f) or f)
     alice.send_dm("bob", SECRET).result(5)
     [frame] = seen
-    assert sorted(frame) == ["box", "id", "msg_id", "to", "type"]
-    assert SECRET.encode() not in base64.b64decode(frame["box"])
-    assert "alice" not in json.dumps(frame)
+    fields = dataclasses.asdict(frame)
+    assert sorted(fields) == ["box", "id", "msg_id", "resume", "to"]
+    assert frame.resume is False  # the only other field: flow control, not content
+    assert SECRET.encode() not in base64.b64decode(frame.box)
+    assert "alice" not in json.dumps(fields)

@@ -10,9 +10,11 @@ import pytest
 
 from securechat.client import Client, RequestError
 from securechat.client.events import DirectMessage, Message
+from securechat.errors import StorageError
 
 from .cli_helpers import ServerProcess
 from .conftest import drop_acks, start_server, wait_for
+from .raw import RawTLS
 
 
 def dial(address, certs_dir: Path, ident, user: str) -> Client:
@@ -221,3 +223,24 @@ def test_offline_dm_survives_sigkill_through_the_cli_alone(certs_dir, tmp_path, 
             assert secret.encode() not in path.read_bytes(), path
     finally:
         assert server.stop() == 0
+
+
+def test_a_store_failure_is_answered_with_server_error_and_closes_the_connection(
+    server, certs_dir, make_identity, monkeypatch
+) -> None:
+    def failing_disk(user: str) -> bytes | None:
+        # A disk that fails on demand cannot be made; the store raises what SQLite would give.
+        raise StorageError("server database error: disk I/O error")
+
+    monkeypatch.setattr(server.store, "public_key", failing_disk)
+    with RawTLS(server.address, certs_dir / "ca.pem") as raw:
+        raw.login("alice", make_identity("alice"))
+        raw.send_frame({"type": "keys", "id": 7, "user": "bob"})
+        error = raw.frame_of("error")
+        assert error == {
+            "type": "error",
+            "code": "server_error",
+            "message": "server storage error",
+            "id": 7,
+        }
+        assert raw.until_closed() == []

@@ -13,6 +13,7 @@ from securechat.client.chat_session import ChatSession
 from securechat.client.events import DirectMessage, FrameDropped, Joined, Message
 from securechat.client.history import LocalHistory
 from securechat.gui.model import ChatModel
+from securechat.protocol import History
 from securechat.terminal.controller import Controller
 from securechat.terminal.notices import as_text
 from securechat.terminal.render import render
@@ -129,10 +130,10 @@ def test_a_room_history_entry_for_a_dm_name_is_dropped_with_a_warning(
     alice, _bob, history = alice_and_bob
     forged = {"type": "message", "room": "@bob", "from": "bob", "text": FORGED, "ts": 1}
     honest = {"type": "message", "room": "#lobby", "from": "bob", "text": "earlier", "ts": 2}
-    monkeypatch.setattr(
-        server.hub,
-        "_req_history",
-        lambda conn, frame: {"room": frame["room"], "messages": [forged, honest, "junk"]},
+    monkeypatch.setitem(
+        server.hub.HANDLERS,
+        History,
+        lambda hub, conn, frame: {"room": frame.room, "messages": [forged, honest, "junk"]},
     )
     out: list[str] = []
     Controller(ChatSession(alice), lambda notice: out.append(as_text(notice))).handle_line(

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from securechat import framing, protocol
+from securechat.errors import ErrorCode
 from securechat.protocol import Close, LoginVerified, Request, ServerSession, State
 
 from .fuzz_strategies import (
@@ -183,7 +184,7 @@ class SessionMachine(RuleBasedStateMachine):
             assert [f["type"] for f in replies(self.s)] == ["welcome"]
             assert self.s.state is State.AUTHENTICATED
         else:
-            assert self.s.login_refused("name_taken", "taken") == Close("taken")
+            assert self.s.close_with_error(ErrorCode.NAME_TAKEN, "taken") == Close("taken")
             self.closed = True
             assert replies(self.s)[0]["code"] == "name_taken"
 

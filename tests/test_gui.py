@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from securechat.client.chat_session import ChatSession, Held
 from .cli_helpers import LineClient, ServerProcess, cli_env, run_client
 from .conftest import PASSPHRASE, REPO
 from .screenshot import take
+from .tools import needs, require
 
 tk = pytest.importorskip("tkinter")
 
@@ -40,8 +40,7 @@ def _free_display() -> int:
 
 @pytest.fixture(scope="module")
 def display() -> Iterator[str]:
-    if shutil.which("Xvfb") is None:
-        pytest.skip("Xvfb is not installed (.ci/run installs it with apt-get as root)")
+    require("Xvfb")
     number = _free_display()
     proc = subprocess.Popen(
         ["Xvfb", f":{number}", "-screen", "0", "1280x800x24", "-nolisten", "tcp"],
@@ -145,6 +144,7 @@ def key_file(tmp_path: Path, name: str) -> Path:
     return tmp_path / "cli-keys" / f"{name}.key"
 
 
+@needs("xwd")  # the screenshot
 def test_chat_in_lobby_and_a_dm_with_a_terminal_user(
     gui_for, server, certs_dir, tmp_path, display
 ) -> None:
@@ -330,9 +330,8 @@ def find_window(display: str, title: str) -> str:
     raise AssertionError(f"no window titled {title!r} on {display}")
 
 
+@needs("xdotool")
 def test_securechat_gui_from_the_command_line(display, certs_dir, tmp_path) -> None:
-    if shutil.which("xdotool") is None:
-        pytest.skip("xdotool is not installed (.ci/run installs it with apt-get as root)")
     srv = ServerProcess("--certs", str(certs_dir), "--data", str(tmp_path / "d"), cwd=tmp_path)
     proc = None
     try:

@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from securechat.cli import _LIMITS
+from securechat.errors import ErrorCode
 from securechat.ratelimit import TokenBucket
-from securechat.server.admission import Admission
+from securechat.server.admission import Admission, Refusal
 from securechat.server.app import ServerConfig
 
 from .conftest import REPO
@@ -62,9 +63,13 @@ def test_admission_caps_total_and_per_address() -> None:
     caps = Admission(max_total=3, max_per_address=2, max_refusing=1)
     assert caps.admit("10.0.0.1") is None
     assert caps.admit("10.0.0.1") is None
-    assert caps.admit("10.0.0.1") == "too many connections from your address (at most 2)"
+    assert caps.admit("10.0.0.1") == Refusal(
+        ErrorCode.TOO_MANY_CONNECTIONS, "too many connections from your address (at most 2)"
+    )
     assert caps.admit("10.0.0.2") is None
-    assert caps.admit("10.0.0.3") == "the server is full (3 connections); try again later"
+    assert caps.admit("10.0.0.3") == Refusal(
+        ErrorCode.SERVER_FULL, "the server is full (3 connections); try again later"
+    )
     assert (caps.total, caps.count("10.0.0.1")) == (3, 2)
     caps.release("10.0.0.1")
     assert caps.admit("10.0.0.3") is None
@@ -72,6 +77,7 @@ def test_admission_caps_total_and_per_address() -> None:
     assert caps.start_refusal() is False  # one refusal at a time may be explained
     caps.end_refusal()
     assert caps.start_refusal() is True
+    assert caps.open == 4  # three admitted, one being told why
 
 
 def test_zero_means_no_cap() -> None:

@@ -16,6 +16,7 @@ import pytest
 from scripts.loadgen import native, servers
 from securechat.server import Server
 from tests.cli_helpers import REPO, cli_env
+from tests.tools import needs
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -70,9 +71,7 @@ def test_dm_pairs_seal_and_open_real_direct_messages() -> None:
     assert row["still_connected"] == 4
 
 
-@pytest.mark.skipif(
-    servers.ngircd_binary() is None, reason="ngircd is not installed (.ci/run installs it)"
-)
+@needs("ngircd")
 def test_the_same_workload_runs_against_ngircd_and_gives_a_ratio() -> None:
     rows = loadgen("fanout", "-n", "6", "--senders", "2", "--duration", "1", "--target", "both")
     secure, irc, ratio = rows

@@ -4,6 +4,9 @@ arrives while a big room is being written to joins the writes still to come."""
 from __future__ import annotations
 
 import socket
+import threading
+
+import pytest
 
 from securechat.server.loop import FLUSH_CHUNK, IOLoop
 
@@ -82,3 +85,23 @@ def test_a_message_arriving_mid_fan_out_joins_the_writes_still_to_come() -> None
         loop.selector.close()
         loop._wake_r.close()
         loop._wake_w.close()
+
+
+def test_a_connection_can_ask_only_its_own_loop_for_service() -> None:
+    loop = IOLoop(0)
+    loop.start()
+    try:
+        with pytest.raises(RuntimeError) as info:
+            loop.mark_dirty(Member())  # type: ignore[arg-type]
+        assert str(info.value) == f"io-0 called from {threading.current_thread().name}"
+        member, done = Member(), threading.Event()
+
+        def on_the_loop() -> None:
+            loop.mark_dirty(member)  # type: ignore[arg-type]
+            done.set()
+
+        loop.call_soon(on_the_loop)
+        assert done.wait(10)
+    finally:
+        loop.stop()
+        loop.join(10)

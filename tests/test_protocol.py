@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import nacl.signing
 import pytest
 
 from securechat import framing, protocol
+from securechat.errors import ErrorCode
 from securechat.protocol import Close, LoginVerified, Request, ServerSession, State
 
 SERVER_FP = bytes(range(32))
@@ -179,7 +181,7 @@ def test_request_after_login_becomes_a_checked_event(key) -> None:
     events = s.receive_data(
         wire({"type": "say", "id": 3, "room": "#lobby", "text": "hi", "extra": "ignored"})
     )
-    assert events == [Request({"type": "say", "id": 3, "room": "#lobby", "text": "hi"})]
+    assert events == [Request(protocol.Say(id=3, room="#lobby", text="hi"))]
 
 
 @pytest.mark.parametrize(
@@ -273,7 +275,7 @@ def test_login_refused_closes_with_the_reason(key) -> None:
     s.receive_data(hello(key))
     s.receive_data(signed_auth(key))
     s.take_outbox()
-    assert s.login_refused("name_taken", "taken") == Close("taken")
+    assert s.close_with_error(ErrorCode.NAME_TAKEN, "taken") == Close("taken")
     assert frames_of(s) == [{"type": "error", "code": "name_taken", "message": "taken"}]
     assert s.state is State.CLOSING
 
@@ -282,3 +284,64 @@ def test_every_state_has_a_rule() -> None:
     assert set(protocol.ALLOWED) == set(State)
     for allowed in protocol.ALLOWED.values():
         assert allowed <= set(protocol.CLIENT_FRAMES)
+
+
+def test_the_protocol_doc_lists_exactly_the_error_codes_of_the_enum() -> None:
+    rows = [f"| `{c.value}` | {c.when} | {c.closes} |" for c in ErrorCode]
+    table = "\n".join(["| code | when | closes the connection |", "|---|---|---|", *rows])
+    doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
+    assert table + "\n" in doc
+    assert len(rows) == 23
+
+
+def test_a_table_entry_without_a_frame_class_is_caught_at_import(monkeypatch) -> None:
+    monkeypatch.setitem(protocol.TRANSITIONS[State.AUTHENTICATED], "shout", State.AUTHENTICATED)
+    with pytest.raises(RuntimeError) as info:
+        protocol._check_tables()
+    assert str(info.value).startswith("protocol tables disagree: frame types in TRANSITIONS")
+
+
+def test_a_request_no_state_accepts_is_caught_at_import(monkeypatch) -> None:
+    monkeypatch.delitem(protocol.TRANSITIONS[State.AUTHENTICATED], "who")
+    with pytest.raises(RuntimeError) as info:
+        protocol._check_tables()
+    assert "!= frame classes" in str(info.value)
+
+
+def test_a_request_without_a_server_handler_is_caught_at_import(monkeypatch) -> None:
+    from securechat.server import connection, requests
+
+    monkeypatch.delitem(requests.HANDLERS, protocol.Keys)
+    with pytest.raises(RuntimeError) as info:
+        connection._check_dispatch()
+    assert str(info.value) == (
+        "request handlers disagree with the protocol: store ['ack', 'dm'], "
+        "hub ['history', 'join', 'part', 'rooms', 'say', 'who']"
+    )
+
+
+def test_every_legal_move_of_the_session_is_in_one_table() -> None:
+    moves = {
+        (state.value, str(key), new.value)
+        for state, row in protocol.TRANSITIONS.items()
+        for key, new in row.items()
+        if new is not state
+    }
+    assert moves == {
+        ("connected", "hello", "challenged"),
+        ("challenged", "Signature verified", "authenticating"),
+        ("authenticating", "Name bound to the key", "authenticated"),
+        ("authenticated", "bye", "closing"),
+        *((s, "Close", "closing") for s in ("connected", "challenged", "authenticating")),
+        ("authenticated", "Close", "closing"),
+    }
+
+
+def test_a_session_with_an_owner_hands_over_each_frame_and_keeps_no_outbox(key) -> None:
+    sent: list[bytes] = []
+    s = ServerSession(SERVER_FP, nonce_source=lambda n: NONCE, emit=sent.append)
+    s.receive_data(wire({"type": "ping", "id": 4}))
+    assert [json.loads(data[4:]) for data in sent] == [{"type": "pong", "id": 4}]
+    with pytest.raises(RuntimeError) as info:
+        s.take_outbox()  # it would be empty: the frames went to their owner
+    assert str(info.value) == "this session hands its frames to emit; it keeps no outbox"

@@ -129,7 +129,7 @@ def test_sealing_twice_gives_different_envelopes() -> None:
     assert first.envelope[1:25] != second.envelope[1:25]
 
 
-# -- known-answer vector (STYLE.md section 5) ------------------------------------------------------
+# -- known-answer vector, with the randomness pinned -----------------------------------------
 
 KAT_NONCE = bytes(range(24))
 KAT_RECORD = (

@@ -527,10 +527,10 @@ def concurrent_tls_use(monkeypatch) -> list[str]:
 def test_many_threads_sending_into_reading_connections_lose_nothing(
     connect, concurrent_tls_use
 ) -> None:
-    """DESIGN.md hazard 1: threads hammer send() on clients whose sockets are being read at the
-    same moment, while the server's loops deliver into connections they are reading. With one
-    owner per TLS connection no stream is ever used by two threads at once, there is no SSL
-    error, and nothing is lost or reordered."""
+    """The one-owner rule (docs/ARCHITECTURE.md): threads hammer send() on clients whose sockets
+    are being read at the same moment, while the server's loops deliver into connections they
+    are reading. With one owner per TLS connection no stream is ever used by two threads at
+    once, there is no SSL error, and nothing is lost or reordered."""
     names = ("alice", "bob", "carol", "dave", "erin", "frank")
     clients = {n: connect(n) for n in names}
     for c in clients.values():

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import nacl.signing
 
 from securechat import framing, protocol, sealing
+from securechat.client.session import ClientSession
+from securechat.identity import Identity
 
 LOBBY = "#lobby"
 
@@ -31,19 +33,19 @@ class Login:
     done: bool = False
     cert_sha256: bytes = b""
     buf: bytearray = field(default_factory=bytearray)  # an IRC line not yet complete
-    decoder: framing.FrameDecoder = field(default_factory=framing.FrameDecoder)
-    _key: nacl.signing.SigningKey | None = None
+    session: ClientSession = field(default_factory=ClientSession)  # securechat's, the library's
+    _identity: Identity | None = None
 
     @property
-    def key(self) -> nacl.signing.SigningKey:
-        if self._key is None:
-            self._key = nacl.signing.SigningKey(self.seed)
-        return self._key
+    def identity(self) -> Identity:
+        if self._identity is None:  # derived once: deriving the key costs more than signing
+            self._identity = Identity(None, nacl.signing.SigningKey(self.seed), self.name)
+        return self._identity
 
 
 class SecureChatWire:
     """securechat: hello, a challenge signed with the client's Ed25519 key, welcome (which joins
-    #lobby, the benchmark room)."""
+    #lobby, the benchmark room). The login is the library's own client session."""
 
     name = "securechat"
     room = LOBBY
@@ -61,32 +63,14 @@ class SecureChatWire:
         self._id = 0
 
     def greeting(self, login: Login) -> bytes:
-        key = login.key
-        hello = {
-            "type": "hello",
-            "user": login.name,
-            "key": protocol.b64(bytes(key.verify_key)),
-            "version": protocol.PROTOCOL_VERSION,
-        }
-        return framing.encode(hello)
+        return login.session.hello(login.name, login.identity)
 
     def feed(self, login: Login, data: bytes) -> bytes:
         out = []
-        decoder = login.decoder
-        decoder.feed(data)
-        while (payload := decoder.next_payload()) is not None:
-            frame = framing.parse(payload)
+        for frame in login.session.receive_data(data):
             kind = frame["type"]
             if kind == "challenge":
-                key = login.key
-                transcript = protocol.login_transcript(
-                    base64.b64decode(frame["nonce"]),
-                    login.name,
-                    bytes(key.verify_key),
-                    login.cert_sha256,
-                )
-                signature = key.sign(transcript).signature
-                out.append(framing.encode({"type": "auth", "signature": protocol.b64(signature)}))
+                out.append(login.session.auth(frame, login.name, login.identity, login.cert_sha256))
             elif kind == "welcome":
                 login.done = True
                 break
@@ -196,7 +180,7 @@ class DirectMessages:
 
     def __init__(self, login: Login, partner: str, partner_seed: bytes) -> None:
         self.me = login.name
-        self.key = nacl.signing.SigningKey(login.seed)
+        self.key = login.identity.signing_key
         self.partner = partner
         self.partner_key = bytes(nacl.signing.SigningKey(partner_seed).verify_key)
         self.decoder = framing.FrameDecoder()

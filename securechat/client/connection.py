@@ -1,9 +1,8 @@
 """The client's TLS connection: opened and logged in by the caller, then owned by one I/O thread.
 
 Until login completes the socket is used only by the thread that called open_connection(); from
-then on only by the ClientConnection thread (OpenSSL forbids reading and writing one SSL object
-from two threads at once). Other threads send by handing bytes to that thread (send()), which
-coalesces what is queued into one TLS write.
+then on only by the ClientConnection thread (docs/ARCHITECTURE.md says why). Other threads send
+by handing bytes to that thread (send()), which coalesces what is queued into one TLS write.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import itertools
 from typing import Any
 
 from securechat import framing, protocol
-from securechat.errors import ProtocolError
+from securechat.errors import ErrorCode, ProtocolError
 from securechat.identity import Identity
 
 MAX_FRAME_CEILING = 16 * 1024 * 1024  # the most `securechat server --max-frame` allows
@@ -77,5 +77,5 @@ def _b64field(frame: dict[str, Any], field: str, size: int) -> bytes:
     except (binascii.Error, ValueError):
         raw = b""
     if len(raw) != size:
-        raise ProtocolError("bad_field", f'server sent a bad "{field}"')
+        raise ProtocolError(ErrorCode.BAD_FIELD, f'server sent a bad "{field}"')
     return raw

@@ -2,37 +2,36 @@
 
 The listener only accepts and hands each socket to a loop (round robin); the TLS handshake runs
 non-blocking on that loop, so a slow or silent client never holds up the listener or anyone
-else. Blocking work runs on the store worker thread and reports back through the loop's inbox.
+else. Blocking work runs on the store worker thread (worker.py) and reports back through the
+loop's inbox. docs/ARCHITECTURE.md describes the threads and what each owns.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import itertools
 import logging
 import os
 import selectors
 import socket
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from securechat import __version__, framing, protocol
-from securechat.errors import ConfigError, SecureChatError, StorageError
-from securechat.server.admission import Admission
+from securechat.errors import ConfigError
+from securechat.server.admission import Admission, Refusal
 from securechat.server.connection import Connection
+from securechat.server.context import ServerContext
 from securechat.server.hub import Hub
 from securechat.server.loop import IOLoop
 from securechat.server.store import DMQuota, HistoryRow, SQLiteStore
+from securechat.server.worker import StoreWorker
 from securechat.tls import server_context
 
 log = logging.getLogger("securechat.server")
-T = TypeVar("T")
 ACCEPT_PAUSE = 0.1  # seconds to wait after accept() fails before trying again
-HISTORY_FLUSH_DELAY = 0.1  # seconds room messages wait to be written to the store together
 
 
 @dataclass
@@ -83,18 +82,14 @@ class Server:
         self.ssl_context, self.cert_sha256 = server_context(
             config.certs_dir, require_client_cert=config.require_client_cert
         )
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
-        # The store is opened on its worker thread: SQLite connections stay on one thread.
-        self.store = self._worker.submit(SQLiteStore, config.data_dir / "securechat.db").result()
-        self._jobs: list[tuple[Callable[[], Any], Callable[[Any], None], IOLoop]] = []
-        self._jobs_lock = threading.Lock()
-        self._history_rows: list[HistoryRow] = []
-        self._history_lock = threading.Lock()
-        self._history_flushed_at = 0.0
+        self._worker = StoreWorker(
+            lambda: SQLiteStore(config.data_dir / "securechat.db"), config.history
+        )
+        self.store = self._worker.store
         self.hub = Hub(
             config.max_frame,
             config.history,
-            self._queue_history_row,
+            self._worker.add_history,
             config.max_message,
             config.presence_limit,
         )
@@ -109,10 +104,16 @@ class Server:
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name="listener", daemon=True
         )
-        self._open_count = 0
-        self._count_lock = threading.Lock()
-        self._drained = threading.Condition(self._count_lock)
         self._stopped = threading.Event()
+        self._context = ServerContext(
+            config=config,
+            ssl_context=self.ssl_context,
+            cert_sha256=self.cert_sha256,
+            hub=self.hub,
+            worker=self._worker,
+            welcome=self.welcome(),
+            closed=self.connection_closed,
+        )
 
     def _listen(self) -> socket.socket:
         host, port = self.config.host, self.config.port
@@ -156,38 +157,28 @@ class Server:
         self._stopped.set()
         self._stop_w.send(b"\0")
         self._accept_thread.join(timeout)
-        done = threading.Event()
-        remaining = [len(self.loops)]
-        lock = threading.Lock()
+        kicked = [threading.Event() for _ in self.loops]
 
-        def kick_all(loop: IOLoop) -> None:
+        def kick_all(loop: IOLoop, done: threading.Event) -> None:
             for conn in list(loop.connections):
                 conn.kick(reason) if conn.user else conn.abort(reason)
-            with lock:
-                remaining[0] -= 1
-                if not remaining[0]:
-                    done.set()
+            done.set()
 
-        for loop in self.loops:
-            loop.call_soon(lambda loop=loop: kick_all(loop))
-        done.wait(timeout)
-        self._wait_drained(timeout)
+        for loop, done in zip(self.loops, kicked, strict=True):
+            loop.call_soon(functools.partial(kick_all, loop, done))
+        for done in kicked:
+            done.wait(timeout)
+        # Closing connections abort themselves once their last frames are written (or after
+        # LINGER); wait for that rather than cutting them off mid-write.
+        self.admission.wait_all_closed(timeout)
         for loop in self.loops:
             loop.stop()
         for loop in self.loops:
             loop.join(timeout)
-        self._worker.submit(self._flush_history).result(timeout)
-        self._worker.submit(self.store.close).result(timeout)
-        self._worker.shutdown(wait=True)
+        self._worker.stop(timeout)
         self._stop_r.close()
         self._stop_w.close()
         log.info("server stopped")
-
-    def _wait_drained(self, timeout: float) -> None:
-        # Closing connections abort themselves once their last frames are written (or after
-        # LINGER); wait for that rather than cutting them off mid-write.
-        with self._drained:
-            self._drained.wait_for(lambda: self._open_count == 0, timeout)
 
     def __enter__(self) -> Server:
         return self.start()
@@ -232,17 +223,11 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = f"{ip}:{addr[1]}" if len(addr) == 2 else f"[{ip}]:{addr[1]}"
             loop = next(self._next_loop)
-            with self._count_lock:
-                self._open_count += 1
-            loop.call_soon(
-                lambda sock=sock, peer=peer, ip=ip, refusal=refusal, loop=loop: self._adopt(
-                    loop, sock, peer, ip, refusal
-                )
-            )
+            loop.call_soon(functools.partial(self._adopt, loop, sock, peer, ip, refusal))
         return True
 
     def _adopt(
-        self, loop: IOLoop, sock: socket.socket, peer: str, ip: str, refusal: str | None
+        self, loop: IOLoop, sock: socket.socket, peer: str, ip: str, refusal: Refusal | None
     ) -> None:
         if self._stopped.is_set():
             sock.close()
@@ -251,52 +236,19 @@ class Server:
         if refusal is None:
             log.info("connection from %s", peer)
         else:
-            log.info("refusing %s: %s", peer, refusal)
-        Connection(self, loop, sock, peer, ip, refusal)
+            log.info("refusing %s: %s", peer, refusal.message)
+        Connection(self._context, loop, sock, peer, ip, refusal)
 
     def connection_closed(self, conn: Connection) -> None:
         self._release(conn.ip, conn.refusal)
 
-    def _release(self, ip: str, refusal: str | None) -> None:
+    def _release(self, ip: str, refusal: Refusal | None) -> None:
         if refusal is None:
             self.admission.release(ip)
         else:
             self.admission.end_refusal()
-        with self._drained:
-            self._open_count -= 1
-            if not self._open_count:
-                self._drained.notify_all()
 
-    def run_blocking(self, work: Callable[[], T], then: Callable[[T | Exception], None]) -> None:
-        """Run `work` on the store's worker thread, then `then(result)` back on the calling loop.
-
-        Jobs that queue up while the worker is busy run as one batch in one transaction (group
-        commit): a hundred DMs cost one sync to disk, not a hundred. Every `then` runs after that
-        commit, so a sender hears "queued" only once its DM is durable.
-        """
-        loop = threading.current_thread()
-        assert isinstance(loop, IOLoop)
-        with self._jobs_lock:
-            self._jobs.append((work, then, loop))
-            if len(self._jobs) > 1:
-                return  # a batch run is already scheduled and will take this job too
-        self._worker.submit(self._run_jobs)
-
-    def _run_jobs(self) -> None:
-        with self._jobs_lock:
-            jobs, self._jobs = self._jobs, []
-        results: list[Any] = []
-        try:
-            with self.store.batch():
-                for work, _, _ in jobs:
-                    results.append(_outcome(work))
-        except SecureChatError as exc:  # the commit failed: nothing of this batch is stored
-            log.error("store batch of %d failed: %s", len(jobs), exc)
-            results = [exc] * len(jobs)
-        for (_, then, loop), result in zip(jobs, results, strict=True):
-            loop.call_soon(lambda then=then, result=result: then(result))
-
-    # -- room history: a batched writer on the store's worker thread ------------------------------
+    # -- room history -----------------------------------------------------------------------------
 
     def _stored_history(self) -> list[HistoryRow]:
         return [
@@ -304,39 +256,6 @@ class Server:
             for room in self.store.rooms_with_history()
             for row in self.store.room_history(room, self.config.history)
         ]
-
-    def _queue_history_row(self, row: HistoryRow) -> None:
-        # Called under the hub's lock on an I/O loop: only append, and schedule one flush if
-        # none is pending. A message in a quiet room is written at once; in a busy one, rows
-        # wait up to HISTORY_FLUSH_DELAY to share a transaction, so the room costs ten commits
-        # (and syncs to disk) a second, not one per message. A crash can lose those last rows.
-        with self._history_lock:
-            self._history_rows.append(row)
-            if len(self._history_rows) > 1:
-                return
-            delay = self._history_flushed_at + HISTORY_FLUSH_DELAY - time.monotonic()
-        if delay <= 0:
-            self._schedule_history_flush()
-            return
-        timer = threading.Timer(delay, self._schedule_history_flush)
-        timer.daemon = True
-        timer.start()
-
-    def _schedule_history_flush(self) -> None:
-        try:
-            self._worker.submit(self._flush_history)
-        except RuntimeError:
-            pass  # the server has stopped, and stop() flushed what was left
-
-    def _flush_history(self) -> None:
-        with self._history_lock:
-            rows, self._history_rows = self._history_rows, []
-            self._history_flushed_at = time.monotonic()
-        if rows and self.config.history > 0:
-            try:
-                self.store.append_history(rows, self.config.history)
-            except SecureChatError as exc:
-                log.error("could not save room history: %s", exc)
 
     def welcome(self) -> dict[str, Any]:
         config = self.config
@@ -352,17 +271,4 @@ class Server:
 
     @property
     def open_connections(self) -> int:
-        with self._count_lock:
-            return self._open_count
-
-
-def _outcome(work: Callable[[], T]) -> T | Exception:
-    """What one store job gives its caller: its result, or the error it met."""
-    try:
-        return work()
-    except SecureChatError as exc:
-        return exc
-    except Exception:
-        # A bug in one job must not undo the others in its batch; its caller hears of an error.
-        log.exception("store job failed")
-        return StorageError("internal server error")
+        return self.admission.open

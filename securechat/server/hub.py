@@ -1,8 +1,11 @@
 """The hub: rooms, presence and routing, the only state shared between I/O loops.
 
-Callers are I/O loop threads. One lock guards the tables; inside it we only append to loops'
-inboxes (never a socket write), which keeps a room's messages in one order for every member.
-A broadcast frame is encoded once and the same bytes go to every recipient.
+Callers are I/O loop threads. One lock guards every table here, including which rooms each
+connection is in (the hub's, not the connection's: a login on one loop may part a connection
+owned by another). Inside the lock we only append to loops' inboxes (never a socket write),
+which keeps a room's messages in one order for every member. A broadcast frame is encoded once
+and the same bytes go to every recipient. Of a connection the hub reads only `user` and `loop`,
+both fixed before it logs in.
 """
 
 from __future__ import annotations
@@ -10,17 +13,29 @@ from __future__ import annotations
 import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from securechat import framing
-from securechat.errors import ProtocolError
-from securechat.protocol import LOBBY, TEXT_MAX, now_ms
+from securechat.errors import ErrorCode, ProtocolError
+from securechat.protocol import (
+    LOBBY,
+    TEXT_MAX,
+    History,
+    Join,
+    Part,
+    RequestFrame,
+    Rooms,
+    Say,
+    Who,
+    now_ms,
+)
 from securechat.server.store import HistoryRow, QueuedDM
 
 if TYPE_CHECKING:
     from securechat.server.connection import Connection
     from securechat.server.loop import IOLoop
 
+RoomRequest = Join | Part | Say | Rooms | Who | History
 HISTORY_REPLY_OVERHEAD = 256  # the reply frame's own fields around its messages
 MEMBERS_REPLY_OVERHEAD = 256  # likewise around a member list
 
@@ -58,6 +73,7 @@ class Hub:
         self._lock = threading.Lock()
         self._users: dict[str, Connection] = {}
         self._rooms: dict[str, Room] = {}
+        self._joined: dict[Connection, set[str]] = {}  # room names, per logged-in connection
         self._max_frame = max_frame
         self._max_message = max_message
         # The last messages of each room, as frames marked history, each with its encoded
@@ -136,6 +152,7 @@ class Hub:
             if old is not None:
                 self._leave_all(old, "logged in again from elsewhere")
             self._users[conn.user] = conn
+            self._joined[conn] = set()
             self._join(conn, LOBBY)
         return old
 
@@ -145,23 +162,23 @@ class Hub:
                 del self._users[conn.user]
                 self._leave_all(conn, reason)
 
-    def handle(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, conn: Connection, frame: RoomRequest) -> dict[str, Any]:
         """Carry out one request; return the reply frame (an "ok" with the request id)."""
-        handler = getattr(self, f"_req_{frame['type']}")
+        handler = self.HANDLERS[type(frame)]
         with self._lock:
-            fields = handler(conn, frame)
-        return {"type": "ok", "id": frame["id"], **fields}
+            fields = handler(self, conn, frame)
+        return {"type": "ok", "id": frame.id, **fields}
 
-    def _req_join(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
-        room = frame["room"]
-        if room not in conn.rooms:
+    def _req_join(self, conn: Connection, frame: Join) -> dict[str, Any]:
+        room = frame.room
+        if room not in self._joined[conn]:
             self._join(conn, room)
         return {"room": room, **self._member_list(self._rooms[room])}
 
-    def _req_history(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
-        room = self._member_room(conn, frame["room"])
+    def _req_history(self, conn: Connection, frame: History) -> dict[str, Any]:
+        room = self._member_room(conn, frame.room)
         kept = self._history.get(room.name, ())
-        limit = frame.get("limit", len(kept))
+        limit = len(kept) if frame.limit is None else frame.limit
         # The newest that fit in one reply frame (a room of long messages may not all fit).
         budget = self._max_frame - HISTORY_REPLY_OVERHEAD
         messages: list[dict[str, Any]] = []
@@ -176,44 +193,54 @@ class Hub:
             fields["truncated"] = True
         return fields
 
-    def _req_part(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
-        room = self._member_room(conn, frame["room"])
+    def _req_part(self, conn: Connection, frame: Part) -> dict[str, Any]:
+        room = self._member_room(conn, frame.room)
         self._part(conn, room, "left")
         return {"room": room.name}
 
-    def _req_say(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
-        room = self._member_room(conn, frame["room"])
-        if len(frame["text"]) > self._max_message:
+    def _req_say(self, conn: Connection, frame: Say) -> dict[str, Any]:
+        room = self._member_room(conn, frame.room)
+        if len(frame.text) > self._max_message:
             raise ProtocolError(
-                "too_long", f"a message may be at most {self._max_message} characters here"
+                ErrorCode.TOO_LONG, f"a message may be at most {self._max_message} characters here"
             )
         ts = now_ms()
         message = {
             "type": "message",
             "room": room.name,
             "from": conn.user,
-            "text": frame["text"],
+            "text": frame.text,
             "ts": ts,
         }
-        if frame.get("action"):
+        if frame.action:
             message["action"] = True
         self._broadcast(room, message)
         self._remember(message)
         if self._history_sink is not None:
-            self._history_sink(
-                HistoryRow(room.name, conn.user, frame["text"], ts, bool(frame.get("action")))
-            )
+            self._history_sink(HistoryRow(room.name, conn.user, frame.text, ts, frame.action))
         return {"room": room.name, "ts": ts}
 
-    def _req_rooms(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
+    def _req_rooms(self, conn: Connection, frame: Rooms) -> dict[str, Any]:
         rooms = [{"name": r.name, "members": len(r.members)} for r in self._rooms.values()]
         return {"rooms": sorted(rooms, key=lambda r: r["name"])}
 
-    def _req_who(self, conn: Connection, frame: dict[str, Any]) -> dict[str, Any]:
-        room = self._rooms.get(frame["room"])
+    def _req_who(self, conn: Connection, frame: Who) -> dict[str, Any]:
+        room = self._rooms.get(frame.room)
         if room is None:
-            raise ProtocolError("no_such_room", f"there is no room {frame['room']}")
+            raise ProtocolError(ErrorCode.NO_SUCH_ROOM, f"there is no room {frame.room}")
         return {"room": room.name, **self._member_list(room)}
+
+    # The room requests, each with its handler (which runs under the lock).
+    HANDLERS: ClassVar[
+        dict[type[RequestFrame], Callable[[Hub, Connection, Any], dict[str, Any]]]
+    ] = {
+        Join: _req_join,
+        Part: _req_part,
+        Say: _req_say,
+        Rooms: _req_rooms,
+        Who: _req_who,
+        History: _req_history,
+    }
 
     # -- internals (lock held) --------------------------------------------------------------------
 
@@ -234,8 +261,8 @@ class Hub:
         return 0 < self._presence_limit < len(room.members)
 
     def _member_room(self, conn: Connection, name: str) -> Room:
-        if name not in conn.rooms:
-            raise ProtocolError("not_in_room", f"you are not in {name}")
+        if name not in self._joined[conn]:
+            raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"you are not in {name}")
         return self._rooms[name]
 
     def _join(self, conn: Connection, name: str) -> None:
@@ -246,7 +273,7 @@ class Hub:
         for _, data in self._history.get(name, ()):
             conn.loop.deliver(data, (conn,))
         room.add(conn)
-        conn.rooms.add(name)
+        self._joined[conn].add(name)
         frame = {"type": "joined", "room": name, "user": conn.user, "ts": now_ms()}
         if self._quiet(room):
             self._tell(conn, frame)
@@ -267,15 +294,16 @@ class Hub:
         elif notify_self:
             self._broadcast(room, frame)
         room.remove(conn)
-        conn.rooms.discard(room.name)
+        self._joined[conn].discard(room.name)
         if not notify_self and not quiet:
             self._broadcast(room, frame)
         if not room.members and room.name != LOBBY:
             del self._rooms[room.name]
 
     def _leave_all(self, conn: Connection, reason: str) -> None:
-        for name in list(conn.rooms):
+        for name in list(self._joined[conn]):
             self._part(conn, self._rooms[name], reason, notify_self=False)
+        del self._joined[conn]
 
     def _broadcast(self, room: Room, frame: dict[str, Any]) -> None:
         data = framing.encode(frame, self._max_frame)

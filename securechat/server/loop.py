@@ -1,9 +1,25 @@
 """An I/O thread: one selector event loop that owns many connections.
 
-Only this thread reads or writes the sockets and TLS streams of its connections (DESIGN.md
-hazard 1). Other threads talk to it through call_soon() and deliver(), which append to an inbox
-and wake the selector; frames queued for one connection between two turns of the loop leave in
-one TLS write.
+Theory of operation (the reasons and the measured figures are in docs/ARCHITECTURE.md):
+
+OpenSSL forbids using one SSL object from two threads at once, and Python's ssl module adds no
+lock of its own, so a TLS connection shared between threads is a latent crash or corruption.
+Hence one rule: a connection, its socket, its TLSStream, its ServerSession and its queue of
+pending frames belong to the IOLoop that adopted it, and only that loop's thread calls a method
+of any of them. The loop is the only code that reads or writes the socket.
+
+Every other thread (the listener, the store worker, another loop calling into the hub) may use
+exactly two methods here: call_soon(fn), to run fn on this loop, and deliver(data, conns), to
+queue an encoded frame for some of this loop's connections. Both append to an inbox and wake
+the selector through a socket pair; nothing else of a loop is thread-safe.
+
+One turn of the loop: select; read every readable socket and feed its session (replies queue
+up); run the inbox (deliveries from other loops, store answers); then write each connection
+marked dirty, all its queued frames as one TLS write. Writes are coalesced this way: whatever
+was queued for one connection between two turns leaves in one record and one send().
+
+A connection asks its loop for service only through register(), unregister(), mark_dirty(),
+watch_writable() and add_deadline(), all of them loop-thread only.
 """
 
 from __future__ import annotations
@@ -75,6 +91,39 @@ class IOLoop(threading.Thread):
                 pass  # a wake-up is already pending, or we are shutting down
 
     # -- loop thread only -------------------------------------------------------------------------
+
+    def _owner_only(self) -> None:
+        # The one-owner rule, enforced where a connection asks its loop for service: a call
+        # from another thread is a bug that would race on the connection's TLS stream.
+        if threading.current_thread() is not self and self.is_alive():
+            raise RuntimeError(f"{self.name} called from {threading.current_thread().name}")
+
+    def register(self, conn: Connection) -> None:
+        """Adopt a connection: watch its socket for reading."""
+        self._owner_only()
+        self.connections.add(conn)
+        self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def unregister(self, conn: Connection) -> None:
+        """Forget a connection that is closing; its socket is the caller's to close."""
+        self._owner_only()
+        self.connections.discard(conn)
+        self.dirty.discard(conn)
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+
+    def mark_dirty(self, conn: Connection) -> None:
+        """Write out what `conn` has queued before the next select."""
+        self._owner_only()
+        self.dirty.add(conn)
+
+    def watch_writable(self, conn: Connection, want: bool) -> None:
+        """Be told when `conn`'s socket can take more (it has bytes waiting), or stop."""
+        self._owner_only()
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+        self.selector.modify(conn.sock, events, conn)
 
     def _queue(self, data: bytes, conns: Iterable[Connection]) -> None:
         dirty = self.dirty
