@@ -67,7 +67,9 @@ class Party:
 
     def load(self) -> None:
         """(Re)open everything from disk, as a restarted client does."""
-        self.identity = identity.load(self.key_path, PASSPHRASE)
+        self.identity = identity.load(
+            self.key_path, PASSPHRASE, min_kdf=identity.KDF_FAST_FOR_TESTS
+        )
         self.device, created = storage.load_or_create_device(self.identity)
         self.store, notes = storage.load_sessions(self.identity)
         self.notes += [n.text for n in notes]
