@@ -264,26 +264,25 @@ def publish_prekeys(
 ) -> PrekeyCount:
     """Add one-time keys and at most one fallback key (which replaces the one held), all or none.
 
-    A key id the device already holds, or one given twice, refuses the whole batch: a one-time
-    key handed out twice would lose its forward secrecy.
+    A key id the device already holds for that kind of key, or one given twice, refuses the
+    whole batch: a one-time key handed out twice would lose its forward secrecy.
     """
     require_active(db, user, device_id)
     fallbacks = [k for k in keys if k.fallback]
     if len(fallbacks) > 1:
         raise PrekeyRefused(f"{len(fallbacks)} fallback keys were published at once; one at most")
-    ids = [k.key_id for k in keys]
+    # vodozemac numbers one-time and fallback keys apart, so an id is unique within its kind.
+    ids = [(k.fallback, k.key_id) for k in keys]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
-    held = {
-        r[0]
-        for r in db.execute(
-            "SELECT key_id FROM prekeys WHERE user = ? AND device_id = ?", (user, device_id)
-        )
-    }
-    repeated += sorted(held.intersection(ids))
+    held = db.execute(
+        "SELECT fallback, key_id FROM prekeys WHERE user = ? AND device_id = ?", (user, device_id)
+    ).fetchall()
+    repeated += sorted({(bool(f), k) for f, k in held}.intersection(ids))
     if repeated:
+        kind = "fallback" if repeated[0][0] else "one-time"
         raise PrekeyRefused(
-            f"key id {repeated[0]} is already held for {user}'s device {device_id}; no key of "
-            "this batch was stored"
+            f"{kind} key id {repeated[0][1]} is already held for {user}'s device {device_id}; "
+            "no key of this batch was stored"
         )
     count = prekey_count(db, user, device_id)
     one_time = count.one_time + len(keys) - len(fallbacks)

@@ -150,7 +150,7 @@ MIGRATIONS: tuple[str, ...] = (
         key_id TEXT NOT NULL,
         fallback INTEGER NOT NULL,
         prekey TEXT NOT NULL,
-        UNIQUE (user, device_id, key_id)
+        UNIQUE (user, device_id, fallback, key_id)
     );
     CREATE INDEX prekeys_by_device ON prekeys (user, device_id, fallback, seq);
     CREATE TABLE device_queue (
