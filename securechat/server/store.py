@@ -1,5 +1,6 @@
 """The server's durable state behind a small interface (Store), so sessions never know which
-store they use: names bound to keys, the queue of sealed DMs, and room history.
+store they use: names bound to keys, the queue of sealed DMs, and room history; and for
+version 2 DMs, devices, their prekeys and one queue per device (the SQL is in devicestore.py).
 
 SQLiteStore is the embedded default (WAL mode, a schema version and ordered migrations). A store
 is used from one worker thread only, never from an I/O loop, because every call may block.
