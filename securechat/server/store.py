@@ -1,5 +1,6 @@
 """The server's durable state behind a small interface (Store), so sessions never know which
-store they use: names bound to keys, the queue of sealed DMs, and room history.
+store they use: names bound to keys, the queue of sealed DMs, and room history; and for
+version 2 DMs, devices, their prekeys and one queue per device (the SQL is in devicestore.py).
 
 SQLiteStore is the embedded default (WAL mode, a schema version and ordered migrations). A store
 is used from one worker thread only, never from an I/O loop, because every call may block.
@@ -14,12 +15,26 @@ import enum
 import hmac
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from securechat.errors import StorageError
+from securechat.server import devicestore
+from securechat.server.devicestore import (
+    MAX_DEVICES,
+    MAX_ONE_TIME_KEYS,
+    DeviceEntry,
+    DeviceEnvelope,
+    DeviceStatus,
+    Prekey,
+    PrekeyCount,
+    StoredDevice,
+)
+from securechat.server.quota import DMQuota, check_quota
+from securechat.server.quota import QuotaExceeded as QuotaExceeded
+from securechat.server.quota import SenderShareExceeded as SenderShareExceeded
 
 
 class Claim(enum.Enum):
@@ -49,26 +64,6 @@ class HistoryRow:
     action: bool = False
 
 
-class QuotaExceeded(StorageError):
-    """The recipient's queue is full; the DM was not stored."""
-
-
-class SenderShareExceeded(QuotaExceeded):
-    """The sender's share of the recipient's queue is full; the DM was not stored."""
-
-
-@dataclass(frozen=True)
-class DMQuota:
-    """Most DMs, and most bytes of sealed boxes, that may wait for one recipient; and the part
-    of that which one sender may fill, so that one account cannot lock a recipient's queue
-    against everyone else."""
-
-    count: int
-    bytes: int
-    sender_count: int
-    sender_bytes: int
-
-
 class Store(Protocol):
     def batch(self) -> contextlib.AbstractContextManager[None]: ...
     def claim_name(self, user: str, public_key: bytes) -> Claim: ...
@@ -79,6 +74,24 @@ class Store(Protocol):
     def append_history(self, rows: list[HistoryRow], keep: int) -> None: ...
     def room_history(self, room: str, limit: int) -> list[HistoryRow]: ...
     def rooms_with_history(self) -> list[str]: ...
+    def put_device(self, entry: DeviceEntry, now_ms: int, *, max_devices: int = ...) -> bool: ...
+    def device(self, user: str, device_id: str) -> StoredDevice | None: ...
+    def list_devices(self, user: str) -> list[StoredDevice]: ...
+    def devices_with_key(self, key: str) -> list[StoredDevice]: ...
+    def touch_device(self, user: str, device_id: str, now_ms: int) -> DeviceStatus: ...
+    def revoke_device(self, user: str, device_id: str, revocation: str, now_ms: int) -> int: ...
+    def publish_prekeys(
+        self, user: str, device_id: str, keys: Sequence[Prekey], *, max_one_time: int = ...
+    ) -> PrekeyCount: ...
+    def prekey_count(self, user: str, device_id: str) -> PrekeyCount: ...
+    def claim_prekeys(
+        self, user: str, device_ids: Sequence[str] | None = None
+    ) -> dict[str, Prekey | None]: ...
+    def queue_envelope(self, env: DeviceEnvelope, *, ttl_ms: int, quota: DMQuota) -> None: ...
+    def pending_envelopes(
+        self, recipient: str, device_id: str, now_ms: int
+    ) -> list[DeviceEnvelope]: ...
+    def ack_envelopes(self, recipient: str, device_id: str, msg_ids: list[str]) -> int: ...
     def close(self) -> None: ...
 
 
@@ -113,6 +126,48 @@ MIGRATIONS: tuple[str, ...] = (
         action INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX room_history_by_room ON room_history (room, seq);
+    """,
+    # Version 2 DMs: devices, their prekeys, and one offline queue per device (devicestore.py).
+    """
+    CREATE TABLE devices (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        user TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        record TEXT NOT NULL,
+        curve25519 TEXT NOT NULL,
+        ed25519 TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL,
+        revocation TEXT,
+        revoked_ms INTEGER,
+        UNIQUE (user, device_id)
+    );
+    CREATE INDEX devices_by_curve25519 ON devices (curve25519);
+    CREATE INDEX devices_by_ed25519 ON devices (ed25519);
+    CREATE TABLE prekeys (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        user TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        fallback INTEGER NOT NULL,
+        prekey TEXT NOT NULL,
+        UNIQUE (user, device_id, fallback, key_id)
+    );
+    CREATE INDEX prekeys_by_device ON prekeys (user, device_id, fallback, seq);
+    CREATE TABLE device_queue (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        recipient TEXT NOT NULL,
+        recipient_device TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        sender_device TEXT NOT NULL,
+        msg_id TEXT NOT NULL,
+        ciphertext BLOB NOT NULL,
+        ts INTEGER NOT NULL,
+        expires INTEGER NOT NULL,
+        UNIQUE (recipient, recipient_device, sender, sender_device, msg_id)
+    );
+    CREATE INDEX device_queue_by_device ON device_queue (recipient, recipient_device, seq);
+    CREATE INDEX device_queue_by_expiry ON device_queue (expires);
     """,
 )
 
@@ -173,18 +228,30 @@ class SQLiteStore:
 
     @contextlib.contextmanager
     def _operation(self) -> Iterator[sqlite3.Connection]:
-        """One operation, all or nothing: its own transaction, or a savepoint inside a batch."""
-        db = self._db
+        """One operation, all or nothing: its own transaction, or a savepoint inside a batch.
+
+        Its own transaction takes the write lock from the start (BEGIN IMMEDIATE), as a batch
+        does: an operation that reads then writes (a prekey claim, a quota check) must not
+        interleave with another connection's on the same file.
+        """
+        db, nested = self._db, True
         try:
-            db.execute("SAVEPOINT operation")
+            nested = db.in_transaction
+            db.execute("SAVEPOINT operation" if nested else "BEGIN IMMEDIATE")
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK TO operation")
-                db.execute("RELEASE operation")
+                if nested:
+                    db.execute("ROLLBACK TO operation")
+                    db.execute("RELEASE operation")
+                else:
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("RELEASE operation")
+            db.execute("RELEASE operation" if nested else "COMMIT")
         except sqlite3.Error as exc:
+            if not nested and db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise StorageError(f"server database error: {exc}") from None
 
     # -- names -------------------------------------------------------------------------------------
@@ -227,22 +294,15 @@ class SQLiteStore:
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(box)), 0) FROM queued_dms "
                 "WHERE recipient = ? AND expires > ?"
             )
-            count, size = db.execute(waiting, (dm.recipient, dm.ts)).fetchone()
-            if count >= quota.count or size + len(dm.box) > quota.bytes:
-                raise QuotaExceeded(
-                    f"{dm.recipient}'s queue of waiting messages is full "
-                    f"({count} messages, {size} bytes); try again later"
-                )
-            count, size = db.execute(
-                waiting + " AND sender = ?", (dm.recipient, dm.ts, dm.sender)
-            ).fetchone()
-            if count >= quota.sender_count or size + len(dm.box) > quota.sender_bytes:
-                raise SenderShareExceeded(
-                    f"your share of {dm.recipient}'s queue of waiting messages is full "
-                    f"({count} messages, {size} bytes from you; one sender may have at most "
-                    f"{quota.sender_count} messages or {quota.sender_bytes} bytes waiting for "
-                    f"one recipient); try again when {dm.recipient} has read them"
-                )
+            check_quota(
+                quota,
+                len(dm.box),
+                db.execute(waiting, (dm.recipient, dm.ts)).fetchone(),
+                db.execute(
+                    waiting + " AND sender = ?", (dm.recipient, dm.ts, dm.sender)
+                ).fetchone(),
+                dm.recipient,
+            )
             db.execute(
                 "INSERT OR IGNORE INTO queued_dms (recipient, sender, sender_key, msg_id, box,"
                 " ts, expires) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -268,6 +328,86 @@ class SQLiteStore:
                 [(recipient, m) for m in msg_ids],
             )
             return cur.rowcount
+
+    # -- version 2 DMs: devices, prekeys, one queue per device (devicestore.py) -------------------
+
+    def put_device(
+        self, entry: DeviceEntry, now_ms: int, *, max_devices: int = MAX_DEVICES
+    ) -> bool:
+        """Store a device its user published; True if new, False if that record was held.
+
+        RevokedDevice for a revoked id, DeviceConflict for a known id with another record,
+        TooManyDevices past `max_devices` devices that are not revoked.
+        """
+        with self._operation() as db:
+            return devicestore.put_device(db, entry, now_ms, max_devices)
+
+    def device(self, user: str, device_id: str) -> StoredDevice | None:
+        with self._operation() as db:
+            return devicestore.device(db, user, device_id)
+
+    def list_devices(self, user: str) -> list[StoredDevice]:
+        """Every device of `user`, revoked ones included (marked), in publication order."""
+        with self._operation() as db:
+            return devicestore.list_devices(db, user)
+
+    def devices_with_key(self, key: str) -> list[StoredDevice]:
+        """The devices (of any user) whose Curve25519 or Ed25519 key is `key`."""
+        with self._operation() as db:
+            return devicestore.devices_with_key(db, key)
+
+    def touch_device(self, user: str, device_id: str, now_ms: int) -> DeviceStatus:
+        """At login: ACTIVE (last seen is now `now_ms`), REVOKED or UNKNOWN (refuse the login)."""
+        with self._operation() as db:
+            return devicestore.touch_device(db, user, device_id, now_ms)
+
+    def revoke_device(self, user: str, device_id: str, revocation: str, now_ms: int) -> int:
+        """Keep the signed revocation; drop the device's prekeys and queued envelopes (returns
+        how many envelopes). UnknownDevice for a device never published."""
+        with self._operation() as db:
+            return devicestore.revoke_device(db, user, device_id, revocation, now_ms)
+
+    def publish_prekeys(
+        self,
+        user: str,
+        device_id: str,
+        keys: Sequence[Prekey],
+        *,
+        max_one_time: int = MAX_ONE_TIME_KEYS,
+    ) -> PrekeyCount:
+        """Add one-time keys and at most one fallback key (replacing the one held), all or none:
+        PrekeyRefused for a key id already held or repeated, or past `max_one_time`."""
+        with self._operation() as db:
+            return devicestore.publish_prekeys(db, user, device_id, keys, max_one_time)
+
+    def prekey_count(self, user: str, device_id: str) -> PrekeyCount:
+        with self._operation() as db:
+            return devicestore.prekey_count(db, user, device_id)
+
+    def claim_prekeys(
+        self, user: str, device_ids: Sequence[str] | None = None
+    ) -> dict[str, Prekey | None]:
+        """For each active device of `user` (or of `device_ids`): a one-time key, handed to this
+        claimer only, else the fallback key, else None; in one transaction."""
+        with self._operation() as db:
+            return devicestore.claim_prekeys(db, user, device_ids)
+
+    def queue_envelope(self, env: DeviceEnvelope, *, ttl_ms: int, quota: DMQuota) -> None:
+        """Store an envelope for one device (durable once its transaction commits), within the
+        device's quota and the sender's share of it. UnknownDevice, RevokedDevice, QuotaExceeded,
+        SenderShareExceeded."""
+        with self._operation() as db:
+            devicestore.queue_envelope(db, env, ttl_ms, quota)
+
+    def pending_envelopes(
+        self, recipient: str, device_id: str, now_ms: int
+    ) -> list[DeviceEnvelope]:
+        with self._operation() as db:
+            return devicestore.pending_envelopes(db, recipient, device_id, now_ms)
+
+    def ack_envelopes(self, recipient: str, device_id: str, msg_ids: list[str]) -> int:
+        with self._operation() as db:
+            return devicestore.ack_envelopes(db, recipient, device_id, msg_ids)
 
     # -- room history ------------------------------------------------------------------------------
 
