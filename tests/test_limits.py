@@ -9,7 +9,10 @@ import sys
 
 import pytest
 
+from securechat import framing
 from securechat.cli import _LIMITS
+from securechat.client.session import ClientSession
+from securechat.errors import ProtocolError
 from securechat.ratelimit import TokenBucket
 from securechat.server.admission import Admission
 from securechat.server.app import ServerConfig
@@ -94,3 +97,34 @@ def test_bad_limit_values_are_refused_by_name(args: list[str], error: str) -> No
     )
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == f"Error: Invalid value for {error}"
+
+
+@pytest.mark.parametrize(
+    ("announced", "adopted"),
+    [
+        (framing.MIN_FRAME, framing.MIN_FRAME),
+        (framing.MIN_FRAME - 1, framing.MAX_FRAME_DEFAULT),  # no server of ours can say that
+        (framing.MAX_FRAME_CEILING + 1, framing.MAX_FRAME_CEILING),  # nor that
+        (True, framing.MAX_FRAME_DEFAULT),
+        ("4096", framing.MAX_FRAME_DEFAULT),
+    ],
+)
+def test_the_client_adopts_any_frame_limit_a_server_may_set_and_no_other(
+    announced: object, adopted: int
+) -> None:
+    session = ClientSession()
+    session.adopt_limits({"type": "welcome", "max_frame": announced})
+    assert session.max_frame == adopted
+    with pytest.raises(ProtocolError) as info:
+        session.receive_data(framing.HEADER.pack(adopted + 1))
+    limit = f"the limit is {adopted}"
+    assert info.value.message == f"frame header announces {adopted + 1} bytes; {limit}"
+
+
+@pytest.mark.server_config(max_frame=framing.MIN_FRAME)
+def test_a_server_with_the_smallest_frame_limit_is_heeded_by_its_client(server, connect) -> None:
+    alice = connect("alice")
+    with pytest.raises(ProtocolError) as info:
+        alice.send("#lobby", "x" * framing.MIN_FRAME)
+    assert info.value.message.endswith(f" bytes exceeds the {framing.MIN_FRAME}-byte limit")
+    assert alice.send("#lobby", "fits").result(5)["type"] == "ok"
