@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from securechat import framing
+from securechat import framing, protocol
 from securechat.cli import _LIMITS
 from securechat.client.session import ClientSession
 from securechat.errors import ProtocolError
-from securechat.ratelimit import TokenBucket
+from securechat.ratelimit import RATE_LIMITED, TokenBucket
 from securechat.server.admission import Admission
 from securechat.server.app import ServerConfig
 
@@ -128,3 +128,11 @@ def test_a_server_with_the_smallest_frame_limit_is_heeded_by_its_client(server, 
         alice.send("#lobby", "x" * framing.MIN_FRAME)
     assert info.value.message.endswith(f" bytes exceeds the {framing.MIN_FRAME}-byte limit")
     assert alice.send("#lobby", "fits").result(5)["type"] == "ok"
+
+
+def test_every_request_after_login_is_rate_limited_but_acks_and_those_the_session_answers() -> None:
+    # The server spends a user's tokens on RATE_LIMITED requests and the client paces the same
+    # set; a new request type must be placed on one side or the other here.
+    answered_by_the_session = {"hello", "auth", "ping", "pong", "bye"}
+    own_bucket = {"ack"}
+    assert set(protocol.CLIENT_FRAMES) - answered_by_the_session - own_bucket == RATE_LIMITED

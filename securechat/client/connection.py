@@ -27,15 +27,13 @@ from securechat.errors import (
     ProtocolError,
 )
 from securechat.identity import Identity
-from securechat.ratelimit import TokenBucket
+from securechat.ratelimit import RATE_LIMITED, TokenBucket
 from securechat.tls import TLSStream
 
 log = logging.getLogger("securechat.client")
 RECV_SIZE = 64 * 1024
 KEEPALIVE = 60.0  # seconds of silence from the server before we ping it
 KEEPALIVE_ANSWER = 20.0  # seconds it then has to say anything before we call it gone
-# Requests the server rate-limits; we pace them to its announced rate rather than be refused.
-PACED = frozenset({"join", "part", "say", "rooms", "who", "history", "keys", "dm"})
 # The server's bucket fills from before our welcome and spends a token when a frame arrives,
 # never before we sent it: pacing a little under its rate with the same burst stays within it.
 PACE_MARGIN = 0.95
@@ -243,7 +241,7 @@ class ClientConnection(threading.Thread):
                 return future
             request_id, data = self.session.request(ftype, **fields)
             self.pending[request_id] = future
-        if self._pace is not None and ftype in PACED:
+        if self._pace is not None and ftype in RATE_LIMITED:
             self._paced.append(data)
             self._wake()
         else:

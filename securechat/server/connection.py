@@ -26,7 +26,7 @@ from securechat.protocol import (
     error_frame,
     now_ms,
 )
-from securechat.ratelimit import TokenBucket
+from securechat.ratelimit import RATE_LIMITED, TokenBucket
 from securechat.server.store import Claim, QueuedDM, QuotaExceeded
 from securechat.tls import TLSStream, client_certificate_problem
 
@@ -197,14 +197,14 @@ class Connection:
 
     def _within_rate(self, frame: dict) -> bool:
         """Spend a token for this request; refuse it (and drop a flooder) when there is none."""
-        acking = frame["type"] == "ack"
-        bucket = self._acks if acking else self._rate
+        limited = frame["type"] in RATE_LIMITED
+        bucket = self._rate if limited else self._acks
         if bucket is None or bucket.take(self._heard):
             return True
         if bucket.flooding:
             log.info("dropping %s (%s): message flood", self.user, self.addr)
             self.kick("message flood: too many messages after being told to slow down")
-        elif not acking:  # a dropped ack only means the DM comes again later
+        elif limited:  # a dropped ack only means the DM comes again later
             config = self.server.config
             self.session.reply_error(
                 frame["id"],
