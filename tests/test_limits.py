@@ -3,19 +3,16 @@ caps, and the command line that sets them."""
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 
 import pytest
 
 from securechat import framing, protocol
-from securechat.cli import _LIMITS
 from securechat.client.session import ClientSession
 from securechat.errors import ProtocolError
 from securechat.ratelimit import RATE_LIMITED, TokenBucket
 from securechat.server.admission import Admission
-from securechat.server.app import ServerConfig
 
 from .conftest import REPO
 
@@ -68,21 +65,12 @@ def test_zero_means_no_cap() -> None:
     assert all(caps.admit("10.0.0.1") is None for _ in range(1000))
 
 
-def test_every_limit_flag_sets_a_server_config_field_with_its_default() -> None:
-    defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
-    for flag, name, _kind, default, _help in _LIMITS:
-        assert name in defaults, flag
-        assert defaults[name] == default, (
-            f"{flag} defaults to {default}, ServerConfig to {defaults[name]}"
-        )
-
-
 @pytest.mark.parametrize(
     ("args", "error"),
     [
         (["--rate", "0"], "'--rate' (env var: 'SECURECHAT_RATE'): 0.0 is not in the range x>=0.1."),
         (["--max-frame", "100"], "'--max-frame' (env var: 'SECURECHAT_MAX_FRAME'): 100 is not in "
-         "the range 4096<=x<=16777216."),
+         "the range 1024<=x<=16777216."),
         (["--idle-timeout", "-1"], "'--idle-timeout' (env var: 'SECURECHAT_IDLE_TIMEOUT'): -1.0 is "
          "not in the range x>=0."),
     ],
