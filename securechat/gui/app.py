@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from tkinter import ttk
 
-from securechat import identity
+from securechat import identity, settings
 from securechat.client.api import Client
 from securechat.client.frontend import resolve_user
 from securechat.client.history import LocalHistory
@@ -28,9 +28,9 @@ DEFAULT_KEY = Path.home() / ".securechat" / "me.key"
 class GuiOptions:
     key_path: Path | None = None
     user: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 12345
-    ca: Path = Path("certs/ca.pem")
+    host: str = settings.DEFAULT_HOST
+    port: int = settings.DEFAULT_PORT
+    ca: Path = settings.DEFAULT_CA
     history: bool = True
 
 
