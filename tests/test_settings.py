@@ -14,11 +14,13 @@ import pytest
 from click.testing import CliRunner
 
 from securechat import cli, framing, settings
-from securechat.errors import ConfigError
+from securechat.client import Client
+from securechat.errors import ConfigError, ProtocolError
 from securechat.server import run
 from securechat.server.app import ServerConfig
 from securechat.settings import Setting
 
+from .cli_helpers import ServerProcess
 from .conftest import REPO
 
 NUMERIC = [s for s in settings.SERVER if s.kind in (int, float)]
@@ -109,6 +111,34 @@ def test_every_variable_reaches_its_server_config_field(monkeypatch: pytest.Monk
     assert level == config.log_level == "debug"
     for s, value in values.items():
         assert getattr(config, s.name) == s.to_field(value), s.flag
+
+
+def test_variables_reach_a_real_server_and_its_client_keeps_to_the_frame_limit(
+    certs_dir: Path, tmp_path: Path, make_identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for env, value in {
+        "SECURECHAT_MAX_FRAME": str(framing.MIN_FRAME),
+        "SECURECHAT_MAX_MESSAGE": "900",
+        "SECURECHAT_RATE": "7.5",
+        "SECURECHAT_BURST": "12",
+        "SECURECHAT_IDLE_TIMEOUT": "99",
+        "SECURECHAT_CERTS": str(certs_dir),
+        "SECURECHAT_DATA": str(tmp_path / "data"),
+    }.items():
+        monkeypatch.setenv(env, value)
+    server = ServerProcess(cwd=tmp_path)
+    try:
+        assert server.address is not None, "".join(server.log)
+        host, port = server.address
+        with Client.connect(host, port, make_identity("alice"), "alice", certs_dir / "ca.pem") as c:
+            announced = {k: c.welcome[k] for k in ("max_frame", "max_message", "rate", "burst")}
+            assert announced == {"max_frame": 1024, "max_message": 900, "rate": 7.5, "burst": 12}
+            assert c.welcome["idle_timeout"] == 99.0
+            with pytest.raises(ProtocolError) as info:
+                c.send("#lobby", "x" * 1000)  # within --max-message, but not within the frame
+            assert info.value.message.endswith(" bytes exceeds the 1024-byte limit")
+    finally:
+        assert server.stop() == 0
 
 
 def test_server_config_defaults_are_the_declared_ones() -> None:

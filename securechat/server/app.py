@@ -39,7 +39,7 @@ HISTORY_FLUSH_DELAY = 0.1  # seconds room messages wait to be written to the sto
 @dataclass
 class ServerConfig:
     """The server's settings. Each default, range and flag is declared once, in
-    securechat.settings.SERVER; a value that flag would refuse is refused here too."""
+    securechat.settings.SERVER; a value its flag would refuse is refused here too, when built."""
 
     host: str = server_default("host")
     port: int = server_default("port")
