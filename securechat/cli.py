@@ -1,8 +1,9 @@
 """The `securechat` command line: click commands that parse options and call the library.
 
 Every option can also come from an environment variable (SECURECHAT_<COMMAND>_<OPTION> is not
-used; the names are listed explicitly so that --help shows them). Errors of our own family become
-one line on stderr and a non-zero exit, never a traceback.
+used; the names are listed explicitly so that --help shows them). The server's options and the
+clients' connection options are made from their declarations in securechat/settings.py. Errors of
+our own family become one line on stderr and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
