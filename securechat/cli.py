@@ -1,21 +1,26 @@
 """The `securechat` command line: click commands that parse options and call the library.
 
 Every option can also come from an environment variable (SECURECHAT_<COMMAND>_<OPTION> is not
-used; the names are listed explicitly so that --help shows them). Errors of our own family become
-one line on stderr and a non-zero exit, never a traceback.
+used; the names are listed explicitly so that --help shows them). The server's options and the
+clients' connection options are made from their declarations in securechat/settings.py. Errors of
+our own family become one line on stderr and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
+from securechat import settings
 from securechat.errors import SecureChatError
+from securechat.settings import Setting
 
-DEFAULT_PORT = 12345
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _env(name: str) -> dict:
@@ -135,179 +140,54 @@ def fingerprint(key_path: Path) -> None:
     click.echo(ident.fingerprint)
 
 
-# The server's limits: (flag, ServerConfig field, type, default, help). Defaults are the
-# ServerConfig defaults; SECURITY.md says what each one defends against.
-_LIMITS: tuple[tuple[str, str, click.ParamType, float, str], ...] = (
-    ("--max-frame", "max_frame", click.IntRange(4096, 16 * 1024 * 1024), 64 * 1024,
-     "Largest frame a client may send, in bytes (checked before it is read)."),
-    ("--handshake-timeout", "handshake_timeout", click.FloatRange(0.1, 600), 10.0,
-     "Seconds a new connection has to finish its TLS handshake."),
-    ("--login-timeout", "login_timeout", click.FloatRange(0.1, 600), 30.0,
-     "Seconds after the handshake to finish logging in."),
-    ("--idle-timeout", "idle_timeout", click.FloatRange(0), 300.0,
-     "Seconds of silence before a client is closed; pinged at half of it (0: never)."),
-    ("--max-connections", "max_connections", click.IntRange(0), 10_000,
-     "Connections in total; more are refused with a reason (0: no cap)."),
-    ("--max-per-address", "max_per_address", click.IntRange(0), 500,
-     "Connections from one IP address (0: no cap)."),
-    ("--rate", "rate", click.FloatRange(0.1), 10.0,
-     "Requests (messages, joins, DMs...) a user may send per second, on average."),
-    ("--burst", "burst", click.IntRange(1), 30,
-     "Requests a user may send at once, before the rate limit applies."),
-    ("--flood-refusals", "flood_refusals", click.IntRange(1), 20,
-     "Rate-limited requests in a row after which the sender is disconnected."),
-    ("--max-queue", "max_outbuf", click.IntRange(64 * 1024), 4 * 1024 * 1024,
-     "Bytes queued for a client that does not read before it is dropped."),
-    ("--max-message", "max_message", click.IntRange(1, 8000), 8000,
-     "Characters in one room message."),
-    ("--presence-limit", "presence_limit", click.IntRange(0), 1000,
-     "Rooms with more members than this tell only the user of a join or part (0: always all)."),
-)  # fmt: skip
+def _options(table: tuple[Setting, ...]) -> Callable[[F], F]:
+    """Apply one click option per setting of the table, in the table's order."""
+
+    def apply(command: F) -> F:
+        for setting in reversed(table):
+            command = click.option(setting.flag, setting.name, **_click_kwargs(setting))(command)
+        return command
+
+    return apply
 
 
-def _limit_options(command):  # type: ignore[no-untyped-def]
-    for flag, name, kind, default, text in reversed(_LIMITS):
-        env = "SECURECHAT_" + flag[2:].upper().replace("-", "_")
-        command = click.option(
-            flag,
-            name,
-            type=kind,
-            default=default,
-            show_default=True,
-            help=text,
-            envvar=env,
-            show_envvar=True,
-        )(command)
-    return command
+def _click_kwargs(setting: Setting) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "help": setting.help,
+        "envvar": setting.env,
+        "show_envvar": True,
+        "default": setting.default,
+        "show_default": setting.default is not None and setting.kind is not bool,
+    }
+    low, high = setting.minimum, setting.maximum
+    ranged = low is not None or high is not None
+    if setting.kind is bool:
+        kwargs["is_flag"] = True
+    elif setting.choices:
+        kwargs["type"] = click.Choice(setting.choices)
+    elif setting.kind is int:
+        int_low = None if low is None else int(low)
+        int_high = None if high is None else int(high)
+        kwargs["type"] = click.IntRange(int_low, int_high) if ranged else int
+    elif setting.kind is float:
+        kwargs["type"] = click.FloatRange(low, high) if ranged else float
+    elif setting.kind is Path:
+        kwargs["type"] = click.Path(path_type=Path)
+    return kwargs
 
 
 @main.command()
-@click.option(
-    "--host", default="127.0.0.1", show_default=True, help="Address to listen on.", **_env("HOST")
-)
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=DEFAULT_PORT,
-    show_default=True,
-    help="TCP port to listen on (0 picks a free one).",
-    **_env("PORT"),
-)
-@click.option(
-    "--certs",
-    "certs_dir",
-    type=click.Path(path_type=Path),
-    default="certs",
-    show_default=True,
-    help="Folder with server.pem, server.key and ca.pem.",
-    **_env("CERTS"),
-)
-@click.option(
-    "--data",
-    "data_dir",
-    type=click.Path(path_type=Path),
-    default="data",
-    show_default=True,
-    help="Folder for the server's SQLite database.",
-    **_env("DATA"),
-)
-@click.option(
-    "--require-client-cert",
-    is_flag=True,
-    help="Mutual TLS: refuse clients without a certificate from our CA.",
-    **_env("REQUIRE_CLIENT_CERT"),
-)
-@click.option(
-    "--io-threads",
-    type=click.IntRange(1, 64),
-    default=None,
-    help="I/O event-loop threads (default: one per two CPUs, at most 4).",
-    **_env("IO_THREADS"),
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-    help="How much to log (to stderr).",
-    **_env("LOG_LEVEL"),
-)
-@click.option(
-    "--history",
-    type=click.IntRange(0, 100_000),
-    default=100,
-    show_default=True,
-    help="Room messages kept per room and shown to whoever joins (0: none).",
-    **_env("HISTORY"),
-)
-@click.option(
-    "--dm-ttl",
-    type=click.FloatRange(0.01, 24 * 365),
-    default=168.0,
-    show_default=True,
-    help="Hours a DM waits for an offline recipient.",
-    **_env("DM_TTL"),
-)
-@click.option(
-    "--dm-quota-count",
-    type=click.IntRange(1),
-    default=1000,
-    show_default=True,
-    help="Most DMs waiting for one recipient.",
-    **_env("DM_QUOTA_COUNT"),
-)
-@click.option(
-    "--dm-quota-bytes",
-    type=click.IntRange(1024),
-    default=10 * 1024 * 1024,
-    show_default=True,
-    help="Most bytes of DMs waiting for one recipient.",
-    **_env("DM_QUOTA_BYTES"),
-)
-@click.option(
-    "--dm-sender-share",
-    type=click.IntRange(1, 100),
-    default=10,
-    show_default=True,
-    help="Percent of each recipient's DM quota (count and bytes) one sender may fill.",
-    **_env("DM_SENDER_SHARE"),
-)
-@_limit_options
-def server(
-    host: str,
-    port: int,
-    certs_dir: Path,
-    data_dir: Path,
-    require_client_cert: bool,
-    io_threads: int | None,
-    log_level: str,
-    history: int,
-    dm_ttl: float,
-    dm_quota_count: int,
-    dm_quota_bytes: int,
-    dm_sender_share: int,
-    **limits: float,
-) -> None:
+@_options(settings.SERVER)
+def server(**values: Any) -> None:
     """Run the chat server (TLS 1.3 only) until SIGINT or SIGTERM."""
     from securechat.server.app import ServerConfig
     from securechat.server.run import serve
 
-    config = ServerConfig(
-        host=host,
-        port=port,
-        certs_dir=certs_dir,
-        data_dir=data_dir,
-        require_client_cert=require_client_cert,
-        history=history,
-        dm_ttl_ms=int(dm_ttl * 3600 * 1000),
-        dm_quota_count=dm_quota_count,
-        dm_quota_bytes=dm_quota_bytes,
-        dm_sender_share=dm_sender_share,
-        **limits,  # type: ignore[arg-type]
-    )
-    if io_threads:
-        config.io_threads = io_threads
-    serve(config, log_level)
+    fields = {
+        s.name: s.to_field(values[s.name]) for s in settings.SERVER if values[s.name] is not None
+    }
+    config = ServerConfig(**fields)
+    serve(config, config.log_level)
 
 
 def _key_option(*, required: bool, help: str):  # type: ignore[no-untyped-def]
@@ -322,49 +202,8 @@ def _key_option(*, required: bool, help: str):  # type: ignore[no-untyped-def]
     )
 
 
-def _chat_options(command):  # type: ignore[no-untyped-def]
-    """Where to connect and as whom: the same options for the terminal client and the GUI."""
-    options = (
-        click.option(
-            "--user",
-            default=None,
-            help="User name (remembered in the key file after the first login).",
-            **_env("USER_NAME"),
-        ),
-        click.option(
-            "--host",
-            default="127.0.0.1",
-            show_default=True,
-            help="Server host name.",
-            **_env("SERVER_HOST"),
-        ),
-        click.option(
-            "--port",
-            type=click.IntRange(1, 65535),
-            default=DEFAULT_PORT,
-            show_default=True,
-            help="Server port.",
-            **_env("SERVER_PORT"),
-        ),
-        click.option(
-            "--ca",
-            type=click.Path(path_type=Path),
-            default="certs/ca.pem",
-            show_default=True,
-            help="CA certificate that signed the server's.",
-            **_env("CA"),
-        ),
-        click.option(
-            "--no-history",
-            is_flag=True,
-            default=False,
-            help="Keep no local history (by default an encrypted one lives beside the key file).",
-            **_env("NO_HISTORY"),
-        ),
-    )
-    for option in reversed(options):
-        command = option(command)
-    return command
+# Where to connect and as whom: the same options for the terminal client and the GUI.
+_chat_options = _options(settings.CHAT)
 
 
 @main.command()

@@ -15,9 +15,12 @@ from typing import Any
 from securechat.errors import ErrorCode, ProtocolError
 
 MAX_FRAME_DEFAULT = 64 * 1024
-# The smallest usable limit: a session's own replies (errors, pongs, challenges) must always fit,
-# and the longest of them is a few hundred bytes.
+# The smallest limit a server may set, and the smallest a client adopts: a session's own replies
+# (errors, pongs, challenges) must always fit, and the longest of them is a few hundred bytes.
 MIN_FRAME = 1024
+# The largest limit a server may set, and the most a client adopts: a hostile server cannot make
+# a client buffer without bound.
+MAX_FRAME_CEILING = 16 * 1024 * 1024
 HEADER = struct.Struct(">I")
 
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The requests each user's bucket limits, and so the ones a client paces. Acks have a bucket of
+# their own (a dropped ack only means the DM comes again); pings, pongs and bye are free.
+RATE_LIMITED = frozenset({"join", "part", "say", "rooms", "who", "history", "keys", "dm"})
+
 
 @dataclass
 class TokenBucket:

@@ -256,7 +256,7 @@ def test_the_per_address_cap(server, connect, certs_dir) -> None:
 # -- users who take more than their share ---------------------------------------------------------
 
 
-@pytest.mark.server_config(max_outbuf=256 * 1024, rate=1e6, burst=100_000)
+@pytest.mark.server_config(max_queue=256 * 1024, rate=1e6, burst=100_000)
 def test_a_client_that_never_reads_is_dropped_and_nobody_waits(
     server, connect, certs_dir, make_identity
 ) -> None:

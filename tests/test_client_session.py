@@ -10,7 +10,7 @@ import nacl.signing
 import pytest
 
 from securechat import framing, protocol
-from securechat.client.session import MAX_FRAME_CEILING, ClientSession
+from securechat.client.session import ClientSession
 from securechat.errors import ErrorCode, ProtocolError
 from securechat.identity import Identity
 from securechat.protocol import LoginVerified, ServerSession, State
@@ -134,10 +134,10 @@ def test_a_header_over_the_limit_raises_before_buffering() -> None:
     ("announced", "limit"),
     [
         (8192, 8192),
-        (4095, framing.MAX_FRAME_DEFAULT),  # below what we accept: ignored
+        (framing.MIN_FRAME - 1, framing.MAX_FRAME_DEFAULT),  # below what we accept: ignored
         (True, framing.MAX_FRAME_DEFAULT),  # not an integer
         ("8192", framing.MAX_FRAME_DEFAULT),
-        (MAX_FRAME_CEILING * 2, MAX_FRAME_CEILING),  # a hostile server cannot lift the ceiling
+        (framing.MAX_FRAME_CEILING * 2, framing.MAX_FRAME_CEILING),  # nor lift the ceiling
     ],
 )
 def test_the_client_adopts_the_announced_frame_limit_within_bounds(

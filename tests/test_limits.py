@@ -3,17 +3,16 @@ caps, and the command line that sets them."""
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 
 import pytest
 
-from securechat.cli import _LIMITS
-from securechat.errors import ErrorCode
-from securechat.ratelimit import TokenBucket
+from securechat import framing, protocol
+from securechat.client.session import ClientSession
+from securechat.errors import ErrorCode, ProtocolError
+from securechat.ratelimit import RATE_LIMITED, TokenBucket
 from securechat.server.admission import Admission, Refusal
-from securechat.server.app import ServerConfig
 
 from .conftest import REPO
 
@@ -85,21 +84,12 @@ def test_zero_means_no_cap() -> None:
     assert all(caps.admit("10.0.0.1") is None for _ in range(1000))
 
 
-def test_every_limit_flag_sets_a_server_config_field_with_its_default() -> None:
-    defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
-    for flag, name, _kind, default, _help in _LIMITS:
-        assert name in defaults, flag
-        assert defaults[name] == default, (
-            f"{flag} defaults to {default}, ServerConfig to {defaults[name]}"
-        )
-
-
 @pytest.mark.parametrize(
     ("args", "error"),
     [
         (["--rate", "0"], "'--rate' (env var: 'SECURECHAT_RATE'): 0.0 is not in the range x>=0.1."),
         (["--max-frame", "100"], "'--max-frame' (env var: 'SECURECHAT_MAX_FRAME'): 100 is not in "
-         "the range 4096<=x<=16777216."),
+         "the range 1024<=x<=16777216."),
         (["--idle-timeout", "-1"], "'--idle-timeout' (env var: 'SECURECHAT_IDLE_TIMEOUT'): -1.0 is "
          "not in the range x>=0."),
     ],
@@ -114,3 +104,42 @@ def test_bad_limit_values_are_refused_by_name(args: list[str], error: str) -> No
     )
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == f"Error: Invalid value for {error}"
+
+
+@pytest.mark.parametrize(
+    ("announced", "adopted"),
+    [
+        (framing.MIN_FRAME, framing.MIN_FRAME),
+        (framing.MIN_FRAME - 1, framing.MAX_FRAME_DEFAULT),  # no server of ours can say that
+        (framing.MAX_FRAME_CEILING + 1, framing.MAX_FRAME_CEILING),  # nor that
+        (True, framing.MAX_FRAME_DEFAULT),
+        ("4096", framing.MAX_FRAME_DEFAULT),
+    ],
+)
+def test_the_client_adopts_any_frame_limit_a_server_may_set_and_no_other(
+    announced: object, adopted: int
+) -> None:
+    session = ClientSession()
+    session.adopt_limits({"type": "welcome", "max_frame": announced})
+    assert session.max_frame == adopted
+    with pytest.raises(ProtocolError) as info:
+        session.receive_data(framing.HEADER.pack(adopted + 1))
+    limit = f"the limit is {adopted}"
+    assert info.value.message == f"frame header announces {adopted + 1} bytes; {limit}"
+
+
+@pytest.mark.server_config(max_frame=framing.MIN_FRAME)
+def test_a_server_with_the_smallest_frame_limit_is_heeded_by_its_client(server, connect) -> None:
+    alice = connect("alice")
+    with pytest.raises(ProtocolError) as info:
+        alice.send("#lobby", "x" * framing.MIN_FRAME)
+    assert info.value.message.endswith(f" bytes exceeds the {framing.MIN_FRAME}-byte limit")
+    assert alice.send("#lobby", "fits").result(5)["type"] == "ok"
+
+
+def test_every_request_after_login_is_rate_limited_but_acks_and_those_the_session_answers() -> None:
+    # The server spends a user's tokens on RATE_LIMITED requests and the client paces the same
+    # set; a new request type must be placed on one side or the other here.
+    answered_by_the_session = {"hello", "auth", "ping", "pong", "bye"}
+    own_bucket = {"ack"}
+    assert set(protocol.CLIENT_FRAMES) - answered_by_the_session - own_bucket == RATE_LIMITED

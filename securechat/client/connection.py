@@ -28,15 +28,15 @@ from securechat.errors import (
     ProtocolError,
 )
 from securechat.identity import Identity
+from securechat.ratelimit import RATE_LIMITED
 from securechat.tls import TLSStream
 
 log = logging.getLogger("securechat.client")
 RECV_SIZE = 64 * 1024
 KEEPALIVE = 60.0  # seconds of silence from the server before we ping it
 KEEPALIVE_ANSWER = 20.0  # seconds it then has to say anything before we call it gone
-# Requests the server rate-limits; we pace them to its announced rate rather than be refused,
-# and send one again if it is refused all the same.
-PACED = frozenset({"join", "part", "say", "rooms", "who", "history", "keys", "dm"})
+# Requests the server rate-limits (ratelimit.RATE_LIMITED) are paced to its announced rate
+# rather than be refused, and sent again if they are refused all the same.
 
 
 def _tls_error(exc: ssl.SSLError, where: str) -> ConnectError:
@@ -245,7 +245,7 @@ class ClientConnection(threading.Thread):
                 return future
             request_id, data = self.session.request(ftype, **fields)
             self.pending[request_id] = future
-            paced = self._pacer is not None and ftype in PACED
+            paced = self._pacer is not None and ftype in RATE_LIMITED
             if paced:  # under the lock, so that the queue keeps the order of the ids
                 self._incoming.append(Paced(request_id, request_id, ftype, fields, future, data))
         if paced:

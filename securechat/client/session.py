@@ -15,8 +15,6 @@ from securechat import framing, protocol
 from securechat.errors import ErrorCode, ProtocolError
 from securechat.identity import Identity
 
-MAX_FRAME_CEILING = 16 * 1024 * 1024  # the most `securechat server --max-frame` allows
-
 
 class ClientSession:
     def __init__(self, max_frame: int = framing.MAX_FRAME_DEFAULT) -> None:
@@ -29,8 +27,9 @@ class ClientSession:
         accept what it may send (up to a ceiling, so a hostile server cannot make us buffer
         without bound)."""
         announced = welcome.get("max_frame")
-        if isinstance(announced, int) and not isinstance(announced, bool) and announced >= 4096:
-            self.max_frame = min(announced, MAX_FRAME_CEILING)
+        valid = isinstance(announced, int) and not isinstance(announced, bool)
+        if valid and announced >= framing.MIN_FRAME:
+            self.max_frame = min(announced, framing.MAX_FRAME_CEILING)
             self._decoder.max_frame = self.max_frame
 
     def encode(self, frame: dict[str, Any]) -> bytes:

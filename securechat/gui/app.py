@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from tkinter import ttk
 
-from securechat import identity
+from securechat import identity, settings
 from securechat.client.chat_session import ChatOptions, ChatSession, resolve_user
 from securechat.errors import SecureChatError
 from securechat.gui.bridge import Bridge
@@ -26,9 +26,9 @@ DEFAULT_KEY = Path.home() / ".securechat" / "me.key"
 class GuiOptions:
     key_path: Path | None = None
     user: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 12345
-    ca: Path = Path("certs/ca.pem")
+    host: str = settings.DEFAULT_HOST
+    port: int = settings.DEFAULT_PORT
+    ca: Path = settings.DEFAULT_CA
     history: bool = True
     passphrase: str = field(default="", repr=False)  # from SECURECHAT_PASSPHRASE, if set
 

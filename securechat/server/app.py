@@ -11,15 +11,15 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import os
 import selectors
 import socket
 import threading
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from securechat import __version__, framing, protocol
+from securechat import __version__
 from securechat.errors import ConfigError
 from securechat.server.admission import Admission, Refusal
 from securechat.server.connection import Connection
@@ -28,6 +28,7 @@ from securechat.server.hub import Hub
 from securechat.server.loop import IOLoop
 from securechat.server.store import DMQuota, HistoryRow, SQLiteStore
 from securechat.server.worker import StoreWorker
+from securechat.settings import check_server_fields, default_io_threads, server_default
 from securechat.tls import server_context
 
 log = logging.getLogger("securechat.server")
@@ -36,35 +37,37 @@ ACCEPT_PAUSE = 0.1  # seconds to wait after accept() fails before trying again
 
 @dataclass
 class ServerConfig:
-    """Every limit here has a `securechat server` flag and a SECURECHAT_* variable (README)."""
+    """The server's settings. Each default, range and flag is declared once, in
+    securechat.settings.SERVER; a value its flag would refuse is refused here too, when built."""
 
-    host: str = "127.0.0.1"
-    port: int = 12345
-    certs_dir: Path = field(default_factory=lambda: Path("certs"))
-    data_dir: Path = field(default_factory=lambda: Path("data"))
-    require_client_cert: bool = False
-    # One I/O thread per two CPUs (at most 4): they share one GIL, so a second thread on a
-    # 2-core machine only adds contention (measured: p99 latency 31 ms instead of 19, and no
-    # more deliveries per second; BENCHMARKS.md).
-    io_threads: int = field(default_factory=lambda: max(1, min(4, (os.cpu_count() or 1) // 2)))
-    handshake_timeout: float = 10.0  # seconds from accept to a finished TLS handshake
-    login_timeout: float = 30.0  # seconds from the handshake to a finished login
-    idle_timeout: float = 300.0  # silent this long: closed (pinged at half of it); 0: never
-    max_frame: int = framing.MAX_FRAME_DEFAULT
-    max_outbuf: int = 4 * 1024 * 1024  # bytes queued for a client that does not read
-    max_connections: int = 10_000  # 0: no cap
-    max_per_address: int = 500  # 0: no cap
-    rate: float = 10.0  # requests a second per user, on average
-    burst: int = 30  # requests a user may send at once
-    flood_refusals: int = 20  # rate-limited requests in a row before the sender is dropped
-    max_message: int = protocol.TEXT_MAX  # characters in a room message
-    presence_limit: int = 1000  # members above which joins and parts are not announced; 0: none
-    backlog: int = 1024
-    history: int = 100  # room messages kept per room and sent to whoever joins
-    dm_ttl_ms: int = 7 * 24 * 3600 * 1000  # queued DMs expire after this
-    dm_quota_count: int = 1000  # per recipient
-    dm_quota_bytes: int = 10 * 1024 * 1024  # per recipient
-    dm_sender_share: int = 10  # percent of each of those one sender may fill
+    host: str = server_default("host")
+    port: int = server_default("port")
+    certs_dir: Path = field(default_factory=partial(server_default, "certs_dir"))
+    data_dir: Path = field(default_factory=partial(server_default, "data_dir"))
+    require_client_cert: bool = server_default("require_client_cert")
+    io_threads: int = field(default_factory=default_io_threads)
+    log_level: str = server_default("log_level")
+    history: int = server_default("history")  # room messages kept per room, sent on join
+    dm_ttl_ms: int = server_default("dm_ttl_ms")  # queued DMs expire after this
+    dm_quota_count: int = server_default("dm_quota_count")  # per recipient
+    dm_quota_bytes: int = server_default("dm_quota_bytes")  # per recipient
+    dm_sender_share: int = server_default("dm_sender_share")  # percent one sender may fill
+    max_frame: int = server_default("max_frame")
+    handshake_timeout: float = server_default("handshake_timeout")  # accept to TLS done
+    login_timeout: float = server_default("login_timeout")  # TLS done to logged in
+    idle_timeout: float = server_default("idle_timeout")  # pinged at half of it; 0: never
+    max_connections: int = server_default("max_connections")  # 0: no cap
+    max_per_address: int = server_default("max_per_address")  # 0: no cap
+    rate: float = server_default("rate")  # requests a second per user, on average
+    burst: int = server_default("burst")  # requests a user may send at once
+    flood_refusals: int = server_default("flood_refusals")  # refusals in a row: dropped
+    max_queue: int = server_default("max_queue")  # bytes queued for a client that does not read
+    max_message: int = server_default("max_message")  # characters in a room message
+    presence_limit: int = server_default("presence_limit")  # joins and parts not announced above
+    backlog: int = 1024  # listen() backlog; no flag
+
+    def __post_init__(self) -> None:
+        check_server_fields(vars(self))
 
     def dm_quota(self) -> DMQuota:
         share = self.dm_sender_share

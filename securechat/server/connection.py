@@ -252,7 +252,7 @@ class Connection:
             self.pending.clear()
             self.tls.write(data)
         self._flush_tls()
-        if len(self.outbuf) > self.ctx.config.max_outbuf and self.closing is None:
+        if len(self.outbuf) > self.ctx.config.max_queue and self.closing is None:
             log.info(
                 "dropping %s (%s): not reading, outbound queue full", self.user or "-", self.addr
             )
