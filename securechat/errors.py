@@ -209,3 +209,34 @@ class ReplayedRecord(E2EError):
 
 class BrokenChain(E2EError):
     """A direct message does not fit the hash chain of the messages before it: refused."""
+
+
+# -- interactive verification by emoji (securechat/e2e/sas.py) -------------------------------------
+
+
+class VerificationError(E2EError):
+    """An emoji verification cannot take this step (the emoji are not shown yet, or it has
+    ended)."""
+
+
+class SasMessageError(VerificationError):
+    """A verification message is malformed or belongs to another verification: refused, and the
+    verification it was offered to goes on unchanged."""
+
+
+class VerificationFailed(VerificationError):
+    """An emoji verification ended without marking anyone verified.
+
+    `code` is the cancel code (sas.CancelCode's value) that tells the other device why; `by_peer`
+    says the other device ended it, so no cancel needs to go back.
+    """
+
+    def __init__(self, message: str, *, code: str, by_peer: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.by_peer = by_peer
+
+
+class SasMismatch(VerificationFailed):
+    """The two devices do not agree on the keys being compared: someone (the server) may be
+    intercepting. Nothing was marked verified."""
