@@ -34,7 +34,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import nacl.exceptions
 import nacl.public
@@ -460,7 +460,7 @@ class ReplayGuard:
         """A guard with the state `export` gave; ReplayStateError when the data is damaged."""
         guard = cls(max_age_ms=max_age_ms, max_skew_ms=max_skew_ms, max_remembered=max_remembered)
 
-        def is_int(value: Any) -> bool:
+        def is_int(value: Any) -> TypeGuard[int]:
             return isinstance(value, int) and not isinstance(value, bool)
 
         damaged = ReplayStateError(

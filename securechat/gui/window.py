@@ -49,6 +49,13 @@ def trust_of(check: KeyCheck) -> Trust:
     return Trust(check.state.value, check.fingerprint, warning)
 
 
+def _picked(listbox: tk.Listbox) -> int | None:
+    """The index of the selected row of a single-choice list, or None."""
+    # typeshed leaves Listbox.curselection unannotated; Tk returns a tuple of indexes.
+    chosen: tuple[int, ...] = listbox.curselection()  # type: ignore[no-untyped-call]
+    return chosen[0] if chosen else None
+
+
 class ChatWindow:
     def __init__(
         self,
@@ -432,15 +439,15 @@ class ChatWindow:
         self.redraw()
 
     def _on_pick(self, _event: object) -> None:
-        picked = self.sidebar.curselection()
-        if picked:
+        picked = _picked(self.sidebar)
+        if picked is not None:
             convs = self.model.ordered()
-            self.select(convs[picked[0]].name)
+            self.select(convs[picked].name)
 
     def _on_member(self, _event: object) -> None:
-        picked = self.members.curselection()
-        if picked:
-            peer = self.members.get(picked[0])
+        picked = _picked(self.members)
+        if picked is not None:
+            peer = self.members.get(picked)
             if peer != self.client.user:
                 self.select(f"@{peer}")
                 self.open_dm(peer)
