@@ -309,6 +309,23 @@ def open_sealed(
     if not isinstance(stamped_sender, str) or valid_name(stamped_sender):
         # Never echo it: it is whatever the server sent.
         raise TamperedMessage("a direct message with a malformed sender name was dropped")
+    ciphertext = _ciphertext(envelope, stamped_sender)
+    box = nacl.public.Box(
+        recipient_key.to_curve25519_private_key(), _box_public(sender_public_key, "sender")
+    )
+    try:
+        plaintext = box.decrypt(ciphertext)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise _tampered(stamped_sender, "it does not open with their key") from None
+    opened = _parse_record(plaintext, stamped_sender)
+    _check_routing(opened, recipient, stamped_sender)
+    if expected_message_id is not None and expected_message_id != opened.message_id:
+        raise _tampered(stamped_sender, "the id beside it does not match the id sealed inside")
+    return opened
+
+
+def _ciphertext(envelope: bytes, stamped_sender: str) -> bytes:
+    """The Box ciphertext inside an envelope of our version and of a size a DM can have."""
     if isinstance(envelope, (bytearray, memoryview)):
         envelope = bytes(envelope)
     if not isinstance(envelope, bytes) or not envelope:
@@ -321,15 +338,11 @@ def open_sealed(
         )
     if len(envelope) > MAX_ENVELOPE_BYTES:
         raise _tampered(stamped_sender, "its envelope is larger than any sealed message can be")
-    box = nacl.public.Box(
-        recipient_key.to_curve25519_private_key(), _box_public(sender_public_key, "sender")
-    )
-    try:
-        plaintext = box.decrypt(envelope[1:])
-    except (nacl.exceptions.CryptoError, ValueError, TypeError):
-        raise _tampered(stamped_sender, "it does not open with their key") from None
-    opened = _parse_record(plaintext, stamped_sender)
+    return envelope[1:]
 
+
+def _check_routing(opened: OpenedDM, recipient: str, stamped_sender: str) -> None:
+    """Refuse a record whose sealed names do not match who delivered it to whom."""
     # The order matters only for which warning is shown; each check alone refuses the message.
     if opened.sender == recipient and stamped_sender != recipient:
         # Only we or stamped_sender could have sealed it (Box is symmetric), and it says it is
@@ -349,9 +362,6 @@ def open_sealed(
             f"a direct message from {stamped_sender} claims to come from someone else; it was "
             f"dropped. {stamped_sender} (or whoever holds their key) is impersonating another user"
         )
-    if expected_message_id is not None and expected_message_id != opened.message_id:
-        raise _tampered(stamped_sender, "the id beside it does not match the id sealed inside")
-    return opened
 
 
 # -- replays --------------------------------------------------------------------------------------
