@@ -111,6 +111,16 @@ class _Inbound:
         return skipped
 
 
+def _check_stamp(owner: DeviceRef, stamped_sender: str, message: RoomCiphertext) -> None:
+    """The sender and device the server stamped must be the session's owner."""
+    if stamped_sender != owner.user or message.sender_device != owner.device_id:
+        raise ForgedRoomSender(
+            f"a message in {message.room} stamped as from {stamped_sender} was encrypted by "
+            f"{owner.user}'s device {owner.device_id}; it was dropped. The server altered "
+            "its sender"
+        )
+
+
 def _parse(message: RoomCiphertext, where: str) -> vodozemac.MegolmMessage:
     if len(message.ciphertext) > MAX_CIPHERTEXT:
         raise TamperedRoomMessage(f"an encrypted message {where} was dropped: it is too large")
@@ -195,12 +205,7 @@ class InboundStore:
         if held is None:
             return CannotDecrypt(room, stamped_sender, late, message.session_id)
         owner = held.owner
-        if stamped_sender != owner.user or message.sender_device != owner.device_id:
-            raise ForgedRoomSender(
-                f"a message in {room} stamped as from {stamped_sender} was encrypted by "
-                f"{owner.user}'s device {owner.device_id}; it was dropped. The server altered "
-                "its sender"
-            )
+        _check_stamp(owner, stamped_sender, message)
         index = megolm.message_index()
         if index < held.first_index:
             return CannotDecrypt(
