@@ -40,6 +40,7 @@ import nacl.exceptions
 import nacl.public
 import nacl.signing
 
+from securechat.canonical import canonical_json
 from securechat.errors import SecureChatError
 from securechat.protocol import TEXT_MAX, valid_name
 
@@ -151,13 +152,6 @@ def _span(ms: int) -> str:
     return f"{ms / 1000:g} seconds"
 
 
-def _canonical(record: dict[str, Any]) -> bytes:
-    # ensure_ascii=False keeps non-Latin text at most 4 bytes a character instead of 12.
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8"
-    )
-
-
 def _box_public(public_key: bytes, role: str) -> nacl.public.PublicKey:
     if not isinstance(public_key, bytes) or len(public_key) != 32:
         raise BadKey(f"the {role}'s public key must be 32 bytes")
@@ -220,7 +214,7 @@ def seal(
         "body": body,
     }
     try:
-        plaintext = _canonical(record)
+        plaintext = canonical_json(record)
     except UnicodeEncodeError:
         # Lone surrogates (e.g. from undecodable terminal input) have no UTF-8 form.
         raise InvalidMessage(
@@ -275,7 +269,7 @@ def _parse_record(plaintext: bytes, stamped_sender: str) -> OpenedDM:
     if _body_problem(record["body"]):
         raise _tampered(stamped_sender, "its sealed text is empty, too long or not text")
     try:
-        canonical = _canonical(record)
+        canonical = canonical_json(record)
     except UnicodeEncodeError:  # pragma: no cover - decoded UTF-8 always re-encodes
         canonical = b""
     if canonical != plaintext:

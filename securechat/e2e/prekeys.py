@@ -14,13 +14,13 @@ ratcheted (its private half stays on the device until it is rotated). No I/O her
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import vodozemac
 
+from securechat.canonical import canonical_json
 from securechat.e2e.device import Device, valid_device_id
 from securechat.e2e.records import DeviceRecord
 from securechat.errors import PrekeyError
@@ -47,7 +47,7 @@ class SignedPrekey:
             "key": self.key,
             "fallback": self.fallback,
         }
-        return PREKEY_CONTEXT + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+        return PREKEY_CONTEXT + canonical_json(fields, ascii_only=True)
 
     def to_wire(self) -> dict[str, Any]:
         return {

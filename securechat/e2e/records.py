@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,6 +28,7 @@ import nacl.exceptions
 import nacl.signing
 import vodozemac
 
+from securechat.canonical import canonical_json
 from securechat.e2e.device import Device, valid_device_id
 from securechat.errors import DeviceRecordError, UnsignedDevice
 from securechat.identity import Identity, fingerprint
@@ -41,10 +41,6 @@ _RECORD_KEYS = frozenset(
     {"user", "device_id", "curve25519", "ed25519", "created_ms", "identity_key", "signature"}
 )
 _REVOCATION_KEYS = frozenset({"user", "device_id", "revoked_ms", "identity_key", "signature"})
-
-
-def _canonical(fields: dict[str, Any]) -> bytes:
-    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
 def _b64(raw: bytes) -> str:
@@ -69,7 +65,7 @@ class DeviceRecord:
     signature: bytes
 
     def transcript(self) -> bytes:
-        return RECORD_CONTEXT + _canonical(
+        return RECORD_CONTEXT + canonical_json(
             {
                 "user": self.user,
                 "device_id": self.device_id,
@@ -108,7 +104,7 @@ class Revocation:
     signature: bytes
 
     def transcript(self) -> bytes:
-        return REVOCATION_CONTEXT + _canonical(
+        return REVOCATION_CONTEXT + canonical_json(
             {
                 "user": self.user,
                 "device_id": self.device_id,

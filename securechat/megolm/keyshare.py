@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from securechat.canonical import canonical_json
 from securechat.megolm.errors import KeyShareRefused
 from securechat.megolm.port import DEVICE_ID_RE, DeviceRef
-from securechat.megolm.record import canonical_json
 from securechat.protocol import valid_name, valid_room
 
 PAYLOAD_VERSION = 1
