@@ -39,25 +39,20 @@ class SignedPrekey:
     fallback: bool
     signature: str  # Ed25519 by the device key, vodozemac unpadded base64
 
-    def transcript(self) -> bytes:
-        fields = {
-            "user": self.user,
-            "device_id": self.device_id,
-            "key_id": self.key_id,
-            "key": self.key,
-            "fallback": self.fallback,
-        }
-        return PREKEY_CONTEXT + canonical_json(fields, ascii_only=True)
-
-    def to_wire(self) -> dict[str, Any]:
+    def _signed_fields(self) -> dict[str, Any]:
         return {
             "user": self.user,
             "device_id": self.device_id,
             "key_id": self.key_id,
             "key": self.key,
             "fallback": self.fallback,
-            "signature": self.signature,
         }
+
+    def transcript(self) -> bytes:
+        return PREKEY_CONTEXT + canonical_json(self._signed_fields(), ascii_only=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self._signed_fields(), "signature": self.signature}
 
 
 @dataclass(frozen=True)
