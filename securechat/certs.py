@@ -375,19 +375,22 @@ def _make_leaf(
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         # Strict verification (VERIFY_X509_STRICT) requires the AKI to link a leaf to its CA.
-        .add_extension(_authority_key_id(ca_cert), critical=False)
+        .add_extension(_authority_key_id(ca_cert, ca_key), critical=False)
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(ca_key, hashes.SHA256())
 
 
-def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+def _authority_key_id(
+    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+) -> x509.AuthorityKeyIdentifier:
     try:
         ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     except x509.ExtensionNotFound:
-        # A reused CA made elsewhere may lack an SKI; derive the same value from its key.
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())  # type: ignore[arg-type]
+        # A reused CA made elsewhere may lack an SKI; derive the same value from its key (the
+        # one in the certificate: _load_ca checked that they match).
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
