@@ -113,69 +113,24 @@ def generate(
     client_names = _client_names(clients)
     if days < 1:
         raise ConfigError(f"--days must be at least 1, not {days}")
-
-    targets = [SERVER_CERT, SERVER_KEY]
-    for name in client_names:
-        targets += [f"{name}.pem", f"{name}.key"]
-    if not reuse_ca:
-        targets = [CA_CERT, CA_KEY, *targets]
-    # Check every target first so that a refusal leaves the folder exactly as it was.
-    existing = [name for name in targets if os.path.lexists(out_dir / name)]
-    if existing and not force:
-        hint = "" if reuse_ca else "; to renew only the server certificate use --reuse-ca --force"
-        raise CertificateError(
-            f"refusing to overwrite {', '.join(existing)} in {out_dir}: pass --force to "
-            f"replace {'it' if len(existing) == 1 else 'them'}{hint}"
-        )
+    _refuse_overwrite(out_dir, client_names, reuse_ca=reuse_ca, force=force)
 
     now = dt.datetime.now(dt.timezone.utc)
     not_before = now - CLOCK_SKEW
-    pending: list[tuple[str, bytes, int, str]] = []
+    pending: list[_Pending] = []
     if reuse_ca:
         ca_cert, ca_key = _load_ca(out_dir, now)
     else:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_cert = _make_ca(ca_key, not_before, now + dt.timedelta(days=CA_DAYS))
+        new_key = ec.generate_private_key(ec.SECP256R1())
+        ca_cert, ca_key = _make_ca(new_key, not_before, now + dt.timedelta(days=CA_DAYS)), new_key
         pending.append((CA_CERT, _cert_pem(ca_cert), CERT_MODE, "CA certificate (give to clients)"))
-        pending.append((CA_KEY, _key_pem(ca_key), KEY_MODE, "CA private key (secret)"))
+        pending.append((CA_KEY, _key_pem(new_key), KEY_MODE, "CA private key (secret)"))
     # A leaf cannot outlive its CA: a chain with an expired CA no longer verifies.
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    until = f"valid until {not_after:%Y-%m-%d}"
-
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = _make_leaf(
-        ca_cert,
-        ca_key,
-        server_key,
-        common_name=SERVER_CN,
-        usage=ExtendedKeyUsageOID.SERVER_AUTH,
-        sans=[_general_name(n) for n in server_names],
-        not_before=not_before,
-        not_after=not_after,
-    )
-    names = ", ".join(server_names)
-    pending.append(
-        (SERVER_CERT, _cert_pem(server_cert), CERT_MODE, f"server certificate for {names}, {until}")
-    )
-    pending.append((SERVER_KEY, _key_pem(server_key), KEY_MODE, "server private key (secret)"))
+    issuer = _Issuer(ca_cert, ca_key, not_before, not_after)
+    pending += issuer.server_files(server_names)
     for name in client_names:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _make_leaf(
-            ca_cert,
-            ca_key,
-            key,
-            common_name=name,
-            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-            sans=None,
-            not_before=not_before,
-            not_after=not_after,
-        )
-        pending.append(
-            (f"{name}.pem", _cert_pem(cert), CERT_MODE, f"client certificate for {name}, {until}")
-        )
-        pending.append(
-            (f"{name}.key", _key_pem(key), KEY_MODE, f"client private key for {name} (secret)")
-        )
+        pending += issuer.client_files(name)
 
     _write_all(out_dir, [(name, data, mode) for name, data, mode, _ in pending])
     return Report(
@@ -184,6 +139,85 @@ def generate(
         ca_fingerprint=cert_fingerprint(ca_cert.public_bytes(serialization.Encoding.DER)),
         ca_reused=reuse_ca,
     )
+
+
+def _refuse_overwrite(
+    out_dir: Path, client_names: Sequence[str], *, reuse_ca: bool, force: bool
+) -> None:
+    """Check every target before writing, so that a refusal leaves the folder exactly as it was."""
+    targets = [SERVER_CERT, SERVER_KEY]
+    for name in client_names:
+        targets += [f"{name}.pem", f"{name}.key"]
+    if not reuse_ca:
+        targets = [CA_CERT, CA_KEY, *targets]
+    existing = [name for name in targets if os.path.lexists(out_dir / name)]
+    if existing and not force:
+        hint = "" if reuse_ca else "; to renew only the server certificate use --reuse-ca --force"
+        raise CertificateError(
+            f"refusing to overwrite {', '.join(existing)} in {out_dir}: pass --force to "
+            f"replace {'it' if len(existing) == 1 else 'them'}{hint}"
+        )
+
+
+# A file to write: its name in out_dir, contents, mode, and what it is (for the summary).
+_Pending = tuple[str, bytes, int, str]
+
+
+@dataclass(frozen=True)
+class _Issuer:
+    """The CA and validity window that every leaf of one generate() run shares."""
+
+    ca_cert: x509.Certificate
+    ca_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+    @property
+    def until(self) -> str:
+        return f"valid until {self.not_after:%Y-%m-%d}"
+
+    def server_files(self, server_names: Sequence[str]) -> list[_Pending]:
+        key, cert = self._issue(
+            SERVER_CN, ExtendedKeyUsageOID.SERVER_AUTH, [_general_name(n) for n in server_names]
+        )
+        names = ", ".join(server_names)
+        return [
+            (
+                SERVER_CERT,
+                _cert_pem(cert),
+                CERT_MODE,
+                f"server certificate for {names}, {self.until}",
+            ),
+            (SERVER_KEY, _key_pem(key), KEY_MODE, "server private key (secret)"),
+        ]
+
+    def client_files(self, name: str) -> list[_Pending]:
+        key, cert = self._issue(name, ExtendedKeyUsageOID.CLIENT_AUTH, None)
+        return [
+            (
+                f"{name}.pem",
+                _cert_pem(cert),
+                CERT_MODE,
+                f"client certificate for {name}, {self.until}",
+            ),
+            (f"{name}.key", _key_pem(key), KEY_MODE, f"client private key for {name} (secret)"),
+        ]
+
+    def _issue(
+        self, common_name: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName] | None
+    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _make_leaf(
+            self.ca_cert,
+            self.ca_key,
+            key,
+            common_name=common_name,
+            usage=usage,
+            sans=sans,
+            not_before=self.not_before,
+            not_after=self.not_after,
+        )
+        return key, cert
 
 
 # --- names -----------------------------------------------------------------------------------
@@ -341,19 +375,22 @@ def _make_leaf(
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         # Strict verification (VERIFY_X509_STRICT) requires the AKI to link a leaf to its CA.
-        .add_extension(_authority_key_id(ca_cert), critical=False)
+        .add_extension(_authority_key_id(ca_cert, ca_key), critical=False)
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(ca_key, hashes.SHA256())
 
 
-def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+def _authority_key_id(
+    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+) -> x509.AuthorityKeyIdentifier:
     try:
         ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     except x509.ExtensionNotFound:
-        # A reused CA made elsewhere may lack an SKI; derive the same value from its key.
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())  # type: ignore[arg-type]
+        # A reused CA made elsewhere may lack an SKI; derive the same value from its key (the
+        # one in the certificate: _load_ca checked that they match).
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 

@@ -23,14 +23,14 @@ from securechat.settings import Setting
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _env(name: str) -> dict:
+def _env(name: str) -> dict[str, Any]:
     return {"envvar": f"SECURECHAT_{name}", "show_envvar": True}
 
 
 class _Group(click.Group):
     """Turns our own errors into one clear line and exit status, never a traceback."""
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except SecureChatError as exc:
@@ -190,7 +190,7 @@ def server(**values: Any) -> None:
     serve(config, config.log_level)
 
 
-def _key_option(*, required: bool, help: str):  # type: ignore[no-untyped-def]
+def _key_option(*, required: bool, help: str) -> Callable[[F], F]:
     return click.option(
         "--key",
         "key_path",

@@ -59,7 +59,7 @@ class ErrorCode(str, enum.Enum):
         return member
 
     def __str__(self) -> str:
-        return self.value
+        return str(self.value)
 
     FRAME_TOO_LARGE = ("frame_too_large", "a frame header above the limit", "yes")
     BAD_FRAME = (

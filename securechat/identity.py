@@ -30,6 +30,7 @@ import nacl.signing
 import nacl.utils
 from nacl.pwhash import argon2id
 
+from securechat.canonical import canonical_json
 from securechat.errors import IdentityError
 from securechat.files import write_atomically
 
@@ -142,7 +143,7 @@ def create(
 def _signed_bytes(record: dict[str, Any]) -> bytes:
     """What the signature covers: every field but itself, in one canonical form."""
     fields = {name: value for name, value in record.items() if name != "signature"}
-    return RECORD_CONTEXT + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    return RECORD_CONTEXT + canonical_json(fields, ascii_only=True)
 
 
 def _write_signed(

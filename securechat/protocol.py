@@ -505,7 +505,8 @@ class ServerSession:
             return []
         self._decoder.feed(data)
         events: list[Event] = []
-        while self.state is not State.CLOSING:
+        # _handle and _refuse move the state; mypy keeps the narrowing from the check above.
+        while self.state is not State.CLOSING:  # type: ignore[comparison-overlap]
             try:
                 payload = self._decoder.next_payload()
                 if payload is None:

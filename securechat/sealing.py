@@ -34,12 +34,13 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import nacl.exceptions
 import nacl.public
 import nacl.signing
 
+from securechat.canonical import canonical_json
 from securechat.errors import SecureChatError
 from securechat.protocol import TEXT_MAX, valid_name
 
@@ -151,13 +152,6 @@ def _span(ms: int) -> str:
     return f"{ms / 1000:g} seconds"
 
 
-def _canonical(record: dict[str, Any]) -> bytes:
-    # ensure_ascii=False keeps non-Latin text at most 4 bytes a character instead of 12.
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8"
-    )
-
-
 def _box_public(public_key: bytes, role: str) -> nacl.public.PublicKey:
     if not isinstance(public_key, bytes) or len(public_key) != 32:
         raise BadKey(f"the {role}'s public key must be 32 bytes")
@@ -220,7 +214,7 @@ def seal(
         "body": body,
     }
     try:
-        plaintext = _canonical(record)
+        plaintext = canonical_json(record)
     except UnicodeEncodeError:
         # Lone surrogates (e.g. from undecodable terminal input) have no UTF-8 form.
         raise InvalidMessage(
@@ -275,7 +269,7 @@ def _parse_record(plaintext: bytes, stamped_sender: str) -> OpenedDM:
     if _body_problem(record["body"]):
         raise _tampered(stamped_sender, "its sealed text is empty, too long or not text")
     try:
-        canonical = _canonical(record)
+        canonical = canonical_json(record)
     except UnicodeEncodeError:  # pragma: no cover - decoded UTF-8 always re-encodes
         canonical = b""
     if canonical != plaintext:
@@ -309,6 +303,23 @@ def open_sealed(
     if not isinstance(stamped_sender, str) or valid_name(stamped_sender):
         # Never echo it: it is whatever the server sent.
         raise TamperedMessage("a direct message with a malformed sender name was dropped")
+    ciphertext = _ciphertext(envelope, stamped_sender)
+    box = nacl.public.Box(
+        recipient_key.to_curve25519_private_key(), _box_public(sender_public_key, "sender")
+    )
+    try:
+        plaintext = box.decrypt(ciphertext)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise _tampered(stamped_sender, "it does not open with their key") from None
+    opened = _parse_record(plaintext, stamped_sender)
+    _check_routing(opened, recipient, stamped_sender)
+    if expected_message_id is not None and expected_message_id != opened.message_id:
+        raise _tampered(stamped_sender, "the id beside it does not match the id sealed inside")
+    return opened
+
+
+def _ciphertext(envelope: bytes, stamped_sender: str) -> bytes:
+    """The Box ciphertext inside an envelope of our version and of a size a DM can have."""
     if isinstance(envelope, (bytearray, memoryview)):
         envelope = bytes(envelope)
     if not isinstance(envelope, bytes) or not envelope:
@@ -321,15 +332,11 @@ def open_sealed(
         )
     if len(envelope) > MAX_ENVELOPE_BYTES:
         raise _tampered(stamped_sender, "its envelope is larger than any sealed message can be")
-    box = nacl.public.Box(
-        recipient_key.to_curve25519_private_key(), _box_public(sender_public_key, "sender")
-    )
-    try:
-        plaintext = box.decrypt(envelope[1:])
-    except (nacl.exceptions.CryptoError, ValueError, TypeError):
-        raise _tampered(stamped_sender, "it does not open with their key") from None
-    opened = _parse_record(plaintext, stamped_sender)
+    return envelope[1:]
 
+
+def _check_routing(opened: OpenedDM, recipient: str, stamped_sender: str) -> None:
+    """Refuse a record whose sealed names do not match who delivered it to whom."""
     # The order matters only for which warning is shown; each check alone refuses the message.
     if opened.sender == recipient and stamped_sender != recipient:
         # Only we or stamped_sender could have sealed it (Box is symmetric), and it says it is
@@ -349,9 +356,6 @@ def open_sealed(
             f"a direct message from {stamped_sender} claims to come from someone else; it was "
             f"dropped. {stamped_sender} (or whoever holds their key) is impersonating another user"
         )
-    if expected_message_id is not None and expected_message_id != opened.message_id:
-        raise _tampered(stamped_sender, "the id beside it does not match the id sealed inside")
-    return opened
 
 
 # -- replays --------------------------------------------------------------------------------------
@@ -460,7 +464,7 @@ class ReplayGuard:
         """A guard with the state `export` gave; ReplayStateError when the data is damaged."""
         guard = cls(max_age_ms=max_age_ms, max_skew_ms=max_skew_ms, max_remembered=max_remembered)
 
-        def is_int(value: Any) -> bool:
+        def is_int(value: Any) -> TypeGuard[int]:
             return isinstance(value, int) and not isinstance(value, bool)
 
         damaged = ReplayStateError(

@@ -176,7 +176,7 @@ class TLSStream:
         Raises ConnectionClosed when the peer closed the TLS session, ssl.SSLError on a bad record
         or an alert (under TLS 1.3 a refused client certificate shows up here).
         """
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             try:
                 chunk = self.obj.read(READ_CHUNK)

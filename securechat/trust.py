@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from securechat.errors import SecureChatError
 from securechat.files import write_atomically
@@ -249,7 +249,7 @@ def _check_name(name: Any) -> str:
     why = valid_name(name) if isinstance(name, str) else "must be text"
     if why:
         raise InvalidContact(f"not a valid user name: it {why}")
-    return name
+    return str(name)
 
 
 def _check_key(name: str, key: Any) -> bytes:
@@ -347,9 +347,10 @@ class KnownKeys:
     def _parse_entry(self, name: str, item: Any) -> PinnedKey:
         if not isinstance(item, dict):
             raise self._damaged(f"the entry for {name} is not a table")
+        text = item.get("key")
         try:
-            key = base64.b64decode(item.get("key"), validate=True)
-        except (binascii.Error, ValueError, TypeError):
+            key = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
+        except (binascii.Error, ValueError):
             key = b""
         if len(key) != KEY_BYTES:
             raise self._damaged(f"the key for {name} is not a {KEY_BYTES}-byte base64 key")
@@ -367,7 +368,7 @@ class KnownKeys:
         return PinnedKey(key=key, state=state, first_seen=first_seen, verified_at=verified_at)
 
     @staticmethod
-    def _is_time(value: Any) -> bool:
+    def _is_time(value: Any) -> TypeGuard[str]:
         if not isinstance(value, str):
             return False
         try:

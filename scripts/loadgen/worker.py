@@ -181,57 +181,67 @@ class Worker:
 
     def _opening_step(self, c: Client, mask: int) -> None:
         try:
-            if c.state == CONNECTING:
-                assert c.raw is not None
-                err = c.raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    self._fail(c, f"connect: {errno.errorcode.get(err, err)}")
-                    return
-                self.sel.unregister(c.raw)
-                c.raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                c.sock = self.ctx.wrap_socket(
-                    c.raw, server_hostname=self.sni, do_handshake_on_connect=False
-                )
-                c.state = HANDSHAKE
-                self.sel.register(c.sock, selectors.EVENT_READ, c)
-            if c.state == HANDSHAKE:
-                assert c.sock is not None
-                try:
-                    c.sock.do_handshake()
-                except ssl.SSLWantReadError:
-                    self.sel.modify(c.sock, selectors.EVENT_READ, c)
-                    return
-                except ssl.SSLWantWriteError:
-                    self.sel.modify(c.sock, selectors.EVENT_WRITE, c)
-                    return
-                der = c.sock.getpeercert(binary_form=True) or b""
-                c.login.cert_sha256 = hashlib.sha256(der).digest()
-                c.state = LOGGING_IN
-                self.sel.modify(c.sock, selectors.EVENT_READ, c)
-                self._write(c, self.wire.greeting(c.login))
+            if c.state == CONNECTING and not self._connected(c):
                 return
-            if c.state == LOGGING_IN:
-                data = self._recv_all(c)
-                if data is None:
-                    return
-                reply = self.wire.feed(c.login, data)
-                if reply:
-                    self._write(c, reply)
-                if c.login.done:
-                    c.state = READY
-                    self.ready += 1
-                    self.in_flight -= 1
-                    now = time.monotonic()
-                    self.first_ready = self.first_ready or now
-                    self.last_ready = now
-                    self._start_more()
-                    self._check_opened()
+            if c.state == HANDSHAKE:
+                self._handshake_step(c)
+            elif c.state == LOGGING_IN:
+                self._login_step(c)
         except LoginFailed as exc:
             self._fail(c, f"refused: {exc}")
         except ssl.SSLError as exc:
             self._fail(c, f"tls: {exc.reason or exc}")
         except OSError as exc:
             self._fail(c, f"socket: {exc.strerror or exc}")
+
+    def _connected(self, c: Client) -> bool:
+        """The TCP connect finished: start TLS, or fail the client and say False."""
+        assert c.raw is not None
+        err = c.raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(c, f"connect: {errno.errorcode.get(err, err)}")
+            return False
+        self.sel.unregister(c.raw)
+        c.raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.sock = self.ctx.wrap_socket(
+            c.raw, server_hostname=self.sni, do_handshake_on_connect=False
+        )
+        c.state = HANDSHAKE
+        self.sel.register(c.sock, selectors.EVENT_READ, c)
+        return True
+
+    def _handshake_step(self, c: Client) -> None:
+        assert c.sock is not None
+        try:
+            c.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.sel.modify(c.sock, selectors.EVENT_READ, c)
+            return
+        except ssl.SSLWantWriteError:
+            self.sel.modify(c.sock, selectors.EVENT_WRITE, c)
+            return
+        der = c.sock.getpeercert(binary_form=True) or b""
+        c.login.cert_sha256 = hashlib.sha256(der).digest()
+        c.state = LOGGING_IN
+        self.sel.modify(c.sock, selectors.EVENT_READ, c)
+        self._write(c, self.wire.greeting(c.login))
+
+    def _login_step(self, c: Client) -> None:
+        data = self._recv_all(c)
+        if data is None:
+            return
+        reply = self.wire.feed(c.login, data)
+        if reply:
+            self._write(c, reply)
+        if c.login.done:
+            c.state = READY
+            self.ready += 1
+            self.in_flight -= 1
+            now = time.monotonic()
+            self.first_ready = self.first_ready or now
+            self.last_ready = now
+            self._start_more()
+            self._check_opened()
 
     def _check_opened(self) -> None:
         if self.opening and not self.waiting and self.in_flight == 0:

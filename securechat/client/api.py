@@ -316,7 +316,7 @@ class Client:
             entry = Entry(f"@{peer}", event.sender, event.text, event.ts, False, event.message_id)
         else:
             return
-        self.history.add(entry)  # type: ignore[union-attr]
+        self.history.add(entry)  # type: ignore[union-attr]  # only called with a history
 
     def _on_close(self, reason: str) -> None:
         self._done.set()

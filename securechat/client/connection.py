@@ -163,21 +163,7 @@ def open_connection(
             while not frames:
                 frames = io.frames(session)
             first = frames.pop(0)
-        if first["type"] == "error" and first.get("code") == "bad_certificate":
-            raise _refused_certificate(where, str(first.get("message", "no reason given")))
-        if first["type"] == "error":
-            raise AuthError(
-                f"{where} refused the login: {first.get('message', 'no reason given')}",
-                code=str(first.get("code", "auth_failed")),
-            )
-        if first["type"] != "welcome":
-            raise ConnectError(f"{where} answered the login with an unexpected {first['type']!r}")
-        if first.get("user") != user:
-            # Adopting another name would file DMs and pins under someone else's identity.
-            raise ConnectError(
-                f"{where} welcomed us under another name ({str(first.get('user'))!r:.40}) than "
-                f"the one we logged in with ({user!r}); disconnected. The server may be hostile"
-            )
+        _check_welcome(first, user, where)
         session.adopt_limits(first)
         return sock, tls, session, first, frames
     except ProtocolError as exc:
@@ -186,6 +172,25 @@ def open_connection(
     except BaseException:
         sock.close()
         raise
+
+
+def _check_welcome(first: dict[str, Any], user: str, where: str) -> None:
+    """Refuse any answer to our login other than a welcome for the name we logged in with."""
+    if first["type"] == "error" and first.get("code") == "bad_certificate":
+        raise _refused_certificate(where, str(first.get("message", "no reason given")))
+    if first["type"] == "error":
+        raise AuthError(
+            f"{where} refused the login: {first.get('message', 'no reason given')}",
+            code=str(first.get("code", "auth_failed")),
+        )
+    if first["type"] != "welcome":
+        raise ConnectError(f"{where} answered the login with an unexpected {first['type']!r}")
+    if first.get("user") != user:
+        # Adopting another name would file DMs and pins under someone else's identity.
+        raise ConnectError(
+            f"{where} welcomed us under another name ({str(first.get('user'))!r:.40}) than "
+            f"the one we logged in with ({user!r}); disconnected. The server may be hostile"
+        )
 
 
 class ClientConnection(threading.Thread):
@@ -285,35 +290,9 @@ class ClientConnection(threading.Thread):
         self.sock.setblocking(False)
         sel.register(self.sock, selectors.EVENT_READ, "sock")
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        want_write = False
         try:
-            while True:
-                for key, mask in sel.select(self._next_timer()):
-                    if key.data == "wake":
-                        self._drain_wake()
-                    elif mask & selectors.EVENT_READ:
-                        self._read()
-                    if key.data == "sock" and mask & selectors.EVENT_WRITE:
-                        self._write()
-                self._check_alive()
-                if self._closing and not self._bye_sent and self._paced_done():
-                    self._outbox.append(self.session.encode({"type": "bye"}))
-                    self._bye_sent = True
-                self._take_outbox()
-                self._write()
-                if self._bye_sent and not self._outbuf:
-                    reason = self._close_reason or reason
-                    self.tls.close()
-                    self._outbuf += self.tls.data_to_send()
-                    self._write()
-                    break
-                if bool(self._outbuf) != want_write:
-                    want_write = bool(self._outbuf)
-                    sel.modify(
-                        self.sock,
-                        selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0),
-                        "sock",
-                    )
+            self._serve(sel)
+            reason = self._close_reason or reason
         except ConnectionClosed as exc:
             reason = self._close_reason or exc.reason
         except ssl.SSLError as exc:
@@ -327,6 +306,36 @@ class ClientConnection(threading.Thread):
             self.sock.close()
             self._wake_r.close()
             self._finish(reason)
+
+    def _serve(self, sel: selectors.BaseSelector) -> None:
+        """Run until our bye and the TLS close_notify are sent; errors propagate to run()."""
+        want_write = False
+        while True:
+            for key, mask in sel.select(self._next_timer()):
+                if key.data == "wake":
+                    self._drain_wake()
+                elif mask & selectors.EVENT_READ:
+                    self._read()
+                if key.data == "sock" and mask & selectors.EVENT_WRITE:
+                    self._write()
+            self._check_alive()
+            if self._closing and not self._bye_sent and self._paced_done():
+                self._outbox.append(self.session.encode({"type": "bye"}))
+                self._bye_sent = True
+            self._take_outbox()
+            self._write()
+            if self._bye_sent and not self._outbuf:
+                self.tls.close()
+                self._outbuf += self.tls.data_to_send()
+                self._write()
+                return
+            if bool(self._outbuf) != want_write:
+                want_write = bool(self._outbuf)
+                sel.modify(
+                    self.sock,
+                    selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0),
+                    "sock",
+                )
 
     def _finish(self, reason: str) -> None:
         with self._pending_lock:

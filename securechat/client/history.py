@@ -234,7 +234,7 @@ class LocalHistory:
         return Recalled(sorted(found, key=lambda e: e.ts), refused)
 
     def __len__(self) -> int:
-        return self._query("SELECT count(*) FROM entries")[0][0]
+        return int(self._query("SELECT count(*) FROM entries")[0][0])
 
     def _query(self, sql: str, *params: object) -> list[Any]:
         with self._lock:

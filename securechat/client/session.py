@@ -27,8 +27,11 @@ class ClientSession:
         accept what it may send (up to a ceiling, so a hostile server cannot make us buffer
         without bound)."""
         announced = welcome.get("max_frame")
-        valid = isinstance(announced, int) and not isinstance(announced, bool)
-        if valid and announced >= framing.MIN_FRAME:
+        if (
+            isinstance(announced, int)
+            and not isinstance(announced, bool)
+            and announced >= framing.MIN_FRAME
+        ):
             self.max_frame = min(announced, framing.MAX_FRAME_CEILING)
             self._decoder.max_frame = self.max_frame
 

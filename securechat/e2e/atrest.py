@@ -13,11 +13,10 @@ import hmac
 import json
 from typing import Any
 
-import nacl.encoding
 import nacl.exceptions
-import nacl.hash
 import nacl.secret
 
+from securechat.canonical import canonical_json
 from securechat.errors import DeviceStateError
 from securechat.identity import Identity
 
@@ -49,7 +48,7 @@ def seal_state(identity: Identity, fmt: str, purpose: bytes, payload: dict[str, 
     SecretBox (random nonce, MAC) protects the payload.
     """
     box = nacl.secret.SecretBox(derive_key(identity, purpose))
-    inner = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    inner = canonical_json(payload, ascii_only=True)
     outer = {
         "format": fmt,
         "version": 1,

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from securechat.canonical import canonical_json
 from securechat.e2e.device import valid_device_id
 from securechat.errors import InvalidRecord
 from securechat.protocol import TEXT_MAX, valid_name
@@ -67,18 +68,12 @@ class InnerRecord:
     def canonical(self) -> bytes:
         fields: dict[str, Any] = {wire: getattr(self, attr) for wire, attr in _ATTRS.items()}
         fields["v"], fields["kind"] = RECORD_VERSION, RECORD_KIND
-        return _canonical(fields)
+        return canonical_json(fields)
 
     @property
     def digest(self) -> str:
         """What the next record in the chain carries as `prev`."""
         return hashlib.sha256(self.canonical()).hexdigest()
-
-
-def _canonical(fields: dict[str, Any]) -> bytes:
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8"
-    )
 
 
 def _problem(r: InnerRecord) -> str | None:

@@ -14,13 +14,13 @@ ratcheted (its private half stays on the device until it is rotated). No I/O her
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import vodozemac
 
+from securechat.canonical import canonical_json
 from securechat.e2e.device import Device, valid_device_id
 from securechat.e2e.records import DeviceRecord
 from securechat.errors import PrekeyError
@@ -39,25 +39,20 @@ class SignedPrekey:
     fallback: bool
     signature: str  # Ed25519 by the device key, vodozemac unpadded base64
 
-    def transcript(self) -> bytes:
-        fields = {
-            "user": self.user,
-            "device_id": self.device_id,
-            "key_id": self.key_id,
-            "key": self.key,
-            "fallback": self.fallback,
-        }
-        return PREKEY_CONTEXT + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
-
-    def to_wire(self) -> dict[str, Any]:
+    def _signed_fields(self) -> dict[str, Any]:
         return {
             "user": self.user,
             "device_id": self.device_id,
             "key_id": self.key_id,
             "key": self.key,
             "fallback": self.fallback,
-            "signature": self.signature,
         }
+
+    def transcript(self) -> bytes:
+        return PREKEY_CONTEXT + canonical_json(self._signed_fields(), ascii_only=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self._signed_fields(), "signature": self.signature}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,6 +28,7 @@ import nacl.exceptions
 import nacl.signing
 import vodozemac
 
+from securechat.canonical import canonical_json
 from securechat.e2e.device import Device, valid_device_id
 from securechat.errors import DeviceRecordError, UnsignedDevice
 from securechat.identity import Identity, fingerprint
@@ -41,10 +41,6 @@ _RECORD_KEYS = frozenset(
     {"user", "device_id", "curve25519", "ed25519", "created_ms", "identity_key", "signature"}
 )
 _REVOCATION_KEYS = frozenset({"user", "device_id", "revoked_ms", "identity_key", "signature"})
-
-
-def _canonical(fields: dict[str, Any]) -> bytes:
-    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
 def _b64(raw: bytes) -> str:
@@ -68,24 +64,7 @@ class DeviceRecord:
     identity_key: bytes
     signature: bytes
 
-    def transcript(self) -> bytes:
-        return RECORD_CONTEXT + _canonical(
-            {
-                "user": self.user,
-                "device_id": self.device_id,
-                "curve25519": self.curve25519,
-                "ed25519": self.ed25519,
-                "created_ms": self.created_ms,
-                "identity_key": _b64(self.identity_key),
-            }
-        )
-
-    @property
-    def fingerprint(self) -> str:
-        """The fingerprint of the device's Ed25519 key, as /devices shows it."""
-        return fingerprint(vodozemac_key_bytes(self.ed25519))
-
-    def to_wire(self) -> dict[str, Any]:
+    def _signed_fields(self) -> dict[str, Any]:
         return {
             "user": self.user,
             "device_id": self.device_id,
@@ -93,8 +72,18 @@ class DeviceRecord:
             "ed25519": self.ed25519,
             "created_ms": self.created_ms,
             "identity_key": _b64(self.identity_key),
-            "signature": _b64(self.signature),
         }
+
+    def transcript(self) -> bytes:
+        return RECORD_CONTEXT + canonical_json(self._signed_fields(), ascii_only=True)
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the device's Ed25519 key, as /devices shows it."""
+        return fingerprint(vodozemac_key_bytes(self.ed25519))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self._signed_fields(), "signature": _b64(self.signature)}
 
 
 @dataclass(frozen=True)
@@ -107,24 +96,19 @@ class Revocation:
     identity_key: bytes
     signature: bytes
 
-    def transcript(self) -> bytes:
-        return REVOCATION_CONTEXT + _canonical(
-            {
-                "user": self.user,
-                "device_id": self.device_id,
-                "revoked_ms": self.revoked_ms,
-                "identity_key": _b64(self.identity_key),
-            }
-        )
-
-    def to_wire(self) -> dict[str, Any]:
+    def _signed_fields(self) -> dict[str, Any]:
         return {
             "user": self.user,
             "device_id": self.device_id,
             "revoked_ms": self.revoked_ms,
             "identity_key": _b64(self.identity_key),
-            "signature": _b64(self.signature),
         }
+
+    def transcript(self) -> bytes:
+        return REVOCATION_CONTEXT + canonical_json(self._signed_fields(), ascii_only=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self._signed_fields(), "signature": _b64(self.signature)}
 
 
 @dataclass(frozen=True)

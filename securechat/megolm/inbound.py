@@ -96,6 +96,41 @@ class _Inbound:
     highest: int  # the highest index accepted, or first_index - 1
     seen: set[int] = field(default_factory=set)
 
+    def is_replay(self, index: int) -> bool:
+        """Seen already, or too far behind the highest index to tell (so refused as a replay)."""
+        return index in self.seen or index <= self.highest - REPLAY_WINDOW
+
+    def accept(self, index: int) -> int:
+        """Remember index as received; return how many indexes it skipped past the highest."""
+        skipped = max(index - self.highest - 1, 0)
+        self.seen.add(index)
+        if index > self.highest:
+            self.highest = index
+            if len(self.seen) > REPLAY_WINDOW:
+                self.seen = {i for i in self.seen if i > self.highest - REPLAY_WINDOW}
+        return skipped
+
+
+def _check_stamp(owner: DeviceRef, stamped_sender: str, message: RoomCiphertext) -> None:
+    """The sender and device the server stamped must be the session's owner."""
+    if stamped_sender != owner.user or message.sender_device != owner.device_id:
+        raise ForgedRoomSender(
+            f"a message in {message.room} stamped as from {stamped_sender} was encrypted by "
+            f"{owner.user}'s device {owner.device_id}; it was dropped. The server altered "
+            "its sender"
+        )
+
+
+def _parse(message: RoomCiphertext, where: str) -> vodozemac.MegolmMessage:
+    if len(message.ciphertext) > MAX_CIPHERTEXT:
+        raise TamperedRoomMessage(f"an encrypted message {where} was dropped: it is too large")
+    try:
+        return vodozemac.MegolmMessage.from_bytes(message.ciphertext)
+    except ValueError:
+        raise TamperedRoomMessage(
+            f"an encrypted message {where} was dropped: it is not a Megolm message"
+        ) from None
+
 
 class InboundStore:
     """Inbound sessions of every room this device reads. One owner thread."""
@@ -164,31 +199,19 @@ class InboundStore:
         """
         room = message.room
         where = f"from {stamped_sender} in {room}"
-        if len(message.ciphertext) > MAX_CIPHERTEXT:
-            raise TamperedRoomMessage(f"an encrypted message {where} was dropped: it is too large")
-        try:
-            megolm = vodozemac.MegolmMessage.from_bytes(message.ciphertext)
-        except ValueError:
-            raise TamperedRoomMessage(
-                f"an encrypted message {where} was dropped: it is not a Megolm message"
-            ) from None
+        megolm = _parse(message, where)
         held = self._sessions.get((room, message.session_id))
         late = Undecryptable.BEFORE_JOIN if before_join else Undecryptable.NO_KEY
         if held is None:
             return CannotDecrypt(room, stamped_sender, late, message.session_id)
         owner = held.owner
-        if stamped_sender != owner.user or message.sender_device != owner.device_id:
-            raise ForgedRoomSender(
-                f"a message in {room} stamped as from {stamped_sender} was encrypted by "
-                f"{owner.user}'s device {owner.device_id}; it was dropped. The server altered "
-                "its sender"
-            )
+        _check_stamp(owner, stamped_sender, message)
         index = megolm.message_index()
         if index < held.first_index:
             return CannotDecrypt(
                 room, stamped_sender, Undecryptable.BEFORE_JOIN, held.session.session_id
             )
-        if index in held.seen or index <= held.highest - REPLAY_WINDOW:
+        if held.is_replay(index):
             raise ReplayedRoomMessage(
                 f"a message {where} was a copy of one already received; it was dropped. The "
                 "server is replaying room messages"
@@ -208,14 +231,8 @@ class InboundStore:
             raise ForgedRoomSender(
                 f"a message {where} names another room, sender or device inside; it was dropped"
             )
-        notices: tuple[str, ...] = ()
-        if index > held.highest + 1:
-            notices = (missing_note(index - held.highest - 1, owner.user, room),)
-        held.seen.add(index)
-        if index > held.highest:
-            held.highest = index
-            if len(held.seen) > REPLAY_WINDOW:
-                held.seen = {i for i in held.seen if i > held.highest - REPLAY_WINDOW}
+        skipped = held.accept(index)
+        notices = (missing_note(skipped, owner.user, room),) if skipped else ()
         return DecryptedRoomMessage(
             room=room,
             sender=inner.sender,

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import nacl.encoding
 import nacl.exceptions
-import nacl.hash
 import nacl.secret
 
 from securechat.identity import Identity
@@ -23,17 +21,12 @@ _PICKLE_PURPOSE = b"sc-megolm-pickle"
 _STATE_PURPOSE = b"sc-megolm-state"
 
 
-def derive_key(identity: Identity, purpose: bytes) -> bytes:
-    """A 32-byte key for `purpose`, derived from the identity's seed (Identity.subkey)."""
-    return identity.subkey(purpose)
-
-
 class StateBox:
     """Seals and opens the JSON state of the room-key stores under keys only `identity` derives."""
 
     def __init__(self, identity: Identity) -> None:
-        self.pickle_key = derive_key(identity, _PICKLE_PURPOSE)
-        self._box = nacl.secret.SecretBox(derive_key(identity, _STATE_PURPOSE))
+        self.pickle_key = identity.subkey(_PICKLE_PURPOSE)
+        self._box = nacl.secret.SecretBox(identity.subkey(_STATE_PURPOSE))
 
     def seal(self, data: dict[str, Any]) -> bytes:
         raw = json.dumps({"v": STATE_VERSION, "state": data}, sort_keys=True).encode()

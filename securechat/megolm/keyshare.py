@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from securechat.canonical import canonical_json
 from securechat.megolm.errors import KeyShareRefused
 from securechat.megolm.port import DEVICE_ID_RE, DeviceRef
-from securechat.megolm.record import canonical_json
 from securechat.protocol import valid_name, valid_room
 
 PAYLOAD_VERSION = 1
@@ -96,6 +97,11 @@ def parse(data: bytes, came_from: DeviceRef) -> RoomKey | KeyRequest:
         raise bad("its room name is malformed")
     if kind == KEY_REQUEST:
         return KeyRequest(room)
+    return _room_key(fields, bad)
+
+
+def _room_key(fields: dict[str, Any], bad: Callable[[str], KeyShareRefused]) -> RoomKey:
+    """The RoomKey in the fields of a room key or forwarded key, whose set parse() checked."""
     sender, device = fields["sender"], fields["device"]
     if not isinstance(sender, str) or valid_name(sender):
         raise bad("its sender name is malformed")
@@ -109,10 +115,10 @@ def parse(data: bytes, came_from: DeviceRef) -> RoomKey | KeyRequest:
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= _INDEX_MAX:
         raise bad("its first index is malformed")
     return RoomKey(
-        room=room,
+        room=fields["room"],
         owner=DeviceRef(sender, device),
         session_id=session_id,
         session_key=session_key,
         first_index=index,
-        forwarded=kind == FORWARDED_ROOM_KEY,
+        forwarded=fields["kind"] == FORWARDED_ROOM_KEY,
     )

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from securechat.canonical import canonical_json
 from securechat.megolm.errors import InvalidRoomRecord, TamperedRoomMessage
 from securechat.megolm.port import DEVICE_ID_RE
 from securechat.protocol import TEXT_MAX, valid_name, valid_room
@@ -42,13 +43,6 @@ class RoomRecord:
     message_id: str
     ts: int  # milliseconds since the epoch, by the sender's clock
     body: str
-
-
-def canonical_json(value: dict[str, Any]) -> bytes:
-    """The one byte form of every record this package signs or encrypts."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8"
-    )
 
 
 def bucket(size: int) -> int:

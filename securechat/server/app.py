@@ -26,7 +26,8 @@ from securechat.server.connection import Connection
 from securechat.server.context import ServerContext
 from securechat.server.hub import Hub
 from securechat.server.loop import IOLoop
-from securechat.server.store import DMQuota, HistoryRow, SQLiteStore
+from securechat.server.quota import DMQuota
+from securechat.server.store import HistoryRow, SQLiteStore
 from securechat.server.worker import StoreWorker
 from securechat.settings import check_server_fields, default_io_threads, server_default
 from securechat.tls import server_context

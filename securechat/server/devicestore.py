@@ -14,6 +14,7 @@ import enum
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from securechat.errors import StorageError
 from securechat.server.quota import DMQuota, check_quota
@@ -112,7 +113,7 @@ _DEVICE_COLUMNS = (
 )
 
 
-def _device(row: tuple) -> StoredDevice:
+def _device(row: tuple[Any, ...]) -> StoredDevice:
     return StoredDevice(DeviceEntry(*row[:6]), row[6], row[7], row[8])
 
 
