@@ -128,24 +128,3 @@ def test_a_header_over_the_limit_raises_before_buffering() -> None:
         ClientSession(max_frame=4096).receive_data(framing.HEADER.pack(4097))
     assert info.value.code == ErrorCode.FRAME_TOO_LARGE
     assert info.value.fatal
-
-
-@pytest.mark.parametrize(
-    ("announced", "limit"),
-    [
-        (8192, 8192),
-        (framing.MIN_FRAME - 1, framing.MAX_FRAME_DEFAULT),  # below what we accept: ignored
-        (True, framing.MAX_FRAME_DEFAULT),  # not an integer
-        ("8192", framing.MAX_FRAME_DEFAULT),
-        (framing.MAX_FRAME_CEILING * 2, framing.MAX_FRAME_CEILING),  # nor lift the ceiling
-    ],
-)
-def test_the_client_adopts_the_announced_frame_limit_within_bounds(
-    announced: object, limit: int
-) -> None:
-    session = ClientSession()
-    session.adopt_limits({"type": "welcome", "max_frame": announced})
-    assert session.max_frame == limit
-    with pytest.raises(ProtocolError) as info:
-        session.encode({"type": "say", "text": "x" * limit})
-    assert info.value.code == ErrorCode.FRAME_TOO_LARGE

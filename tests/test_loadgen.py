@@ -82,15 +82,19 @@ def test_the_same_workload_runs_against_ngircd_and_gives_a_ratio() -> None:
     assert ratio["ratio"]["deliveries_per_s_ratio"] == pytest.approx(expected)
 
 
-def test_a_bad_argument_is_refused_with_a_reason() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "scripts.loadgen", "dm", "--target", "ngircd"],
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=cli_env(),
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_a_bad_argument_is_refused_with_a_reason() -> None:
+    out = run_module("scripts.loadgen", "dm", "--target", "ngircd")
     assert out.returncode == 2
     assert "the dm workload is securechat's only" in out.stderr
 
@@ -189,13 +193,6 @@ def test_native_bad_arguments_are_refused_with_a_reason(native_binary: Path) -> 
     out = run_native(native_binary, "--port", "1", "--ca", "ca.pem", "--size", "10")
     assert out.returncode == 2
     assert out.stderr == "loadgen: --size must be a number from 32 to 400, not 10\n"
-    out = subprocess.run(
-        [sys.executable, "-m", "scripts.loadgen.native", "fanout", "--io-threads", "1,0"],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_module("scripts.loadgen.native", "fanout", "--io-threads", "1,0")
     assert out.returncode == 2
     assert "takes numbers from 1 to 64, comma-separated: '1,0'" in out.stderr

@@ -7,6 +7,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from securechat import framing
 from securechat.client import Client, RequestError
 from securechat.client.events import Closed, Joined, Message, Parted
 from securechat.errors import AuthError, ConnectError
+from securechat.server import Server
 from securechat.tls import client_context
 
 from .conftest import start_server, wait_for
@@ -120,29 +122,24 @@ class TestMutualTLS:
     ) -> None:
         host, port = mtls_server.address
         with pytest.raises(ConnectError) as info:
-            Client.connect(
-                host,
-                port,
-                make_identity("alice"),
-                "alice",
-                certs_dir / "ca.pem",
-                cert=other_certs_dir / "mallory.pem",
-                cert_key=other_certs_dir / "mallory.key",
+            connect_with_cert(
+                mtls_server,
+                certs_dir,
+                make_identity,
+                other_certs_dir / "mallory.pem",
+                other_certs_dir / "mallory.key",
             )
         assert f"the server at {host}:{port} refused our client certificate" in str(info.value)
 
     def test_client_with_our_certificate_logs_in_and_chats(
         self, mtls_server, certs_dir, make_identity
     ) -> None:
-        host, port = mtls_server.address
-        with Client.connect(
-            host,
-            port,
-            make_identity("alice"),
-            "alice",
-            certs_dir / "ca.pem",
-            cert=certs_dir / "alice-laptop.pem",
-            cert_key=certs_dir / "alice-laptop.key",
+        with connect_with_cert(
+            mtls_server,
+            certs_dir,
+            make_identity,
+            certs_dir / "alice-laptop.pem",
+            certs_dir / "alice-laptop.key",
         ) as alice:
             alice.send("#lobby", "over mutual TLS").result(5)
             assert wait_for(alice, is_msg("over mutual TLS")).sender == "alice"
@@ -159,14 +156,12 @@ class TestMutualTLS:
     ) -> None:
         host, port = mtls_server.address
         with pytest.raises(ConnectError) as info:
-            Client.connect(
-                host,
-                port,
-                make_identity("alice"),
-                "alice",
-                certs_dir / "ca.pem",
-                cert=certs_dir / f"{name}.pem",
-                cert_key=certs_dir / f"{name}.key",
+            connect_with_cert(
+                mtls_server,
+                certs_dir,
+                make_identity,
+                certs_dir / f"{name}.pem",
+                certs_dir / f"{name}.key",
             )
         assert str(info.value) == (
             f"the server at {host}:{port} refused our client certificate ({reason})"
@@ -195,15 +190,7 @@ class TestMutualTLS:
         cert, key = leaf_signed_by_test_ca(certs_dir, tmp_path, usage=usage, ca=ca)
         host, port = mtls_server.address
         with pytest.raises(ConnectError) as info:
-            Client.connect(
-                host,
-                port,
-                make_identity("alice"),
-                "alice",
-                certs_dir / "ca.pem",
-                cert=cert,
-                cert_key=key,
-            )
+            connect_with_cert(mtls_server, certs_dir, make_identity, cert, key)
         assert str(info.value) == (
             f"the server at {host}:{port} refused our client certificate ({reason})"
         )
@@ -211,15 +198,7 @@ class TestMutualTLS:
         cert, key = leaf_signed_by_test_ca(
             certs_dir, tmp_path, usage=[ExtendedKeyUsageOID.CLIENT_AUTH]
         )
-        Client.connect(
-            host,
-            port,
-            make_identity("alice"),
-            "alice",
-            certs_dir / "ca.pem",
-            cert=cert,
-            cert_key=key,
-        ).close()
+        connect_with_cert(mtls_server, certs_dir, make_identity, cert, key).close()
 
     def test_an_expired_client_certificate_is_refused(
         self, mtls_server, certs_dir, tmp_path, make_identity
@@ -229,19 +208,22 @@ class TestMutualTLS:
         )
         host, port = mtls_server.address
         with pytest.raises(ConnectError) as info:
-            Client.connect(
-                host,
-                port,
-                make_identity("alice"),
-                "alice",
-                certs_dir / "ca.pem",
-                cert=cert,
-                cert_key=key,
-            )
+            connect_with_cert(mtls_server, certs_dir, make_identity, cert, key)
         assert str(info.value) == (
             f"the server at {host}:{port} refused our client certificate "
             "(SSLV3_ALERT_CERTIFICATE_EXPIRED: it has expired or is not valid yet)"
         )
+
+
+def connect_with_cert(
+    server: Server, certs_dir: Path, make_identity: Callable, cert: Path, cert_key: Path
+) -> Client:
+    """alice logs in over mutual TLS with the given client certificate."""
+    host, port = server.address
+    ca = certs_dir / "ca.pem"
+    return Client.connect(
+        host, port, make_identity("alice"), "alice", ca, cert=cert, cert_key=cert_key
+    )
 
 
 def leaf_signed_by_test_ca(
