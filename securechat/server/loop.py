@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from securechat.server.budget import OutputBudget
     from securechat.server.connection import Connection
 
 log = logging.getLogger("securechat.server")
@@ -47,6 +48,11 @@ FLUSH_CHUNK = 64  # connections written between two looks at what has arrived
 class IOLoop(threading.Thread):
     def __init__(self, index: int) -> None:
         super().__init__(name=f"io-{index}", daemon=True)
+        # Bytes in this loop's connections' output buffers, and connections shed to keep the
+        # server's total within its budget: written here only, read by anyone (budget.py).
+        self.queued = 0
+        self.shed = 0
+        self.budget: OutputBudget | None = None
         self.selector = selectors.DefaultSelector()
         self.connections: set[Connection] = set()
         self.dirty: set[Connection] = set()
@@ -141,6 +147,8 @@ class IOLoop(threading.Thread):
             self._poll(0.0 if self.dirty or self._inbox else TICK)
             while self.dirty:
                 self._flush_dirty()
+            if self.budget is not None and self.budget.over():
+                self.budget.shed_from(self)
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK
