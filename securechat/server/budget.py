@@ -3,17 +3,16 @@ together, and who goes when the total is over it.
 
 Each I/O loop keeps the bytes queued in its own connections in `IOLoop.queued` (written by that
 loop's thread only, so the hot path takes no lock); the total is the sum over the loops, read
-without a lock: a few bytes stale at worst. A loop that finds the total over budget sheds from its
-own connections only (the one-owner rule), biggest queue first, its share of the excess in
-proportion to the bytes it holds. With one loop that is exactly "biggest first" server-wide; with
-several, the loop holding the most sheds the most. A shed client is dropped as at --max-queue:
-it loses room traffic; its DMs stay in the store until it acknowledges them.
+without a lock, a little stale at worst. A loop that finds the total over budget sheds from its
+own connections only (the one-owner rule), biggest queue first, and only while its biggest is at
+least as big as the biggest any other loop last published (`IOLoop.biggest`): so the biggest
+queues server-wide go first, whichever loop owns them. A shed client is dropped as at
+--max-queue: it loses room traffic; its DMs stay in the store until it acknowledges them.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -40,18 +39,13 @@ class OutputBudget:
         return bool(self.limit) and self.queued > self.limit
 
     def shed_from(self, loop: IOLoop) -> None:
-        """On `loop`'s thread: drop its biggest queues until its share of the excess is gone."""
-        total = self.queued
-        excess = total - self.limit
-        if not self.limit or excess <= 0 or loop.queued <= 0:
-            return
-        share = excess if loop.queued >= total else math.ceil(excess * loop.queued / total)
-        queued = [c for c in loop.connections if c.queued]
-        # Rarely more than a few go at once, so take them off a heap rather than sort them all.
-        heap = [(-c.queued, i, c) for i, c in enumerate(queued)]
+        """On `loop`'s thread: drop its biggest queues while the total is over budget and no
+        other loop holds a bigger one; then publish the biggest it has left."""
+        heap = [(-c.queued, i, c) for i, c in enumerate(loop.connections) if c.queued]
         heapq.heapify(heap)
-        while share > 0 and heap:
-            size, _, conn = heapq.heappop(heap)
-            share += size  # size is negative
+        others = max((other.biggest for other in self.loops if other is not loop), default=0)
+        while heap and -heap[0][0] >= others and self.over():
+            _, _, conn = heapq.heappop(heap)
             conn.drop_not_reading("the server's output budget")
             loop.shed += 1
+        loop.biggest = -heap[0][0] if heap else 0

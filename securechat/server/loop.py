@@ -52,6 +52,7 @@ class IOLoop(threading.Thread):
         # server's total within its budget: written here only, read by anyone (budget.py).
         self.queued = 0
         self.shed = 0
+        self.biggest = 0  # its biggest queue, as of its last look while over budget
         self.budget: OutputBudget | None = None
         self.selector = selectors.DefaultSelector()
         self.connections: set[Connection] = set()
