@@ -18,6 +18,7 @@ from securechat.errors import AuthError, ConfigError
 from securechat.ratelimit import AddressBuckets
 from securechat.server import Server, ServerConfig
 from securechat.server.addresses import AddressLimit, parse_trusted
+from securechat.tls import WRITE_CHUNK, TLSStream, client_context, server_context
 
 from .conftest import wait_for
 from .raw import RawTLS
@@ -108,6 +109,38 @@ def test_a_bad_trusted_entry_is_refused_by_name() -> None:
     assert str(info.value) == (
         "--trusted: 'localhost' is not an IP address or network (like 10.0.0.0/8 or ::1)"
     )
+
+
+def test_a_big_tls_write_goes_in_chunks_and_arrives_whole(certs_dir: Path) -> None:
+    """A connection's outgoing memory BIO keeps the capacity of the most it ever held, so a big
+    write is encrypted a chunk at a time (what the output budget counts is then what is held)."""
+    server = TLSStream(server_context(certs_dir)[0], server_side=True)
+    client = TLSStream(
+        client_context(certs_dir / "ca.pem"), server_side=False, server_hostname="localhost"
+    )
+
+    def pump(src: TLSStream, dst: TLSStream) -> None:
+        out = src.data_to_send()
+        if out:
+            dst.feed(out)
+
+    while not client.do_handshake():
+        pump(client, server)
+        server.do_handshake()
+        pump(server, client)
+    pump(client, server)
+    assert server.do_handshake()
+    pump(server, client)
+    assert client.read() == b""  # only the session tickets so far
+    data = bytes(range(256)) * (5 * WRITE_CHUNK // 256 + 3)
+    server.write(data)
+    records = server.data_to_send()
+    assert server._out.pending == 0 and not server._drained
+    got = b""
+    for start in range(0, len(records), 10_000):  # as a socket would hand it over
+        client.feed(records[start : start + 10_000])
+        got += client.read()
+    assert got == data
 
 
 # -- the connection throttle ----------------------------------------------------------------------

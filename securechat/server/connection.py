@@ -73,7 +73,7 @@ class Connection:
         self.user: str = ""
         self.public_key_b64 = ""
         self.outbuf = bytearray()  # TLS records the socket has not taken yet
-        self._counted = 0  # len(outbuf) as last added to the loop's total (the output budget)
+        self._counted = 0  # outbuf's memory as last added to the loop's total (the output budget)
         self.open = True
         self.closing: str | None = None
         self._want_write = False
@@ -295,9 +295,12 @@ class Connection:
         if not buf:
             # Drained: let go of the capacity a burst grew, so an idle connection stays small.
             self.outbuf = buf = bytearray()
-        if len(buf) != self._counted:
-            self.loop.queued += len(buf) - self._counted
-            self._counted = len(buf)
+        # The memory held, not only the bytes waiting: a buffer drained from the front keeps
+        # its capacity until it empties, and that is what the budget must bound.
+        held = buf.__sizeof__() if buf else 0
+        if held != self._counted:
+            self.loop.queued += held - self._counted
+            self._counted = held
         want = bool(buf)
         if want != self._want_write:
             self._want_write = want

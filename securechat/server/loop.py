@@ -148,8 +148,6 @@ class IOLoop(threading.Thread):
             self._poll(0.0 if self.dirty or self._inbox else TICK)
             while self.dirty:
                 self._flush_dirty()
-            if self.budget is not None and self.budget.over():
-                self.budget.shed_from(self)
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK
@@ -192,7 +190,15 @@ class IOLoop(threading.Thread):
             except Exception:
                 self._failed(conn)
             if not i % FLUSH_CHUNK:
+                self._keep_to_budget()
                 self._poll(0.0)
+        self._keep_to_budget()
+
+    def _keep_to_budget(self) -> None:
+        # Checked between chunks too: under a flood this loop may keep reading and writing
+        # without ever leaving _flush_dirty, and queues must not outgrow the budget meanwhile.
+        if self.budget is not None and self.budget.over():
+            self.budget.shed_from(self)
 
     def _run_inbox(self) -> None:
         inbox = self._inbox
