@@ -13,7 +13,7 @@ import pytest
 
 from securechat import identity
 from securechat.client import Client
-from securechat.client.events import Message, Parted
+from securechat.client.events import DirectMessage, Message, Parted
 from securechat.errors import AuthError, ConfigError
 from securechat.ratelimit import AddressBuckets
 from securechat.server import Server, ServerConfig
@@ -249,6 +249,8 @@ def test_over_the_budget_the_biggest_queue_goes_first(
     try:
         for room in ("#a", "#b"):
             alice.join(room).result(5)
+        # A DM goes out to big too; big never reads it, so it never acknowledges it.
+        assert alice.send_dm("big", "kept for you").result(5)["status"] == "delivered"
         # Only big is in #a: its queue grows alone, to well over half the budget.
         for i in range(2000):
             alice.send("#a", f"a{i} {text}").result(5)
@@ -275,6 +277,13 @@ def test_over_the_budget_the_biggest_queue_goes_first(
         seen = [small.frame_of("message", timeout=10)["text"] for _ in range(i + 1)]
         assert seen == [f"b{n} {text}" for n in range(i + 1)]
         assert "bytes queued for clients (budget 1048576), 1 shed over budget" in srv.stats_line()
+        # Shedding cost big its room traffic only: the DM waited in the store for its return.
+        back = Client.connect(host, port, make_identity("big"), "big", certs_dir / "ca.pem")
+        try:
+            dm = wait_for(back, lambda e: isinstance(e, DirectMessage))
+            assert (dm.sender, dm.text) == ("alice", "kept for you")
+        finally:
+            back.close()
     finally:
         alice.close()
         big.close()
