@@ -5,7 +5,10 @@ real TLS; the per-address limits run on an injected clock, so nothing here sleep
 from __future__ import annotations
 
 import logging
+import os
 import ssl
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from securechat.server import Server, ServerConfig
 from securechat.server.addresses import AddressLimit, parse_trusted
 from securechat.tls import WRITE_CHUNK, TLSStream, client_context, server_context
 
-from .conftest import wait_for
+from .conftest import REPO, wait_for
 from .raw import RawTLS
 
 
@@ -288,3 +291,19 @@ def test_over_the_budget_the_biggest_queue_goes_first(
         alice.close()
         big.close()
         small.close()
+
+
+def test_the_cli_refuses_a_bad_trusted_entry_in_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "securechat", "server", "--port", "0", "--trusted", "::1,bogus"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO), "SECURECHAT_TRUSTED": ""},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "securechat: error: --trusted: 'bogus' is not an IP address or network "
+        "(like 10.0.0.0/8 or ::1)\n"
+    )
