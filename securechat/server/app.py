@@ -13,6 +13,7 @@ import itertools
 import logging
 import selectors
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from securechat.tls import server_context
 log = logging.getLogger("securechat.server")
 ACCEPT_PAUSE = 0.1  # seconds to wait after accept() fails before trying again
 STATS_EVERY = 60.0  # seconds between two of the server's periodic log lines
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 seconds: close() sends a reset
 
 
 @dataclass
@@ -247,7 +249,10 @@ class Server:
                 return False
             ip = addr[0]
             if not self.throttle.allow(ip, now):
-                sock.close()  # over --connect-rate: no TLS, no loop, no log line per attempt
+                # Over --connect-rate: no TLS, no loop, no log line; a reset rather than a FIN,
+                # so that a flood leaves no TIME_WAIT sockets behind on our side either.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                sock.close()
                 continue
             refusal = self.admission.admit(ip)
             if refusal is not None and not self.admission.start_refusal():

@@ -119,7 +119,7 @@ def claim(conn: Connection, event: LoginVerified) -> None:
     def bind(store: Store) -> Claim:
         # On the store worker, so the check and the claim cannot interleave with another's.
         names = ctx.new_names
-        if names is not None and store.public_key(event.user) is None:
+        if names is not None and not names.trusted(ip) and store.public_key(event.user) is None:
             now = ctx.clock()
             if not names.allow(ip, now):
                 minutes = math.ceil(names.retry_after(ip, now) / 60)
@@ -127,7 +127,7 @@ def claim(conn: Connection, event: LoginVerified) -> None:
                     ErrorCode.TOO_MANY_NAMES,
                     f"too many new names from your address (at most {ctx.config.new_names} an "
                     f"hour); log in with a name you already have, or try again in {minutes} "
-                    "minutes",
+                    f"minute{'' if minutes == 1 else 's'}",
                 )
         return store.claim_name(event.user, event.public_key)
 
