@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "--attack", default=",".join(ATTACKS), help="comma-separated: " + ", ".join(ATTACKS)
     )
     p.add_argument("--server-arg", action="append", default=[], help="extra securechat flag")
+    p.add_argument("--json", dest="json_only", action="store_true", help="JSON lines only")
     args = p.parse_args(argv)
     attacks = [a.strip() for a in args.attack.split(",") if a.strip()]
     unknown = sorted(set(attacks) - set(ATTACKS))
@@ -324,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print(report.table(rows, COLUMNS))
-    print(f"(2 load-generator processes for the legitimate users; {os.cpu_count()} CPUs)")
+    if not args.json_only:
+        print(report.table(rows, COLUMNS))
+        print(f"(2 load-generator processes for the legitimate users; {os.cpu_count()} CPUs)")
     return 0
 
 
