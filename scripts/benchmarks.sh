@@ -25,3 +25,7 @@ run hold -n 10000 --duration 10 --target both
 run hold -n 19500 --duration 10 --target both
 # Sealed DMs (securechat only: IRC has none).
 run dm --pairs 50 --duration 10
+# Under attack: legitimate users beside non-readers, a handshake flood and a login flood.
+echo "== python -m scripts.loadgen.attack -n 500 --nonreaders 1000 --duration 20" >&2
+python -m scripts.loadgen.attack -n 500 --nonreaders 1000 --duration 20 | tee /dev/stderr \
+    | grep '^{' >>"$out"

@@ -86,6 +86,12 @@ class ErrorCode(str, enum.Enum):
     )
     BAD_SIGNATURE = ("bad_signature", "the login signature does not verify", "yes")
     NAME_TAKEN = ("name_taken", "the name belongs to another key", "yes")
+    TOO_MANY_NAMES = (
+        "too_many_names",
+        "the name is new and its address has bound `--new-names` new names this hour (instead "
+        "of `welcome`)",
+        "yes",
+    )
     SERVER_ERROR = ("server_error", "the server could not reach its store", "yes")
     NOT_IN_ROOM = ("not_in_room", "`say` or `part` for a room you are not in", "no")
     QUOTA_EXCEEDED = (

@@ -75,3 +75,50 @@ class TokenBucket:
     @property
     def flooding(self) -> bool:
         return self.refusals >= self.max_refusals
+
+
+class AddressBuckets:
+    """A TokenBucket per source address, for limits that must cost next to nothing: the
+    connection throttle (checked before any TLS work) and the cap on new names.
+
+    An address gets a full bucket the first time it is seen. Buckets that have filled up again
+    are forgotten now and then, so the table stays as small as the set of addresses that are
+    busy right now, however many addresses come and go. Not thread-safe: each instance belongs
+    to one thread (the listener, or the store worker).
+    """
+
+    PRUNE_EVERY = 1024  # takes between two sweeps of full buckets
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.refused = 0  # for the server's periodic log line
+        self._buckets: dict[str, TokenBucket] = {}
+        self._takes = 0
+
+    def take(self, address: str, now: float) -> bool:
+        """Spend one of `address`'s tokens; False means refuse."""
+        self._takes += 1
+        if self._takes % self.PRUNE_EVERY == 0:
+            self._prune(now)
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            bucket = self._buckets[address] = TokenBucket.full(self.rate, self.burst, now, 1)
+        if bucket.take(now):
+            return True
+        self.refused += 1
+        return False
+
+    def retry_after(self, address: str, now: float) -> float:
+        """Seconds until `address` has a token again (0 for an address not seen)."""
+        bucket = self._buckets.get(address)
+        return 0.0 if bucket is None else bucket.retry_after(now)
+
+    def _prune(self, now: float) -> None:
+        buckets = self._buckets
+        full = [a for a, b in buckets.items() if b.tokens + (now - b.stamp) * b.rate >= b.burst]
+        for address in full:
+            del buckets[address]
+
+    def __len__(self) -> int:
+        return len(self._buckets)

@@ -153,6 +153,27 @@ SERVER: tuple[Setting, ...] = (
     Setting("max_per_address", "--max-per-address", "SECURECHAT_MAX_PER_ADDRESS", int, 500,
             "Connections from one IP address (0: no cap).", 0, None,
             at_limit="more from one IP address are told so and closed (0: no cap)"),
+    Setting("connect_rate", "--connect-rate", "SECURECHAT_CONNECT_RATE", float, 10.0,
+            "New connections a second one IP address may open, on average (0: no limit).", 0,
+            None, "/s",
+            at_limit="more from one address are closed at once, before any TLS work (a flood "
+            "of handshakes costs next to nothing); behind a reverse proxy or NAT every client "
+            "shares one address: list the proxy in `--trusted` and let it do the limiting"),
+    Setting("connect_burst", "--connect-burst", "SECURECHAT_CONNECT_BURST", int, 50,
+            "New connections one IP address may open at once, before --connect-rate applies.",
+            1, None),
+    Setting("new_names", "--new-names", "SECURECHAT_NEW_NAMES", int, 20,
+            "New names one IP address may bind to new keys, per hour (0: no cap).", 0, None,
+            "names",
+            at_limit="that many at once, then the allowance refills over the hour; a login that "
+            "would bind one more is refused with `too_many_names` (existing names log in as "
+            "always)"),
+    Setting("trusted", "--trusted", "SECURECHAT_TRUSTED", str, "127.0.0.0/8,::1",
+            "Comma-separated IP addresses or networks exempt from --connect-rate and "
+            "--new-names (a reverse proxy, a NAT gateway); --max-per-address still applies.",
+            at_limit="addresses or networks (comma-separated) that skip `--connect-rate` and "
+            "`--new-names`: a reverse proxy or NAT gateway, whose clients all share its "
+            "address; `--max-per-address` still applies to them. Empty: nobody"),
     Setting("rate", "--rate", "SECURECHAT_RATE", float, 10.0,
             "Requests (messages, joins, DMs...) a user may send per second, on average.", 0.1,
             None, "/s",
@@ -170,6 +191,12 @@ SERVER: tuple[Setting, ...] = (
             None, "bytes",
             at_limit="a client that stops reading is dropped once this much waits for it; "
             "nobody else waits"),
+    Setting("output_budget", "--output-budget", "SECURECHAT_OUTPUT_BUDGET", int, 256 * MIB,
+            "Bytes queued for all clients together (0: no budget).", 0, None, "bytes",
+            at_limit="over it, the clients with the biggest queues (those not reading) are "
+            "dropped, biggest first, as at `--max-queue`, until the total fits; they lose room "
+            "traffic only (a DM waits in the store until acknowledged). The default suits a "
+            "1 GB machine"),
     Setting("max_message", "--max-message", "SECURECHAT_MAX_MESSAGE", int, protocol.TEXT_MAX,
             "Characters in one room message.", 1, protocol.TEXT_MAX, "characters",
             at_limit="a longer room message is refused"),

@@ -20,6 +20,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from securechat.errors import CertificateError, ConnectionClosed
 
 READ_CHUNK = 64 * 1024
+# Plaintext encrypted at a time. A memory BIO keeps the capacity of the most it ever held for as
+# long as it lives, so one big write would pin that much memory to the connection for good.
+WRITE_CHUNK = 64 * 1024
 
 
 def server_context(
@@ -142,13 +145,14 @@ def cert_sha256(der: bytes) -> bytes:
 class TLSStream:
     """One TLS connection over memory BIOs, used by its owner thread only."""
 
-    __slots__ = ("_in", "_out", "handshake_done", "obj")
+    __slots__ = ("_drained", "_in", "_out", "handshake_done", "obj")
 
     def __init__(
         self, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
     ) -> None:
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
+        self._drained: list[bytes] = []  # records of a big write, read out of _out as it went
         self.obj = ctx.wrap_bio(
             self._in, self._out, server_side=server_side, server_hostname=server_hostname
         )
@@ -199,10 +203,21 @@ class TLSStream:
 
     def write(self, data: bytes) -> None:
         """Encrypt plaintext; the records wait in data_to_send()."""
-        self.obj.write(data)
+        if len(data) <= WRITE_CHUNK:
+            self.obj.write(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), WRITE_CHUNK):
+            self.obj.write(view[start : start + WRITE_CHUNK])
+            self._drained.append(self._out.read())
 
     def data_to_send(self) -> bytes:
-        return self._out.read()
+        if not self._drained:
+            return self._out.read()
+        self._drained.append(self._out.read())
+        out = b"".join(self._drained)
+        self._drained.clear()
+        return out
 
     def close(self) -> None:
         """Queue a close_notify (best effort)."""

@@ -196,3 +196,23 @@ def test_native_bad_arguments_are_refused_with_a_reason(native_binary: Path) -> 
     out = run_module("scripts.loadgen.native", "fanout", "--io-threads", "1,0")
     assert out.returncode == 2
     assert "takes numbers from 1 to 64, comma-separated: '1,0'" in out.stderr
+
+
+def test_the_attack_benchmark_runs_each_attack_beside_legitimate_users(
+    native_binary: Path,
+) -> None:
+    rows = loadgen(
+        "-n", "4", "--senders", "2", "--rate", "20", "--nonreaders", "3", "--duration", "1",
+        module="scripts.loadgen.attack",
+    )  # fmt: skip
+    assert [row["attack"] for row in rows] == ["none", "nonreaders", "handshakes", "logins"]
+    for row in rows:
+        assert row["legit_logged_in"] == 4 and row["still_connected"] == 4, row
+        assert row["server_up"] is True and row["fresh_login_after"] is True
+        assert row["latency_samples"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+        assert row["server_rss_peak_mib"] > 0 and row["server_cpu_pct"] >= 0
+    nonreaders, handshakes, logins = rows[1:]
+    assert nonreaders["nonreaders"] == 3 and nonreaders["flood_messages"] > 0
+    assert 0 < handshakes["handshakes_done"] <= handshakes["handshakes_tried"]
+    # Fresh names from the one flooding address: never more than --new-names (20 by default).
+    assert 0 < logins["logins_done"] <= 20 < logins["logins_tried"]

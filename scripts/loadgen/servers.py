@@ -72,9 +72,11 @@ class Target:
     pid: int | None  # the server process, when we can see it
     process: subprocess.Popen[bytes] | None = None
     folder: Path | None = None
+    sources: tuple[str, ...] = ()  # local addresses the clients connect from (default: any)
 
     def as_json(self) -> dict[str, object]:
-        return {"kind": self.kind, "host": self.host, "port": self.port, "ca": str(self.ca)}
+        spec: dict[str, object] = {"kind": self.kind, "host": self.host, "port": self.port}
+        return {**spec, "ca": str(self.ca), "sources": list(self.sources)}
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

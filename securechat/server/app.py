@@ -13,7 +13,10 @@ import itertools
 import logging
 import selectors
 import socket
+import struct
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -21,7 +24,9 @@ from typing import Any
 
 from securechat import __version__
 from securechat.errors import ConfigError
+from securechat.server.addresses import AddressLimit, Network, new_name_cap, parse_trusted
 from securechat.server.admission import Admission, Refusal
+from securechat.server.budget import OutputBudget
 from securechat.server.connection import Connection
 from securechat.server.context import ServerContext
 from securechat.server.hub import Hub
@@ -34,6 +39,8 @@ from securechat.tls import server_context
 
 log = logging.getLogger("securechat.server")
 ACCEPT_PAUSE = 0.1  # seconds to wait after accept() fails before trying again
+STATS_EVERY = 60.0  # seconds between two of the server's periodic log lines
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 seconds: close() sends a reset
 
 
 @dataclass
@@ -59,16 +66,25 @@ class ServerConfig:
     idle_timeout: float = server_default("idle_timeout")  # pinged at half of it; 0: never
     max_connections: int = server_default("max_connections")  # 0: no cap
     max_per_address: int = server_default("max_per_address")  # 0: no cap
+    connect_rate: float = server_default("connect_rate")  # connections/s per address; 0: any
+    connect_burst: int = server_default("connect_burst")
+    new_names: int = server_default("new_names")  # per address and hour; 0: no cap
+    trusted: str = server_default("trusted")  # addresses exempt from the two above
     rate: float = server_default("rate")  # requests a second per user, on average
     burst: int = server_default("burst")  # requests a user may send at once
     flood_refusals: int = server_default("flood_refusals")  # refusals in a row: dropped
     max_queue: int = server_default("max_queue")  # bytes queued for a client that does not read
+    output_budget: int = server_default("output_budget")  # bytes queued for all; 0: no budget
     max_message: int = server_default("max_message")  # characters in a room message
     presence_limit: int = server_default("presence_limit")  # joins and parts not announced above
     backlog: int = 1024  # listen() backlog; no flag
 
     def __post_init__(self) -> None:
         check_server_fields(vars(self))
+        self.trusted_networks()
+
+    def trusted_networks(self) -> tuple[Network, ...]:
+        return parse_trusted(self.trusted)
 
     def dm_quota(self) -> DMQuota:
         share = self.dm_sender_share
@@ -81,8 +97,9 @@ class ServerConfig:
 
 
 class Server:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self._clock = clock  # for the per-address limits (tests move it instead of sleeping)
         self.ssl_context, self.cert_sha256 = server_context(
             config.certs_dir, require_client_cert=config.require_client_cert
         )
@@ -98,8 +115,14 @@ class Server:
             config.presence_limit,
         )
         self.admission = Admission(config.max_connections, config.max_per_address)
+        trusted = config.trusted_networks()
+        self.throttle = AddressLimit(config.connect_rate, config.connect_burst, trusted)
+        names = new_name_cap(config.new_names, trusted) if config.new_names else None
         self.hub.load_history(self._worker.submit(self._stored_history).result())
         self.loops = [IOLoop(i) for i in range(max(1, config.io_threads))]
+        self.budget = OutputBudget(config.output_budget, self.loops)
+        for loop in self.loops:
+            loop.budget = self.budget
         self._next_loop = itertools.cycle(self.loops)
         self._listener = self._listen()
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
@@ -117,6 +140,8 @@ class Server:
             worker=self._worker,
             welcome=self.welcome(),
             closed=self.connection_closed,
+            new_names=names,
+            clock=clock,
         )
 
     def _listen(self) -> socket.socket:
@@ -196,13 +221,17 @@ class Server:
         sel = self._accept_selector
         sel.register(self._listener, selectors.EVENT_READ)
         sel.register(self._stop_r, selectors.EVENT_READ)
+        next_stats = time.monotonic() + STATS_EVERY
         try:
             while not self._stopped.is_set():
-                for key, _ in sel.select():
+                for key, _ in sel.select(max(0.0, next_stats - time.monotonic())):
                     if key.fileobj is self._stop_r:
                         return
                     if not self._accept_burst() and self._stopped.wait(ACCEPT_PAUSE):
                         return
+                if time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + STATS_EVERY
+                    log.info("%s", self.stats_line())
         finally:
             sel.close()
             self._listener.close()
@@ -210,6 +239,7 @@ class Server:
     def _accept_burst(self) -> bool:
         """Accept what is waiting; False when accept() failed (out of file descriptors, say),
         so the caller pauses instead of spinning on a listener that stays readable."""
+        now = self._clock()
         for _ in range(256):
             try:
                 sock, addr = self._listener.accept()
@@ -219,6 +249,12 @@ class Server:
                 log.warning("accept failed: %s; pausing accepts briefly", exc.strerror or exc)
                 return False
             ip = addr[0]
+            if not self.throttle.allow(ip, now):
+                # Over --connect-rate: no TLS, no loop, no log line; a reset rather than a FIN,
+                # so that a flood leaves no TIME_WAIT sockets behind on our side either.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                sock.close()
+                continue
             refusal = self.admission.admit(ip)
             if refusal is not None and not self.admission.start_refusal():
                 sock.close()  # refusing too many already: telling this one why costs too much
@@ -276,3 +312,13 @@ class Server:
     @property
     def open_connections(self) -> int:
         return self.admission.open
+
+    def stats_line(self) -> str:
+        """The periodic log line: what the server holds, and what its limits turned away."""
+        names = self._context.new_names
+        return (
+            f"stats: {self.admission.open} connections, "
+            f"{self.budget.queued} bytes queued for clients (budget {self.config.output_budget}),"
+            f" {self.budget.shed} shed over budget, {self.throttle.refused} connections "
+            f"throttled, {names.refused if names else 0} new names refused"
+        )

@@ -45,8 +45,8 @@ LINGER = 2.0  # seconds a closing connection may take to flush its last frames
 
 class Connection:
     __slots__ = (
-        "_acks", "_heard", "_hs_deadline", "_idle_at", "_login_deadline", "_pinged", "_rate",
-        "_want_write", "addr", "closing", "ctx", "ip", "loop", "open", "outbuf", "pending",
+        "_acks", "_counted", "_heard", "_hs_deadline", "_idle_at", "_login_deadline", "_pinged",
+        "_rate", "_want_write", "addr", "closing", "ctx", "ip", "loop", "open", "outbuf", "pending",
         "public_key_b64", "refusal", "session", "sock", "tls", "user",
     )  # fmt: skip
 
@@ -73,6 +73,7 @@ class Connection:
         self.user: str = ""
         self.public_key_b64 = ""
         self.outbuf = bytearray()  # TLS records the socket has not taken yet
+        self._counted = 0  # outbuf's memory as last added to the loop's total (the output budget)
         self.open = True
         self.closing: str | None = None
         self._want_write = False
@@ -253,10 +254,7 @@ class Connection:
             self.tls.write(data)
         self._flush_tls()
         if len(self.outbuf) > self.ctx.config.max_queue and self.closing is None:
-            log.info(
-                "dropping %s (%s): not reading, outbound queue full", self.user or "-", self.addr
-            )
-            self.abort("outbound queue full: client not reading")
+            self.drop_not_reading("outbound queue")
         elif self.closing is not None and not self.outbuf:
             self.abort(self.closing)
 
@@ -297,6 +295,12 @@ class Connection:
         if not buf:
             # Drained: let go of the capacity a burst grew, so an idle connection stays small.
             self.outbuf = buf = bytearray()
+        # The memory held, not only the bytes waiting: a buffer drained from the front keeps
+        # its capacity until it empties, and that is what the budget must bound.
+        held = buf.__sizeof__() if buf else 0
+        if held != self._counted:
+            self.loop.queued += held - self._counted
+            self._counted = held
         want = bool(buf)
         if want != self._want_write:
             self._want_write = want
@@ -304,7 +308,17 @@ class Connection:
         if not buf and self.closing is not None:
             self.abort(self.closing)
 
+    @property
+    def queued(self) -> int:
+        """Bytes waiting for a socket that would not take them: a client not reading."""
+        return len(self.outbuf)
+
     # -- closing ----------------------------------------------------------------------------------
+
+    def drop_not_reading(self, limit: str) -> None:
+        """Over `--max-queue` or the server's output budget: the same reason either way."""
+        log.info("dropping %s (%s): not reading, %s full", self.user or "-", self.addr, limit)
+        self.abort("outbound queue full: client not reading")
 
     def kick(self, reason: str) -> None:
         """Tell the client why it is being closed, then close once that is written."""
@@ -334,6 +348,9 @@ class Connection:
                     self.sock.send(out)
                 except OSError:
                     pass
+        self.loop.queued -= self._counted
+        self._counted = 0
+        self.outbuf = bytearray()
         self.loop.unregister(self)
         self.sock.close()
         self.ctx.closed(self)

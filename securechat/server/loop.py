@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from securechat.server.budget import OutputBudget
     from securechat.server.connection import Connection
 
 log = logging.getLogger("securechat.server")
@@ -47,6 +48,12 @@ FLUSH_CHUNK = 64  # connections written between two looks at what has arrived
 class IOLoop(threading.Thread):
     def __init__(self, index: int) -> None:
         super().__init__(name=f"io-{index}", daemon=True)
+        # Bytes in this loop's connections' output buffers, and connections shed to keep the
+        # server's total within its budget: written here only, read by anyone (budget.py).
+        self.queued = 0
+        self.shed = 0
+        self.biggest = 0  # its biggest queue, as of its last look while over budget
+        self.budget: OutputBudget | None = None
         self.selector = selectors.DefaultSelector()
         self.connections: set[Connection] = set()
         self.dirty: set[Connection] = set()
@@ -183,7 +190,15 @@ class IOLoop(threading.Thread):
             except Exception:
                 self._failed(conn)
             if not i % FLUSH_CHUNK:
+                self._keep_to_budget()
                 self._poll(0.0)
+        self._keep_to_budget()
+
+    def _keep_to_budget(self) -> None:
+        # Checked between chunks too: under a flood this loop may keep reading and writing
+        # without ever leaving _flush_dirty, and queues must not outgrow the budget meanwhile.
+        if self.budget is not None and self.budget.over():
+            self.budget.shed_from(self)
 
     def _run_inbox(self) -> None:
         inbox = self._inbox

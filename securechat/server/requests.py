@@ -9,6 +9,7 @@ Room requests (join, part, say, rooms, who, history) are the hub's (hub.py).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -113,11 +114,24 @@ HANDLERS: dict[type[RequestFrame], Callable[[Connection, Any], None]] = {
 
 def claim(conn: Connection, event: LoginVerified) -> None:
     """Bind the name to the key that proved itself (or learn it belongs to another key)."""
-    conn.ctx.worker.run(
-        lambda store: store.claim_name(event.user, event.public_key),
-        lambda result: _claimed(conn, event, result),
-        conn.loop,
-    )
+    ctx, ip = conn.ctx, conn.ip
+
+    def bind(store: Store) -> Claim:
+        # On the store worker, so the check and the claim cannot interleave with another's.
+        names = ctx.new_names
+        if names is not None and not names.trusted(ip) and store.public_key(event.user) is None:
+            now = ctx.clock()
+            if not names.allow(ip, now):
+                minutes = math.ceil(names.retry_after(ip, now) / 60)
+                raise ProtocolError(
+                    ErrorCode.TOO_MANY_NAMES,
+                    f"too many new names from your address (at most {ctx.config.new_names} an "
+                    f"hour); log in with a name you already have, or try again in {minutes} "
+                    f"minute{'' if minutes == 1 else 's'}",
+                )
+        return store.claim_name(event.user, event.public_key)
+
+    ctx.worker.run(bind, lambda result: _claimed(conn, event, result), conn.loop)
 
 
 def _claimed(conn: Connection, event: LoginVerified, result: object) -> None:
@@ -126,6 +140,10 @@ def _claimed(conn: Connection, event: LoginVerified, result: object) -> None:
     if isinstance(result, StorageError):
         log.error("store error during login of %s: %s", event.user, result)
         close = conn.session.close_with_error(ErrorCode.SERVER_ERROR, "server storage error")
+        conn.close_soon(close.reason)
+    elif isinstance(result, ProtocolError):
+        log.info("refused new name %s from %s: %s", event.user, conn.addr, result.message)
+        close = conn.session.close_with_error(ErrorCode(result.code), result.message)
         conn.close_soon(close.reason)
     elif result is Claim.TAKEN:
         log.info("refused name %s from %s: bound to another key", event.user, conn.addr)
