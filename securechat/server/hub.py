@@ -95,20 +95,22 @@ class Hub:
                     "from": row.sender,
                     "text": row.text,
                     "ts": row.ts,
-                    "history": True,
                 }
                 if row.action:
                     frame["action"] = True
-                self._remember(frame)
+                self._remember(frame, framing.encode(frame, self._max_frame))
 
-    def _remember(self, frame: dict[str, Any]) -> None:
+    def _remember(self, frame: dict[str, Any], data: bytes) -> None:
+        """Keep a message (`data`: its encoded bytes) as a frame marked history."""
         if self._history_keep <= 0:
             return
         room = frame["room"]
         if room not in self._history:
             self._history[room] = deque(maxlen=self._history_keep)
         kept = {**frame, "history": True}
-        self._history[room].append((kept, framing.encode(kept, self._max_frame)))
+        self._history[room].append(
+            (kept, framing.with_true_field(data, "history", self._max_frame))
+        )
 
     # -- direct messages --------------------------------------------------------------------------
 
@@ -214,8 +216,7 @@ class Hub:
         }
         if frame.action:
             message["action"] = True
-        self._broadcast(room, message)
-        self._remember(message)
+        self._remember(message, self._broadcast(room, message))
         if self._history_sink is not None:
             self._history_sink(HistoryRow(room.name, conn.user, frame.text, ts, frame.action))
         return {"room": room.name, "ts": ts}
@@ -305,7 +306,8 @@ class Hub:
             self._part(conn, self._rooms[name], reason, notify_self=False)
         del self._joined[conn]
 
-    def _broadcast(self, room: Room, frame: dict[str, Any]) -> None:
+    def _broadcast(self, room: Room, frame: dict[str, Any]) -> bytes:
         data = framing.encode(frame, self._max_frame)
         for loop, conns in room.by_loop.items():
             loop.deliver(data, conns)
+        return data
