@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from securechat import framing
@@ -29,6 +29,7 @@ from securechat.protocol import (
     Who,
     now_ms,
 )
+from securechat.server.outbox import Audience
 from securechat.server.store import HistoryRow, QueuedDM
 
 if TYPE_CHECKING:
@@ -41,17 +42,21 @@ MEMBERS_REPLY_OVERHEAD = 256  # likewise around a member list
 
 
 class Room:
-    __slots__ = ("by_loop", "members", "name")
+    __slots__ = ("_audiences", "by_loop", "members", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.members: dict[str, Connection] = {}
         # Members grouped by the loop that owns them: one inbox post per loop per broadcast.
         self.by_loop: dict[IOLoop, set[Connection]] = defaultdict(set)
+        # Each loop's members as one fixed Audience, made again on the first broadcast after
+        # a change: a message hands each loop this object, never a copy of its members.
+        self._audiences: dict[IOLoop, Audience] = {}
 
     def add(self, conn: Connection) -> None:
         self.members[conn.user] = conn
         self.by_loop[conn.loop].add(conn)
+        self._audiences.pop(conn.loop, None)
 
     def remove(self, conn: Connection) -> None:
         del self.members[conn.user]
@@ -59,6 +64,14 @@ class Room:
         peers.discard(conn)
         if not peers:
             del self.by_loop[conn.loop]
+        self._audiences.pop(conn.loop, None)
+
+    def audiences(self) -> Iterator[tuple[IOLoop, Audience]]:
+        for loop, conns in self.by_loop.items():
+            audience = self._audiences.get(loop)
+            if audience is None:
+                audience = self._audiences[loop] = Audience(conns)
+            yield loop, audience
 
 
 class Hub:
@@ -308,6 +321,6 @@ class Hub:
 
     def _broadcast(self, room: Room, frame: dict[str, Any]) -> bytes:
         data = framing.encode(frame, self._max_frame)
-        for loop, conns in room.by_loop.items():
-            loop.deliver(data, conns)
+        for loop, audience in room.audiences():
+            loop.broadcast(data, audience)
         return data

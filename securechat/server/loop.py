@@ -9,14 +9,17 @@ pending frames belong to the IOLoop that adopted it, and only that loop's thread
 of any of them. The loop is the only code that reads or writes the socket.
 
 Every other thread (the listener, the store worker, another loop calling into the hub) may use
-exactly two methods here: call_soon(fn), to run fn on this loop, and deliver(data, conns), to
-queue an encoded frame for some of this loop's connections. Both append to an inbox and wake
-the selector through a socket pair; nothing else of a loop is thread-safe.
+exactly three methods here: call_soon(fn), to run fn on this loop, deliver(data, conns), to
+queue an encoded frame for some of this loop's connections, and broadcast(data, audience), the
+same for a room's members. They append to an inbox and wake the selector through a socket pair;
+nothing else of a loop is thread-safe.
 
 One turn of the loop: select; read every readable socket and feed its session (replies queue
 up); run the inbox (deliveries from other loops, store answers); then write each connection
 marked dirty, all its queued frames as one TLS write. Writes are coalesced this way: whatever
-was queued for one connection between two turns leaves in one record and one send().
+was queued for one connection between two turns leaves in one record and one send(). A room's
+messages of one turn go into one Feed that its members follow (server/outbox.py): the cost of a
+message does not grow with the room, only that of a turn does.
 
 A connection asks its loop for service only through register(), unregister(), mark_dirty(),
 watch_writable() and add_deadline(), all of them loop-thread only.
@@ -34,6 +37,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
+
+from securechat.server.outbox import Audience, Feed
 
 if TYPE_CHECKING:
     from securechat.server.connection import Connection
@@ -56,6 +61,8 @@ class IOLoop(threading.Thread):
         self._wake_w.setblocking(False)
         self._woken = False
         self._running = True
+        self._filling: list[Feed] = []  # feeds that may still take frames this turn
+        self._newest: Feed | None = None
         self._deadlines: list[tuple[float, int, Connection]] = []
         self._seq = itertools.count()
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
@@ -77,6 +84,14 @@ class IOLoop(threading.Thread):
         else:
             conns = tuple(conns)
             self.call_soon(lambda: self._queue(data, conns))
+
+    def broadcast(self, data: bytes, audience: Audience) -> None:
+        """Queue one encoded frame for a room's members on this loop. The audience is fixed, so
+        from another thread it is handed over as it is."""
+        if threading.current_thread() is self:
+            self._feed(data, audience)
+        else:
+            self.call_soon(lambda: self._feed(data, audience))
 
     def stop(self) -> None:
         self._running = False
@@ -129,8 +144,35 @@ class IOLoop(threading.Thread):
         dirty = self.dirty
         for conn in conns:
             if conn.open:
-                conn.pending.append(data)
+                conn.outbox.push(data)
                 dirty.add(conn)
+
+    def _feed(self, data: bytes, audience: Audience) -> None:
+        """Add a frame to the audience's feed: O(1), once its members follow the feed.
+
+        A feed keeps taking frames while it is the newest one of this turn; after another
+        audience's, a new feed starts, so that a connection in both rooms still gets every
+        frame in the order it was queued.
+        """
+        feed = audience.feed
+        if feed is None or feed is not self._newest:
+            if feed is not None:
+                feed.open = False
+            feed = audience.feed = self._newest = Feed()
+            self._filling.append(feed)
+            dirty = self.dirty
+            for conn in audience.members:
+                if conn.open:
+                    conn.outbox.feeds.append(feed)
+                    dirty.add(conn)
+        feed.frames.append(data)
+
+    def _seal(self) -> None:
+        """No frame joins this turn's feeds any more: they can be written out."""
+        for feed in self._filling:
+            feed.open = False
+        self._filling.clear()
+        self._newest = None
 
     def add_deadline(self, when: float, conn: Connection) -> None:
         heapq.heappush(self._deadlines, (when, next(self._seq), conn))
@@ -176,6 +218,7 @@ class IOLoop(threading.Thread):
         comes while a big room's previous one is still going out joins it in the same TLS write
         for every member not yet written to. The busier the room, the fewer writes per message.
         """
+        self._seal()
         batch, self.dirty = self.dirty, set()
         for i, conn in enumerate(batch, 1):
             try:
@@ -184,6 +227,7 @@ class IOLoop(threading.Thread):
                 self._failed(conn)
             if not i % FLUSH_CHUNK:
                 self._poll(0.0)
+                self._seal()
 
     def _run_inbox(self) -> None:
         inbox = self._inbox
