@@ -19,8 +19,9 @@ class Member:
         self.writes: list[bytes] = []
 
     def flush(self) -> None:
-        if self.outbox:
-            self.writes.append(self.outbox.take())
+        data = self.outbox.take() if self.outbox else b""
+        if data:
+            self.writes.append(data)
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def loop() -> Iterator[IOLoop]:
 
 
 def flush(loop: IOLoop) -> None:
-    while loop.dirty:
+    while loop.dirty or loop._grown:
         loop._flush_dirty()
 
 

@@ -249,7 +249,9 @@ class Connection:
         if not self.open:
             return
         if self.outbox:
-            self.tls.write(self.outbox.take())
+            data = self.outbox.take()
+            if data:
+                self.tls.write(data)
         self._flush_tls()
         if len(self.outbuf) > self.ctx.config.max_queue and self.closing is None:
             log.info(

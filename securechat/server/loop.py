@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from securechat.server.outbox import Audience, Feed
+from securechat.server.outbox import FEED_FRAMES, Audience, Feed
 
 if TYPE_CHECKING:
     from securechat.server.connection import Connection
@@ -61,8 +61,8 @@ class IOLoop(threading.Thread):
         self._wake_w.setblocking(False)
         self._woken = False
         self._running = True
-        self._filling: list[Feed] = []  # feeds that may still take frames this turn
-        self._newest: Feed | None = None
+        self._grown: list[Feed] = []  # feeds with frames their members have not been flushed for
+        self._newest: Feed | None = None  # the one feed still open: it may take more frames
         self._deadlines: list[tuple[float, int, Connection]] = []
         self._seq = itertools.count()
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
@@ -150,29 +150,27 @@ class IOLoop(threading.Thread):
     def _feed(self, data: bytes, audience: Audience) -> None:
         """Add a frame to the audience's feed: O(1), once its members follow the feed.
 
-        A feed keeps taking frames while it is the newest one of this turn; after another
-        audience's, a new feed starts, so that a connection in both rooms still gets every
-        frame in the order it was queued.
+        Only the newest feed takes frames: after another audience's frame, this audience starts
+        a new feed, so that a connection in both rooms still gets every frame in the order it
+        was queued. Its members are marked dirty once per flush, not once per frame.
         """
         feed = audience.feed
-        if feed is None or feed is not self._newest:
-            if feed is not None:
-                feed.open = False
-            feed = audience.feed = self._newest = Feed()
-            self._filling.append(feed)
-            dirty = self.dirty
+        if feed is None or feed is not self._newest or len(feed.frames) >= FEED_FRAMES:
+            self._seal()
+            feed = audience.feed = self._newest = Feed(audience.members)
             for conn in audience.members:
                 if conn.open:
-                    conn.outbox.feeds.append(feed)
-                    dirty.add(conn)
+                    conn.outbox.follow(feed)
         feed.frames.append(data)
+        if not feed.grown:
+            feed.grown = True
+            self._grown.append(feed)
 
     def _seal(self) -> None:
-        """No frame joins this turn's feeds any more: they can be written out."""
-        for feed in self._filling:
-            feed.open = False
-        self._filling.clear()
-        self._newest = None
+        """The open feed takes no more frames; its followers let go of it once they took all."""
+        if self._newest is not None:
+            self._newest.open = False
+            self._newest = None
 
     def add_deadline(self, when: float, conn: Connection) -> None:
         heapq.heappush(self._deadlines, (when, next(self._seq), conn))
@@ -180,9 +178,10 @@ class IOLoop(threading.Thread):
     def run(self) -> None:
         next_tick = time.monotonic() + TICK
         while self._running:
-            self._poll(0.0 if self.dirty or self._inbox else TICK)
-            while self.dirty:
+            self._poll(0.0 if self.dirty or self._grown or self._inbox else TICK)
+            while self.dirty or self._grown:
                 self._flush_dirty()
+            self._seal()  # all written: the next frames start a new feed
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK
@@ -218,8 +217,12 @@ class IOLoop(threading.Thread):
         comes while a big room's previous one is still going out joins it in the same TLS write
         for every member not yet written to. The busier the room, the fewer writes per message.
         """
-        self._seal()
-        batch, self.dirty = self.dirty, set()
+        dirty = self.dirty
+        for feed in self._grown:
+            feed.grown = False
+            dirty.update(feed.members)  # one C call per feed; a closed member skips its flush
+        self._grown.clear()
+        batch, self.dirty = dirty, set()
         for i, conn in enumerate(batch, 1):
             try:
                 conn.flush()
@@ -227,7 +230,6 @@ class IOLoop(threading.Thread):
                 self._failed(conn)
             if not i % FLUSH_CHUNK:
                 self._poll(0.0)
-                self._seal()
 
     def _run_inbox(self) -> None:
         inbox = self._inbox
