@@ -6,6 +6,7 @@ does no I/O: bytes go in, frames come out. The length is checked before any payl
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -33,8 +34,12 @@ def with_true_field(data: bytes, name: str, max_frame: int = MAX_FRAME_DEFAULT) 
     """What encode({**frame, name: True}) gives for the frame that `data` (from encode) holds,
     when it has fields but not `name`: the same bytes with the field added at the end, without
     encoding the frame again (room history keeps each message this way)."""
-    field = _ENCODER.encode({name: True})[1:].encode()
-    return _framed(data[HEADER.size : -1] + b"," + field, max_frame)
+    return _framed(data[HEADER.size : -1] + _true_field(name), max_frame)
+
+
+@functools.cache
+def _true_field(name: str) -> bytes:
+    return b"," + _ENCODER.encode({name: True})[1:].encode()
 
 
 def _framed(payload: bytes, max_frame: int) -> bytes:

@@ -71,7 +71,13 @@ class Outbox:
         self.starts: list[int] = []
 
     def follow(self, feed: Feed) -> None:
-        if self.feeds and not self.pending:
+        feeds = self.feeds
+        if len(feeds) == 1 and not feeds[0].open and self.starts[0] == len(feeds[0].frames):
+            # The usual case: the last feed ended and this member took all of it.
+            feeds[0] = feed
+            self.starts[0] = 0
+            return
+        if feeds and not self.pending:
             self._take_feeds()  # drops the ended feeds it has taken all of
         self.feeds.append(feed)
         self.starts.append(0)
