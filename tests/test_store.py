@@ -13,6 +13,7 @@ from securechat.errors import StorageError
 from securechat.server.store import (
     Claim,
     DMQuota,
+    HistoryRow,
     QueuedDM,
     QuotaExceeded,
     SenderShareExceeded,
@@ -146,3 +147,20 @@ def test_logins_that_arrive_together_share_batches_and_all_succeed(
         server.stop()
     store = SQLiteStore(tmp_path / "data" / "securechat.db")
     assert all(store.claim_name(n, keys[n].verify_key_bytes) is Claim.OWNER for n in names)
+
+
+def test_room_history_keeps_every_field_of_a_batch_in_order(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "server.db")
+    try:
+        rows = [
+            HistoryRow("#a", "alice", 'quotes " and \\ and é \u2603 \U0001f600', 1, False),
+            HistoryRow("#b", "bob", "", 2, True),
+            HistoryRow("#a", "carol", "third", 3, False),
+            HistoryRow("#a", "dave", "fourth", 4, True),
+        ]
+        store.append_history(rows, keep=2)
+        assert store.room_history("#a", 10) == [rows[2], rows[3]]
+        assert store.room_history("#b", 10) == [rows[1]]
+        assert store.room_history("#a", 1) == [rows[3]]
+    finally:
+        store.close()
