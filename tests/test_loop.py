@@ -61,7 +61,7 @@ class Member:
         self.writes: list[bytes] = []
 
     def flush(self) -> None:
-        data = self.outbox.take() if self.outbox else b""
+        data = self.outbox.take()
         if data:
             self.writes.append(data)
 

@@ -248,10 +248,9 @@ class Connection:
         """Encrypt everything queued as one TLS write and hand it to the socket."""
         if not self.open:
             return
-        if self.outbox:
-            data = self.outbox.take()
-            if data:
-                self.tls.write(data)
+        data = self.outbox.take()
+        if data:
+            self.tls.write(data)
         self._flush_tls()
         if len(self.outbuf) > self.ctx.config.max_queue and self.closing is None:
             log.info(

@@ -88,9 +88,6 @@ class Outbox:
             self._take_feeds()
         self.pending.append(data)
 
-    def __bool__(self) -> bool:
-        return bool(self.pending or self.feeds)
-
     def take(self) -> bytes:
         """Everything queued and not taken yet, in order, as one string (b"" if nothing)."""
         feeds = self.feeds
@@ -107,7 +104,9 @@ class Outbox:
         if feeds:
             self._take_feeds()
         pending = self.pending
-        data = b"".join(pending) if len(pending) != 1 else pending[0]
+        if not pending:
+            return b""
+        data = b"".join(pending) if len(pending) > 1 else pending[0]
         pending.clear()
         return data
 
