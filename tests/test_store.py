@@ -164,3 +164,16 @@ def test_room_history_keeps_every_field_of_a_batch_in_order(tmp_path: Path) -> N
         assert store.room_history("#a", 1) == [rows[3]]
     finally:
         store.close()
+
+
+def test_a_batch_longer_than_the_history_kept_stores_only_its_newest_rows(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "server.db")
+    try:
+        store.append_history([HistoryRow("#a", "old", "before", 0)], keep=3)
+        batch = [HistoryRow("#a" if i % 2 else "#b", "u", f"m{i}", i) for i in range(1, 11)]
+        store.append_history(batch, keep=3)
+        assert [r.text for r in store.room_history("#a", 10)] == ["m5", "m7", "m9"]
+        assert [r.text for r in store.room_history("#b", 10)] == ["m6", "m8", "m10"]
+        assert store._db.execute("SELECT COUNT(*) FROM room_history").fetchone() == (6,)
+    finally:
+        store.close()

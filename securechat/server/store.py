@@ -418,7 +418,9 @@ class SQLiteStore:
         # One statement for the whole batch, its rows handed over as one JSON array: executemany
         # would let go of the interpreter lock and take it back for every row, and each time
         # it wants it back while an I/O loop is busy, that loop has to stop and hand it over.
-        batch = json.dumps([(r.room, r.sender, r.text, r.ts, int(r.action)) for r in rows])
+        batch = json.dumps(
+            [(r.room, r.sender, r.text, r.ts, int(r.action)) for r in _newest(rows, keep)]
+        )
         with self._operation() as db:
             db.execute(
                 "INSERT INTO room_history (room, sender, text, ts, action) SELECT "
@@ -455,3 +457,17 @@ class SQLiteStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _newest(rows: list[HistoryRow], keep: int) -> list[HistoryRow]:
+    """The last `keep` rows of each room, in order: a busy room's batch holds hundreds of rows,
+    and writing the ones the same batch would delete again is most of its cost."""
+    seen: dict[str, int] = {}
+    newest = []
+    for row in reversed(rows):
+        count = seen.get(row.room, 0)
+        if count < keep:
+            seen[row.room] = count + 1
+            newest.append(row)
+    newest.reverse()
+    return newest
