@@ -41,9 +41,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-n", type=int, default=50, help="room members")
     p.add_argument("--per-turn", type=int, default=40, help="messages between two flushes")
+    p.add_argument("--history", type=int, default=100, help="room messages the hub keeps")
     p.add_argument("--turns", type=int, default=0, help="turns a round (default: about 2 s)")
     args = p.parse_args()
-    loop, hub = IOLoop(0), Hub(history_keep=100)
+    loop, hub = IOLoop(0), Hub(history_keep=args.history)
     results: list[float] = []
     # On the loop's own thread, as in the server: a broadcast from any other thread would only
     # post to the loop's inbox.
