@@ -7,7 +7,6 @@ are all made from these tables, so a default or a range is never written twice.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -87,16 +86,6 @@ def _amount(number: float, s: Setting) -> str:
     return _human(number, s.unit) if s.unit in ("%", "/s") else f"{_num(number)} {s.unit}".rstrip()
 
 
-_IO_THREADS = "one per two CPUs, at most 4"
-
-
-def default_io_threads() -> int:
-    # One I/O thread per two CPUs (at most 4): they share one GIL, so a second thread on a
-    # 2-core machine only adds contention (measured: p99 latency 31 ms instead of 19, and no
-    # more deliveries per second; BENCHMARKS.md).
-    return max(1, min(4, (os.cpu_count() or 1) // 2))
-
-
 SERVER: tuple[Setting, ...] = (
     Setting("host", "--host", "SECURECHAT_HOST", str, DEFAULT_HOST, "Address to listen on."),
     Setting("port", "--port", "SECURECHAT_PORT", int, DEFAULT_PORT,
@@ -107,9 +96,10 @@ SERVER: tuple[Setting, ...] = (
             "Folder for the server's SQLite database."),
     Setting("require_client_cert", "--require-client-cert", "SECURECHAT_REQUIRE_CLIENT_CERT",
             bool, False, "Mutual TLS: refuse clients without a certificate from our CA."),
-    Setting("io_threads", "--io-threads", "SECURECHAT_IO_THREADS", int, None,
-            f"I/O event-loop threads (default: {_IO_THREADS}).", 1, 64,
-            default_text=_IO_THREADS),
+    Setting("io_threads", "--io-threads", "SECURECHAT_IO_THREADS", int, 1,
+            "I/O event-loop threads. One is the fastest measured: the threads share one "
+            "interpreter lock, so more add lock hand-offs and no throughput (BENCHMARKS.md); "
+            "the way past one core is several server processes.", 1, 64),
     Setting("log_level", "--log-level", "SECURECHAT_LOG_LEVEL", str, "info",
             "How much to log (to stderr).", choices=("debug", "info", "warning", "error")),
     Setting("history", "--history", "SECURECHAT_HISTORY", int, 100,

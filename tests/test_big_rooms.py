@@ -14,6 +14,7 @@ from securechat.client import Client
 from securechat.client.events import Joined, Message, Parted
 from securechat.protocol import Join, Part, Who
 from securechat.server.hub import Hub
+from securechat.server.outbox import Audience
 from tests.cli_helpers import run_client
 from tests.conftest import wait_for
 
@@ -25,6 +26,9 @@ class StubLoop:
     def deliver(self, data: bytes, conns: tuple) -> None:
         for conn in conns:
             self.frames.setdefault(conn.user, []).append(json.loads(data[4:]))
+
+    def broadcast(self, data: bytes, audience: Audience) -> None:
+        self.deliver(data, audience.members)
 
 
 @dataclass(eq=False)

@@ -90,3 +90,24 @@ def test_nan_and_infinity_are_not_json() -> None:
         with pytest.raises(ProtocolError) as info:
             framing.parse(payload)
         assert (info.value.code, info.value.message) == ("bad_json", "frame is not valid JSON")
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"type": "message", "room": "#lobby", "from": "alice", "text": 'hé \u2603 "x"', "ts": 1},
+        {"type": "message", "room": "#r", "from": "bob", "text": "", "ts": 2, "action": True},
+    ],
+)
+def test_a_true_field_added_to_encoded_bytes_matches_encoding_the_frame_with_it(
+    frame: dict[str, object],
+) -> None:
+    data = framing.encode(frame)
+    assert framing.with_true_field(data, "history") == framing.encode({**frame, "history": True})
+
+
+def test_a_field_that_pushes_a_frame_over_the_limit_is_refused() -> None:
+    data = framing.encode({"type": "message", "text": "x" * 30}, max_frame=60)
+    with pytest.raises(ProtocolError) as caught:
+        framing.with_true_field(data, "history", max_frame=60)
+    assert caught.value.message == "frame of 73 bytes exceeds the 60-byte limit"

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import pstats
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from scripts.loadgen import native, servers
+from scripts.loadgen.profile import profiled
 from securechat.server import Server
 from tests.cli_helpers import REPO, cli_env
 from tests.tools import needs
@@ -216,3 +219,17 @@ def test_the_attack_benchmark_runs_each_attack_beside_legitimate_users(
     assert 0 < handshakes["handshakes_done"] <= handshakes["handshakes_tried"]
     # Fresh names from the one flooding address: never more than --new-names (20 by default).
     assert 0 < logins["logins_done"] <= 20 < logins["logins_tried"]
+
+
+def test_the_profile_wrapper_writes_one_profile_per_thread_when_it_ends(tmp_path: Path) -> None:
+    class Busy(threading.Thread):
+        def run(self) -> None:
+            sorted(range(1000), reverse=True)
+
+    Busy.run = profiled(Busy.run, str(tmp_path / "prof"))  # type: ignore[method-assign]
+    thread = Busy(name="io-7")
+    thread.start()
+    thread.join(10)
+    stats = pstats.Stats(str(tmp_path / "prof.io-7.prof")).stats  # type: ignore[attr-defined]
+    assert any(name == "run" for _, _, name in stats)
+    assert [p.name for p in tmp_path.iterdir()] == ["prof.io-7.prof"]

@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from securechat.server.loop import FLUSH_CHUNK, IOLoop
+from securechat.server.outbox import Audience, Outbox
 
 
 class WakeDuringDrain:
@@ -52,31 +53,32 @@ def test_a_wake_up_during_the_drain_is_not_lost() -> None:
 
 
 class Member:
-    """A connection as the loop sees it: frames queued, and what each flush() wrote."""
+    """A connection as the loop sees it: an outbox, and what each flush() wrote."""
 
     def __init__(self) -> None:
         self.open = True
-        self.pending: list[bytes] = []
-        self.writes: list[list[bytes]] = []
+        self.outbox = Outbox()
+        self.writes: list[bytes] = []
 
     def flush(self) -> None:
-        if self.pending:
-            self.writes.append(list(self.pending))
-            self.pending.clear()
+        data = self.outbox.take()
+        if data:
+            self.writes.append(data)
 
 
 def test_a_message_arriving_mid_fan_out_joins_the_writes_still_to_come() -> None:
     loop = IOLoop(0)  # never started: the test plays the loop thread itself
     members = [Member() for _ in range(3 * FLUSH_CHUNK)]
+    room = Audience(members)  # type: ignore[arg-type]
     try:
-        loop._queue(b"first", members)  # type: ignore[arg-type]
+        loop._feed(b"first", room)
         # The second message comes from another thread while the first is being written out.
-        loop.call_soon(lambda: loop._queue(b"second", members))  # type: ignore[arg-type]
-        while loop.dirty:
+        loop.broadcast(b"second", room)
+        while loop.dirty or loop._grown:
             loop._flush_dirty()
         writes = [m.writes for m in members]
-        together = sum(w == [[b"first", b"second"]] for w in writes)
-        apart = sum(w == [[b"first"], [b"second"]] for w in writes)
+        together = sum(w == [b"firstsecond"] for w in writes)
+        apart = sum(w == [b"first", b"second"] for w in writes)
         # The first chunk went out before the loop looked again; every later member got both
         # messages in one write; and everyone got both, once, in order.
         assert apart == FLUSH_CHUNK

@@ -13,6 +13,7 @@ from securechat.errors import StorageError
 from securechat.server.store import (
     Claim,
     DMQuota,
+    HistoryRow,
     QueuedDM,
     QuotaExceeded,
     SenderShareExceeded,
@@ -146,3 +147,33 @@ def test_logins_that_arrive_together_share_batches_and_all_succeed(
         server.stop()
     store = SQLiteStore(tmp_path / "data" / "securechat.db")
     assert all(store.claim_name(n, keys[n].verify_key_bytes) is Claim.OWNER for n in names)
+
+
+def test_room_history_keeps_every_field_of_a_batch_in_order(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "server.db")
+    try:
+        rows = [
+            HistoryRow("#a", "alice", 'quotes " and \\ and é \u2603 \U0001f600', 1, False),
+            HistoryRow("#b", "bob", "", 2, True),
+            HistoryRow("#a", "carol", "third", 3, False),
+            HistoryRow("#a", "dave", "fourth", 4, True),
+        ]
+        store.append_history(rows, keep=2)
+        assert store.room_history("#a", 10) == [rows[2], rows[3]]
+        assert store.room_history("#b", 10) == [rows[1]]
+        assert store.room_history("#a", 1) == [rows[3]]
+    finally:
+        store.close()
+
+
+def test_a_batch_longer_than_the_history_kept_stores_only_its_newest_rows(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "server.db")
+    try:
+        store.append_history([HistoryRow("#a", "old", "before", 0)], keep=3)
+        batch = [HistoryRow("#a" if i % 2 else "#b", "u", f"m{i}", i) for i in range(1, 11)]
+        store.append_history(batch, keep=3)
+        assert [r.text for r in store.room_history("#a", 10)] == ["m5", "m7", "m9"]
+        assert [r.text for r in store.room_history("#b", 10)] == ["m6", "m8", "m10"]
+        assert store._db.execute("SELECT COUNT(*) FROM room_history").fetchone() == (6,)
+    finally:
+        store.close()

@@ -132,7 +132,11 @@ def run_once(
         extra = list(args.server_arg)
         if io_threads is not None:
             extra += ["--io-threads", str(io_threads)]
-        target = servers.start_securechat(folder, server_cpus, extra)
+        profile = ""
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            profile = str(args.profile / f"n{args.n}-io{io_threads or 'default'}-{pinned:d}")
+        target = servers.start_securechat(folder, server_cpus, extra, profile)
     try:
         cmd = command(binary, args, target, loadgen_cpu)
         limit = args.duration + args.grace + RUN_TIMEOUT
@@ -246,6 +250,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--delayed-ack",
         action="store_true",
         help="keep the kernel's delayed ACKs (default: ACK each read at once, see BENCHMARKS.md)",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        help="folder: run securechat's threads under cProfile and keep one .prof per thread "
+        "(about twice as slow: for where the time goes, not for figures)",
     )
     p.add_argument("--json", dest="json_only", action="store_true", help="JSON lines only")
     args = p.parse_args(argv)

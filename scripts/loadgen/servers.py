@@ -106,10 +106,14 @@ def make_certs(folder: Path) -> Path:
     return certs
 
 
-def start_securechat(folder: Path, cpus: list[int] | None, extra: list[str]) -> Target:
+def start_securechat(
+    folder: Path, cpus: list[int] | None, extra: list[str], profile: str = ""
+) -> Target:
+    """A fresh securechat server; with `profile`, its threads under cProfile (profile.py)."""
     certs = make_certs(folder)
+    launcher = ["scripts.loadgen.profile", profile] if profile else ["securechat"]
     cmd = [
-        sys.executable, "-m", "securechat", "server", "--port", "0", "--certs", str(certs),
+        sys.executable, "-m", *launcher, "server", "--port", "0", "--certs", str(certs),
         "--data", str(folder / "data"), "--log-level", "warning", *SECURECHAT_BENCH_FLAGS, *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, preexec_fn=_pin(cpus))

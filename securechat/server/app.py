@@ -34,7 +34,7 @@ from securechat.server.loop import IOLoop
 from securechat.server.quota import DMQuota
 from securechat.server.store import HistoryRow, SQLiteStore
 from securechat.server.worker import StoreWorker
-from securechat.settings import check_server_fields, default_io_threads, server_default
+from securechat.settings import check_server_fields, server_default
 from securechat.tls import server_context
 
 log = logging.getLogger("securechat.server")
@@ -53,7 +53,7 @@ class ServerConfig:
     certs_dir: Path = field(default_factory=partial(server_default, "certs_dir"))
     data_dir: Path = field(default_factory=partial(server_default, "data_dir"))
     require_client_cert: bool = server_default("require_client_cert")
-    io_threads: int = field(default_factory=default_io_threads)
+    io_threads: int = server_default("io_threads")
     log_level: str = server_default("log_level")
     history: int = server_default("history")  # room messages kept per room, sent on join
     dm_ttl_ms: int = server_default("dm_ttl_ms")  # queued DMs expire after this

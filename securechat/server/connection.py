@@ -31,6 +31,7 @@ from securechat.ratelimit import TokenBucket
 from securechat.server import requests
 from securechat.server.admission import Refusal
 from securechat.server.hub import Hub, RoomRequest
+from securechat.server.outbox import Outbox
 from securechat.tls import TLSStream, client_certificate_problem
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ LINGER = 2.0  # seconds a closing connection may take to flush its last frames
 class Connection:
     __slots__ = (
         "_acks", "_counted", "_heard", "_hs_deadline", "_idle_at", "_login_deadline", "_pinged",
-        "_rate", "_want_write", "addr", "closing", "ctx", "ip", "loop", "open", "outbuf", "pending",
+        "_rate", "_want_write", "addr", "closing", "ctx", "ip", "loop", "open", "outbox", "outbuf",
         "public_key_b64", "refusal", "session", "sock", "tls", "user",
     )  # fmt: skip
 
@@ -68,7 +69,7 @@ class Connection:
         self.tls = TLSStream(ctx.ssl_context, server_side=True)
         # Encoded frames waiting for the next TLS write: the session's replies (it hands each
         # over as it is made) and the hub's deliveries, in the order they were queued.
-        self.pending: list[bytes] = []
+        self.outbox = Outbox()
         self.session = ServerSession(ctx.cert_sha256, ctx.config.max_frame, emit=self._emit)
         self.user: str = ""
         self.public_key_b64 = ""
@@ -89,7 +90,7 @@ class Connection:
         loop.add_deadline(self._hs_deadline, self)
 
     def _emit(self, data: bytes) -> None:
-        self.pending.append(data)
+        self.outbox.push(data)
 
     # -- events from the loop ---------------------------------------------------------------------
 
@@ -248,9 +249,8 @@ class Connection:
         """Encrypt everything queued as one TLS write and hand it to the socket."""
         if not self.open:
             return
-        if self.pending:
-            data = b"".join(self.pending) if len(self.pending) > 1 else self.pending[0]
-            self.pending.clear()
+        data = self.outbox.take()
+        if data:
             self.tls.write(data)
         self._flush_tls()
         if len(self.outbuf) > self.ctx.config.max_queue and self.closing is None:

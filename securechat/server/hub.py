@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from securechat import framing
@@ -29,6 +29,7 @@ from securechat.protocol import (
     Who,
     now_ms,
 )
+from securechat.server.outbox import Audience
 from securechat.server.store import HistoryRow, QueuedDM
 
 if TYPE_CHECKING:
@@ -41,17 +42,21 @@ MEMBERS_REPLY_OVERHEAD = 256  # likewise around a member list
 
 
 class Room:
-    __slots__ = ("by_loop", "members", "name")
+    __slots__ = ("_audiences", "by_loop", "members", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.members: dict[str, Connection] = {}
         # Members grouped by the loop that owns them: one inbox post per loop per broadcast.
         self.by_loop: dict[IOLoop, set[Connection]] = defaultdict(set)
+        # Each loop's members as one fixed Audience, made again on the first broadcast after
+        # a change: a message hands each loop this object, never a copy of its members.
+        self._audiences: dict[IOLoop, Audience] = {}
 
     def add(self, conn: Connection) -> None:
         self.members[conn.user] = conn
         self.by_loop[conn.loop].add(conn)
+        self._audiences.pop(conn.loop, None)
 
     def remove(self, conn: Connection) -> None:
         del self.members[conn.user]
@@ -59,6 +64,14 @@ class Room:
         peers.discard(conn)
         if not peers:
             del self.by_loop[conn.loop]
+        self._audiences.pop(conn.loop, None)
+
+    def audiences(self) -> Iterator[tuple[IOLoop, Audience]]:
+        for loop, conns in self.by_loop.items():
+            audience = self._audiences.get(loop)
+            if audience is None:
+                audience = self._audiences[loop] = Audience(conns)
+            yield loop, audience
 
 
 class Hub:
@@ -95,20 +108,22 @@ class Hub:
                     "from": row.sender,
                     "text": row.text,
                     "ts": row.ts,
-                    "history": True,
                 }
                 if row.action:
                     frame["action"] = True
-                self._remember(frame)
+                self._remember(frame, framing.encode(frame, self._max_frame))
 
-    def _remember(self, frame: dict[str, Any]) -> None:
+    def _remember(self, frame: dict[str, Any], data: bytes) -> None:
+        """Keep a message (`data`: its encoded bytes) as a frame marked history."""
         if self._history_keep <= 0:
             return
         room = frame["room"]
         if room not in self._history:
             self._history[room] = deque(maxlen=self._history_keep)
         kept = {**frame, "history": True}
-        self._history[room].append((kept, framing.encode(kept, self._max_frame)))
+        self._history[room].append(
+            (kept, framing.with_true_field(data, "history", self._max_frame))
+        )
 
     # -- direct messages --------------------------------------------------------------------------
 
@@ -214,8 +229,7 @@ class Hub:
         }
         if frame.action:
             message["action"] = True
-        self._broadcast(room, message)
-        self._remember(message)
+        self._remember(message, self._broadcast(room, message))
         if self._history_sink is not None:
             self._history_sink(HistoryRow(room.name, conn.user, frame.text, ts, frame.action))
         return {"room": room.name, "ts": ts}
@@ -305,7 +319,8 @@ class Hub:
             self._part(conn, self._rooms[name], reason, notify_self=False)
         del self._joined[conn]
 
-    def _broadcast(self, room: Room, frame: dict[str, Any]) -> None:
+    def _broadcast(self, room: Room, frame: dict[str, Any]) -> bytes:
         data = framing.encode(frame, self._max_frame)
-        for loop, conns in room.by_loop.items():
-            loop.deliver(data, conns)
+        for loop, audience in room.audiences():
+            loop.broadcast(data, audience)
+        return data

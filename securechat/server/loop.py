@@ -9,14 +9,17 @@ pending frames belong to the IOLoop that adopted it, and only that loop's thread
 of any of them. The loop is the only code that reads or writes the socket.
 
 Every other thread (the listener, the store worker, another loop calling into the hub) may use
-exactly two methods here: call_soon(fn), to run fn on this loop, and deliver(data, conns), to
-queue an encoded frame for some of this loop's connections. Both append to an inbox and wake
-the selector through a socket pair; nothing else of a loop is thread-safe.
+exactly three methods here: call_soon(fn), to run fn on this loop, deliver(data, conns), to
+queue an encoded frame for some of this loop's connections, and broadcast(data, audience), the
+same for a room's members. They append to an inbox and wake the selector through a socket pair;
+nothing else of a loop is thread-safe.
 
 One turn of the loop: select; read every readable socket and feed its session (replies queue
 up); run the inbox (deliveries from other loops, store answers); then write each connection
 marked dirty, all its queued frames as one TLS write. Writes are coalesced this way: whatever
-was queued for one connection between two turns leaves in one record and one send().
+was queued for one connection between two turns leaves in one record and one send(). A room's
+messages of one turn go into one Feed that its members follow (server/outbox.py): the cost of a
+message does not grow with the room, only that of a turn does.
 
 A connection asks its loop for service only through register(), unregister(), mark_dirty(),
 watch_writable() and add_deadline(), all of them loop-thread only.
@@ -34,6 +37,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
+
+from securechat.server.outbox import FEED_FRAMES, Audience, Feed
 
 if TYPE_CHECKING:
     from securechat.server.budget import OutputBudget
@@ -63,6 +68,8 @@ class IOLoop(threading.Thread):
         self._wake_w.setblocking(False)
         self._woken = False
         self._running = True
+        self._grown: list[Feed] = []  # feeds with frames their members have not been flushed for
+        self._newest: Feed | None = None  # the one feed still open: it may take more frames
         self._deadlines: list[tuple[float, int, Connection]] = []
         self._seq = itertools.count()
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
@@ -84,6 +91,14 @@ class IOLoop(threading.Thread):
         else:
             conns = tuple(conns)
             self.call_soon(lambda: self._queue(data, conns))
+
+    def broadcast(self, data: bytes, audience: Audience) -> None:
+        """Queue one encoded frame for a room's members on this loop. The audience is fixed, so
+        from another thread it is handed over as it is."""
+        if threading.current_thread() is self:
+            self._feed(data, audience)
+        else:
+            self.call_soon(lambda: self._feed(data, audience))
 
     def stop(self) -> None:
         self._running = False
@@ -136,8 +151,33 @@ class IOLoop(threading.Thread):
         dirty = self.dirty
         for conn in conns:
             if conn.open:
-                conn.pending.append(data)
+                conn.outbox.push(data)
                 dirty.add(conn)
+
+    def _feed(self, data: bytes, audience: Audience) -> None:
+        """Add a frame to the audience's feed: O(1), once its members follow the feed.
+
+        Only the newest feed takes frames: after another audience's frame, this audience starts
+        a new feed, so that a connection in both rooms still gets every frame in the order it
+        was queued. Its members are marked dirty once per flush, not once per frame.
+        """
+        feed = audience.feed
+        if feed is None or feed is not self._newest or len(feed.frames) >= FEED_FRAMES:
+            self._seal()
+            feed = audience.feed = self._newest = Feed(audience.members)
+            for conn in audience.members:
+                if conn.open:
+                    conn.outbox.follow(feed)
+        feed.frames.append(data)
+        if not feed.grown:
+            feed.grown = True
+            self._grown.append(feed)
+
+    def _seal(self) -> None:
+        """The open feed takes no more frames; its followers let go of it once they took all."""
+        if self._newest is not None:
+            self._newest.open = False
+            self._newest = None
 
     def add_deadline(self, when: float, conn: Connection) -> None:
         heapq.heappush(self._deadlines, (when, next(self._seq), conn))
@@ -145,9 +185,10 @@ class IOLoop(threading.Thread):
     def run(self) -> None:
         next_tick = time.monotonic() + TICK
         while self._running:
-            self._poll(0.0 if self.dirty or self._inbox else TICK)
-            while self.dirty:
+            self._poll(0.0 if self.dirty or self._grown or self._inbox else TICK)
+            while self.dirty or self._grown:
                 self._flush_dirty()
+            self._seal()  # all written: the next frames start a new feed
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK
@@ -183,7 +224,12 @@ class IOLoop(threading.Thread):
         comes while a big room's previous one is still going out joins it in the same TLS write
         for every member not yet written to. The busier the room, the fewer writes per message.
         """
-        batch, self.dirty = self.dirty, set()
+        dirty = self.dirty
+        for feed in self._grown:
+            feed.grown = False
+            dirty.update(feed.members)  # one C call per feed; a closed member skips its flush
+        self._grown.clear()
+        batch, self.dirty = dirty, set()
         for i, conn in enumerate(batch, 1):
             try:
                 conn.flush()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import hmac
+import json
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -414,10 +415,19 @@ class SQLiteStore:
     def append_history(self, rows: list[HistoryRow], keep: int) -> None:
         """Append a batch of room messages in one transaction, keeping the last `keep` per room
         (the batched writer calls this; never once per message on the I/O path)."""
+        # One statement for the whole batch, its rows handed over as one JSON array: executemany
+        # would let go of the interpreter lock and take it back for every row, and each time
+        # it wants it back while an I/O loop is busy, that loop has to stop and hand it over.
+        batch = json.dumps(
+            [(r.room, r.sender, r.text, r.ts, int(r.action)) for r in _newest(rows, keep)]
+        )
         with self._operation() as db:
-            db.executemany(
-                "INSERT INTO room_history (room, sender, text, ts, action) VALUES (?, ?, ?, ?, ?)",
-                [(r.room, r.sender, r.text, r.ts, int(r.action)) for r in rows],
+            db.execute(
+                "INSERT INTO room_history (room, sender, text, ts, action) SELECT "
+                "json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+                "json_extract(value, '$[2]'), json_extract(value, '$[3]'), "
+                "json_extract(value, '$[4]') FROM json_each(?) ORDER BY key",
+                (batch,),
             )
             for room in {r.room for r in rows}:
                 db.execute(
@@ -447,3 +457,17 @@ class SQLiteStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _newest(rows: list[HistoryRow], keep: int) -> list[HistoryRow]:
+    """The last `keep` rows of each room, in order: a busy room's batch holds hundreds of rows,
+    and writing the ones the same batch would delete again is most of its cost."""
+    seen: dict[str, int] = {}
+    newest = []
+    for row in reversed(rows):
+        count = seen.get(row.room, 0)
+        if count < keep:
+            seen[row.room] = count + 1
+            newest.append(row)
+    newest.reverse()
+    return newest

@@ -1,0 +1,84 @@
+"""Queueing cost of a room message, without TLS or sockets: the hub and one I/O loop only.
+
+    python -m scripts.bench_queueing -n 50 --per-turn 40      # from the repository root
+
+`Hub.handle(Say)` into a room of N members on one loop (never started: this thread plays it),
+`--per-turn` messages between two flushes, members whose flush only takes what is queued. It
+prints CPU time per message and per delivery, the best of 5 rounds (BENCHMARKS.md, "Native
+load generator", has the figures before and after room feeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from securechat.protocol import Say
+from securechat.server.hub import Hub
+from securechat.server.loop import IOLoop
+from securechat.server.outbox import Outbox
+
+
+class Member:
+    """What the hub and the loop use of a connection; its flush takes and counts the bytes."""
+
+    def __init__(self, user: str, loop: IOLoop) -> None:
+        self.user, self.loop, self.open = user, loop, True
+        self.outbox = Outbox()
+        self.written = 0
+
+    def flush(self) -> None:
+        self.written += len(self.outbox.take())
+
+
+def drain(loop: IOLoop) -> None:
+    while loop.dirty or loop._grown:
+        loop._flush_dirty()
+    loop._seal()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-n", type=int, default=50, help="room members")
+    p.add_argument("--per-turn", type=int, default=40, help="messages between two flushes")
+    p.add_argument("--history", type=int, default=100, help="room messages the hub keeps")
+    p.add_argument("--turns", type=int, default=0, help="turns a round (default: about 2 s)")
+    args = p.parse_args()
+    loop, hub = IOLoop(0), Hub(history_keep=args.history)
+    results: list[float] = []
+    # On the loop's own thread, as in the server: a broadcast from any other thread would only
+    # post to the loop's inbox.
+    loop.call_soon(lambda: results.append(measure(loop, hub, args)))
+    loop.start()
+    loop.join()
+    turns = args.turns or max(1, 400_000 // (args.n * args.per_turn))
+    per_message = results[0] / (turns * args.per_turn)
+    print(
+        f"N={args.n} per turn={args.per_turn}: {per_message * 1e6:.1f} us a message, "
+        f"{per_message / args.n * 1e9:.0f} ns a delivery"
+    )
+
+
+def measure(loop: IOLoop, hub: Hub, args: argparse.Namespace) -> float:
+    """The best of 5 rounds, in CPU seconds; stops the loop after."""
+    members = [Member(f"u{i}", loop) for i in range(args.n)]
+    for member in members:
+        hub.login(member)  # type: ignore[arg-type]
+    drain(loop)
+    say = Say(id=1, room="#lobby", text="x" * 100)
+    senders = members[:10]
+    turns = args.turns or max(1, 400_000 // (args.n * args.per_turn))
+    best = float("inf")
+    for _ in range(5):
+        start = time.process_time()
+        for _ in range(turns):
+            for i in range(args.per_turn):
+                hub.handle(senders[i % len(senders)], say)  # type: ignore[arg-type]
+            drain(loop)
+        best = min(best, time.process_time() - start)
+    loop.stop()
+    return best
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""What waits to be written to a connection: its own frames, and its share of room broadcasts.
+
+A room message used to be appended to every member's list, a Python step per member per message.
+Now a loop collects a room's messages for its members there in one Feed, an append per message
+whatever the room's size, while it is busy; each member's Outbox follows the feeds it is in with
+a cursor. At write time the members at one cursor share one join of the frames after it.
+
+Order is kept per connection: the frames of the feeds it follows, in the order it began to
+follow them, with its own frames (replies, DMs, history) where they were pushed. A frame pushed
+while the connection follows a feed takes that feed's frames so far first. A feed ends when its
+loop has written everything out, when its audience changes, or when another feed started after
+it gets a frame (so a member of two rooms never sees them out of order). The owning loop alone
+touches an Outbox and the feeds it collects (server/loop.py); the hub only makes Audiences,
+which nobody changes after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from securechat.server.connection import Connection
+
+
+FEED_FRAMES = 1024  # a feed this long ends, so one busy stretch cannot grow it without bound
+
+
+class Feed:
+    """Frames for one audience, collected while its loop is busy; each follower keeps a cursor."""
+
+    __slots__ = ("_span", "frames", "grown", "members", "open")
+
+    def __init__(self, members: tuple[Connection, ...]) -> None:
+        self.members = members
+        self.frames: list[bytes] = []
+        self.open = True  # frames may still be added
+        self.grown = False  # frames were added that its members have not been flushed since
+        self._span: tuple[int, int, bytes] = (0, 0, b"")
+
+    def since(self, start: int) -> bytes:
+        """The frames from `start` on as one string, joined once for every member at `start`."""
+        end = len(self.frames)
+        first, last, data = self._span
+        if first != start or last != end:
+            data = b"".join(self.frames[start:] if start else self.frames)
+            self._span = (start, end, data)
+        return data
+
+
+class Audience:
+    """The members of a room on one loop at one moment; the hub makes a new one when they change,
+    so a broadcast hands a loop this object instead of a copy of the members."""
+
+    __slots__ = ("feed", "members")
+
+    def __init__(self, members: Iterable[Connection]) -> None:
+        self.members = tuple(members)
+        self.feed: Feed | None = None  # the feed its loop is filling (loop only)
+
+
+class Outbox:
+    """One connection's queue: frames pushed for it alone, and the feeds it follows, each with
+    how far it has taken that feed's frames."""
+
+    __slots__ = ("feeds", "pending", "starts")
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] = []
+        self.feeds: list[Feed] = []
+        self.starts: list[int] = []
+
+    def follow(self, feed: Feed) -> None:
+        feeds = self.feeds
+        if len(feeds) == 1 and not feeds[0].open and self.starts[0] == len(feeds[0].frames):
+            # The usual case: the last feed ended and this member took all of it.
+            feeds[0] = feed
+            self.starts[0] = 0
+            return
+        if feeds and not self.pending:
+            self._take_feeds()  # drops the ended feeds it has taken all of
+        self.feeds.append(feed)
+        self.starts.append(0)
+
+    def push(self, data: bytes) -> None:
+        """Queue a frame for this connection alone, after everything queued for it so far."""
+        if self.feeds:
+            self._take_feeds()
+        self.pending.append(data)
+
+    def take(self) -> bytes:
+        """Everything queued and not taken yet, in order, as one string (b"" if nothing)."""
+        feeds = self.feeds
+        if len(feeds) == 1 and not self.pending:
+            # The usual case: one room's frames, joined once for all members at this cursor.
+            feed = feeds[0]
+            data = feed.since(self.starts[0])
+            if feed.open:
+                self.starts[0] = len(feed.frames)
+            else:
+                feeds.clear()
+                self.starts.clear()
+            return data
+        if feeds:
+            self._take_feeds()
+        pending = self.pending
+        if not pending:
+            return b""
+        data = b"".join(pending) if len(pending) > 1 else pending[0]
+        pending.clear()
+        return data
+
+    def _take_feeds(self) -> None:
+        """Move the feeds' frames not yet taken into pending; keep following the open ones."""
+        pending = self.pending
+        feeds: list[Feed] = []
+        starts: list[int] = []
+        for feed, start in zip(self.feeds, self.starts, strict=True):
+            frames = feed.frames
+            if start < len(frames):
+                pending.extend(frames[start:] if start else frames)
+            if feed.open:
+                feeds.append(feed)
+                starts.append(len(frames))
+        self.feeds, self.starts = feeds, starts

@@ -1,0 +1,97 @@
+"""Room feeds and outboxes, driven through a loop that never starts (the test plays its thread):
+every connection gets its frames once, in the order they were queued, whatever mix of rooms and
+frames of its own it is sent."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from securechat.server.loop import IOLoop
+from securechat.server.outbox import Audience, Outbox
+
+
+class Member:
+    def __init__(self) -> None:
+        self.open = True
+        self.outbox = Outbox()
+        self.writes: list[bytes] = []
+
+    def flush(self) -> None:
+        data = self.outbox.take()
+        if data:
+            self.writes.append(data)
+
+
+@pytest.fixture
+def loop() -> Iterator[IOLoop]:
+    loop = IOLoop(0)
+    yield loop
+    loop.selector.close()
+    loop._wake_r.close()
+    loop._wake_w.close()
+
+
+def flush(loop: IOLoop) -> None:
+    while loop.dirty or loop._grown:
+        loop._flush_dirty()
+
+
+def test_a_turn_of_room_messages_is_one_write_shared_by_every_member(loop: IOLoop) -> None:
+    members = [Member() for _ in range(5)]
+    room = Audience(members)  # type: ignore[arg-type]
+    for text in (b"a", b"b", b"c"):
+        loop._feed(text, room)
+    flush(loop)
+    assert [m.writes for m in members] == [[b"abc"]] * 5
+    # One feed for the three messages, joined once for all five members.
+    assert len({id(m.writes[0]) for m in members}) == 1
+
+
+def test_a_reply_comes_after_the_message_it_answers_and_before_later_ones(
+    loop: IOLoop,
+) -> None:
+    sender, other = Member(), Member()
+    room = Audience([sender, other])  # type: ignore[arg-type]
+    loop._feed(b"m1", room)
+    sender.outbox.push(b"ok1")
+    loop._feed(b"m2", room)
+    sender.outbox.push(b"ok2")
+    loop._feed(b"m3", room)
+    flush(loop)
+    assert sender.writes == [b"m1ok1m2ok2m3"]
+    assert other.writes == [b"m1m2m3"]
+
+
+def test_frames_of_two_rooms_keep_their_order_for_a_member_of_both(loop: IOLoop) -> None:
+    both, only_a, only_b = Member(), Member(), Member()
+    room_a = Audience([both, only_a])  # type: ignore[arg-type]
+    room_b = Audience([both, only_b])  # type: ignore[arg-type]
+    loop._feed(b"a1", room_a)
+    loop._feed(b"b1", room_b)
+    loop._feed(b"a2", room_a)
+    both.outbox.push(b"own")
+    loop._feed(b"b2", room_b)
+    flush(loop)
+    assert both.writes == [b"a1b1a2ownb2"]
+    assert only_a.writes == [b"a1a2"]
+    assert only_b.writes == [b"b1b2"]
+
+
+def test_a_newcomer_gets_only_what_was_said_after_it_joined(loop: IOLoop) -> None:
+    old, new = Member(), Member()
+    loop._feed(b"before", Audience([old]))  # type: ignore[arg-type]
+    loop._feed(b"after", Audience([old, new]))  # type: ignore[arg-type]
+    flush(loop)
+    assert old.writes == [b"beforeafter"]
+    assert new.writes == [b"after"]
+
+
+def test_a_closed_member_is_skipped_and_the_others_are_served(loop: IOLoop) -> None:
+    gone, stays = Member(), Member()
+    gone.open = False
+    loop._feed(b"m", Audience([gone, stays]))  # type: ignore[arg-type]
+    flush(loop)
+    assert (gone.writes, stays.writes) == ([], [b"m"])
+    assert gone.outbox.take() == b""
