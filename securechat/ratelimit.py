@@ -10,7 +10,10 @@ from dataclasses import dataclass
 
 # The requests each user's bucket limits, and so the ones a client paces. Acks have a bucket of
 # their own (a dropped ack only means the DM comes again); pings, pongs and bye are free.
-RATE_LIMITED = frozenset({"join", "part", "say", "rooms", "who", "history", "keys", "dm"})
+RATE_LIMITED = frozenset(
+    {"join", "part", "say", "rooms", "who", "history", "keys", "dm", "publish_device", "devices"}
+    | {"publish_prekeys", "prekey_count", "claim_prekeys", "revoke"}
+)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from securechat.server.connection import Connection
 from securechat.server.context import ServerContext
 from securechat.server.hub import Hub
 from securechat.server.loop import IOLoop
+from securechat.server.requests import PREKEY_LOW
 from securechat.server.store import DMQuota, HistoryRow, SQLiteStore
 from securechat.server.worker import StoreWorker
 from securechat.settings import check_server_fields, default_io_threads, server_default
@@ -270,6 +271,7 @@ class Server:
             "burst": config.burst,
             "flood_refusals": config.flood_refusals,
             "idle_timeout": config.idle_timeout,
+            "prekey_low": PREKEY_LOW,
         }
 
     @property

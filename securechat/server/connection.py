@@ -46,8 +46,8 @@ LINGER = 2.0  # seconds a closing connection may take to flush its last frames
 class Connection:
     __slots__ = (
         "_acks", "_heard", "_hs_deadline", "_idle_at", "_login_deadline", "_pinged", "_rate",
-        "_want_write", "addr", "closing", "ctx", "ip", "loop", "open", "outbuf", "pending",
-        "public_key_b64", "refusal", "session", "sock", "tls", "user",
+        "_want_write", "addr", "closing", "ctx", "device", "ip", "loop", "open", "outbuf",
+        "pending", "public_key_b64", "refusal", "session", "sock", "tls", "user",
     )  # fmt: skip
 
     def __init__(
@@ -71,6 +71,7 @@ class Connection:
         self.pending: list[bytes] = []
         self.session = ServerSession(ctx.cert_sha256, ctx.config.max_frame, emit=self._emit)
         self.user: str = ""
+        self.device = ""  # the device id it logged in as
         self.public_key_b64 = ""
         self.outbuf = bytearray()  # TLS records the socket has not taken yet
         self.open = True
@@ -223,9 +224,10 @@ class Connection:
             )
         return False
 
-    def logged_in(self, user: str, public_key: bytes) -> None:
+    def logged_in(self, user: str, public_key: bytes, device: str) -> None:
         """The store bound the name to the key: welcome the client and start its limits."""
         self.user = user
+        self.device = device
         self.public_key_b64 = b64(public_key)
         self._start_limits()
         self.session.login_accepted(self.ctx.welcome)
