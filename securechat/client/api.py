@@ -82,7 +82,13 @@ class Client:
         # DMs are opened on a thread of their own: opening one may need the sender's device
         # list, a request whose reply the connection thread itself must read.
         self.dms = (
-            DirectMessages(device, known_keys, conn.request, self._events.put)
+            DirectMessages(
+                device,
+                known_keys,
+                conn.request,
+                self._events.put,
+                max_frame=conn.session.max_frame,
+            )
             if device is not None
             else None
         )

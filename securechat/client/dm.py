@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import secrets
 import threading
 import time
@@ -117,6 +118,7 @@ class DirectMessages:
         request: Request,
         warn: Callable[[Event], None],
         timeout: float = 10.0,
+        max_frame: int = 64 * 1024,
     ) -> None:
         self.state = state
         self.identity = state.identity
@@ -125,6 +127,7 @@ class DirectMessages:
         self._request = request
         self._warn = warn
         self._timeout = timeout
+        self._max_frame = max_frame  # the server's: prekeys are published in frames that fit
         self._lists: dict[str, DeviceList] = {}  # verified device lists, by user
         for note in state.notes:
             warn(DeviceWarning(self.user, note))
@@ -151,8 +154,7 @@ class DirectMessages:
                 return
             keys = prekeys.new_prekeys(state.device, self.user, plan)
             state.save()
-        for start in range(0, len(keys), 100):
-            batch = [k.to_wire() for k in keys[start : start + 100]]
+        for batch in _batches([k.to_wire() for k in keys], self._max_frame):
             self._ask("publish_prekeys", keys=batch)
 
     # -- device lists -------------------------------------------------------------------------
@@ -291,6 +293,7 @@ class DirectMessages:
         data = _b64(frame.get("data"))
         if not sender or not isinstance(sender_device, str) or data is None:
             return DMRejected(sender or "?", "tampered", "a direct message arrived malformed")
+        pinned_before = self.known_keys.state(sender)
         try:
             record = self._sender_device(sender, sender_device)
         except KeyChanged as exc:
@@ -322,7 +325,7 @@ class DirectMessages:
         if opened.note is not None:
             self._warn(DeviceWarning(sender, opened.note.text))
         inner = opened.delivery.record
-        trust = self.known_keys.state(sender)
+        trust = self.known_keys.state(sender) if pinned_before is not None else None
         mine = sender == self.user
         key_state = KeyState.VERIFIED.value if mine else (trust or KeyState.NEW).value
         return DirectMessage(
@@ -370,6 +373,21 @@ def _gather(futures: list[Future[dict[str, Any]]], message_id: str, ts: int) -> 
     for future in futures:
         future.add_done_callback(one)
     return done
+
+
+def _batches(items: list[dict[str, Any]], max_frame: int) -> list[list[dict[str, Any]]]:
+    """`items` in lists whose frames stay under `max_frame` bytes (and 100 items)."""
+    budget = max_frame - 256  # the frame's own fields
+    out: list[list[dict[str, Any]]] = [[]]
+    used = 0
+    for item in items:
+        size = len(json.dumps(item)) + 2
+        if out[-1] and (used + size > budget or len(out[-1]) >= 100):
+            out.append([])
+            used = 0
+        out[-1].append(item)
+        used += size
+    return [b for b in out if b]
 
 
 def _b64(value: Any) -> bytes | None:

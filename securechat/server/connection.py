@@ -27,7 +27,7 @@ from securechat.protocol import (
     State,
     b64,
 )
-from securechat.ratelimit import TokenBucket
+from securechat.ratelimit import RATE_LIMITED, TokenBucket
 from securechat.server import requests
 from securechat.server.admission import Refusal
 from securechat.server.hub import Hub, RoomRequest
@@ -201,7 +201,8 @@ class Connection:
     def _within_rate(self, frame: RequestFrame) -> bool:
         """Spend a token for this request; refuse it (and drop a flooder) when there is none."""
         acking = isinstance(frame, Ack)
-        bucket = self._acks if acking else self._rate
+        # Acks, and a device's publications at login, spend from the more generous bucket.
+        bucket = self._rate if frame.TYPE in RATE_LIMITED else self._acks
         if bucket is None:
             return True
         if acking:  # never sent again, so a refused one holds nothing up
