@@ -395,6 +395,10 @@ class ReplayGuard:
     def __len__(self) -> int:
         return len(self._seen)
 
+    def seen(self, sender: str, message_id: str) -> bool:
+        """Whether a DM with this id from `sender` was accepted (and is still remembered)."""
+        return (sender, message_id) in self._seen
+
     def check(self, opened: OpenedDM, now_ms: int | None = None) -> None:
         """Accept and remember `opened`, or raise ReplayedMessage / StaleMessage."""
         now = _clock_ms() if now_ms is None else now_ms

@@ -310,6 +310,10 @@ class DirectMessages:
             )
         state = self.state
         with state.lock:
+            if frame.get("queued") is True and state.tracker.guard.seen(sender, _str(frame)):
+                # Shown before the ack was lost: its message keys are spent, so do not try them
+                # (a failure would look like a broken session).
+                return None
             try:
                 opened = envelope.open_envelope(
                     state.sessions, state.device, state.tracker, sender, record, data, _now_ms()
@@ -397,6 +401,11 @@ def _b64(value: Any) -> bytes | None:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         return None
+
+
+def _str(frame: dict[str, Any]) -> str:
+    value = frame.get("msg_id")
+    return value if isinstance(value, str) else ""
 
 
 def _list(value: Any) -> list[Any]:
