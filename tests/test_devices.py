@@ -192,9 +192,9 @@ def test_replayed_dropped_and_reordered_dms_are_shown_as_such(
     assert events == [
         ("m1", None),
         (
-            "undecryptable",
-            f"a message from alice's device {alice.device_id} could not be decrypted and was "
-            "dropped: it was already decrypted once, or altered (a replayed or forged copy)",
+            "replayed",
+            "a direct message from alice arrived again; the copy was dropped. The server may be "
+            "replaying old messages",
         ),
         ("m3", "a message from alice is missing"),
         ("m4", None),

@@ -149,9 +149,11 @@ def test_replayed_dm_is_dropped_with_a_warning(connect, monkeypatch) -> None:
     assert wait_for(bob, is_dm).text == SECRET
     rejected = wait_for(bob, lambda e: isinstance(e, DMRejected | DirectMessage))
     assert isinstance(rejected, DMRejected)
-    # The ratchet refuses the message key used before.
-    assert (rejected.sender, rejected.kind) == ("alice", "undecryptable")
-    assert "already decrypted once, or altered (a replayed or forged copy)" in rejected.detail
+    assert (rejected.sender, rejected.kind) == ("alice", "replayed")
+    assert rejected.detail == (
+        "a direct message from alice arrived again; the copy was dropped. The server may be "
+        "replaying old messages"
+    )
     assert SECRET not in rejected.detail
 
 
@@ -159,6 +161,17 @@ def flip_byte(frame: dict, position: int) -> dict:
     data = bytearray(base64.b64decode(frame["data"]))
     data[position] ^= 0x01
     return {**frame, "data": base64.b64encode(bytes(data)).decode()}
+
+
+def test_a_replay_under_a_new_message_id_is_refused_by_the_ratchet(connect, monkeypatch) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    ready(alice, bob)
+    rewrite_delivered_dms(monkeypatch, lambda f: [f, {**f, "msg_id": "renamed-copy"}])
+    alice.send_dm("bob", SECRET).result(5)
+    assert wait_for(bob, is_dm).text == SECRET
+    rejected = wait_for(bob, lambda e: isinstance(e, DMRejected | DirectMessage))
+    assert (type(rejected), rejected.kind) == (DMRejected, "undecryptable")
+    assert "already decrypted once, or altered (a replayed or forged copy)" in rejected.detail
 
 
 @pytest.mark.parametrize("position", [1, 30, -1])  # Olm message type, inside, the MAC

@@ -306,4 +306,10 @@ def test_cli_no_history_flag(server, certs_dir, tmp_path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "!! local history is off (--no-history)" in done.stdout
-    assert sorted(p.name for p in key.parent.iterdir()) == ["carol.key"]
+    # No history file: only the key and the device's own state (device, sessions, chains).
+    assert sorted(p.name for p in key.parent.iterdir()) == [
+        "carol.conversations.json",
+        "carol.device.json",
+        "carol.key",
+        "carol.olm-sessions.json",
+    ]

@@ -310,10 +310,18 @@ class DirectMessages:
             )
         state = self.state
         with state.lock:
-            if frame.get("queued") is True and state.tracker.guard.seen(sender, _str(frame)):
-                # Shown before the ack was lost: its message keys are spent, so do not try them
-                # (a failure would look like a broken session).
-                return None
+            if state.tracker.guard.seen(sender, _str(frame)):
+                # Accepted before: its message keys are spent, so do not try them (a failure would
+                # look like a broken session). From the queue it is a redelivery of what we showed
+                # before the ack was lost; live, the server is replaying it.
+                if frame.get("queued") is True:
+                    return None
+                return DMRejected(
+                    sender,
+                    "replayed",
+                    f"a direct message from {sender} arrived again; the copy was dropped. The "
+                    "server may be replaying old messages",
+                )
             try:
                 opened = envelope.open_envelope(
                     state.sessions, state.device, state.tracker, sender, record, data, _now_ms()
