@@ -283,3 +283,42 @@ def test_recorded_dms_cannot_be_decrypted_with_everything_both_sides_keep(
         message_type, ciphertext = envelope.unpack(data, sender)
         with pytest.raises(UndecryptableMessage):
             state.sessions.decrypt(state.device, peer, message_type, ciphertext, 0)
+
+
+def test_a_copy_of_a_device_cannot_read_dms_after_both_sides_have_sent(
+    device: Connect, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Post-compromise security: a thief copies bob's device files (and has his passphrase);
+    once alice and bob have each sent a message after that, the copy reads nothing new."""
+    recorded: list[tuple[str, bytes]] = []
+    original = requests.HANDLERS[DM]
+
+    def record(conn, frame):  # type: ignore[no-untyped-def]
+        recorded.append((conn.user, base64.b64decode(frame.data)))
+        return original(conn, frame)
+
+    monkeypatch.setitem(requests.HANDLERS, DM, record)
+    alice, bob = device("alice", "laptop"), device("bob", "one")
+    alice.send_dm("bob", "before the theft").result(10)
+    assert [d.text for d in dms_until_quiet(bob)] == ["before the theft"]
+    assert bob.identity.path is not None
+    stolen = tmp_path / "stolen"
+    shutil.copytree(bob.identity.path.parent, stolen)
+    bob.send_dm("alice", "after the theft, from bob").result(10)
+    assert [d.text for d in dms_until_quiet(alice)] == ["after the theft, from bob"]
+    alice.send_dm("bob", "after the theft, from alice").result(10)
+    assert [d.text for d in dms_until_quiet(bob)] == ["after the theft, from alice"]
+    sender, data = recorded[-1]
+    assert sender == "alice"
+    thief = DeviceState(
+        identity.load(
+            stolen / bob.identity.path.name, PASSPHRASE, min_kdf=identity.KDF_FAST_FOR_TESTS
+        ),
+        "bob",
+    )
+    alice_device = records.sign_device(
+        alice.identity, "alice", DeviceState(alice.identity, "alice").device
+    )
+    message_type, ciphertext = envelope.unpack(data, "alice")
+    with pytest.raises(UndecryptableMessage):
+        thief.sessions.decrypt(thief.device, alice_device, message_type, ciphertext, 0)
