@@ -154,11 +154,13 @@ def test_queued_dms_expire(certs_dir, tmp_path, make_identity) -> None:
             # A key look-up runs on the store's worker after the login's queue read, so once
             # it is answered anything queued for bob has been handed to him.
             bob.check_key("alice")
+            assert bob.wait_queue(5)
             events = []
             while (event := bob.next_event(timeout=0)) is not None:
                 events.append(event)
             assert not [e for e in events if isinstance(e, DirectMessage)]
-            assert srv._worker.submit(srv.store.pending_dms, "bob", 0).result(5) == []
+            pending = srv.store.pending_envelopes
+            assert srv._worker.submit(pending, "bob", bob.device_id, 0).result(5) == []
     finally:
         srv.stop()
 
