@@ -16,7 +16,15 @@ import pytest
 from securechat import identity
 from securechat.client import Client
 from securechat.client.dm import DeviceState
-from securechat.client.events import Closed, DeviceWarning, DirectMessage, DMRejected, Event
+from securechat.client.events import (
+    Closed,
+    DeviceWarning,
+    DirectMessage,
+    DMRejected,
+    Event,
+    Message,
+    Parted,
+)
 from securechat.e2e import envelope, records
 from securechat.e2e.device import Device
 from securechat.errors import AuthError, UndecryptableMessage
@@ -322,3 +330,15 @@ def test_a_copy_of_a_device_cannot_read_dms_after_both_sides_have_sent(
     message_type, ciphertext = envelope.unpack(data, "alice")
     with pytest.raises(UndecryptableMessage):
         thief.sessions.decrypt(thief.device, alice_device, message_type, ciphertext, 0)
+
+
+def test_another_device_leaving_a_room_does_not_take_this_one_out(device: Connect) -> None:
+    laptop, phone = device("alice", "laptop"), device("alice", "phone")
+    bob = device("bob", "one")
+    phone.close()
+    # bob sees alice's phone leave; alice's laptop is still in the lobby and hears bob.
+    wait_for(bob, lambda e: isinstance(e, Parted) and e.user == "alice")
+    bob.send("#lobby", "still there?").result(10)
+    seen_here = wait_for(laptop, lambda e: isinstance(e, Message | Parted))
+    assert seen_here == Message("#lobby", "bob", "still there?", seen_here.ts)
+    assert "#lobby" in laptop.rooms

@@ -330,9 +330,22 @@ class Client:
             # In order behind the DMs before it: queue_end means they have all been opened.
             self._inbox.put(frame)
             return
+        if self._another_device_of_mine(frame):
+            return  # our phone joining or leaving a room is not this device doing it
+
         event = _event_from_frame(frame)
         if event is not None:
             self._emit(event)
+
+    def _another_device_of_mine(self, frame: dict[str, Any]) -> bool:
+        device = frame.get("device")
+        return (
+            frame["type"] in ("joined", "parted")
+            and frame.get("user") == self.user
+            and self.dms is not None
+            and isinstance(device, str)
+            and device != self.dms.state.device_id
+        )
 
     def _emit(self, event: Event) -> None:
         if self.history is not None:

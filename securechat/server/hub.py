@@ -295,7 +295,14 @@ class Hub:
             conn.loop.deliver(data, (conn,))
         room.add(conn)
         self._joined[conn].add(name)
-        frame = {"type": "joined", "room": name, "user": conn.user, "ts": now_ms()}
+        # The device too: a user's other devices must not take it for their own join.
+        frame = {
+            "type": "joined",
+            "room": name,
+            "user": conn.user,
+            "device": conn.device,
+            "ts": now_ms(),
+        }
         if self._quiet(room):
             self._tell(conn, frame)
         else:
@@ -306,6 +313,7 @@ class Hub:
             "type": "parted",
             "room": room.name,
             "user": conn.user,
+            "device": conn.device,
             "reason": reason,
             "ts": now_ms(),
         }
