@@ -262,7 +262,8 @@ class DirectMessages:
             by_user.setdefault(target.user, []).append(target)
         for user, wanted in by_user.items():
             reply = self._ask("claim_prekeys", user=user, devices=[t.device_id for t in wanted])
-            keys = reply.get("keys") if isinstance(reply.get("keys"), dict) else {}
+            raw = reply.get("keys")
+            keys: dict[str, Any] = raw if isinstance(raw, dict) else {}
             for target in wanted:
                 try:
                     claimed = prekeys.verify_prekey(keys.get(target.device_id), target)
