@@ -111,7 +111,31 @@ class ErrorCode(str, enum.Enum):
     TOO_LONG = ("too_long", "`say` text longer than the server's `max_message`", "no")
     TOO_LARGE = (
         "too_large",
-        "a `dm` whose box, with the sender's name and key added, would not fit in one frame",
+        "a `dm` whose envelope, with the sender's name and device added, would not fit in one "
+        "frame",
+        "no",
+    )
+    BAD_RECORD = (
+        "bad_record",
+        "a device record, revocation or prekey that is malformed, for another user or device, or "
+        "not signed by the identity key bound to the name",
+        "no (a strike)",
+    )
+    NO_SUCH_DEVICE = ("no_such_device", "a `dm` for a device never published", "no")
+    DEVICE_REVOKED = (
+        "device_revoked",
+        "a login, `dm` or publication for a revoked device",
+        "on login: yes",
+    )
+    TOO_MANY_DEVICES = ("too_many_devices", "`publish_device` past the per-user cap", "no")
+    DEVICE_CONFLICT = (
+        "device_conflict",
+        "`publish_device` with another record for a device id already published",
+        "no",
+    )
+    PREKEYS_REFUSED = (
+        "prekeys_refused",
+        "`publish_prekeys` with a key id already held, two fallback keys, or too many keys",
         "no",
     )
     BAD_CERTIFICATE = (

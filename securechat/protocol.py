@@ -23,6 +23,7 @@ import base64
 import binascii
 import dataclasses
 import enum
+import json
 import os
 import re
 import time
@@ -36,7 +37,7 @@ import nacl.signing
 from securechat import framing
 from securechat.errors import ErrorCode, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # direct messages between devices over Olm; version 1 (Box DMs) is refused
 LOGIN_CONTEXT = b"securechat/login/v1"
 NONCE_BYTES = 32
 MAX_STRIKES = 5
@@ -70,7 +71,10 @@ class Step(str, enum.Enum):
 
 
 _OPEN = (State.CONNECTED, State.CHALLENGED, State.AUTHENTICATING, State.AUTHENTICATED)
-_REQUESTS = ("join", "part", "say", "rooms", "who", "history", "keys", "dm", "ack")
+_REQUESTS = (
+    "join", "part", "say", "rooms", "who", "history", "keys", "dm", "ack",
+    "publish_device", "devices", "publish_prekeys", "prekey_count", "claim_prekeys", "revoke",
+)  # fmt: skip
 
 # Every legal (state, frame type or step) -> next state. Nothing else moves a session.
 TRANSITIONS: dict[State, dict[str, State]] = {
@@ -206,6 +210,38 @@ def _message_ids(value: Any, field: str) -> tuple[str, ...]:
     return tuple(_message_id(v, field) for v in value)
 
 
+_DEVICE_ID_RE = re.compile(r"[A-Z2-7]{16}")  # e2e.device.DEVICE_ID_RE
+PREKEYS_MAX = 100
+DEVICES_MAX = 64
+OBJECT_MAX = 2048  # bytes of JSON a record, revocation or prekey may take
+
+
+def _device_id(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not _DEVICE_ID_RE.fullmatch(value):
+        raise _bad(field, "must be a device id: 16 characters of A-Z and 2-7")
+    return value
+
+
+def _device_ids(value: Any, field: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= DEVICES_MAX:
+        raise _bad(field, f"must be a list of 1 to {DEVICES_MAX} device ids")
+    return tuple(_device_id(v, field) for v in value)
+
+
+def _object(value: Any, field: str) -> Mapping[str, Any]:
+    """A signed object (a device record, a revocation, a prekey): a small JSON object. Its
+    signature is checked by its handler, against the key bound to the name."""
+    if not isinstance(value, dict) or len(json.dumps(value)) > OBJECT_MAX:
+        raise _bad(field, f"must be an object of at most {OBJECT_MAX} bytes")
+    return value
+
+
+def _objects(value: Any, field: str) -> tuple[Mapping[str, Any], ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= PREKEYS_MAX:
+        raise _bad(field, f"must be a list of 1 to {PREKEYS_MAX} objects")
+    return tuple(_object(v, field) for v in value)
+
+
 def _limit(value: Any, field: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= HISTORY_MAX:
         raise _bad(field, f"must be an integer from 1 to {HISTORY_MAX}")
@@ -248,6 +284,7 @@ class Hello:
     user: str = _field(_name)
     key: bytes = _field(_b64(32))
     version: int = _field(_version)
+    device: str = _field(_device_id)  # the device logging in; one connection per (user, device)
 
 
 @dataclass(frozen=True)
@@ -316,11 +353,15 @@ class Keys:
 
 @dataclass(frozen=True)
 class DM:
+    """One Olm envelope for one device (`user`/`device`) of a DM in the conversation with `to`."""
+
     TYPE: ClassVar[str] = "dm"
     id: int = _field(_request_id)
-    to: str = _field(_name)
+    to: str = _field(_name)  # the conversation's other person
+    user: str = _field(_name)  # `to`, or the sender themself (a copy for their other devices)
+    device: str = _field(_device_id)
     msg_id: str = _field(_message_id)
-    box: str = _field(_b64_blob)  # sealed, opaque to the server: relayed as the same string
+    data: str = _field(_b64_blob)  # the envelope, opaque to the server: relayed as this string
     resume: bool = _resume()
 
 
@@ -328,6 +369,54 @@ class DM:
 class Ack:
     TYPE: ClassVar[str] = "ack"
     msg_ids: tuple[str, ...] = _field(_message_ids)
+
+
+@dataclass(frozen=True)
+class PublishDevice:
+    TYPE: ClassVar[str] = "publish_device"
+    id: int = _field(_request_id)
+    record: Mapping[str, Any] = _field(_object)
+    resume: bool = _resume()
+
+
+@dataclass(frozen=True)
+class Devices:
+    TYPE: ClassVar[str] = "devices"
+    id: int = _field(_request_id)
+    user: str = _field(_name)
+    resume: bool = _resume()
+
+
+@dataclass(frozen=True)
+class PublishPrekeys:
+    TYPE: ClassVar[str] = "publish_prekeys"
+    id: int = _field(_request_id)
+    keys: tuple[Mapping[str, Any], ...] = _field(_objects)
+    resume: bool = _resume()
+
+
+@dataclass(frozen=True)
+class PrekeyCount:
+    TYPE: ClassVar[str] = "prekey_count"
+    id: int = _field(_request_id)
+    resume: bool = _resume()
+
+
+@dataclass(frozen=True)
+class ClaimPrekeys:
+    TYPE: ClassVar[str] = "claim_prekeys"
+    id: int = _field(_request_id)
+    user: str = _field(_name)
+    devices: tuple[str, ...] | None = _field(_device_ids, None)  # None: every active device
+    resume: bool = _resume()
+
+
+@dataclass(frozen=True)
+class Revoke:
+    TYPE: ClassVar[str] = "revoke"
+    id: int = _field(_request_id)
+    revocation: Mapping[str, Any] = _field(_object)
+    resume: bool = _resume()
 
 
 @dataclass(frozen=True)
@@ -350,16 +439,19 @@ class Bye:
 
 # What an authenticated client asks the server to do; the server answers each with "ok" (or an
 # error) carrying its id, except Ack, which is answered by nothing.
-RequestFrame = Join | Part | Say | Rooms | Who | History | Keys | DM | Ack
+RequestFrame = (
+    Join | Part | Say | Rooms | Who | History | Keys | DM | Ack
+    | PublishDevice | Devices | PublishPrekeys | PrekeyCount | ClaimPrekeys | Revoke
+)  # fmt: skip
 ClientFrame = Hello | Auth | Ping | Pong | Bye | RequestFrame
 
-FRAME_CLASSES: dict[str, type[ClientFrame]] = {
-    cls.TYPE: cls
-    for cls in (Hello, Auth, Join, Part, Say, Rooms, Who, History, Keys, DM, Ack, Ping, Pong, Bye)
-}
 REQUEST_CLASSES: tuple[type[RequestFrame], ...] = (
     Join, Part, Say, Rooms, Who, History, Keys, DM, Ack,
+    PublishDevice, Devices, PublishPrekeys, PrekeyCount, ClaimPrekeys, Revoke,
 )  # fmt: skip
+FRAME_CLASSES: dict[str, type[ClientFrame]] = {
+    cls.TYPE: cls for cls in (Hello, Auth, Ping, Pong, Bye, *REQUEST_CLASSES)
+}
 
 # Client frame schemas, derived from the classes: type -> field -> (check, required).
 CLIENT_FRAMES: dict[str, dict[str, tuple[Check, bool]]] = {
@@ -423,6 +515,7 @@ class LoginVerified:
 
     user: str
     public_key: bytes
+    device: str
 
 
 @dataclass(frozen=True)
@@ -478,6 +571,8 @@ class ServerSession:
         self._nonce: bytes | None = None
         self._claimed_user: str | None = None
         self._claimed_key: bytes | None = None
+        self._claimed_device = ""
+        self.device = ""
 
     def _move(self, key: str) -> None:
         """Take the transition `key` (a frame type or a Step) names from the current state."""
@@ -553,6 +648,7 @@ class ServerSession:
         self._nonce = self._nonce_source(NONCE_BYTES)
         self._claimed_user = frame.user
         self._claimed_key = frame.key
+        self._claimed_device = frame.device
         self.send({"type": "challenge", "nonce": b64(self._nonce)})
 
     def _auth(self, frame: Auth) -> Event:
@@ -568,7 +664,7 @@ class ServerSession:
             self.send(error_frame(ErrorCode.BAD_SIGNATURE, "login signature does not verify"))
             return Close("bad login signature")
         self._move(Step.SIGNATURE_OK)
-        return LoginVerified(self._claimed_user, self._claimed_key)
+        return LoginVerified(self._claimed_user, self._claimed_key, self._claimed_device)
 
     def _ping(self, frame: Ping) -> None:
         self.send({"type": "pong", "id": frame.id})
@@ -583,7 +679,16 @@ class ServerSession:
     def login_accepted(self, welcome: Mapping[str, Any]) -> None:
         self._move(Step.LOGIN_ACCEPTED)
         self.user, self.public_key = self._claimed_user, self._claimed_key
-        self.send({"type": "welcome", "user": self.user, **welcome})
+        self.device = self._claimed_device
+        self.send(
+            {
+                "type": "welcome",
+                "user": self.user,
+                "device": self.device,
+                "version": PROTOCOL_VERSION,
+                **welcome,
+            }
+        )
 
     def close_with_error(
         self, code: ErrorCode, message: str, request_id: int | None = None

@@ -10,7 +10,12 @@ from dataclasses import dataclass
 
 # The requests each user's bucket limits, and so the ones a client paces. Acks have a bucket of
 # their own (a dropped ack only means the DM comes again); pings, pongs and bye are free.
-RATE_LIMITED = frozenset({"join", "part", "say", "rooms", "who", "history", "keys", "dm"})
+# A device's own publications at login (publish_device, prekey_count, publish_prekeys) are not
+# counted: the store bounds them (one record per device, at most 100 one-time keys held).
+RATE_LIMITED = frozenset(
+    {"join", "part", "say", "rooms", "who", "history", "keys", "dm", "devices", "claim_prekeys"}
+    | {"revoke"}
+)
 
 
 @dataclass

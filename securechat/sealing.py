@@ -1,64 +1,26 @@
-"""Sealing and opening direct messages end to end, and refusing replays.
+"""Message ids and the replay guard that direct messages (securechat/e2e) and rooms share.
 
-A DM is a small canonical JSON record (sender, recipient, message id, timestamp, body) sealed with
-NaCl Box from the sender's key to the recipient's. The server relays the sealed envelope as opaque
-bytes and stamps the authenticated sender on delivery; the recipient opens it and checks the names
-inside against that stamp and itself. No I/O here, no hand-picked nonces (PyNaCl picks a random
-one), and no plaintext or key material in any error message.
-
-Why the names inside matter: Box derives the same shared key in both directions, so anything alice
-seals to bob also opens for alice with bob's public key. A server could bounce alice's DM to bob
-back to alice as if bob wrote it (a reflection); only the inner sender and recipient tell the two
-directions apart.
-
-Envelope format (ENVELOPE_VERSION 1), the bytes the server sees:
-
-    version (1 byte, 0x01) || nonce (24 bytes) || Box ciphertext (16-byte tag + sealed record)
-
-The version byte lets a later forward-secret ratchet replace plain Box while stored version-1
-messages still open. The sealed record (RECORD_VERSION 1) is
-json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False) encoded as UTF-8:
-
-    {"body":str,"from":name,"id":str,"kind":"dm","to":name,"ts":int ms,"v":1}
-
-exactly those keys. Opening re-encodes the record and refuses any other byte form, so each record
-has one encoding (no duplicate keys, no whitespace, no NaN). A new field means a new record version.
+Version 1's NaCl Box envelopes are gone: DMs are Olm envelopes between devices now (protocol
+version 2, securechat/e2e/envelope.py). What stays is what those records reuse: the form of a
+message id, the window of times a DM may carry, and ReplayGuard, which remembers the ids
+accepted from each sender so that a replayed copy is refused, across restarts once exported.
+No I/O here, and no plaintext or key material in any error message.
 """
 
 from __future__ import annotations
 
 import base64
 import heapq
-import json
-import re
 import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-import nacl.exceptions
-import nacl.public
-import nacl.signing
-
-from securechat.canonical import canonical_json
 from securechat.errors import SecureChatError
-from securechat.protocol import TEXT_MAX, valid_name
 
-ENVELOPE_VERSION = 1
-RECORD_VERSION = 1
-RECORD_KIND = "dm"
-BODY_MAX = TEXT_MAX  # the same limit as room text
-# The same form the wire protocol accepts for a DM's id (protocol.py), so any sealed id relays.
+# The same form the wire protocol accepts for a DM's id (protocol.py), so any id relays.
 MESSAGE_ID_MIN, MESSAGE_ID_MAX = 8, 64
-_MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
-_RECORD_KEYS = frozenset({"v", "kind", "from", "to", "id", "ts", "body"})
 _TS_MAX = 2**53  # JSON-safe integers only; other peers may parse numbers as doubles
-
-# A cap on envelopes, checked before decrypting (bound every buffer before filling it). The largest
-# envelope seal() can make is about 48,250 bytes: a BODY_MAX body of control characters (each
-# escaped as \u00XX, 6 bytes), the longest names, id and timestamp, and 41 bytes of version, nonce
-# and tag. Its base64 (about 64,330 bytes) still fits a 64 KiB frame.
-MAX_ENVELOPE_BYTES = 48 * 1024
 
 DAY_MS = 24 * 60 * 60 * 1000
 MAX_AGE_MS_DEFAULT = 7 * DAY_MS  # offline DMs are queued on the server; a week covers a holiday
@@ -70,35 +32,7 @@ MAX_REMEMBERED_DEFAULT = 50_000  # about 15 MB; far more DMs than one person get
 
 
 class SealError(SecureChatError):
-    """A direct message could not be sealed, or was refused on opening; never shown as one."""
-
-
-class InvalidMessage(SealError):
-    """We cannot seal this: a bad name, body, id or key on our side (nothing was sent)."""
-
-
-class BadKey(SealError):
-    """A public key we were given is not a usable Ed25519 key."""
-
-
-class UnsupportedEnvelope(SealError):
-    """The envelope uses a format version this client does not know; upgrading may help."""
-
-
-class TamperedMessage(SealError):
-    """The envelope does not open with the sender's key, or what is inside is malformed."""
-
-
-class ForgedSender(SealError):
-    """The stamped sender's key sealed it, but the record inside names someone else as sender."""
-
-
-class MisroutedMessage(SealError):
-    """The record inside is addressed to someone else, so it was delivered to the wrong person."""
-
-
-class ReflectedMessage(MisroutedMessage):
-    """One of our own DMs came back to us as if the other side had written it."""
+    """A direct message was refused on opening; never shown as one."""
 
 
 class ReplayedMessage(SealError):
@@ -111,18 +45,6 @@ class StaleMessage(SealError):
 
 class ReplayStateError(SealError):
     """The saved replay record is damaged and cannot be loaded."""
-
-
-# -- sealing --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SealedDM:
-    """What goes to the server: the id it may see, and the opaque envelope."""
-
-    message_id: str
-    envelope: bytes
-    ts: int = 0  # the sealed timestamp, for the sender's own records
 
 
 @dataclass(frozen=True)
@@ -150,215 +72,6 @@ def _span(ms: int) -> str:
         if ms >= size and ms % size == 0:
             return f"{ms // size} {unit}"
     return f"{ms / 1000:g} seconds"
-
-
-def _box_public(public_key: bytes, role: str) -> nacl.public.PublicKey:
-    if not isinstance(public_key, bytes) or len(public_key) != 32:
-        raise BadKey(f"the {role}'s public key must be 32 bytes")
-    try:
-        return nacl.signing.VerifyKey(public_key).to_curve25519_public_key()
-    except (nacl.exceptions.CryptoError, ValueError, TypeError):
-        raise BadKey(f"the {role}'s public key is not a valid Ed25519 key") from None
-
-
-def _body_problem(body: Any) -> str | None:
-    if not isinstance(body, str):
-        return "must be text"
-    if not body.strip():
-        return "must not be empty"
-    if len(body) > BODY_MAX:
-        return f"must be at most {BODY_MAX} characters"
-    return None
-
-
-def seal(
-    sender_key: nacl.signing.SigningKey,
-    sender: str,
-    recipient: str,
-    recipient_public_key: bytes,
-    body: str,
-    *,
-    message_id: str | None = None,
-    ts: int | None = None,
-) -> SealedDM:
-    """Seal `body` from `sender` (holding `sender_key`) to `recipient` (whose key is given).
-
-    `recipient_public_key` must be the key the caller's trust store allows sending to.
-    Raises InvalidMessage or BadKey; nothing is sealed then.
-    """
-    for role, name in (("sender", sender), ("recipient", recipient)):
-        why = valid_name(name) if isinstance(name, str) else "must be text"
-        if why:
-            raise InvalidMessage(f"cannot seal a direct message: the {role} name {why}")
-    why = _body_problem(body)
-    if why:
-        raise InvalidMessage(f"cannot seal a direct message: the text {why}")
-    if message_id is None:
-        message_id = new_message_id()
-    elif not isinstance(message_id, str) or not _MESSAGE_ID_RE.fullmatch(message_id):
-        raise InvalidMessage(
-            "cannot seal a direct message: the message id must be "
-            f"{MESSAGE_ID_MIN} to {MESSAGE_ID_MAX} characters of A-Z, a-z, 0-9, _ and -"
-        )
-    if ts is None:
-        ts = _clock_ms()
-    elif not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts < _TS_MAX:
-        raise InvalidMessage("cannot seal a direct message: the timestamp is out of range")
-    record = {
-        "v": RECORD_VERSION,
-        "kind": RECORD_KIND,
-        "from": sender,
-        "to": recipient,
-        "id": message_id,
-        "ts": ts,
-        "body": body,
-    }
-    try:
-        plaintext = canonical_json(record)
-    except UnicodeEncodeError:
-        # Lone surrogates (e.g. from undecodable terminal input) have no UTF-8 form.
-        raise InvalidMessage(
-            "cannot seal a direct message: the text holds characters that are not valid Unicode"
-        ) from None
-    box = nacl.public.Box(
-        sender_key.to_curve25519_private_key(), _box_public(recipient_public_key, "recipient")
-    )
-    # PyNaCl draws a fresh random 24-byte nonce; never pass one here.
-    envelope = bytes([ENVELOPE_VERSION]) + bytes(box.encrypt(plaintext))
-    return SealedDM(message_id=message_id, envelope=envelope, ts=ts)
-
-
-# -- opening --------------------------------------------------------------------------------------
-
-
-def _tampered(stamped_sender: str, why: str) -> TamperedMessage:
-    return TamperedMessage(
-        f"a direct message delivered as from {stamped_sender} was dropped: {why}. It may have "
-        "been altered on the way; ask them to send it again, and compare safety numbers "
-        f"(/verify {stamped_sender}) if it happens again"
-    )
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _parse_record(plaintext: bytes, stamped_sender: str) -> OpenedDM:
-    """The validated record, or TamperedMessage; a hostile peer controls every byte here."""
-    try:
-        record = json.loads(plaintext.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise _tampered(stamped_sender, "its sealed record is not valid JSON") from None
-    if not isinstance(record, dict) or set(record) != _RECORD_KEYS:
-        raise _tampered(stamped_sender, "its sealed record does not have the expected fields")
-    version = record["v"]
-    if not isinstance(version, int) or isinstance(version, bool) or version != RECORD_VERSION:
-        raise _tampered(stamped_sender, "its sealed record has an unknown version")
-    if record["kind"] != RECORD_KIND:
-        raise _tampered(stamped_sender, "its sealed record is not a direct message")
-    for field in ("from", "to"):
-        value = record[field]
-        if not isinstance(value, str) or valid_name(value):
-            raise _tampered(stamped_sender, f'its sealed "{field}" name is malformed')
-    message_id = record["id"]
-    if not isinstance(message_id, str) or not _MESSAGE_ID_RE.fullmatch(message_id):
-        raise _tampered(stamped_sender, "its sealed message id is malformed")
-    ts = record["ts"]
-    if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts < _TS_MAX:
-        raise _tampered(stamped_sender, "its sealed timestamp is malformed")
-    if _body_problem(record["body"]):
-        raise _tampered(stamped_sender, "its sealed text is empty, too long or not text")
-    try:
-        canonical = canonical_json(record)
-    except UnicodeEncodeError:  # pragma: no cover - decoded UTF-8 always re-encodes
-        canonical = b""
-    if canonical != plaintext:
-        raise _tampered(stamped_sender, "its sealed record is not in canonical form")
-    return OpenedDM(
-        sender=record["from"],
-        recipient=record["to"],
-        message_id=message_id,
-        ts=ts,
-        body=record["body"],
-    )
-
-
-def open_sealed(
-    recipient_key: nacl.signing.SigningKey,
-    recipient: str,
-    stamped_sender: str,
-    sender_public_key: bytes,
-    envelope: bytes,
-    *,
-    expected_message_id: str | None = None,
-) -> OpenedDM:
-    """Open a DM the server delivered to `recipient` (us) stamped as from `stamped_sender`.
-
-    `sender_public_key` is the key pinned for `stamped_sender`. `expected_message_id` is the id the
-    server showed beside the envelope; when given, it must match the sealed one. Every refusal is a
-    SealError leaf: UnsupportedEnvelope, TamperedMessage, ReflectedMessage, MisroutedMessage,
-    ForgedSender (or BadKey for an unusable pinned key). Call ReplayGuard.check on the result
-    before showing it.
-    """
-    if not isinstance(stamped_sender, str) or valid_name(stamped_sender):
-        # Never echo it: it is whatever the server sent.
-        raise TamperedMessage("a direct message with a malformed sender name was dropped")
-    ciphertext = _ciphertext(envelope, stamped_sender)
-    box = nacl.public.Box(
-        recipient_key.to_curve25519_private_key(), _box_public(sender_public_key, "sender")
-    )
-    try:
-        plaintext = box.decrypt(ciphertext)
-    except (nacl.exceptions.CryptoError, ValueError, TypeError):
-        raise _tampered(stamped_sender, "it does not open with their key") from None
-    opened = _parse_record(plaintext, stamped_sender)
-    _check_routing(opened, recipient, stamped_sender)
-    if expected_message_id is not None and expected_message_id != opened.message_id:
-        raise _tampered(stamped_sender, "the id beside it does not match the id sealed inside")
-    return opened
-
-
-def _ciphertext(envelope: bytes, stamped_sender: str) -> bytes:
-    """The Box ciphertext inside an envelope of our version and of a size a DM can have."""
-    if isinstance(envelope, (bytearray, memoryview)):
-        envelope = bytes(envelope)
-    if not isinstance(envelope, bytes) or not envelope:
-        raise _tampered(stamped_sender, "its envelope is empty")
-    if envelope[0] != ENVELOPE_VERSION:
-        raise UnsupportedEnvelope(
-            f"a direct message from {stamped_sender} uses envelope format {envelope[0]}, which "
-            f"this version of securechat cannot open (it knows {ENVELOPE_VERSION}); upgrade "
-            "securechat to read it"
-        )
-    if len(envelope) > MAX_ENVELOPE_BYTES:
-        raise _tampered(stamped_sender, "its envelope is larger than any sealed message can be")
-    return envelope[1:]
-
-
-def _check_routing(opened: OpenedDM, recipient: str, stamped_sender: str) -> None:
-    """Refuse a record whose sealed names do not match who delivered it to whom."""
-    # The order matters only for which warning is shown; each check alone refuses the message.
-    if opened.sender == recipient and stamped_sender != recipient:
-        # Only we or stamped_sender could have sealed it (Box is symmetric), and it says it is
-        # from us: the server is bouncing our own DM back to us.
-        raise ReflectedMessage(
-            f"a direct message delivered as from {stamped_sender} was one you sent yourself, "
-            "sent back to you; it was dropped. The server is replaying your messages"
-        )
-    if opened.recipient != recipient:
-        raise MisroutedMessage(
-            f"a direct message from {stamped_sender} was sealed for someone else and delivered "
-            f"to you ({recipient}); it was dropped. The server re-routed it, or {stamped_sender} "
-            f"sealed it with the wrong key: compare safety numbers (/verify {stamped_sender})"
-        )
-    if opened.sender != stamped_sender:
-        raise ForgedSender(
-            f"a direct message from {stamped_sender} claims to come from someone else; it was "
-            f"dropped. {stamped_sender} (or whoever holds their key) is impersonating another user"
-        )
-
-
-# -- replays --------------------------------------------------------------------------------------
 
 
 class ReplayGuard:
@@ -398,6 +111,10 @@ class ReplayGuard:
 
     def __len__(self) -> int:
         return len(self._seen)
+
+    def seen(self, sender: str, message_id: str) -> bool:
+        """Whether a DM with this id from `sender` was accepted (and is still remembered)."""
+        return (sender, message_id) in self._seen
 
     def check(self, opened: OpenedDM, now_ms: int | None = None) -> None:
         """Accept and remember `opened`, or raise ReplayedMessage / StaleMessage."""

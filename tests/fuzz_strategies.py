@@ -38,6 +38,9 @@ def _b64_of(size: int) -> st.SearchStrategy[str]:
 NAMES = st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,31}", fullmatch=True)
 ROOMS = st.from_regex(r"#[a-z0-9][a-z0-9_.-]{0,30}", fullmatch=True)
 MESSAGE_IDS = st.from_regex(r"[A-Za-z0-9_-]{8,64}", fullmatch=True)
+DEVICE_IDS = st.from_regex(r"[A-Z2-7]{16}", fullmatch=True)
+# Signed objects are checked by their handlers, not the session: any small object passes it.
+SIGNED_OBJECTS = st.dictionaries(st.sampled_from(["user", "device_id", "signature"]), NAMES)
 REQUEST_IDS = st.integers(min_value=0, max_value=2**53 - 1)
 
 # A well-formed value for each field the client frame schemas name.
@@ -53,7 +56,12 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "resume": st.booleans(),
     "to": NAMES,
     "msg_id": MESSAGE_IDS,
-    "box": st.binary(min_size=1, max_size=64).map(lambda raw: base64.b64encode(raw).decode()),
+    "data": st.binary(min_size=1, max_size=64).map(lambda raw: base64.b64encode(raw).decode()),
+    "device": DEVICE_IDS,
+    "devices": st.lists(DEVICE_IDS, min_size=1, max_size=3),
+    "record": SIGNED_OBJECTS,
+    "revocation": SIGNED_OBJECTS,
+    "keys": st.lists(SIGNED_OBJECTS, min_size=1, max_size=3),
     "msg_ids": st.lists(MESSAGE_IDS, min_size=1, max_size=3),
     "limit": st.integers(min_value=1, max_value=protocol.HISTORY_MAX),
 }

@@ -39,8 +39,8 @@ class RawTLS:
         self._decoder = framing.FrameDecoder(framing.MAX_FRAME_DEFAULT * 16)
         self._frames: list[dict[str, Any]] = []
 
-    def login(self, user: str, ident: Identity) -> dict[str, Any]:
-        self.sock.sendall(self.session.hello(user, ident))
+    def login(self, user: str, ident: Identity, device: str | None = None) -> dict[str, Any]:
+        self.sock.sendall(self.session.hello(user, ident, device))
         challenge = self.frame()
         server_fp = hashlib.sha256(self.sock.getpeercert(binary_form=True) or b"").digest()
         self.sock.sendall(self.session.auth(challenge, user, ident, server_fp))

@@ -149,7 +149,14 @@ def test_malformed_frames_after_login_cost_only_strikes(
         }
         raw.send_payload(b'{"type": "say", "id": 2, "room": "#lobby", "text": "\\udc00 hi"}')
         assert raw.frame_of("error")["code"] == "bad_utf8"
-        raw.send_frame({"type": "dm", "id": 3, "to": "bob", "msg_id": "x", "box": "AA=="})
+        raw.send_frame(
+            {
+                "type": "dm",
+                "id": 3,
+                **{"to": "bob", "user": "bob", "device": "A" * 16},
+                **{"msg_id": "x", "data": "AA=="},
+            }
+        )
         assert raw.frame_of("error")["message"] == (
             'field "msg_id" must be 8 to 64 characters of A-Z a-z 0-9 _ -'
         )

@@ -35,6 +35,7 @@ class StubLoop:
 class StubConn:
     user: str
     loop: StubLoop
+    device: str = "AAAAAAAAAAAAAAAA"
 
 
 def crowd(hub: Hub, names: list[str]) -> tuple[StubLoop, list[StubConn]]:

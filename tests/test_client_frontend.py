@@ -3,6 +3,8 @@ a real prompt_toolkit pipe, and line mode through real `securechat client` subpr
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -547,3 +549,40 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
     assert 0.25 <= got[0] <= 0.5 and 0.5 <= got[1] <= 1.0 and 1.0 <= got[2] <= 2.0
     assert all(15.0 <= d <= 30.0 for d in got[7:])
     assert len(set(got)) == len(got)
+
+
+def test_two_devices_of_alice_through_the_cli_and_revoking_one(server, certs_dir, keys) -> None:
+    """The same key file on a second machine is a second device: a DM it sends shows on the
+    first as sent by alice, /devices lists both, and /revoke shuts the second out."""
+    port, ca = server.address[1], certs_dir / "ca.pem"
+    laptop_key = keys("alice")
+    phone_key = laptop_key.parent.parent / "phone" / laptop_key.name
+    phone_key.parent.mkdir(mode=0o700)
+    shutil.copy2(laptop_key, phone_key)
+    bob = LineClient(keys("bob"), port, ca, user="bob")
+    laptop = LineClient(laptop_key, port, ca, user="alice")
+    try:
+        bob.out.wait_for("-- bob joined #lobby")
+        laptop.out.wait_for("-- alice joined #lobby")
+        phone = run_client(
+            phone_key, port, ca, "/devices\n/msg bob hi from the phone\n", user="alice"
+        )
+        assert phone.returncode == 0, phone.stderr
+        [mine] = [line for line in phone.stdout.splitlines() if "(this device)" in line]
+        found = re.search(r"alice device ([A-Z2-7]{16}) \(this device\): key ", mine)
+        assert found is not None, mine
+        phone_id = found[1]
+        assert sum("-- alice device " in line for line in phone.stdout.splitlines()) == 2
+        bob.out.wait_for("*alice* [first seen] hi from the phone")
+        laptop.out.wait_for(f"-> *bob* hi from the phone (sent from your device {phone_id})")
+        laptop.send(f"/revoke {phone_id}")
+        laptop.out.wait_for(f"-- device {phone_id} revoked: it can no longer log in or get DMs")
+    finally:
+        assert laptop.finish() == 0
+        assert bob.finish() == 0
+    again = run_client(phone_key, port, ca, "anyone?\n")
+    assert again.returncode == 1
+    assert again.stderr == (
+        f"securechat: error: 127.0.0.1:{port} refused the login: this device was revoked; it "
+        "cannot log in\n"
+    )

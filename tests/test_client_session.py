@@ -62,12 +62,13 @@ def test_the_client_signs_exactly_the_known_answer() -> None:
 
 
 def test_hello_names_the_user_key_and_version() -> None:
-    [hello] = frames(ClientSession().hello("alice", identity()))
+    [hello] = frames(ClientSession().hello("alice", identity(), "ABCDEFGHIJKLMNOP"))
     assert hello == {
         "type": "hello",
         "user": "alice",
         "key": protocol.b64(bytes.fromhex(PUBLIC_KEY_HEX)),
-        "version": protocol.PROTOCOL_VERSION,
+        "version": 2,
+        "device": "ABCDEFGHIJKLMNOP",
     }
 
 
@@ -84,14 +85,20 @@ def test_a_bad_challenge_is_refused_with_a_clear_error(nonce: object) -> None:
 def test_a_login_between_a_client_and_a_server_session() -> None:
     """The two sans-IO halves wired together: what one writes, the other reads."""
     client, server = ClientSession(), ServerSession(CERT_SHA256, nonce_source=lambda n: NONCE)
-    assert server.receive_data(client.hello("alice", identity())) == []
+    assert server.receive_data(client.hello("alice", identity(), "ABCDEFGHIJKLMNOP")) == []
     [challenge] = client.receive_data(b"".join(server.take_outbox()))
     assert challenge == {"type": "challenge", "nonce": protocol.b64(NONCE)}
     events = server.receive_data(client.auth(challenge, "alice", identity(), CERT_SHA256))
-    assert events == [LoginVerified("alice", bytes.fromhex(PUBLIC_KEY_HEX))]
+    assert events == [LoginVerified("alice", bytes.fromhex(PUBLIC_KEY_HEX), "ABCDEFGHIJKLMNOP")]
     server.login_accepted({"max_frame": 8192})
     [welcome] = client.receive_data(b"".join(server.take_outbox()))
-    assert welcome == {"type": "welcome", "user": "alice", "max_frame": 8192}
+    assert welcome == {
+        "type": "welcome",
+        "user": "alice",
+        "device": "ABCDEFGHIJKLMNOP",
+        "version": 2,
+        "max_frame": 8192,
+    }
     assert server.state is State.AUTHENTICATED
 
 

@@ -34,7 +34,6 @@ from securechat.server.store import (
     MIGRATIONS,
     DMQuota,
     HistoryRow,
-    QueuedDM,
     QuotaExceeded,
     SenderShareExceeded,
     SQLiteStore,
@@ -457,24 +456,21 @@ def test_a_database_of_schema_version_2_is_migrated_and_keeps_its_data(
         old = SQLiteStore(path)
         assert old.schema_version == 2
         old.claim_name("bob", b"k" * 32)
-        old.queue_dm(QueuedDM("alice", b"a" * 32, "bob", "old-dm-1", "Ym94", 1_000), **LIMITS)
         old.append_history([HistoryRow("#lobby", "alice", "hi", 1_000)], keep=10)
         old.close()
 
     store = SQLiteStore(path)
-    assert store.schema_version == len(MIGRATIONS) == 3
+    assert store.schema_version == len(MIGRATIONS) == 4
     assert store.public_key("bob") == b"k" * 32
-    assert [d.msg_id for d in store.pending_dms("bob", 2_000)] == ["old-dm-1"]
     assert store.room_history("#lobby", 10) == [HistoryRow("#lobby", "alice", "hi", 1_000)]
-    # The version 1 queue keeps working beside the new tables.
-    store.queue_dm(QueuedDM("carol", b"c" * 32, "bob", "old-dm-2", "Ym94", 1_500), **LIMITS)
-    assert store.ack_dms("bob", ["old-dm-1"]) == 1
+    # The version 1 queue is gone (version 2 clients refuse Box DMs); the device tables work.
+    tables = {r[0] for r in store._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "queued_dms" not in tables
     _, phone = new_device(make_identity("bob"), "bob")
     store.put_device(phone, 2_000)
     store.queue_envelope(envelope("m1", phone.device_id), **LIMITS)
     store.close()
     store = SQLiteStore(path)  # opening it again migrates nothing twice
-    assert [d.msg_id for d in store.pending_dms("bob", 2_000)] == ["old-dm-2"]
     assert pending(store, phone.device_id) == ["m1"]
 
 

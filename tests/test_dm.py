@@ -1,4 +1,5 @@
-"""Sealed direct messages through the real server, and a server that turns hostile.
+"""Direct messages (Olm, between devices) through the real server, and a server that turns
+hostile.
 
 Each hostile twist patches the running server's hub the way a compromised server would behave,
 and the tests assert exactly how the client reacts: a visible DMRejected (or KeyChanged), never a
@@ -17,6 +18,8 @@ import pytest
 
 from securechat.client import KeyChanged, RequestError
 from securechat.client.events import DirectMessage, DMRejected, Joined, Message
+from securechat.e2e import records
+from securechat.e2e.device import Device
 from securechat.protocol import DM
 from securechat.server import requests
 from securechat.trust import KeyState
@@ -59,7 +62,7 @@ def test_dm_reaches_only_its_recipient_and_is_pinned_on_first_sight(connect) -> 
     alice, bob, carol = connect("alice"), connect("bob"), connect("carol")
     ready(alice, bob, carol)
     reply = alice.send_dm("bob", SECRET).result(5)
-    assert (reply["to"], reply["status"]) == ("bob", "delivered")
+    assert (reply["status"], reply["devices"]) == ("delivered", 1)
     dm = wait_for(bob, is_dm)
     assert (dm.sender, dm.recipient, dm.text, dm.message_id) == (
         "alice",
@@ -89,7 +92,8 @@ def test_dm_to_someone_offline_is_queued_and_delivered_at_login(connect, server)
     # bob's client acknowledged it, so the server forgets it. The ack left before this ping,
     # and the store's worker runs jobs in order, so one look after the pong is enough.
     bob.ping().result(5)
-    assert server._worker.submit(server.store.pending_dms, "bob", 0).result(5) == []
+    pending = server.store.pending_envelopes
+    assert server._worker.submit(pending, "bob", bob.device_id, 0).result(5) == []
 
 
 def test_dm_to_an_unknown_name(connect) -> None:
@@ -146,16 +150,31 @@ def test_replayed_dm_is_dropped_with_a_warning(connect, monkeypatch) -> None:
     rejected = wait_for(bob, lambda e: isinstance(e, DMRejected | DirectMessage))
     assert isinstance(rejected, DMRejected)
     assert (rejected.sender, rejected.kind) == ("alice", "replayed")
+    assert rejected.detail == (
+        "a direct message from alice arrived again; the copy was dropped. The server may be "
+        "replaying old messages"
+    )
     assert SECRET not in rejected.detail
 
 
 def flip_byte(frame: dict, position: int) -> dict:
-    box = bytearray(base64.b64decode(frame["box"]))
-    box[position] ^= 0x01
-    return {**frame, "box": base64.b64encode(bytes(box)).decode()}
+    data = bytearray(base64.b64decode(frame["data"]))
+    data[position] ^= 0x01
+    return {**frame, "data": base64.b64encode(bytes(data)).decode()}
 
 
-@pytest.mark.parametrize("position", [1, 30, -1])  # nonce, tag, last byte of ciphertext
+def test_a_replay_under_a_new_message_id_is_refused_by_the_ratchet(connect, monkeypatch) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    ready(alice, bob)
+    rewrite_delivered_dms(monkeypatch, lambda f: [f, {**f, "msg_id": "renamed-copy"}])
+    alice.send_dm("bob", SECRET).result(5)
+    assert wait_for(bob, is_dm).text == SECRET
+    rejected = wait_for(bob, lambda e: isinstance(e, DMRejected | DirectMessage))
+    assert (type(rejected), rejected.kind) == (DMRejected, "undecryptable")
+    assert "already decrypted once, or altered (a replayed or forged copy)" in rejected.detail
+
+
+@pytest.mark.parametrize("position", [1, 30, -1])  # Olm message type, inside, the MAC
 def test_flipped_ciphertext_byte_is_never_shown(connect, monkeypatch, position) -> None:
     alice, bob = connect("alice"), connect("bob")
     ready(alice, bob)
@@ -163,82 +182,96 @@ def test_flipped_ciphertext_byte_is_never_shown(connect, monkeypatch, position) 
     alice.send_dm("bob", SECRET).result(5)
     rejected = wait_for(bob, lambda e: isinstance(e, DMRejected | DirectMessage))
     assert isinstance(rejected, DMRejected)
-    assert (rejected.sender, rejected.kind) == ("alice", "tampered")
+    assert (rejected.sender, rejected.kind) == ("alice", "undecryptable")
+
+
+def test_an_envelope_of_version_1_is_refused_as_a_downgrade(connect, monkeypatch) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    ready(alice, bob)
+    rewrite_delivered_dms(monkeypatch, lambda f: [flip_byte(f, 0)])  # version 2 -> 3
+    alice.send_dm("bob", SECRET).result(5)
+    rejected = wait_for(bob, lambda e: isinstance(e, DMRejected | DirectMessage))
+    assert (type(rejected), rejected.kind) == (DMRejected, "misrouted")
+    assert rejected.detail == (
+        "a direct message from alice uses envelope version 3, but this conversation uses version "
+        "2 only; it was dropped (an old client, or a server trying to downgrade the encryption)"
+    )
 
 
 def test_dm_rerouted_to_someone_else_is_never_shown(connect, monkeypatch) -> None:
     alice, bob, carol = connect("alice"), connect("bob"), connect("carol")
     ready(alice, bob, carol)
-    hook_server_dm(monkeypatch, lambda f: dataclasses.replace(f, to="carol"))
+    hook_server_dm(
+        monkeypatch,
+        lambda f: dataclasses.replace(f, to="carol", user="carol", device=carol.device_id),
+    )
     alice.send_dm("bob", SECRET).result(5)
     rejected = wait_for(carol, lambda e: isinstance(e, DMRejected | DirectMessage))
     assert isinstance(rejected, DMRejected)
-    assert (rejected.sender, rejected.kind) == ("alice", "tampered")
-    assert carol.known_keys.pinned("alice") is None  # nothing pinned from a failed message
+    assert (rejected.sender, rejected.kind) == ("alice", "undecryptable")
 
 
 def test_false_sender_stamp_is_never_shown(connect, monkeypatch) -> None:
     alice, bob, carol = connect("alice"), connect("bob"), connect("carol")
     ready(alice, bob, carol)
-    # The server claims carol sent it, but hands over the key that really opens it.
+    # The server claims carol sent it, naming alice's device, which is not one of carol's.
     rewrite_delivered_dms(monkeypatch, lambda f: [{**f, "from": "carol"}])
     alice.send_dm("bob", SECRET).result(5)
     rejected = wait_for(bob, lambda e: isinstance(e, DMRejected | DirectMessage))
     assert isinstance(rejected, DMRejected)
-    assert (rejected.sender, rejected.kind) == ("carol", "forged")
-    assert bob.known_keys.pinned("carol") is None  # alice's key was not pinned as carol's
+    assert (rejected.sender, rejected.kind) == ("carol", "unsigned_device")
 
 
 def test_false_sender_with_that_senders_key_does_not_open(connect, monkeypatch) -> None:
     alice, bob, carol = connect("alice"), connect("bob"), connect("carol")
     ready(alice, bob, carol)
-    carol_key = base64.b64encode(carol.identity.verify_key_bytes).decode()
-    rewrite_delivered_dms(monkeypatch, lambda f: [{**f, "from": "carol", "from_key": carol_key}])
+    # Stamped as from carol's real device: her session keys do not open alice's envelope.
+    rewrite_delivered_dms(
+        monkeypatch, lambda f: [{**f, "from": "carol", "from_device": carol.device_id}]
+    )
     alice.send_dm("bob", SECRET).result(5)
     rejected = wait_for(bob, lambda e: isinstance(e, DMRejected | DirectMessage))
-    assert (type(rejected), rejected.kind) == (DMRejected, "tampered")
+    assert (type(rejected), rejected.kind) == (DMRejected, "undecryptable")
 
 
 def test_dm_reflected_back_to_its_sender_is_never_shown(connect, monkeypatch) -> None:
     alice, bob = connect("alice"), connect("bob")
     ready(alice, bob)
-    bob_key = base64.b64encode(bob.identity.verify_key_bytes).decode()
-    # Deliver alice's DM for bob back to alice, stamped as from bob with bob's key: Box opens it
-    # (the shared key is the same both ways); only the sealed names catch it.
-    hook_server_dm(monkeypatch, lambda f: dataclasses.replace(f, to="alice"))
-    rewrite_delivered_dms(monkeypatch, lambda f: [{**f, "from": "bob", "from_key": bob_key}])
+    # Deliver alice's DM for bob back to alice's own device, stamped as from bob's device.
+    hook_server_dm(
+        monkeypatch, lambda f: dataclasses.replace(f, user="alice", device=alice.device_id)
+    )
+    rewrite_delivered_dms(
+        monkeypatch, lambda f: [{**f, "from": "bob", "from_device": bob.device_id}]
+    )
     alice.send_dm("bob", SECRET).result(5)
     rejected = wait_for(alice, lambda e: isinstance(e, DMRejected | DirectMessage))
-    assert (type(rejected), rejected.sender, rejected.kind) == (DMRejected, "bob", "reflected")
+    assert (type(rejected), rejected.sender, rejected.kind) == (DMRejected, "bob", "undecryptable")
 
 
 def test_sender_key_swapped_on_delivery_is_refused_against_the_pin(
-    connect, make_identity, monkeypatch
+    connect, make_identity, key_offers
 ) -> None:
     alice, bob = connect("alice"), connect("bob")
     ready(alice, bob)
     alice.send_dm("bob", "pin me").result(5)
     wait_for(bob, is_dm)
-    # A second "alice" key, as a server would use to impersonate her after the pin.
+    # A second "alice" key and a device signed by it, as a server would use to impersonate her
+    # after the pin.
     impostor = make_identity("impostor")
-    from securechat import sealing
-
-    def forge(f):
-        sealed = sealing.seal(
-            impostor.signing_key, "alice", "bob", bob.identity.verify_key_bytes, "it's me, alice"
+    forged = records.sign_device(impostor, "alice", Device.create())
+    key_offers.offer["alice"] = impostor.verify_key_bytes
+    carol = connect("carol")
+    carol_dm = carol.send_dm  # a real envelope to bob, re-stamped as from the forged device
+    monkeypatch_rewrite = pytest.MonkeyPatch()
+    try:
+        rewrite_delivered_dms(
+            monkeypatch_rewrite, lambda f: [{**f, "from": "alice", "from_device": forged.device_id}]
         )
-        return [
-            {
-                **f,
-                "from_key": base64.b64encode(impostor.verify_key_bytes).decode(),
-                "box": base64.b64encode(sealed.envelope).decode(),
-                "msg_id": sealed.message_id,
-            }
-        ]
-
-    rewrite_delivered_dms(monkeypatch, forge)
-    alice.send_dm("bob", "second").result(5)
-    rejected = wait_for(bob, lambda e: isinstance(e, DMRejected | DirectMessage))
+        carol_dm("bob", "it's me, alice").result(5)
+        rejected = wait_for(bob, lambda e: isinstance(e, DMRejected | DirectMessage))
+    finally:
+        monkeypatch_rewrite.undo()
     assert (type(rejected), rejected.kind) == (DMRejected, "key_changed")
     assert rejected.detail.startswith("WARNING: the key for alice has changed.")
 
@@ -281,7 +314,8 @@ def test_what_the_server_sees_of_a_dm(connect, monkeypatch) -> None:
     alice.send_dm("bob", SECRET).result(5)
     [frame] = seen
     fields = dataclasses.asdict(frame)
-    assert sorted(fields) == ["box", "id", "msg_id", "resume", "to"]
+    assert sorted(fields) == ["data", "device", "id", "msg_id", "resume", "to", "user"]
+    assert (frame.to, frame.user, frame.device) == ("bob", "bob", bob.device_id)
     assert frame.resume is False  # the only other field: flow control, not content
-    assert SECRET.encode() not in base64.b64decode(frame.box)
+    assert SECRET.encode() not in base64.b64decode(frame.data)
     assert "alice" not in json.dumps(fields)

@@ -55,7 +55,9 @@ def test_queued_dms_survive_sigkill_and_arrive_in_order_once(
 def test_dm_not_acknowledged_is_delivered_again(
     server, certs_dir, make_identity, monkeypatch
 ) -> None:
-    dial(server.address, certs_dir, make_identity("bob"), "bob").close()
+    first = dial(server.address, certs_dir, make_identity("bob"), "bob")
+    device = first.device_id
+    first.close()
     with dial(server.address, certs_dir, make_identity("alice"), "alice") as alice:
         assert alice.send_dm("bob", "did you get this?").result(5)["status"] == "queued"
     drop_acks(monkeypatch)
@@ -63,36 +65,41 @@ def test_dm_not_acknowledged_is_delivered_again(
         [shown] = dms(bob, 1)
         assert shown.text == "did you get this?"  # shown, but the ack is lost
     monkeypatch.undo()
-    pending = server._worker.submit(server.store.pending_dms, "bob", 0).result(5)
+    pending = server._worker.submit(server.store.pending_envelopes, "bob", device, 0).result(5)
     assert [dm.msg_id for dm in pending] == [shown.message_id]
     with dial(server.address, certs_dir, make_identity("bob"), "bob") as bob:
-        # The server delivers it again; this process showed it already, so it is not shown
-        # twice, but it is acknowledged now (the ack leaves before this ping).
+        # The server delivers it again; this device showed it already (its saved state says
+        # so), so it is not shown twice, but it is acknowledged now (the ack leaves before this
+        # ping).
         assert bob.wait_queue(5)
         bob.ping().result(5)
         assert [
             e for e in iter(lambda: bob.next_event(0), None) if isinstance(e, DirectMessage)
         ] == []
-    assert server._worker.submit(server.store.pending_dms, "bob", 0).result(5) == []
+    assert server._worker.submit(server.store.pending_envelopes, "bob", device, 0).result(5) == []
 
 
 def test_a_full_queue_refuses_with_a_clear_error(certs_dir, tmp_path, make_identity) -> None:
     srv = start_server(certs_dir, tmp_path / "data", dm_quota_count=2, dm_sender_share=100)
     try:
-        dial(srv.address, certs_dir, make_identity("bob"), "bob").close()
+        bob = dial(srv.address, certs_dir, make_identity("bob"), "bob")
+        bob.close()
         with dial(srv.address, certs_dir, make_identity("alice"), "alice") as alice:
             alice.send_dm("bob", "one").result(5)
             alice.send_dm("bob", "two").result(5)
             with pytest.raises(RequestError) as info:
                 alice.send_dm("bob", "three").result(5)
         assert info.value.code == "quota_exceeded"
-        assert info.value.message.startswith("bob's queue of waiting messages is full (2 messages")
+        assert info.value.message.startswith(
+            f"bob's queue of waiting messages for device {bob.device_id} is full (2 messages"
+        )
     finally:
         srv.stop()
 
 
 def test_byte_quota(certs_dir, tmp_path, make_identity) -> None:
-    srv = start_server(certs_dir, tmp_path / "data", dm_quota_bytes=2000, dm_sender_share=100)
+    # A body of 1,000 bytes is padded to the 2,048-byte bucket: two do not fit in 4,000 bytes.
+    srv = start_server(certs_dir, tmp_path / "data", dm_quota_bytes=4000, dm_sender_share=100)
     try:
         dial(srv.address, certs_dir, make_identity("bob"), "bob").close()
         with dial(srv.address, certs_dir, make_identity("alice"), "alice") as alice:
@@ -111,7 +118,8 @@ def test_one_sender_cannot_fill_anothers_queue_for_everyone(
     is still queued and reaches him."""
     srv = start_server(certs_dir, tmp_path / "data", dm_quota_count=8, dm_sender_share=25)
     try:
-        dial(srv.address, certs_dir, make_identity("bob"), "bob").close()
+        first = dial(srv.address, certs_dir, make_identity("bob"), "bob")
+        first.close()
         with dial(srv.address, certs_dir, make_identity("mallory"), "mallory") as mallory:
             for i in range(2):
                 assert mallory.send_dm("bob", f"spam {i}").result(5)["status"] == "queued"
@@ -119,7 +127,8 @@ def test_one_sender_cannot_fill_anothers_queue_for_everyone(
                 mallory.send_dm("bob", "spam 2").result(5)
         assert info.value.code == "quota_exceeded"
         assert info.value.message.startswith(
-            "your share of bob's queue of waiting messages is full (2 messages, "
+            f"your share of bob's queue of waiting messages for device {first.device_id} is full"
+            " (2 messages, "
         )
         assert "one sender may have at most 2 messages or 2621440 bytes" in info.value.message
         with dial(srv.address, certs_dir, make_identity("alice"), "alice") as alice:
@@ -145,11 +154,13 @@ def test_queued_dms_expire(certs_dir, tmp_path, make_identity) -> None:
             # A key look-up runs on the store's worker after the login's queue read, so once
             # it is answered anything queued for bob has been handed to him.
             bob.check_key("alice")
+            assert bob.wait_queue(5)
             events = []
             while (event := bob.next_event(timeout=0)) is not None:
                 events.append(event)
             assert not [e for e in events if isinstance(e, DirectMessage)]
-            assert srv._worker.submit(srv.store.pending_dms, "bob", 0).result(5) == []
+            pending = srv.store.pending_envelopes
+            assert srv._worker.submit(pending, "bob", bob.device_id, 0).result(5) == []
     finally:
         srv.stop()
 

@@ -168,7 +168,7 @@ class SessionMachine(RuleBasedStateMachine):
         if self.in_sync and start is State.CHALLENGED:
             self.nonce = None  # one signature per challenge
             if right:
-                assert events == [LoginVerified("alice", bytes(KEY.verify_key))]
+                assert events == [LoginVerified("alice", bytes(KEY.verify_key), "ABCDEFGHIJKLMNOP")]
                 assert self.s.state is State.AUTHENTICATING
             else:
                 assert events == [Close("bad login signature")]

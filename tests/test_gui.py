@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,9 +17,10 @@ import pytest
 from securechat import identity
 from securechat.client import Client
 from securechat.client.chat_session import ChatSession, Held
+from securechat.client.events import Closed
 
 from .cli_helpers import LineClient, ServerProcess, cli_env, run_client
-from .conftest import PASSPHRASE, REPO
+from .conftest import PASSPHRASE, REPO, wait_for
 from .screenshot import take
 from .tools import needs, require
 
@@ -458,3 +460,31 @@ def test_the_verify_dialog_marks_only_a_key_it_showed(
     assert alice.known_keys.pinned("carol") == carol_key
     assert alice.known_keys.entry("carol").state is KeyState.VERIFIED
     assert "@carol \u2713" in gui.window.sidebar.get(0, "end")
+
+
+def test_devices_are_listed_and_revoked_from_the_window(
+    gui_for, server, certs_dir, make_identity, tmp_path
+) -> None:
+    """/devices and /revoke are the terminal's commands, and the window runs them too."""
+    gui = gui_for("alice")
+    original = make_identity("alice").path
+    phone_key = tmp_path / "phone" / original.name  # the same key file on a second machine
+    phone_key.parent.mkdir()
+    shutil.copy2(original, phone_key)
+    phone = Client.connect(
+        *server.address,
+        identity.load(phone_key, PASSPHRASE, min_kdf=identity.KDF_FAST_FOR_TESTS),
+        "alice",
+        certs_dir / "ca.pem",
+    )
+    try:
+        laptop = gui.window.client.device_id
+        gui.window.submit("/devices")
+        gui.pump(gui.shows("#lobby", f"alice device {laptop} (this device): key "))
+        gui.pump(gui.shows("#lobby", f"alice device {phone.device_id}: key "))
+        gui.window.submit(f"/revoke {phone.device_id}")
+        gui.pump(gui.shows("#lobby", f"device {phone.device_id} revoked"))
+        closed = wait_for(phone, lambda e: isinstance(e, Closed), timeout=WAIT)
+        assert closed == Closed("this device was revoked")
+    finally:
+        phone.close()

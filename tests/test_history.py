@@ -263,7 +263,8 @@ def test_a_redelivered_dm_is_shown_once_across_restarts(
         events = list(iter(lambda: bob.next_event(timeout=0), None))
         assert [e for e in events if isinstance(e, DirectMessage)] == []  # none shown twice
         assert bob.wait_idle(5)
-    assert server._worker.submit(server.store.pending_dms, "bob", 0).result(5) == []
+    pending = server.store.pending_envelopes
+    assert server._worker.submit(pending, "bob", bob.device_id, 0).result(5) == []
 
 
 def test_no_history_keeps_nothing_and_says_so(server, certs_dir, make_identity) -> None:
@@ -306,4 +307,10 @@ def test_cli_no_history_flag(server, certs_dir, tmp_path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "!! local history is off (--no-history)" in done.stdout
-    assert sorted(p.name for p in key.parent.iterdir()) == ["carol.key"]
+    # No history file: only the key and the device's own state (device, sessions, chains).
+    assert sorted(p.name for p in key.parent.iterdir()) == [
+        "carol.conversations.json",
+        "carol.device.json",
+        "carol.key",
+        "carol.olm-sessions.json",
+    ]

@@ -214,3 +214,16 @@ def test_a_welcome_under_another_name_is_refused(
         f"{host}:{port} welcomed us under another name ('bob') than the one we logged in with "
         "('alice'); disconnected. The server may be hostile"
     )
+
+
+def test_a_server_that_does_not_speak_version_2_is_refused(
+    server, certs_dir, make_identity, monkeypatch
+) -> None:
+    # An older server (or one pretending to be): no downgrade of DMs to a format we dropped.
+    monkeypatch.setitem(server._context.welcome, "version", 1)
+    host, port = server.address
+    with pytest.raises(ConnectError) as caught:
+        Client.connect(host, port, make_identity("alice"), "alice", certs_dir / "ca.pem")
+    assert str(caught.value) == (
+        f"{host}:{port} does not speak protocol version 2 (it said '1'); disconnected"
+    )

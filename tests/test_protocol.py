@@ -41,8 +41,19 @@ def session() -> ServerSession:
     return ServerSession(SERVER_FP, nonce_source=lambda n: NONCE[:n])
 
 
+DEVICE = "ABCDEFGHIJKLMNOP"
+
+
 def hello(key: nacl.signing.SigningKey, user: str = "alice") -> bytes:
-    return wire({"type": "hello", "user": user, "key": b64(bytes(key.verify_key)), "version": 1})
+    return wire(
+        {
+            "type": "hello",
+            "user": user,
+            "key": b64(bytes(key.verify_key)),
+            "version": 2,
+            "device": DEVICE,
+        }
+    )
 
 
 def signed_auth(
@@ -67,10 +78,12 @@ def test_login_happy_path(key) -> None:
     assert frames_of(s) == [{"type": "challenge", "nonce": b64(NONCE)}]
     assert s.state is State.CHALLENGED
     events = s.receive_data(signed_auth(key))
-    assert events == [LoginVerified("alice", bytes(key.verify_key))]
+    assert events == [LoginVerified("alice", bytes(key.verify_key), DEVICE)]
     assert s.state is State.AUTHENTICATING
     s.login_accepted({"server": "test"})
-    assert frames_of(s) == [{"type": "welcome", "user": "alice", "server": "test"}]
+    assert frames_of(s) == [
+        {"type": "welcome", "user": "alice", "device": DEVICE, "version": 2, "server": "test"}
+    ]
     assert s.state is State.AUTHENTICATED
 
 
@@ -247,10 +260,19 @@ def test_bad_user_names_are_refused(key, user, why) -> None:
     assert s.state is State.CONNECTED
 
 
-def test_wrong_protocol_version_is_refused(key) -> None:
+def test_version_1_is_refused_so_no_one_can_downgrade(key) -> None:
     s = session()
-    s.receive_data(wire({"type": "hello", "user": "a", "key": b64(bytes(32)), "version": 2}))
-    assert frames_of(s)[0]["code"] == "bad_version"
+    s.receive_data(
+        wire({"type": "hello", "user": "a", "key": b64(bytes(32)), "version": 1, "device": DEVICE})
+    )
+    assert frames_of(s) == [
+        {
+            "type": "error",
+            "code": "bad_version",
+            "message": "protocol version 1 is not supported (need 2)",
+        }
+    ]
+    assert s.state is State.CONNECTED
 
 
 def test_a_long_version_is_refused_with_one_short_error() -> None:
@@ -264,7 +286,7 @@ def test_a_long_version_is_refused_with_one_short_error() -> None:
         {
             "type": "error",
             "code": "bad_version",
-            "message": "protocol version '" + "\\" * 39 + " is not supported (need 1)",
+            "message": "protocol version '" + "\\" * 39 + " is not supported (need 2)",
         }
     ]
     assert s.strikes == 1
@@ -291,7 +313,7 @@ def test_the_protocol_doc_lists_exactly_the_error_codes_of_the_enum() -> None:
     table = "\n".join(["| code | when | closes the connection |", "|---|---|---|", *rows])
     doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
     assert table + "\n" in doc
-    assert len(rows) == 24
+    assert len(rows) == 30
 
 
 def test_a_table_entry_without_a_frame_class_is_caught_at_import(monkeypatch) -> None:
@@ -315,7 +337,8 @@ def test_a_request_without_a_server_handler_is_caught_at_import(monkeypatch) -> 
     with pytest.raises(RuntimeError) as info:
         connection._check_dispatch()
     assert str(info.value) == (
-        "request handlers disagree with the protocol: store ['ack', 'dm'], "
+        "request handlers disagree with the protocol: store ['ack', 'claim_prekeys', 'devices', "
+        "'dm', 'prekey_count', 'publish_device', 'publish_prekeys', 'revoke'], "
         "hub ['history', 'join', 'part', 'rooms', 'say', 'who']"
     )
 

@@ -1,7 +1,8 @@
 """A hostile server that drops the connection and, once the client is back, replays a DM it had
-already delivered. The replay guard lives as long as the process, so the copy is refused with a
-warning (or, redelivered from the queue, not shown twice), whether a local history is kept, kept
-but emptied behind the client's back, or off (--no-history)."""
+already delivered. The replay guard is saved with the device's state after every DM, so the copy
+is refused with a warning (or, redelivered from the queue, not shown twice), whether a local
+history is kept, kept but emptied behind the client's back, or off (--no-history), and in a
+new process too."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from securechat.client import Client
-from securechat.client.dm import process_replay_memory
+from securechat.client.dm import DeviceState
 from securechat.client.events import Closed, DirectMessage, DMRejected, Joined
 from securechat.client.history import LocalHistory
 from securechat.terminal.render import render
@@ -76,9 +77,15 @@ def test_a_dm_replayed_after_a_reconnect_is_refused(
             history.close()
 
 
-def test_the_replay_memory_is_one_per_identity_and_name_for_the_process(make_identity) -> None:
-    alice, bob = make_identity("alice"), make_identity("bob")
-    memory = process_replay_memory(alice, "alice")
-    assert process_replay_memory(alice, "alice") is memory
-    assert process_replay_memory(bob, "bob") is not memory
-    assert process_replay_memory(alice, "other") is not memory
+def test_the_replay_memory_is_saved_with_the_device(server, certs_dir, make_identity) -> None:
+    bob_key = make_identity("bob")
+    alice = dial(server, certs_dir, make_identity("alice"), "alice", None)
+    bob = dial(server, certs_dir, bob_key, "bob", None)
+    try:
+        msg_id = alice.send_dm("bob", SECRET).result(5)["msg_id"]
+        assert wait_for(bob, a_dm).text == SECRET
+    finally:
+        alice.close()
+        bob.close()
+    # What a restarted client (a new process) loads from beside the key file.
+    assert DeviceState(bob_key, "bob").tracker.guard.seen("alice", msg_id)

@@ -1,5 +1,6 @@
 """The SQLite store on real files: group commit, and one failed operation in a batch undoing only
-itself. (Crash durability through the server is in test_durable.py.)"""
+itself. (Crash durability through the server is in test_durable.py; devices, prekeys and the
+per-device queues and their quotas in test_device_store.py.)"""
 
 from __future__ import annotations
 
@@ -10,92 +11,44 @@ import pytest
 
 from securechat.client import Client
 from securechat.errors import StorageError
-from securechat.server.store import (
-    Claim,
-    DMQuota,
-    HistoryRow,
-    QueuedDM,
-    QuotaExceeded,
-    SenderShareExceeded,
-    SQLiteStore,
-)
+from securechat.server.store import Claim, DMQuota, HistoryRow, QuotaExceeded, SQLiteStore
 from tests.conftest import start_server
+from tests.test_device_store import envelope, new_device, pending
 
 KEY = b"k" * 32
 LIMITS = {"ttl_ms": 60_000, "quota": DMQuota(2, 10_000, 2, 10_000)}
 
 
-def dm(msg_id: str, to: str = "bob", sender: str = "alice") -> QueuedDM:
-    return QueuedDM(sender, KEY, to, msg_id, "Ym94", 1_000)
-
-
-def ids(store: SQLiteStore, user: str = "bob") -> list[str]:
-    return [d.msg_id for d in store.pending_dms(user, 2_000)]
-
-
 def test_a_batch_commits_together_and_a_refused_operation_undoes_only_itself(
-    tmp_path: Path,
+    tmp_path: Path, make_identity
 ) -> None:
     path = tmp_path / "db.sqlite"
     store = SQLiteStore(path)
+    _, phone = new_device(make_identity("bob"), "bob")
     with store.batch():
-        store.queue_dm(dm("first-id1"), **LIMITS)
+        assert store.put_device(phone, 1_000)
+        store.queue_envelope(envelope("first-id1", phone.device_id), **LIMITS)
         assert store.claim_name("carol", KEY) is Claim.NEW
-        store.queue_dm(dm("second-id"), **LIMITS)
-        with pytest.raises(QuotaExceeded, match="bob's queue of waiting messages is full"):
-            store.queue_dm(dm("third-id1"), **LIMITS)
-        store.queue_dm(dm("other-id1", to="dave"), **LIMITS)
+        store.queue_envelope(envelope("second-id", phone.device_id), **LIMITS)
+        with pytest.raises(QuotaExceeded, match="bob's queue of waiting messages for device"):
+            store.queue_envelope(envelope("third-id1", phone.device_id), **LIMITS)
+        assert store.claim_name("dave", KEY) is Claim.NEW
     store.close()
     reopened = SQLiteStore(path)  # what was committed, as another process would see it
-    assert ids(reopened) == ["first-id1", "second-id"]
-    assert ids(reopened, "dave") == ["other-id1"]
+    assert pending(reopened, phone.device_id) == ["first-id1", "second-id"]
     assert reopened.claim_name("carol", KEY) is Claim.OWNER
+    assert reopened.claim_name("dave", KEY) is Claim.OWNER
 
 
 def test_a_batch_that_fails_stores_nothing(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     store = SQLiteStore(path)
     with pytest.raises(RuntimeError), store.batch():
-        store.queue_dm(dm("first-id1"), **LIMITS)
+        assert store.claim_name("carol", KEY) is Claim.NEW
         raise RuntimeError("the worker died mid-batch")
-    assert ids(store) == []
-    store.queue_dm(dm("after-id1"), **LIMITS)  # and the store still works on its own
-    assert ids(SQLiteStore(path)) == ["after-id1"]
-
-
-def test_one_sender_fills_only_its_share_of_a_recipients_queue(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "db.sqlite")
-    quota = {"ttl_ms": 60_000, "quota": DMQuota(4, 10_000, 2, 10_000)}
-    store.queue_dm(dm("mallory-1", sender="mallory"), **quota)
-    store.queue_dm(dm("mallory-2", sender="mallory"), **quota)
-    with pytest.raises(SenderShareExceeded) as info:
-        store.queue_dm(dm("mallory-3", sender="mallory"), **quota)
-    assert str(info.value) == (
-        "your share of bob's queue of waiting messages is full (2 messages, 8 bytes from you; "
-        "one sender may have at most 2 messages or 10000 bytes waiting for one recipient); "
-        "try again when bob has read them"
-    )
-    store.queue_dm(dm("mallory-4", to="dave", sender="mallory"), **quota)  # others' queues: open
-    store.queue_dm(dm("alice-1"), **quota)
-    store.queue_dm(dm("alice-2"), **quota)
-    # The whole queue is full now; that is the recipient's limit, worded as such.
-    with pytest.raises(QuotaExceeded) as info:
-        store.queue_dm(dm("carol-1", sender="carol"), **quota)
-    assert not isinstance(info.value, SenderShareExceeded)
-    assert str(info.value) == (
-        "bob's queue of waiting messages is full (4 messages, 16 bytes); try again later"
-    )
-    assert ids(store) == ["mallory-1", "mallory-2", "alice-1", "alice-2"]
-
-
-def test_a_senders_share_counts_bytes_too(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "db.sqlite")
-    quota = {"ttl_ms": 60_000, "quota": DMQuota(100, 10_000, 100, 6)}
-    store.queue_dm(dm("mallory-1", sender="mallory"), **quota)  # 4 bytes of box
-    with pytest.raises(SenderShareExceeded, match=r"\(1 messages, 4 bytes from you; .* 6 bytes"):
-        store.queue_dm(dm("mallory-2", sender="mallory"), **quota)
-    store.queue_dm(dm("alice-1"), **quota)
-    assert ids(store) == ["mallory-1", "alice-1"]
+    assert store.public_key("carol") is None
+    assert store.claim_name("dave", KEY) is Claim.NEW  # and the store still works on its own
+    assert SQLiteStore(path).public_key("dave") == KEY
 
 
 def test_a_store_that_cannot_write_says_so(tmp_path: Path) -> None:

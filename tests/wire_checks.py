@@ -28,7 +28,13 @@ def b64(raw: bytes) -> str:
 
 
 HELLO = framing.encode(
-    {"type": "hello", "user": "alice", "key": b64(bytes(KEY.verify_key)), "version": 1}
+    {
+        "type": "hello",
+        "user": "alice",
+        "key": b64(bytes(KEY.verify_key)),
+        "version": 2,
+        "device": "ABCDEFGHIJKLMNOP",
+    }
 )
 AUTH = framing.encode(
     {
@@ -99,7 +105,7 @@ def check_outcome(start: State, s: ServerSession, events: list, frames: list[dic
     # Only AUTH above can sign a login, and only in answer to a challenge.
     for e in events:
         if isinstance(e, LoginVerified):
-            assert e == LoginVerified("alice", bytes(KEY.verify_key))
+            assert e == LoginVerified("alice", bytes(KEY.verify_key), "ABCDEFGHIJKLMNOP")
             assert start in (State.CONNECTED, State.CHALLENGED)
     for e in events:
         if isinstance(e, Request):

@@ -3,7 +3,7 @@
     python -m scripts.loadgen hold -n 10000                     # logins/s, RSS per connection
     python -m scripts.loadgen fanout -n 500 --senders 10        # deliveries/s, latency
     python -m scripts.loadgen fanout -n 1000 --senders 10 --rate 100
-    python -m scripts.loadgen dm --pairs 50                     # sealed DMs/s, latency
+    python -m scripts.loadgen dm --pairs 50                     # Olm DMs/s, latency
     python -m scripts.loadgen fanout -n 500 --target both       # securechat, then ngircd
 
 Each run starts a fresh server on 127.0.0.1 (or uses --connect), drives it from a few worker
@@ -113,9 +113,11 @@ def client_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
         for spec in receivers[: args.probes]:
             spec["probe"] = True
     elif args.workload == "dm":
+        pickle_key = secrets.token_bytes(32)  # the run's: the pickles only cross our own pipes
         for a, b in zip(specs[::2], specs[1::2], strict=True):
-            a["partner"], a["partner_seed"] = b["name"], b["seed"]
-            b["partner"], b["partner_seed"] = a["name"], a["seed"]
+            a["olm"], b["olm"] = peers.olm_pair(pickle_key)
+            a["partner"], b["partner"] = b["name"], a["name"]
+            a["pickle_key"] = b["pickle_key"] = pickle_key.hex()
             a["sender"] = b["sender"] = True
             a["phase"], b["phase"] = len(a["name"]) % 7 / 7, 0.5
     return specs

@@ -8,12 +8,19 @@ until the client is in the room; after that the worker only counts patterns in w
 from __future__ import annotations
 
 import base64
+import secrets
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import nacl.signing
+import vodozemac
 
-from securechat import framing, protocol, sealing
+from securechat import framing, protocol
 from securechat.client.session import ClientSession
+from securechat.e2e import envelope, inner, records
+from securechat.e2e.conversations import ConversationTracker
+from securechat.e2e.device import Device
 from securechat.identity import Identity
 
 LOBBY = "#lobby"
@@ -34,6 +41,8 @@ class Login:
     cert_sha256: bytes = b""
     buf: bytearray = field(default_factory=bytearray)  # an IRC line not yet complete
     session: ClientSession = field(default_factory=ClientSession)  # securechat's, the library's
+    device: Device | None = None  # a dm client's: published before it counts as logged in
+    publishing: bool = False
     _identity: Identity | None = None
 
     @property
@@ -63,7 +72,8 @@ class SecureChatWire:
         self._id = 0
 
     def greeting(self, login: Login) -> bytes:
-        return login.session.hello(login.name, login.identity)
+        device = login.device.device_id if login.device else None
+        return login.session.hello(login.name, login.identity, device)
 
     def feed(self, login: Login, data: bytes) -> bytes:
         out = []
@@ -71,7 +81,13 @@ class SecureChatWire:
             kind = frame["type"]
             if kind == "challenge":
                 out.append(login.session.auth(frame, login.name, login.identity, login.cert_sha256))
-            elif kind == "welcome":
+            elif kind == "welcome" and login.device is not None:
+                # Its partner may send as soon as everyone is in: publish the device first.
+                record = records.sign_device(login.identity, login.name, login.device)
+                _, publish = login.session.request("publish_device", record=record.to_wire())
+                out.append(publish)
+                login.publishing = True
+            elif kind == "welcome" or (kind == "ok" and login.publishing):
                 login.done = True
                 break
             elif kind in ("error", "bye"):
@@ -174,29 +190,70 @@ def wire_for(target: str, workload: str = "fanout") -> Wire:
     raise ValueError(f"unknown target {target!r}")
 
 
-class DirectMessages:
-    """The dm workload, securechat only: each client seals DMs for its partner with the real
-    sealing code and opens the partner's, checks included, then acknowledges them."""
+def olm_pair(pickle_key: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two devices with an Olm session between them, started from a one-time key as a real first
+    contact is, each as what its client needs (pickled under `pickle_key`): the benchmark measures
+    the steady state of the ratchet, not prekey claims."""
+    a, b = Device.create(), Device.create()
+    b.account.generate_one_time_keys(1)
+    [otk] = b.account.one_time_keys.values()
+    b.account.mark_keys_as_published()
+    to_b = a.account.create_outbound_session(b.account.curve25519_key, otk)
+    first = to_b.encrypt(b"hello").to_pre_key()
+    assert first is not None
+    to_a, _ = b.account.create_inbound_session(a.account.curve25519_key, first)
 
-    def __init__(self, login: Login, partner: str, partner_seed: bytes) -> None:
+    def side(me: Device, session: vodozemac.Session, peer: Device) -> dict[str, Any]:
+        return {
+            "device": me.to_state(pickle_key),
+            "session": session.pickle(pickle_key),
+            "partner_device": peer.device_id,
+        }
+
+    return side(a, to_b, b), side(b, to_a, a)
+
+
+class DirectMessages:
+    """The dm workload, securechat only: each client encrypts DMs for its partner's device with
+    the real version 2 code (inner records with chains and padding, an Olm session) and opens the
+    partner's, checks included, then acknowledges them."""
+
+    def __init__(self, login: Login, partner: str, olm: dict[str, Any], pickle_key: bytes) -> None:
         self.me = login.name
-        self.key = login.identity.signing_key
         self.partner = partner
-        self.partner_key = bytes(nacl.signing.SigningKey(partner_seed).verify_key)
+        self.device = Device.from_state(olm["device"], pickle_key, "the load generator's device")
+        self.session = vodozemac.Session.from_pickle(olm["session"], pickle_key)
+        self.partner_device = olm["partner_device"]
+        self.tracker = ConversationTracker(self.me, self.device.device_id)
         self.decoder = framing.FrameDecoder()
         self._id = 0
 
     def seal(self, text: str) -> bytes:
-        sealed = sealing.seal(self.key, self.me, self.partner, self.partner_key, text)
+        msg_id = secrets.token_urlsafe(16)
+        record = self.tracker.next_record(
+            self.partner, self.partner_device, msg_id, time.time_ns() // 1_000_000, text
+        )
+        message_type, ciphertext = self.session.encrypt(inner.encode(record)).to_parts()
+        self.tracker.record_sent(record)
         self._id += 1
         frame = {
             "type": "dm",
             "id": self._id,
             "to": self.partner,
-            "msg_id": sealed.message_id,
-            "box": protocol.b64(sealed.envelope),
+            "user": self.partner,
+            "device": self.partner_device,
+            "msg_id": msg_id,
+            "data": protocol.b64(envelope.pack(int(message_type), bytes(ciphertext))),
         }
         return framing.encode(frame)
+
+    def open(self, frame: dict[str, Any]) -> str:
+        message_type, ciphertext = envelope.unpack(base64.b64decode(frame["data"]), frame["from"])
+        message = vodozemac.AnyOlmMessage.from_parts(message_type, ciphertext)
+        record = inner.decode(bytes(self.session.decrypt(message)))
+        if (record.sender, record.recipient_device) != (frame["from"], self.device.device_id):
+            raise ValueError("a direct message was re-routed")
+        return self.tracker.accept(record).record.body
 
     def receive(self, data: bytes) -> tuple[list[str], int, int, bytes]:
         """Frames that arrived: (bodies opened, sends acknowledged, refused, what to answer)."""
@@ -206,15 +263,7 @@ class DirectMessages:
             frame = framing.parse(payload)
             kind = frame["type"]
             if kind == "dm":
-                opened = sealing.open_sealed(
-                    self.key,
-                    self.me,
-                    frame["from"],
-                    self.partner_key,
-                    base64.b64decode(frame["box"]),
-                    expected_message_id=frame["msg_id"],
-                )
-                bodies.append(opened.body)
+                bodies.append(self.open(frame))
                 opened_ids.append(frame["msg_id"])
             elif kind == "ok":
                 acked += 1

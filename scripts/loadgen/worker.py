@@ -110,8 +110,9 @@ class Worker:
                     login, spec.get("sender", False), spec.get("probe", False), spec.get("phase", 0)
                 )
                 if "partner" in spec:
-                    partner_seed = bytes.fromhex(spec["partner_seed"])
-                    client.dm = DirectMessages(login, spec["partner"], partner_seed)
+                    pickle_key = bytes.fromhex(spec["pickle_key"])
+                    client.dm = DirectMessages(login, spec["partner"], spec["olm"], pickle_key)
+                    login.device = client.dm.device
                 self.clients.append(client)
                 self.waiting.append(client)
             self.waiting.reverse()

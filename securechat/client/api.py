@@ -28,9 +28,10 @@ from securechat.client.connection import (
     RequestError,
     open_connection,
 )
-from securechat.client.dm import DirectMessages
+from securechat.client.dm import DeviceInfo, DeviceState, DirectMessages
 from securechat.client.events import (
     Closed,
+    DeviceWarning,
     DirectMessage,
     Event,
     FrameDropped,
@@ -65,21 +66,34 @@ class Client:
         identity: Identity,
         known_keys: KnownKeys,
         history: LocalHistory | None = None,
+        device: DeviceState | None = None,
     ) -> None:
         self._conn = conn
         self.user = user
         self.identity = identity
         self.known_keys = known_keys
         self.history = history
-        self.dms = DirectMessages(
-            identity, user, known_keys, seen=history.seen_dm if history else None
-        )
         self.welcome = welcome
         self.server_cert_sha256 = conn.tls.peer_cert_sha256()
         self.rooms: set[str] = set()  # rooms we are in, kept up to date from events
         self._events: queue.Queue[Event] = queue.Queue()
         self._done = threading.Event()
         self._queue_delivered = threading.Event()
+        # DMs are opened on a thread of their own: opening one may need the sender's device
+        # list, a request whose reply the connection thread itself must read.
+        self.dms = (
+            DirectMessages(
+                device,
+                known_keys,
+                conn.request,
+                self._events.put,
+                max_frame=conn.session.max_frame,
+            )
+            if device is not None
+            else None
+        )
+        self._inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._receiver = threading.Thread(target=self._receive_loop, name=f"dm-{user}", daemon=True)
 
     @classmethod
     def connect(
@@ -110,9 +124,12 @@ class Client:
             if identity.path is None:
                 raise ConfigError("an identity without a key file needs known_keys= given")
             known_keys = KnownKeys(known_keys_path(identity.path))
+        if identity.path is None:
+            raise ConfigError("direct messages need an identity with a key file (its device)")
+        device = DeviceState(identity, user)
         ctx = client_context(ca, cert, cert_key)
         sock, tls, session, welcome, early = open_connection(
-            host, port, ctx, identity, user, timeout
+            host, port, ctx, identity, user, timeout, device.device_id
         )
         client: Client
         conn = ClientConnection(
@@ -126,10 +143,16 @@ class Client:
             flood_refusals=int(_number(welcome.get("flood_refusals")) or 0) or None,
             keepalive=keepalive,
         )
-        client = cls(conn, user, welcome, identity, known_keys, history)
+        client = cls(conn, user, welcome, identity, known_keys, history, device)
         for frame in early:
             client._on_frame(frame)
         conn.start()
+        client._receiver.start()
+        try:
+            client._dms().publish()
+        except BaseException:
+            client.close()
+            raise
         return client
 
     # -- requests ---------------------------------------------------------------------------------
@@ -168,7 +191,7 @@ class Client:
         events: list[Message | FrameDropped] = []
         for f in reply.get("messages", []):
             event = (
-                _event_from_frame({**f, "type": "message", "history": True}, None)
+                _event_from_frame({**f, "type": "message", "history": True})
                 if isinstance(f, dict)
                 else None
             )
@@ -196,31 +219,46 @@ class Client:
         key = base64.b64decode(str(reply.get("key", "")))
         return self.known_keys.check(user, key)
 
+    def _dms(self) -> DirectMessages:
+        if self.dms is None:
+            raise ConfigError("this client was made without a device; it cannot send DMs")
+        return self.dms
+
     def send_dm(self, user: str, text: str, timeout: float = 10.0) -> Future[dict[str, Any]]:
-        """Seal `text` for `user` and send it; the reply says it was delivered.
+        """Encrypt `text` to each of `user`'s devices (and our own other devices) and send it;
+        the reply says it was delivered or queued.
 
         Raises KeyChanged, and sends nothing, when the server offers a key for `user` other than
         the pinned one: the user must compare safety numbers and mark_verified() the new key first.
+        Devices not signed by the pinned key are refused (DeviceWarning events say so).
         """
         return self.send_dm_to(self.check_key(user, timeout), text)
 
     def send_dm_to(self, check: KeyCheck, text: str) -> Future[dict[str, Any]]:
         """send_dm() to a key check_key() returned (so a front end can show its trust state);
-        raises KeyChanged for a changed key."""
+        raises KeyChanged for a changed key. Blocks while it fetches device lists and prekeys."""
         user = check.name
-        sealed = self.dms.seal_to(check, text)
-        future = self._conn.request(
-            "dm",
-            to=user,
-            msg_id=sealed.message_id,
-            box=base64.b64encode(sealed.envelope).decode("ascii"),
-        )
+        future, message_id, ts = self._dms().send(check, text)
         if self.history is not None:
             # Remembered once the server took it: a DM it refused was never sent.
             history = self.history
-            sent = Entry(f"@{user}", self.user, text, sealed.ts, False, sealed.message_id)
+            sent = Entry(f"@{user}", self.user, text, ts, False, message_id)
             future.add_done_callback(lambda f: None if f.exception() else history.add(sent))
         return future
+
+    def devices(self, user: str | None = None) -> list[DeviceInfo]:
+        """The devices of `user` (default: ours), checked against the pinned identity key; those
+        not signed by it are left out, with a DeviceWarning event each. Blocks for the server."""
+        return self._dms().device_infos(user or self.user)
+
+    @property
+    def device_id(self) -> str:
+        return self._dms().state.device_id
+
+    def revoke_device(self, device_id: str) -> dict[str, Any]:
+        """Revoke one of our devices (a revocation signed by the identity key): others stop
+        encrypting to it and the server stops delivering to it. Blocks for the server."""
+        return self._dms().revoke(device_id)
 
     def safety_number(self, user: str, timeout: float = 10.0) -> Verification:
         """What to compare aloud with `user`: the safety number over the key pinned for them
@@ -288,18 +326,28 @@ class Client:
     # -- connection thread ------------------------------------------------------------------------
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
-        if frame["type"] == "queue_end":
-            self._queue_delivered.set()
+        if frame["type"] in ("dm", "queue_end", "prekey_count"):
+            # In order behind the DMs before it: queue_end means they have all been opened.
+            self._inbox.put(frame)
             return
-        event = _event_from_frame(frame, self.dms)
-        if frame["type"] == "dm" and isinstance(frame.get("msg_id"), str):
-            # Acknowledge every DM we processed, shown or refused, so the server deletes it; the
-            # ack leaves before anything we send after seeing the event.
-            self._conn.send(
-                self._conn.session.encode({"type": "ack", "msg_ids": [frame["msg_id"]]})
-            )
-        if event is None:
-            return
+        if self._another_device_of_mine(frame):
+            return  # our phone joining or leaving a room is not this device doing it
+
+        event = _event_from_frame(frame)
+        if event is not None:
+            self._emit(event)
+
+    def _another_device_of_mine(self, frame: dict[str, Any]) -> bool:
+        device = frame.get("device")
+        return (
+            frame["type"] in ("joined", "parted")
+            and frame.get("user") == self.user
+            and self.dms is not None
+            and isinstance(device, str)
+            and device != self.dms.state.device_id
+        )
+
+    def _emit(self, event: Event) -> None:
         if self.history is not None:
             self._remember(event)
         if isinstance(event, Joined) and event.user == self.user:
@@ -307,6 +355,30 @@ class Client:
         elif isinstance(event, Parted) and event.user == self.user:
             self.rooms.discard(event.room)
         self._events.put(event)
+
+    def _receive_loop(self) -> None:
+        while (frame := self._inbox.get()) is not None:
+            try:
+                self._receive(frame)
+            except Exception as exc:  # a bad frame must not stop every later DM
+                self._events.put(DeviceWarning(self.user, f"a direct message was lost: {exc}"))
+
+    def _receive(self, frame: dict[str, Any]) -> None:
+        if frame["type"] == "queue_end":
+            self._queue_delivered.set()
+        elif frame["type"] == "prekey_count" and self.dms is not None:
+            count = frame.get("count")
+            if isinstance(count, int) and not isinstance(count, bool):
+                self.dms.replenish(count, frame.get("fallback") is True)
+        elif frame["type"] == "dm" and self.dms is not None:
+            event = self.dms.receive(frame)
+            if isinstance(frame.get("msg_id"), str) and not self._done.is_set():
+                # Acknowledged once opened and saved, shown or refused, so the server deletes it.
+                self._conn.send(
+                    self._conn.session.encode({"type": "ack", "msg_ids": [frame["msg_id"]]})
+                )
+            if event is not None:
+                self._emit(event)
 
     def _remember(self, event: Event) -> None:
         if isinstance(event, Message):
@@ -320,6 +392,9 @@ class Client:
 
     def _on_close(self, reason: str) -> None:
         self._done.set()
+        self._inbox.put(None)
+        if self._receiver.is_alive() and self._receiver is not threading.current_thread():
+            self._receiver.join(5.0)  # the DMs that arrived before the close come first
         self._events.put(Closed(reason))
 
 
@@ -371,7 +446,7 @@ def _room_frame_problem(frame: dict[str, Any]) -> FrameDropped | None:
     )
 
 
-def _event_from_frame(frame: dict[str, Any], dms: DirectMessages | None) -> Event | None:
+def _event_from_frame(frame: dict[str, Any]) -> Event | None:
     """Map a server frame to an event; frames of types we do not know are ignored, so a newer
     server can add some. A room frame naming no valid room or user becomes FrameDropped."""
     ftype = frame["type"]
@@ -392,8 +467,6 @@ def _event_from_frame(frame: dict[str, Any], dms: DirectMessages | None) -> Even
         return Parted(
             _str(frame, "room"), _str(frame, "user"), _str(frame, "reason"), _int(frame, "ts")
         )
-    if ftype == "dm" and dms is not None:
-        return dms.receive(frame)
     if ftype == "error":
         return ServerError(_str(frame, "code"), _str(frame, "message"))
     return None

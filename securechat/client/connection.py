@@ -28,6 +28,7 @@ from securechat.errors import (
     ProtocolError,
 )
 from securechat.identity import Identity
+from securechat.protocol import PROTOCOL_VERSION
 from securechat.ratelimit import RATE_LIMITED
 from securechat.tls import TLSStream
 
@@ -132,6 +133,7 @@ def open_connection(
     identity: Identity,
     user: str,
     timeout: float = 10.0,
+    device: str | None = None,
 ) -> tuple[socket.socket, TLSStream, ClientSession, dict[str, Any], list[dict[str, Any]]]:
     """Connect, handshake and log in; return the logged-in pieces for ClientConnection.
 
@@ -155,7 +157,7 @@ def open_connection(
         except CertificateError as exc:
             raise ConnectError(str(exc)) from None
         session = ClientSession()
-        io.send(session.hello(user, identity))
+        io.send(session.hello(user, identity, device))
         frames = io.frames(session)
         first = frames.pop(0)
         if first["type"] == "challenge":
@@ -185,6 +187,12 @@ def _check_welcome(first: dict[str, Any], user: str, where: str) -> None:
         )
     if first["type"] != "welcome":
         raise ConnectError(f"{where} answered the login with an unexpected {first['type']!r}")
+    if first.get("version") != PROTOCOL_VERSION:
+        # No downgrade: an older server would take our DMs in a format we no longer trust.
+        raise ConnectError(
+            f"{where} does not speak protocol version {PROTOCOL_VERSION} (it said "
+            f"{str(first.get('version'))!r:.20}); disconnected"
+        )
     if first.get("user") != user:
         # Adopting another name would file DMs and pins under someone else's identity.
         raise ConnectError(

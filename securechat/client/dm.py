@@ -1,70 +1,410 @@
-"""Direct messages on the client: key look-up against pinned keys, sealing, and opening.
+"""Direct messages on the client (protocol version 2): this device's Olm state, device lists
+checked against pinned identity keys, fan-out on sending, and opening what arrives.
 
-The server relays sealed envelopes and stamps the sender; it cannot read them, and this module
-is where its claims are checked. A key the server offers that differs from the pinned one stops
-sending to that name; a DM that fails any check becomes a DMRejected event, never a message.
-
-The replay guard outlives connections: one ReplayMemory per identity and name for the whole
-process, shared by every Client that logs in as them. A reconnect (the terminal and the GUI make a
-new Client each time) must not give a hostile server a fresh guard to replay old DMs past.
+The server relays envelopes and stamps the sender; it cannot read them, and this module is where
+its claims are checked (with securechat/e2e). A device not signed by the pinned identity key is
+refused and reported; a DM that fails any check becomes a DMRejected event, never a message. The
+device, its sessions and its conversation chains are saved beside the key file after every change,
+so replays are refused across restarts. Requests go through `request` (the connection's); it must
+not be called on the connection's own thread, since these calls wait for the replies.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
+import secrets
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
-from securechat import sealing
-from securechat.client.events import DirectMessage, DMRejected, Event
+from securechat.client.events import DeviceWarning, DirectMessage, DMRejected, Event
+from securechat.e2e import envelope, prekeys, records, storage
+from securechat.e2e.conversations import ConversationTracker
+from securechat.e2e.records import DeviceList, DeviceRecord
+from securechat.e2e.sessions import SessionStore
+from securechat.errors import (
+    BrokenChain,
+    DeviceRecordError,
+    E2EError,
+    EnvelopeError,
+    PrekeyError,
+    ReplayedRecord,
+    UndecryptableMessage,
+    UnsignedDevice,
+)
 from securechat.identity import Identity
+from securechat.sealing import ReplayedMessage, SealError, StaleMessage
 from securechat.trust import KeyChanged, KeyCheck, KeyState, KnownKeys
 
+Request = Callable[..., "Future[dict[str, Any]]"]
+
 # What each refusal is called in a DMRejected event (stable words for UIs and tests).
-REJECTION_KINDS: tuple[tuple[type[sealing.SealError], str], ...] = (
-    (sealing.ReflectedMessage, "reflected"),
-    (sealing.MisroutedMessage, "misrouted"),
-    (sealing.ForgedSender, "forged"),
-    (sealing.ReplayedMessage, "replayed"),
-    (sealing.StaleMessage, "stale"),
-    (sealing.UnsupportedEnvelope, "unsupported"),
-    (sealing.SealError, "tampered"),
+REJECTION_KINDS: tuple[tuple[type[Exception], str], ...] = (
+    (UnsignedDevice, "unsigned_device"),
+    (DeviceRecordError, "unsigned_device"),
+    (ReplayedRecord, "replayed"),
+    (ReplayedMessage, "replayed"),
+    (StaleMessage, "stale"),
+    (BrokenChain, "broken_chain"),
+    (UndecryptableMessage, "undecryptable"),
+    (EnvelopeError, "misrouted"),
+    (E2EError, "tampered"),
+    (SealError, "tampered"),
 )
 
 
-def _kind(exc: sealing.SealError) -> str:
+def _kind(exc: Exception) -> str:
     return next(kind for cls, kind in REJECTION_KINDS if isinstance(exc, cls))
 
 
-class ReplayMemory:
-    """A thread-safe ReplayGuard. Bounded by the guard itself: it forgets a DM once its sealed
-    time leaves the accepted window (the server keeps DMs for at most a week) and holds at most
-    sealing.MAX_REMEMBERED_DEFAULT of them."""
-
-    def __init__(self, guard: sealing.ReplayGuard | None = None) -> None:
-        self._guard = guard or sealing.ReplayGuard()
-        self._lock = threading.Lock()
-
-    def check(self, opened: sealing.OpenedDM) -> None:
-        """Accept and remember `opened`, or raise ReplayedMessage / StaleMessage."""
-        with self._lock:
-            self._guard.check(opened)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._guard)
+def new_message_id() -> str:
+    return secrets.token_urlsafe(16)
 
 
-_process_memories: dict[tuple[bytes, str], ReplayMemory] = {}
-_process_lock = threading.Lock()
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
-def process_replay_memory(identity: Identity, user: str) -> ReplayMemory:
-    """The one ReplayMemory of this process for `user` logged in with `identity`."""
-    with _process_lock:
-        return _process_memories.setdefault((identity.verify_key_bytes, user), ReplayMemory())
+class DeviceState:
+    """This installation's device, its Olm sessions and its conversation chains, as saved beside
+    the key file. One lock: the sending thread and the receiving thread share it."""
+
+    def __init__(self, identity: Identity, user: str) -> None:
+        self.identity = identity
+        self.user = user
+        self.device, self.created = storage.load_or_create_device(identity)
+        self.sessions: SessionStore
+        self.sessions, notes = storage.load_sessions(identity)
+        self.notes = [n.text for n in notes]
+        self.tracker: ConversationTracker = storage.load_tracker(identity, user, self.device)
+        self.lock = threading.RLock()
+
+    @property
+    def device_id(self) -> str:
+        return self.device.device_id
+
+    def record(self) -> DeviceRecord:
+        return records.sign_device(self.identity, self.user, self.device)
+
+    def save(self) -> None:
+        storage.save_device(self.identity, self.device)
+        storage.save_sessions(self.identity, self.sessions)
+        storage.save_tracker(self.identity, self.tracker)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One device as /devices shows it."""
+
+    device_id: str
+    fingerprint: str  # of its Ed25519 key; "" when it was refused
+    last_seen_ms: int | None
+    revoked: bool
+    this_device: bool
+
+
+class DirectMessages:
+    """Sends and opens version 2 DMs for one logged-in device."""
+
+    def __init__(
+        self,
+        state: DeviceState,
+        known_keys: KnownKeys,
+        request: Request,
+        warn: Callable[[Event], None],
+        timeout: float = 10.0,
+        max_frame: int = 64 * 1024,
+    ) -> None:
+        self.state = state
+        self.identity = state.identity
+        self.user = state.user
+        self.known_keys = known_keys
+        self._request = request
+        self._warn = warn
+        self._timeout = timeout
+        self._max_frame = max_frame  # the server's: prekeys are published in frames that fit
+        self._lists: dict[str, DeviceList] = {}  # verified device lists, by user
+        for note in state.notes:
+            warn(DeviceWarning(self.user, note))
+
+    def _ask(self, ftype: str, **fields: Any) -> dict[str, Any]:
+        return self._request(ftype, **fields).result(self._timeout)
+
+    # -- this device --------------------------------------------------------------------------
+
+    def publish(self) -> None:
+        """Publish this device's signed record, then top up its prekeys."""
+        self._ask("publish_device", record=self.state.record().to_wire())
+        count = self._ask("prekey_count")
+        self.replenish(count.get("count"), count.get("fallback") is True)
+
+    def replenish(self, server_count: Any, has_fallback: bool) -> None:
+        """Publish new prekeys if the server's count says so (prekeys.plan_prekeys)."""
+        state = self.state
+        with state.lock:
+            plan = prekeys.plan_prekeys(
+                server_count, has_fallback, state.device.account.max_number_of_one_time_keys
+            )
+            if not plan.one_time_keys and not plan.new_fallback:
+                return
+            keys = prekeys.new_prekeys(state.device, self.user, plan)
+            state.save()
+        for batch in _batches([k.to_wire() for k in keys], self._max_frame):
+            self._ask("publish_prekeys", keys=batch)
+
+    # -- device lists -------------------------------------------------------------------------
+
+    def _pinned(self, user: str, offered: bytes, check: KeyCheck | None) -> bytes:
+        """The identity key to check `user`'s devices against: our own, or the pinned one."""
+        if user == self.user:
+            return self.identity.verify_key_bytes
+        if check is None or check.key != offered:
+            check = self.known_keys.check(user, offered)
+        if check.state is KeyState.CHANGED or check.pinned_key is None:
+            raise KeyChanged(check)
+        return check.pinned_key
+
+    def devices_of(
+        self, user: str, check: KeyCheck | None = None
+    ) -> tuple[DeviceList, dict[str, Any]]:
+        """`user`'s devices that may be encrypted to (signed by the pinned key, not revoked),
+        and the server's answer; each refused record is reported as a DeviceWarning."""
+        reply = self._ask("devices", user=user)
+        offered = _b64(reply.get("key"))
+        pinned = self._pinned(user, offered or b"", check)
+        found = records.verified_devices(
+            user, pinned, _list(reply.get("devices")), _list(reply.get("revocations"))
+        )
+        for warning in found.refused:
+            self._warn(DeviceWarning(user, warning))
+        self._lists[user] = found
+        with self.state.lock:
+            for device_id in found.revoked:
+                self.state.sessions.forget(user, device_id)
+        return found, reply
+
+    def device_infos(self, user: str) -> list[DeviceInfo]:
+        """What /devices shows for `user` (ourselves included)."""
+        found, reply = self.devices_of(user)
+        seen = {s.get("device_id"): s for s in _list(reply.get("seen")) if isinstance(s, dict)}
+        shown = [*(d.device_id for d in found.devices), *found.revoked]
+        by_id = {d.device_id: d for d in found.devices}
+        out = []
+        for device_id in shown:
+            record = by_id.get(device_id)
+            last = seen.get(device_id, {}).get("last_seen_ms")
+            out.append(
+                DeviceInfo(
+                    device_id,
+                    record.fingerprint if record is not None else "",
+                    last if isinstance(last, int) else None,
+                    record is None,
+                    user == self.user and device_id == self.state.device_id,
+                )
+            )
+        return out
+
+    def revoke(self, device_id: str) -> dict[str, Any]:
+        """Publish a revocation of one of our devices, signed by the identity key."""
+        revocation = records.sign_revocation(self.identity, self.user, device_id, _now_ms())
+        reply = self._ask("revoke", revocation=revocation.to_wire())
+        with self.state.lock:
+            self.state.sessions.forget(self.user, device_id)
+            self.state.save()
+        self._lists.pop(self.user, None)
+        return reply
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def send(self, check: KeyCheck, text: str) -> tuple[Future[dict[str, Any]], str, int]:
+        """Encrypt `text` to every device of `check.name` and our own other devices and send one
+        `dm` per device. Returns (a future for the whole fan-out, message id, timestamp)."""
+        if check.state is KeyState.CHANGED:
+            raise KeyChanged(check)
+        user = check.name
+        theirs, _ = self.devices_of(user, check)
+        own = theirs if user == self.user else self.devices_of(self.user)[0]
+        state = self.state
+        targets = envelope.fanout_targets(state.device_id, theirs, own)
+        if user != self.user and not theirs.devices:
+            raise DeviceRecordError(
+                f"{user} has no device signed by their identity key; nothing was sent"
+            )
+        self._start_sessions(targets)
+        message_id, ts = new_message_id(), _now_ms()
+        with state.lock:
+            reachable = [t for t in targets if not state.sessions.needs_session(t)]
+            envelopes = envelope.encrypt_dm(
+                state.sessions, state.tracker, reachable, user, message_id, ts, text
+            )
+            state.save()
+        futures = [
+            self._request(
+                "dm",
+                to=user,
+                user=env.recipient,
+                device=env.recipient_device,
+                msg_id=message_id,
+                data=base64.b64encode(env.data).decode("ascii"),
+            )
+            for env in envelopes
+        ]
+        return _gather(futures, message_id, ts), message_id, ts
+
+    def _start_sessions(self, targets: list[DeviceRecord]) -> None:
+        with self.state.lock:
+            lacking = envelope.needs_prekeys(self.state.sessions, targets)
+        by_user: dict[str, list[DeviceRecord]] = {}
+        for target in lacking:
+            by_user.setdefault(target.user, []).append(target)
+        for user, wanted in by_user.items():
+            reply = self._ask("claim_prekeys", user=user, devices=[t.device_id for t in wanted])
+            raw = reply.get("keys")
+            keys: dict[str, Any] = raw if isinstance(raw, dict) else {}
+            for target in wanted:
+                try:
+                    claimed = prekeys.verify_prekey(keys.get(target.device_id), target)
+                except PrekeyError as exc:
+                    self._warn(
+                        DeviceWarning(
+                            user,
+                            f"no secure session with {user}'s device {target.device_id} ({exc});"
+                            " it will not get this message",
+                        )
+                    )
+                    continue
+                with self.state.lock:
+                    note = self.state.sessions.start_session(self.state.device, target, claimed)
+                if note is not None:
+                    self._warn(DeviceWarning(user, note.text))
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def receive(self, frame: dict[str, Any]) -> Event | None:
+        """Turn a delivered `dm` frame into a DirectMessage, or a DMRejected saying why not.
+
+        None for a DM from the server's queue that was already shown: the server redelivers until
+        we acknowledge, so a repeat of that kind is expected and shown once only.
+        """
+        sender = frame.get("from") if isinstance(frame.get("from"), str) else ""
+        sender_device = frame.get("from_device")
+        data = _b64(frame.get("data"))
+        if not sender or not isinstance(sender_device, str) or data is None:
+            return DMRejected(sender or "?", "tampered", "a direct message arrived malformed")
+        pinned_before = self.known_keys.state(sender)
+        try:
+            record = self._sender_device(sender, sender_device)
+        except KeyChanged as exc:
+            return DMRejected(sender, "key_changed", exc.check.warning(), exc.check)
+        except (E2EError, TimeoutError) as exc:
+            return DMRejected(sender, "unsigned_device", str(exc))
+        if record is None:
+            return DMRejected(
+                sender,
+                "unsigned_device",
+                f"a direct message came from {sender}'s device {sender_device}, which is not "
+                f"signed by {sender}'s pinned identity key (or was revoked); it was refused. The "
+                "server may be adding a device of its own",
+            )
+        state = self.state
+        with state.lock:
+            if state.tracker.guard.seen(sender, _str(frame)):
+                # Accepted before: its message keys are spent, so do not try them (a failure would
+                # look like a broken session). From the queue it is a redelivery of what we showed
+                # before the ack was lost; live, the server is replaying it.
+                if frame.get("queued") is True:
+                    return None
+                return DMRejected(
+                    sender,
+                    "replayed",
+                    f"a direct message from {sender} arrived again; the copy was dropped. The "
+                    "server may be replaying old messages",
+                )
+            try:
+                opened = envelope.open_envelope(
+                    state.sessions, state.device, state.tracker, sender, record, data, _now_ms()
+                )
+            except (ReplayedRecord, ReplayedMessage) as exc:
+                if frame.get("queued") is True:
+                    return None
+                return DMRejected(sender, "replayed", str(exc))
+            except (E2EError, SealError) as exc:
+                return DMRejected(sender, _kind(exc), str(exc))
+            finally:
+                state.save()  # a refusal may still have changed state (a wedged session)
+        if opened.note is not None:
+            self._warn(DeviceWarning(sender, opened.note.text))
+        inner = opened.delivery.record
+        trust = self.known_keys.state(sender) if pinned_before is not None else None
+        mine = sender == self.user
+        key_state = KeyState.VERIFIED.value if mine else (trust or KeyState.NEW).value
+        return DirectMessage(
+            inner.sender,
+            inner.recipient,
+            inner.body,
+            inner.ts,
+            inner.message_id,
+            key_state,
+            notice=opened.delivery.notice(self.user),
+            device=inner.sender_device,
+            own=mine,
+        )
+
+    def _sender_device(self, sender: str, device_id: str) -> DeviceRecord | None:
+        known = self._lists.get(sender)
+        if known is None or known.get(device_id) is None:
+            known, _ = self.devices_of(sender)
+        return known.get(device_id)
+
+
+def _gather(
+    futures: list[Future[dict[str, Any]]], message_id: str, ts: int
+) -> Future[dict[str, Any]]:
+    """One future for a fan-out: "delivered" if any device got it at once, else "queued"; the
+    first refusal if every envelope was refused."""
+    done: Future[dict[str, Any]] = Future()
+    if not futures:
+        done.set_result({"msg_id": message_id, "ts": ts, "status": "queued", "devices": 0})
+        return done
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one(_: Future[dict[str, Any]]) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        ok = [f.result() for f in futures if f.exception() is None]
+        if not ok:
+            done.set_exception(futures[0].exception())
+            return
+        delivered = any(r.get("status") == "delivered" for r in ok)
+        status = "delivered" if delivered else "queued"
+        done.set_result({"msg_id": message_id, "ts": ts, "status": status, "devices": len(ok)})
+
+    for future in futures:
+        future.add_done_callback(one)
+    return done
+
+
+def _batches(items: list[dict[str, Any]], max_frame: int) -> list[list[dict[str, Any]]]:
+    """`items` in lists whose frames stay under `max_frame` bytes (and 100 items)."""
+    budget = max_frame - 256  # the frame's own fields
+    out: list[list[dict[str, Any]]] = [[]]
+    used = 0
+    for item in items:
+        size = len(json.dumps(item)) + 2
+        if out[-1] and (used + size > budget or len(out[-1]) >= 100):
+            out.append([])
+            used = 0
+        out[-1].append(item)
+        used += size
+    return [b for b in out if b]
 
 
 def _b64(value: Any) -> bytes | None:
@@ -76,79 +416,10 @@ def _b64(value: Any) -> bytes | None:
         return None
 
 
-class DirectMessages:
-    """Seals outgoing DMs and checks incoming ones for one logged-in identity."""
+def _str(frame: dict[str, Any]) -> str:
+    value = frame.get("msg_id")
+    return value if isinstance(value, str) else ""
 
-    def __init__(
-        self,
-        identity: Identity,
-        user: str,
-        known_keys: KnownKeys,
-        *,
-        seen: Callable[[str, str], bool] | None = None,
-        replays: ReplayMemory | None = None,
-    ) -> None:
-        self.identity = identity
-        self.user = user
-        self.known_keys = known_keys
-        # seen(sender, msg_id): shown in an earlier run (the local history knows), so the
-        # replay guard's memory, which dies with the process, is not the only defence. A
-        # history that cannot be read answers False: the guard then still refuses repeats.
-        self._seen = seen
-        self.replays = replays if replays is not None else process_replay_memory(identity, user)
-        self._lock = threading.Lock()  # one check-and-record at a time
 
-    def seal_to(self, check: KeyCheck, text: str) -> sealing.SealedDM:
-        """Seal `text` for the checked key; refuses (KeyChanged) a key that is not pinned."""
-        if check.state is KeyState.CHANGED:
-            raise KeyChanged(check)
-        return sealing.seal(self.identity.signing_key, self.user, check.name, check.key, text)
-
-    def receive(self, frame: dict[str, Any]) -> Event | None:
-        """Turn a delivered `dm` frame into a DirectMessage, or a DMRejected saying why not.
-
-        None for a DM from the server's queue that we have already shown: the server redelivers
-        until we acknowledge, so a repeat of that kind is expected and shown once only.
-        """
-        sender = frame.get("from") if isinstance(frame.get("from"), str) else ""
-        msg_id = frame.get("msg_id") if isinstance(frame.get("msg_id"), str) else ""
-        envelope, sender_key = _b64(frame.get("box")), _b64(frame.get("from_key"))
-        if not sender or envelope is None or sender_key is None or len(sender_key) != 32:
-            return DMRejected(sender or "?", "tampered", "a direct message arrived malformed")
-        try:
-            opened = sealing.open_sealed(
-                self.identity.signing_key,
-                self.user,
-                sender,
-                sender_key,
-                envelope,
-                expected_message_id=msg_id,
-            )
-        except sealing.SealError as exc:
-            return DMRejected(sender, _kind(exc), str(exc))
-        # Pin or compare the sender's key only once the message proved it holds that key.
-        check = self.known_keys.check(sender, sender_key)
-        if check.state is KeyState.CHANGED:
-            return DMRejected(sender, "key_changed", check.warning(), check)
-        with self._lock:
-            try:
-                self.replays.check(opened)
-                if self._seen is not None and self._seen(opened.sender, opened.message_id):
-                    raise sealing.ReplayedMessage(
-                        f"a direct message from {sender} arrived again (shown in an earlier"
-                        " session); the copy was dropped. The server may be replaying old messages"
-                    )
-            except sealing.ReplayedMessage as exc:
-                if frame.get("queued") is True:
-                    return None
-                return DMRejected(sender, _kind(exc), str(exc))
-            except sealing.SealError as exc:
-                return DMRejected(sender, _kind(exc), str(exc))
-        return DirectMessage(
-            opened.sender,
-            opened.recipient,
-            opened.body,
-            opened.ts,
-            opened.message_id,
-            check.state.value,
-        )
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []

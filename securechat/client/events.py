@@ -55,7 +55,9 @@ class Parted:
 
 @dataclass(frozen=True)
 class DirectMessage:
-    """A sealed DM that opened and passed every check: names, replay window, pinned key."""
+    """A DM that decrypted and passed every check: a device signed by the pinned key, names,
+    its place in the conversation's chain. A copy of what we sent from another device has
+    `sender` equal to our own name and `recipient` the other person."""
 
     sender: str
     recipient: str
@@ -63,6 +65,9 @@ class DirectMessage:
     ts: int  # the sender's clock, sealed inside the message
     message_id: str
     key_state: str  # "new", "pinned" or "verified": how far the sender's key is trusted
+    notice: str | None = None  # "a message from bob is missing", "(arrived out of order)"
+    device: str = ""  # the sending device
+    own: bool = False  # a copy of what we sent from another of our devices
 
     @property
     def time(self) -> datetime:
@@ -70,10 +75,21 @@ class DirectMessage:
 
 
 @dataclass(frozen=True)
+class DeviceWarning:
+    """Something about `user`'s devices to show loudly: a device record not signed by their
+    pinned identity key (refused), a secure session that had to be started anew, a device that
+    could not be reached."""
+
+    user: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class DMRejected:
-    """A DM that was NOT shown: `kind` is tampered, forged, misrouted, reflected, replayed,
-    stale, unsupported or key_changed; `detail` is the warning to show. For key_changed, `check`
-    holds the key check, so that a front end can word what to do in its own commands."""
+    """A DM that was NOT shown: `kind` is tampered, misrouted, replayed, stale, broken_chain,
+    undecryptable, unsigned_device or key_changed; `detail` is the warning to show. For
+    key_changed, `check` holds the key check, so that a front end can word what to do in its own
+    commands."""
 
     sender: str
     kind: str
@@ -106,4 +122,7 @@ class Closed:
     reason: str
 
 
-Event = Message | Joined | Parted | DirectMessage | DMRejected | FrameDropped | ServerError | Closed
+Event = (
+    Message | Joined | Parted | DirectMessage | DMRejected | DeviceWarning | FrameDropped
+    | ServerError | Closed
+)  # fmt: skip

@@ -12,6 +12,7 @@ import itertools
 from typing import Any
 
 from securechat import framing, protocol
+from securechat.e2e.device import new_device_id
 from securechat.errors import ErrorCode, ProtocolError
 from securechat.identity import Identity
 
@@ -46,13 +47,16 @@ class ClientSession:
         request_id = self.next_id()
         return request_id, self.encode({"type": ftype, "id": request_id, **fields})
 
-    def hello(self, user: str, identity: Identity) -> bytes:
+    def hello(self, user: str, identity: Identity, device: str | None = None) -> bytes:
+        """The first frame; `device` is this installation's device id (None: a throwaway one,
+        for a connection that sends no DMs)."""
         return self.encode(
             {
                 "type": "hello",
                 "user": user,
                 "key": protocol.b64(identity.verify_key_bytes),
                 "version": protocol.PROTOCOL_VERSION,
+                "device": device or new_device_id(),
             }
         )
 

@@ -4,7 +4,7 @@ The bytes the server relays for one device:
 
     version (1 byte, 0x02) || Olm message type (1 byte: 0 pre-key, 1 normal) || Olm ciphertext
 
-Version 1 (NaCl Box, sealing.py) is refused here: a server cannot downgrade a v2 conversation
+Version 1 (NaCl Box, no longer sent) is refused here: a server cannot downgrade a v2 conversation
 to the old format. Fan-out: a DM goes to each verified device of the recipient and to each of
 the sender's own other devices, so every device shows what was sent from any other. Opening
 checks that the record inside names the device whose session decrypted it as its sender, and

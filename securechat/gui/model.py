@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from securechat.client.events import (
     Closed,
+    DeviceWarning,
     DirectMessage,
     DMRejected,
     Event,
@@ -159,6 +160,8 @@ class ChatModel:
                 conv.trust = Trust(event.key_state, old.fingerprint if old else "")
             kind = "own_dm" if event.sender == self.user else "dm"
             self.add(conv.name, Line(kind, clean(event.text), event.sender, event.ts))
+            if event.notice:
+                self.add(conv.name, Line("warning", clean(event.notice)))
         elif isinstance(event, DMRejected):
             name = f"@{event.sender}"
             detail = hints.rejected_detail(event)
@@ -180,7 +183,7 @@ class ChatModel:
             self.add(event.room, Line("system", f"{clean_line(event.user)} left{why}", ts=event.ts))
             if event.user == self.user:
                 conv.members.clear()
-        elif isinstance(event, FrameDropped):
+        elif isinstance(event, FrameDropped | DeviceWarning):
             self.note(event.detail, kind="warning")
         elif isinstance(event, ServerError):
             self.note(f"server: {event.message} ({event.code})", kind="warning")

@@ -32,6 +32,7 @@ from securechat.server.context import ServerContext
 from securechat.server.hub import Hub
 from securechat.server.loop import IOLoop
 from securechat.server.quota import DMQuota
+from securechat.server.requests import PREKEY_LOW
 from securechat.server.store import HistoryRow, SQLiteStore
 from securechat.server.worker import StoreWorker
 from securechat.settings import check_server_fields, server_default
@@ -307,6 +308,7 @@ class Server:
             "burst": config.burst,
             "flood_refusals": config.flood_refusals,
             "idle_timeout": config.idle_timeout,
+            "prekey_low": PREKEY_LOW,
         }
 
     @property

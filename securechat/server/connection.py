@@ -27,7 +27,7 @@ from securechat.protocol import (
     State,
     b64,
 )
-from securechat.ratelimit import TokenBucket
+from securechat.ratelimit import RATE_LIMITED, TokenBucket
 from securechat.server import requests
 from securechat.server.admission import Refusal
 from securechat.server.hub import Hub, RoomRequest
@@ -47,8 +47,8 @@ LINGER = 2.0  # seconds a closing connection may take to flush its last frames
 class Connection:
     __slots__ = (
         "_acks", "_counted", "_heard", "_hs_deadline", "_idle_at", "_login_deadline", "_pinged",
-        "_rate", "_want_write", "addr", "closing", "ctx", "ip", "loop", "open", "outbox", "outbuf",
-        "public_key_b64", "refusal", "session", "sock", "tls", "user",
+        "_rate", "_want_write", "addr", "closing", "ctx", "device", "ip", "loop", "open", "outbox",
+        "outbuf", "public_key_b64", "refusal", "session", "sock", "tls", "user",
     )  # fmt: skip
 
     def __init__(
@@ -72,6 +72,7 @@ class Connection:
         self.outbox = Outbox()
         self.session = ServerSession(ctx.cert_sha256, ctx.config.max_frame, emit=self._emit)
         self.user: str = ""
+        self.device = ""  # the device id it logged in as
         self.public_key_b64 = ""
         self.outbuf = bytearray()  # TLS records the socket has not taken yet
         self._counted = 0  # outbuf's memory as last added to the loop's total (the output budget)
@@ -202,7 +203,8 @@ class Connection:
     def _within_rate(self, frame: RequestFrame) -> bool:
         """Spend a token for this request; refuse it (and drop a flooder) when there is none."""
         acking = isinstance(frame, Ack)
-        bucket = self._acks if acking else self._rate
+        # Acks, and a device's publications at login, spend from the more generous bucket.
+        bucket = self._rate if frame.TYPE in RATE_LIMITED else self._acks
         if bucket is None:
             return True
         if acking:  # never sent again, so a refused one holds nothing up
@@ -225,9 +227,10 @@ class Connection:
             )
         return False
 
-    def logged_in(self, user: str, public_key: bytes) -> None:
+    def logged_in(self, user: str, public_key: bytes, device: str) -> None:
         """The store bound the name to the key: welcome the client and start its limits."""
         self.user = user
+        self.device = device
         self.public_key_b64 = b64(public_key)
         self._start_limits()
         self.session.login_accepted(self.ctx.welcome)

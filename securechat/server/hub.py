@@ -4,12 +4,13 @@ Callers are I/O loop threads. One lock guards every table here, including which 
 connection is in (the hub's, not the connection's: a login on one loop may part a connection
 owned by another). Inside the lock we only append to loops' inboxes (never a socket write),
 which keeps a room's messages in one order for every member. A broadcast frame is encoded once
-and the same bytes go to every recipient. Of a connection the hub reads only `user` and `loop`,
-both fixed before it logs in.
+and the same bytes go to every recipient. Of a connection the hub reads only `user`, `device` and
+`loop`, all fixed before it logs in. Users are routed per device: one connection per (user, device).
 """
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -29,8 +30,9 @@ from securechat.protocol import (
     Who,
     now_ms,
 )
+from securechat.server.devicestore import DeviceEnvelope
 from securechat.server.outbox import Audience
-from securechat.server.store import HistoryRow, QueuedDM
+from securechat.server.store import HistoryRow
 
 if TYPE_CHECKING:
     from securechat.server.connection import Connection
@@ -46,7 +48,8 @@ class Room:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.members: dict[str, Connection] = {}
+        # Connections, not names: each device of a user is a member of its own.
+        self.members: set[Connection] = set()
         # Members grouped by the loop that owns them: one inbox post per loop per broadcast.
         self.by_loop: dict[IOLoop, set[Connection]] = defaultdict(set)
         # Each loop's members as one fixed Audience, made again on the first broadcast after
@@ -54,12 +57,15 @@ class Room:
         self._audiences: dict[IOLoop, Audience] = {}
 
     def add(self, conn: Connection) -> None:
-        self.members[conn.user] = conn
+        self.members.add(conn)
         self.by_loop[conn.loop].add(conn)
         self._audiences.pop(conn.loop, None)
 
+    def names(self) -> list[str]:
+        return sorted({c.user for c in self.members})
+
     def remove(self, conn: Connection) -> None:
-        del self.members[conn.user]
+        self.members.discard(conn)
         peers = self.by_loop[conn.loop]
         peers.discard(conn)
         if not peers:
@@ -84,7 +90,7 @@ class Hub:
         presence_limit: int = 0,
     ) -> None:
         self._lock = threading.Lock()
-        self._users: dict[str, Connection] = {}
+        self._users: dict[str, dict[str, Connection]] = {}  # user -> device id -> connection
         self._rooms: dict[str, Room] = {}
         self._joined: dict[Connection, set[str]] = {}  # room names, per logged-in connection
         self._max_frame = max_frame
@@ -127,54 +133,69 @@ class Hub:
 
     # -- direct messages --------------------------------------------------------------------------
 
-    def deliver_dm(self, dm: QueuedDM, sender_key_b64: str, queued: bool) -> bool:
-        """Relay a stored DM to its recipient if online; True if it was handed to them.
+    def deliver_dm(self, env: DeviceEnvelope, queued: bool) -> bool:
+        """Relay a stored envelope to the one device it is for, if online; True if handed over.
 
-        The sealed box is relayed as the same opaque string, stamped with the authenticated
-        sender and its key (the recipient opens the box with it and pins it); the server cannot
-        read it and never re-encrypts it. `queued` marks a delivery from the offline queue, which
-        the client may already have seen (it was not acknowledged).
+        The envelope is relayed as the same opaque bytes, stamped with the authenticated sending
+        user and the device it names; the server cannot read it and never re-encrypts it.
+        `queued` marks a delivery from the offline queue, which the device may already have seen
+        (it was not acknowledged).
         """
         frame = {
             "type": "dm",
-            "from": dm.sender,
-            "from_key": sender_key_b64,
-            "to": dm.recipient,
-            "msg_id": dm.msg_id,
-            "box": dm.box,
-            "ts": dm.ts,
+            "from": env.sender,
+            "from_device": env.sender_device,
+            "msg_id": env.msg_id,
+            "data": base64.b64encode(env.ciphertext).decode("ascii"),
+            "ts": env.ts,
         }
         if queued:
             frame["queued"] = True
-        data = framing.encode(frame, self._max_frame)
         with self._lock:
-            target = self._users.get(dm.recipient)
+            target = self._users.get(env.recipient, {}).get(env.recipient_device)
             if target is None:
                 return False
-            target.loop.deliver(data, (target,))
+            self._tell(target, frame)
         return True
+
+    def tell_device(self, user: str, device: str, frame: dict[str, Any]) -> bool:
+        """Send `frame` to that device if it is online."""
+        with self._lock:
+            target = self._users.get(user, {}).get(device)
+            if target is not None:
+                self._tell(target, frame)
+        return target is not None
+
+    def device_connection(self, user: str, device: str) -> Connection | None:
+        with self._lock:
+            return self._users.get(user, {}).get(device)
 
     # -- presence ---------------------------------------------------------------------------------
 
     def login(self, conn: Connection) -> Connection | None:
         """Register an authenticated connection and join it to the lobby.
 
-        Returns the connection it replaces (the same name logged in again, say after a network
-        drop); the caller closes that one.
+        Returns the connection of the same device that it replaces (the same device logged in
+        again, say after a network drop); the caller closes that one. Other devices of the same
+        user stay logged in.
         """
         with self._lock:
-            old = self._users.get(conn.user)
+            devices = self._users.setdefault(conn.user, {})
+            old = devices.get(conn.device)
             if old is not None:
                 self._leave_all(old, "logged in again from elsewhere")
-            self._users[conn.user] = conn
+            devices[conn.device] = conn
             self._joined[conn] = set()
             self._join(conn, LOBBY)
         return old
 
     def logout(self, conn: Connection, reason: str) -> None:
         with self._lock:
-            if self._users.get(conn.user) is conn:
-                del self._users[conn.user]
+            devices = self._users.get(conn.user, {})
+            if devices.get(conn.device) is conn:
+                del devices[conn.device]
+                if not devices:
+                    del self._users[conn.user]
                 self._leave_all(conn, reason)
 
     def handle(self, conn: Connection, frame: RoomRequest) -> dict[str, Any]:
@@ -260,7 +281,7 @@ class Hub:
 
     def _member_list(self, room: Room) -> dict[str, Any]:
         """The sorted member names that fit in one reply frame, and how many there are."""
-        names = sorted(room.members)
+        names = room.names()
         budget = self._max_frame - MEMBERS_REPLY_OVERHEAD
         for i, name in enumerate(names):
             budget -= len(name.encode()) + 3  # quotes and comma
@@ -288,7 +309,14 @@ class Hub:
             conn.loop.deliver(data, (conn,))
         room.add(conn)
         self._joined[conn].add(name)
-        frame = {"type": "joined", "room": name, "user": conn.user, "ts": now_ms()}
+        # The device too: a user's other devices must not take it for their own join.
+        frame = {
+            "type": "joined",
+            "room": name,
+            "user": conn.user,
+            "device": conn.device,
+            "ts": now_ms(),
+        }
         if self._quiet(room):
             self._tell(conn, frame)
         else:
@@ -299,6 +327,7 @@ class Hub:
             "type": "parted",
             "room": room.name,
             "user": conn.user,
+            "device": conn.device,
             "reason": reason,
             "ts": now_ms(),
         }

@@ -35,14 +35,11 @@ def check_quota(
     waiting: tuple[int, int],
     from_sender: tuple[int, int],
     recipient: str,
-    device: str | None = None,
+    device: str,
 ) -> None:
-    """Refuse one more message of `size` bytes for a queue holding `waiting` (count, bytes), of
-    which `from_sender` came from its sender; `device` names the recipient's device when the
-    queue is one device's."""
-    queue = f"{recipient}'s queue of waiting messages"
-    if device is not None:
-        queue += f" for device {device}"
+    """Refuse one more message of `size` bytes for one device's queue holding `waiting` (count,
+    bytes), of which `from_sender` came from its sender."""
+    queue = f"{recipient}'s queue of waiting messages for device {device}"
     count, total = waiting
     if count >= quota.count or total + size > quota.bytes:
         raise QuotaExceeded(f"{queue} is full ({count} messages, {total} bytes); try again later")

@@ -1,37 +1,85 @@
-"""The requests that need the store: direct messages, key lookups, acknowledgements, and the
-name claim that ends a login.
+"""The requests that need the store: direct messages between devices, devices and prekeys, key
+lookups, acknowledgements, and the name claim that ends a login.
 
 Each handler runs on the connection's I/O loop, hands its store work to the store worker, and
 answers from the worker's result, back on that loop. Nothing here blocks or touches a socket.
-Room requests (join, part, say, rooms, who, history) are the hub's (hub.py).
+Room requests (join, part, say, rooms, who, history) are the hub's (hub.py). Device records,
+revocations and prekeys are checked against the identity key bound to the name before they are
+stored: clients check them again against the key they pinned, so this only keeps junk out.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from securechat.errors import ErrorCode, ProtocolError, StorageError
+from securechat.e2e import prekeys as e2e_prekeys
+from securechat.e2e import records
+from securechat.errors import DeviceRecordError, ErrorCode, PrekeyError, ProtocolError, StorageError
 from securechat.identity import fingerprint
-from securechat.protocol import DM, Ack, Keys, LoginVerified, RequestFrame, State, b64, now_ms
-from securechat.server.store import Claim, QueuedDM, QuotaExceeded, Store
+from securechat.protocol import (
+    DM,
+    Ack,
+    ClaimPrekeys,
+    Devices,
+    Keys,
+    LoginVerified,
+    PrekeyCount,
+    PublishDevice,
+    PublishPrekeys,
+    RequestFrame,
+    Revoke,
+    State,
+    b64,
+    now_ms,
+)
+from securechat.server.devicestore import (
+    DeviceConflict,
+    DeviceEntry,
+    DeviceEnvelope,
+    DeviceStatus,
+    Prekey,
+    PrekeyRefused,
+    RevokedDevice,
+    TooManyDevices,
+    UnknownDevice,
+)
+from securechat.server.store import Claim, QuotaExceeded, Store
 
 if TYPE_CHECKING:
     from securechat.server.connection import Connection
 
 log = logging.getLogger("securechat.server")
 
-DM_FRAME_OVERHEAD = 512  # bytes a relayed DM frame adds around the sealed box
+DM_FRAME_OVERHEAD = 512  # bytes a relayed DM frame adds around the envelope
+PREKEY_LOW = 6  # below this many one-time keys a device is told to replenish (it keeps up to 25)
+
+# The store's refusals that are the client's business, not a store failure.
+_REFUSALS: tuple[tuple[type[StorageError], ErrorCode], ...] = (
+    (QuotaExceeded, ErrorCode.QUOTA_EXCEEDED),
+    (UnknownDevice, ErrorCode.NO_SUCH_DEVICE),
+    (RevokedDevice, ErrorCode.DEVICE_REVOKED),
+    (TooManyDevices, ErrorCode.TOO_MANY_DEVICES),
+    (DeviceConflict, ErrorCode.DEVICE_CONFLICT),
+    (PrekeyRefused, ErrorCode.PREKEYS_REFUSED),
+)
+
+
+def _canonical(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def reply(conn: Connection, request_id: int, result: object, fields: Mapping[str, Any]) -> None:
     """Send the "ok" to a store-backed request, or its error."""
     if not conn.open:
         return
-    if isinstance(result, QuotaExceeded):
-        conn.session.reply_error(request_id, ErrorCode.QUOTA_EXCEEDED, str(result))
+    refusal = next((code for cls, code in _REFUSALS if isinstance(result, cls)), None)
+    if refusal is not None:
+        conn.session.reply_error(request_id, refusal, str(result))
     elif isinstance(result, ProtocolError):
         conn.session.reply_error(request_id, ErrorCode(result.code), result.message)
     elif isinstance(result, StorageError):
@@ -46,34 +94,51 @@ def reply(conn: Connection, request_id: int, result: object, fields: Mapping[str
     conn.loop.mark_dirty(conn)
 
 
-def dm(conn: Connection, frame: DM) -> None:
-    """Store the sealed DM durably, then relay it if its recipient is online.
+def _bound_key(conn: Connection) -> bytes:
+    assert conn.session.public_key is not None  # only logged-in connections make requests
+    return conn.session.public_key
 
-    The sender hears "delivered" or "queued" only once the DM is committed, so a crash of the
-    server after that cannot lose it; it leaves the store when the recipient acks it.
+
+def dm(conn: Connection, frame: DM) -> None:
+    """Store one envelope for one device durably, then relay it if that device is online.
+
+    The sender hears "delivered" or "queued" only once the envelope is committed, so a crash of
+    the server after that cannot lose it; it leaves the store when its device acks it.
     """
-    ctx, to = conn.ctx, frame.to
-    config = ctx.config
-    if len(frame.box) > config.max_frame - DM_FRAME_OVERHEAD:
-        # Relayed, it gains the sender's name and key: it must still fit in one frame.
+    ctx, config = conn.ctx, conn.ctx.config
+    if len(frame.data) > config.max_frame - DM_FRAME_OVERHEAD:
+        # Relayed, it gains the sender's name and device: it must still fit in one frame.
         conn.session.reply_error(
             frame.id, ErrorCode.TOO_LARGE, "this direct message is too large to relay; split it"
         )
         return
-    queued = QueuedDM(
-        conn.user, conn.session.public_key or b"", to, frame.msg_id, frame.box, now_ms()
+    if frame.user not in (frame.to, conn.user):
+        conn.session.reply_error(
+            frame.id,
+            ErrorCode.BAD_FIELD,
+            'field "user" must be "to" or yourself (a copy for your other devices)',
+        )
+        return
+    env = DeviceEnvelope(
+        frame.user,
+        frame.device,
+        conn.user,
+        conn.device,
+        frame.msg_id,
+        base64.b64decode(frame.data),
+        now_ms(),
     )
 
-    def accept(store: Store) -> QueuedDM:
-        if store.public_key(to) is None:
-            raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody is called {to}")
-        store.queue_dm(queued, ttl_ms=config.dm_ttl_ms, quota=config.dm_quota())
-        return queued
+    def accept(store: Store) -> DeviceEnvelope:
+        if store.public_key(env.recipient) is None:
+            raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody is called {env.recipient}")
+        store.queue_envelope(env, ttl_ms=config.dm_ttl_ms, quota=config.dm_quota())
+        return env
 
     def then(result: object) -> None:
-        fields: dict[str, Any] = {"to": to, "msg_id": queued.msg_id, "ts": queued.ts}
-        if isinstance(result, QueuedDM):
-            online = ctx.hub.deliver_dm(queued, conn.public_key_b64, queued=False)
+        fields: dict[str, Any] = {"msg_id": env.msg_id, "ts": env.ts}
+        if isinstance(result, DeviceEnvelope):
+            online = ctx.hub.deliver_dm(env, queued=False)
             fields["status"] = "delivered" if online else "queued"
         reply(conn, frame.id, result, fields)
 
@@ -81,8 +146,10 @@ def dm(conn: Connection, frame: DM) -> None:
 
 
 def ack(conn: Connection, frame: Ack) -> None:
-    user, ids = conn.user, list(frame.msg_ids)
-    conn.ctx.worker.run(lambda store: store.ack_dms(user, ids), lambda _: None, conn.loop)
+    user, device, ids = conn.user, conn.device, list(frame.msg_ids)
+    conn.ctx.worker.run(
+        lambda store: store.ack_envelopes(user, device, ids), lambda _: None, conn.loop
+    )
 
 
 def keys(conn: Connection, frame: Keys) -> None:
@@ -101,11 +168,162 @@ def keys(conn: Connection, frame: Keys) -> None:
     conn.ctx.worker.run(lookup, answer, conn.loop)
 
 
+def publish_device(conn: Connection, frame: PublishDevice) -> None:
+    try:
+        record = records.verify_device(dict(frame.record), conn.user, _bound_key(conn))
+    except DeviceRecordError as exc:
+        conn.session.reply_error(frame.id, ErrorCode.BAD_RECORD, f"device record refused: {exc}")
+        return
+    if record.device_id != conn.device:
+        conn.session.reply_error(
+            frame.id,
+            ErrorCode.BAD_RECORD,
+            f"device record refused: it is for device {record.device_id}, but this connection "
+            f"logged in as device {conn.device}",
+        )
+        return
+    entry = DeviceEntry(
+        record.user,
+        record.device_id,
+        _canonical(frame.record),
+        record.curve25519,
+        record.ed25519,
+        record.created_ms,
+    )
+    conn.ctx.worker.run(
+        lambda store: store.put_device(entry, now_ms()),
+        lambda result: reply(
+            conn, frame.id, result, {"device_id": entry.device_id, "new": result is True}
+        ),
+        conn.loop,
+    )
+
+
+def devices(conn: Connection, frame: Devices) -> None:
+    user = frame.user
+
+    def lookup(store: Store) -> dict[str, Any]:
+        key = store.public_key(user)
+        if key is None:
+            raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody is called {user}")
+        found = store.list_devices(user)
+        return {
+            "user": user,
+            "key": b64(key),
+            "devices": [json.loads(d.entry.record) for d in found],
+            "revocations": [json.loads(d.revocation) for d in found if d.revocation],
+            "seen": [
+                {
+                    "device_id": d.entry.device_id,
+                    "last_seen_ms": d.last_seen_ms,
+                    "revoked_ms": d.revoked_ms,
+                }
+                for d in found
+            ],
+        }
+
+    conn.ctx.worker.run(
+        lookup,
+        lambda result: reply(conn, frame.id, result, result if isinstance(result, dict) else {}),
+        conn.loop,
+    )
+
+
+def publish_prekeys(conn: Connection, frame: PublishPrekeys) -> None:
+    user, device, key = conn.user, conn.device, _bound_key(conn)
+    wire = [dict(k) for k in frame.keys]
+
+    def publish(store: Store) -> object:
+        held = store.device(user, device)
+        if held is None:
+            raise UnknownDevice(f"publish the record of device {device} before its prekeys")
+        try:
+            record = records.verify_device(json.loads(held.entry.record), user, key)
+            checked = [e2e_prekeys.verify_prekey(k, record) for k in wire]
+        except (DeviceRecordError, PrekeyError) as exc:
+            raise ProtocolError(ErrorCode.BAD_RECORD, f"prekeys refused: {exc}") from None
+        batch = [Prekey(k.key_id, _canonical(k.to_wire()), k.fallback) for k in checked]
+        return store.publish_prekeys(user, device, batch)
+
+    def then(result: object) -> None:
+        fields = _count_fields(result)
+        reply(conn, frame.id, result, fields)
+
+    conn.ctx.worker.run(publish, then, conn.loop)
+
+
+def _count_fields(result: object) -> dict[str, Any]:
+    one_time, fallback = getattr(result, "one_time", 0), getattr(result, "fallback", False)
+    return {"count": one_time, "fallback": fallback}
+
+
+def prekey_count(conn: Connection, frame: PrekeyCount) -> None:
+    user, device = conn.user, conn.device
+    conn.ctx.worker.run(
+        lambda store: store.prekey_count(user, device),
+        lambda result: reply(conn, frame.id, result, _count_fields(result)),
+        conn.loop,
+    )
+
+
+def claim_prekeys(conn: Connection, frame: ClaimPrekeys) -> None:
+    """Hand out one prekey per device (each one-time key to one claimer only), and tell a device
+    that is running low to replenish."""
+    user, hub = frame.user, conn.ctx.hub
+
+    def claim(store: Store) -> tuple[dict[str, Any], dict[str, Any]]:
+        claimed = store.claim_prekeys(user, frame.devices)
+        keys = {d: None if k is None else json.loads(k.prekey) for d, k in claimed.items()}
+        counts = {d: store.prekey_count(user, d) for d in claimed}
+        return keys, counts
+
+    def then(result: object) -> None:
+        if isinstance(result, tuple):
+            keys, counts = result
+            for device, count in counts.items():
+                if count.one_time < PREKEY_LOW:
+                    hub.tell_device(user, device, {"type": "prekey_count", **_count_fields(count)})
+            result = {"user": user, "keys": keys}
+        reply(conn, frame.id, result, result if isinstance(result, dict) else {})
+
+    conn.ctx.worker.run(claim, then, conn.loop)
+
+
+def revoke(conn: Connection, frame: Revoke) -> None:
+    """Any logged-in device of a user may revoke any device of theirs (the identity key signed
+    the revocation); the revoked device is disconnected and gets nothing more."""
+    user, hub = conn.user, conn.ctx.hub
+    try:
+        revocation = records.verify_revocation(dict(frame.revocation), user, _bound_key(conn))
+    except DeviceRecordError as exc:
+        conn.session.reply_error(frame.id, ErrorCode.BAD_RECORD, f"revocation refused: {exc}")
+        return
+    device, text = revocation.device_id, _canonical(frame.revocation)
+
+    def then(result: object) -> None:
+        if isinstance(result, int):
+            target = hub.device_connection(user, device)
+            if target is not None:
+                target.loop.call_soon(lambda: target.kick("this device was revoked"))
+            log.info("%s revoked device %s", user, device)
+        reply(conn, frame.id, result, {"device_id": device, "dropped": result})
+
+    conn.ctx.worker.run(
+        lambda store: store.revoke_device(user, device, text, now_ms()), then, conn.loop
+    )
+
+
 # The requests answered here; the hub answers the rest (checked in connection.py at import).
 HANDLERS: dict[type[RequestFrame], Callable[[Connection, Any], None]] = {
     DM: dm,
     Keys: keys,
     Ack: ack,
+    PublishDevice: publish_device,
+    Devices: devices,
+    PublishPrekeys: publish_prekeys,
+    PrekeyCount: prekey_count,
+    ClaimPrekeys: claim_prekeys,
+    Revoke: revoke,
 }
 
 
@@ -113,10 +331,11 @@ HANDLERS: dict[type[RequestFrame], Callable[[Connection, Any], None]] = {
 
 
 def claim(conn: Connection, event: LoginVerified) -> None:
-    """Bind the name to the key that proved itself (or learn it belongs to another key)."""
+    """Bind the name to the key that proved itself (or learn it belongs to another key), and
+    learn whether the device logging in was revoked."""
     ctx, ip = conn.ctx, conn.ip
 
-    def bind(store: Store) -> Claim:
+    def bind(store: Store) -> tuple[Claim, DeviceStatus | None]:
         # On the store worker, so the check and the claim cannot interleave with another's.
         names = ctx.new_names
         if names is not None and not names.trusted(ip) and store.public_key(event.user) is None:
@@ -129,7 +348,10 @@ def claim(conn: Connection, event: LoginVerified) -> None:
                     f"hour); log in with a name you already have, or try again in {minutes} "
                     f"minute{'' if minutes == 1 else 's'}",
                 )
-        return store.claim_name(event.user, event.public_key)
+        claimed = store.claim_name(event.user, event.public_key)
+        if claimed is Claim.TAKEN:
+            return claimed, None
+        return claimed, store.touch_device(event.user, event.device, now_ms())
 
     ctx.worker.run(bind, lambda result: _claimed(conn, event, result), conn.loop)
 
@@ -137,6 +359,7 @@ def claim(conn: Connection, event: LoginVerified) -> None:
 def _claimed(conn: Connection, event: LoginVerified, result: object) -> None:
     if not conn.open or conn.session.state is not State.AUTHENTICATING:
         return
+    claimed, status = result if isinstance(result, tuple) else (result, None)
     if isinstance(result, StorageError):
         log.error("store error during login of %s: %s", event.user, result)
         close = conn.session.close_with_error(ErrorCode.SERVER_ERROR, "server storage error")
@@ -145,42 +368,51 @@ def _claimed(conn: Connection, event: LoginVerified, result: object) -> None:
         log.info("refused new name %s from %s: %s", event.user, conn.addr, result.message)
         close = conn.session.close_with_error(ErrorCode(result.code), result.message)
         conn.close_soon(close.reason)
-    elif result is Claim.TAKEN:
+    elif claimed is Claim.TAKEN:
         log.info("refused name %s from %s: bound to another key", event.user, conn.addr)
         close = conn.session.close_with_error(
             ErrorCode.NAME_TAKEN, f'the name "{event.user}" belongs to another identity key'
         )
         conn.close_soon(close.reason)
+    elif status is DeviceStatus.REVOKED:
+        log.info("refused revoked device %s of %s from %s", event.device, event.user, conn.addr)
+        close = conn.session.close_with_error(
+            ErrorCode.DEVICE_REVOKED, "this device was revoked; it cannot log in"
+        )
+        conn.close_soon(close.reason)
     else:
-        conn.logged_in(event.user, event.public_key)
+        conn.logged_in(event.user, event.public_key, event.device)
         old = conn.ctx.hub.login(conn)
         if old is not None:
             old.loop.call_soon(lambda: old.kick("logged in again from elsewhere"))
         _deliver_queue(conn)
         log.info(
-            "%s logged in from %s (key %s)%s",
+            "%s logged in from %s (key %s, device %s)%s",
             conn.user,
             conn.addr,
             fingerprint(event.public_key)[:19],
-            " (new name)" if result is Claim.NEW else "",
+            event.device,
+            " (new name)" if claimed is Claim.NEW else "",
         )
     conn.loop.mark_dirty(conn)
 
 
 def _deliver_queue(conn: Connection) -> None:
-    """After login: everything that waited for us, in order, until we acknowledge it."""
-    user, hub = conn.user, conn.ctx.hub
+    """After login: everything that waited for this device, in order, until it acknowledges it."""
+    user, device, hub = conn.user, conn.device, conn.ctx.hub
 
     def then(result: object) -> None:
         if not conn.open:
             return
         if not isinstance(result, list):
-            log.error("could not read the DM queue of %s: %s", user, result)
+            log.error("could not read the DM queue of %s/%s: %s", user, device, result)
             result = []
         for queued in result:
-            hub.deliver_dm(queued, b64(queued.sender_key), queued=True)
+            hub.deliver_dm(queued, queued=True)
         # Same connection, same loop: this frame follows the DMs above.
         conn.session.send({"type": "queue_end", "count": len(result)})
         conn.loop.mark_dirty(conn)
 
-    conn.ctx.worker.run(lambda store: store.pending_dms(user, now_ms()), then, conn.loop)
+    conn.ctx.worker.run(
+        lambda store: store.pending_envelopes(user, device, now_ms()), then, conn.loop
+    )

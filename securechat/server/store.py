@@ -1,10 +1,10 @@
 """The server's durable state behind a small interface (Store), so sessions never know which
-store they use: names bound to keys, the queue of sealed DMs, and room history; and for
-version 2 DMs, devices, their prekeys and one queue per device (the SQL is in devicestore.py).
+store they use: names bound to keys, room history, and for DMs (protocol version 2) devices,
+their prekeys and one queue of envelopes per device (the SQL is in devicestore.py).
 
 SQLiteStore is the embedded default (WAL mode, a schema version and ordered migrations). A store
 is used from one worker thread only, never from an I/O loop, because every call may block.
-It holds public keys, sealed DMs (opaque ciphertext it cannot read) and room history (room
+It holds public keys, DM envelopes (opaque ciphertext it cannot read) and room history (room
 messages are not end-to-end encrypted); never a secret or a DM's text.
 """
 
@@ -33,7 +33,7 @@ from securechat.server.devicestore import (
     PrekeyCount,
     StoredDevice,
 )
-from securechat.server.quota import DMQuota, check_quota
+from securechat.server.quota import DMQuota
 from securechat.server.quota import QuotaExceeded as QuotaExceeded
 from securechat.server.quota import SenderShareExceeded as SenderShareExceeded
 
@@ -42,18 +42,6 @@ class Claim(enum.Enum):
     NEW = "new"  # the name was free and is now bound to the key
     OWNER = "owner"  # the name was already bound to this key
     TAKEN = "taken"  # the name belongs to another key
-
-
-@dataclass(frozen=True)
-class QueuedDM:
-    """A sealed DM waiting for its recipient's acknowledgement."""
-
-    sender: str
-    sender_key: bytes
-    recipient: str
-    msg_id: str
-    box: str  # base64, exactly as the sender sent it
-    ts: int  # when the server accepted it, ms
 
 
 @dataclass(frozen=True)
@@ -69,9 +57,6 @@ class Store(Protocol):
     def batch(self) -> contextlib.AbstractContextManager[None]: ...
     def claim_name(self, user: str, public_key: bytes) -> Claim: ...
     def public_key(self, user: str) -> bytes | None: ...
-    def queue_dm(self, dm: QueuedDM, *, ttl_ms: int, quota: DMQuota) -> None: ...
-    def pending_dms(self, recipient: str, now_ms: int) -> list[QueuedDM]: ...
-    def ack_dms(self, recipient: str, msg_ids: list[str]) -> int: ...
     def append_history(self, rows: list[HistoryRow], keep: int) -> None: ...
     def room_history(self, room: str, limit: int) -> list[HistoryRow]: ...
     def rooms_with_history(self) -> list[str]: ...
@@ -169,6 +154,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX device_queue_by_device ON device_queue (recipient, recipient_device, seq);
     CREATE INDEX device_queue_by_expiry ON device_queue (expires);
+    """,
+    # Version 1 (Box) DMs are no longer sent, and version 2 clients refuse them: their queue goes.
+    """
+    DROP TABLE queued_dms;
     """,
 )
 
@@ -279,56 +268,6 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StorageError(f"server database error: {exc}") from None
         return None if row is None else bytes(row[0])
-
-    # -- direct messages waiting for their recipient -----------------------------------------------
-
-    def queue_dm(self, dm: QueuedDM, *, ttl_ms: int, quota: DMQuota) -> None:
-        """Store a sealed DM (durable, with synchronous=FULL, once its transaction commits: on
-        return, or at the end of the batch it is in).
-
-        A DM already queued (same recipient, sender and id: the sender retried) is not stored
-        twice. Raises QuotaExceeded when the recipient's queue is full, SenderShareExceeded
-        when the sender's share of it is.
-        """
-        with self._operation() as db:
-            waiting = (
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(box)), 0) FROM queued_dms "
-                "WHERE recipient = ? AND expires > ?"
-            )
-            check_quota(
-                quota,
-                len(dm.box),
-                db.execute(waiting, (dm.recipient, dm.ts)).fetchone(),
-                db.execute(
-                    waiting + " AND sender = ?", (dm.recipient, dm.ts, dm.sender)
-                ).fetchone(),
-                dm.recipient,
-            )
-            db.execute(
-                "INSERT OR IGNORE INTO queued_dms (recipient, sender, sender_key, msg_id, box,"
-                " ts, expires) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (dm.recipient, dm.sender, dm.sender_key, dm.msg_id, dm.box, dm.ts, dm.ts + ttl_ms),
-            )
-
-    def pending_dms(self, recipient: str, now_ms: int) -> list[QueuedDM]:
-        """The recipient's unexpired DMs in the order they were accepted; drops expired ones."""
-        with self._operation() as db:
-            db.execute("DELETE FROM queued_dms WHERE expires <= ?", (now_ms,))
-            rows = db.execute(
-                "SELECT sender, sender_key, recipient, msg_id, box, ts FROM queued_dms "
-                "WHERE recipient = ? ORDER BY seq",
-                (recipient,),
-            ).fetchall()
-        return [QueuedDM(r[0], bytes(r[1]), r[2], r[3], r[4], r[5]) for r in rows]
-
-    def ack_dms(self, recipient: str, msg_ids: list[str]) -> int:
-        """Delete DMs the recipient acknowledged; returns how many were deleted."""
-        with self._operation() as db:
-            cur = db.executemany(
-                "DELETE FROM queued_dms WHERE recipient = ? AND msg_id = ?",
-                [(recipient, m) for m in msg_ids],
-            )
-            return cur.rowcount
 
     # -- version 2 DMs: devices, prekeys, one queue per device (devicestore.py) -------------------
 

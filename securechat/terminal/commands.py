@@ -53,6 +53,10 @@ COMMANDS: dict[str, Spec] = {
             1,
             1 + FINGERPRINT_GROUPS,  # the key's fingerprint start may be typed in groups
         ),
+        Spec(
+            "devices", "[user]", "list your devices (or user's): ids, fingerprints, last seen", 0, 1
+        ),
+        Spec("revoke", "DEVICE", "revoke one of your devices: it gets no more DMs", 1, 1),
         Spec("help", "", "this list"),
         Spec("quit", "", "leave"),
     )
@@ -93,7 +97,10 @@ def parse(line: str) -> Command | Say | None:
         raise CommandError(f"usage: /{spec.name} {spec.usage}".rstrip())
     if spec.room_arg and args and not args[0].startswith("#"):
         args[0] = "#" + args[0]
-    if spec.name in ("join", "part", "who", "query", "whois", "verify", "trust", "msg") and args:
+    if (
+        spec.name in ("join", "part", "who", "query", "whois", "verify", "trust", "msg", "devices")
+        and args
+    ):
         args[0] = args[0].lower()
     return Command(spec.name, tuple(args))
 

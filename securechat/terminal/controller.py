@@ -391,6 +391,35 @@ class Controller:
             return
         self._info(f"{user}'s key {fingerprint(entry.key)} is now verified")
 
+    def _cmd_devices(self, user: str | None = None) -> None:
+        who = user or self.client.user
+        listed = self.client.devices(who)
+        if not listed:
+            self._info(f"{who} has no device signed by their identity key")
+        for d in listed:
+            if d.revoked:
+                state = "revoked"
+            else:
+                seen = d.last_seen_ms
+                when = (
+                    datetime.fromtimestamp(seen / 1000).strftime("%Y-%m-%d %H:%M") if seen else "?"
+                )
+                state = f"key {d.fingerprint}, last seen {when}"
+            this = " (this device)" if d.this_device else ""
+            self._info(f"{who} device {d.device_id}{this}: {state}")
+
+    def _cmd_revoke(self, device_id: str) -> None:
+        device_id = device_id.upper()
+        if device_id == self.client.device_id:
+            self._warn("that is this device; revoke it from another of your devices")
+            return
+        reply = self.client.revoke_device(device_id)
+        dropped = reply.get("dropped", 0)
+        self._info(
+            f"device {device_id} revoked: it can no longer log in or get DMs"
+            f" ({dropped} waiting for it were dropped)"
+        )
+
     def _cmd_help(self) -> None:
         for line in commands.help_lines():
             self.output(notices.line(line))
@@ -413,6 +442,8 @@ HANDLERS: dict[str, Callable[..., None]] = {
     "whois": Controller._cmd_whois,
     "verify": Controller._cmd_verify,
     "trust": Controller._cmd_trust,
+    "devices": Controller._cmd_devices,
+    "revoke": Controller._cmd_revoke,
     "help": Controller._cmd_help,
     "quit": Controller._cmd_quit,
 }

@@ -11,6 +11,7 @@ from datetime import datetime
 
 from securechat.client.events import (
     Closed,
+    DeviceWarning,
     DirectMessage,
     DMRejected,
     Event,
@@ -64,7 +65,14 @@ def notice_of(event: Event, current_room: str | None = None) -> Notice:
     if isinstance(event, DirectMessage):
         mark = key_mark(event.key_state)
         sender = clean_line(event.sender)
-        return notices.line(f"[{stamp(event.ts)}] *{sender}* {mark} {_body(event.text)}")
+        notice = f" [{clean_line(event.notice)}]" if event.notice else ""
+        if event.own:
+            to = clean_line(event.recipient)
+            return notices.line(
+                f"[{stamp(event.ts)}] -> *{to}* {_body(event.text)} (sent from your device "
+                f"{clean_line(event.device)}){notice}"
+            )
+        return notices.line(f"[{stamp(event.ts)}] *{sender}* {mark} {_body(event.text)}{notice}")
     if isinstance(event, Joined):
         return notices.info(f"{clean_line(event.user)} joined {clean_line(event.room)}")
     if isinstance(event, Parted):
@@ -76,6 +84,8 @@ def notice_of(event: Event, current_room: str | None = None) -> Notice:
             f"({event.kind}): {_body(hints.rejected_detail(event))}"
         )
     if isinstance(event, FrameDropped):
+        return notices.warning(clean_line(event.detail))
+    if isinstance(event, DeviceWarning):
         return notices.warning(clean_line(event.detail))
     if isinstance(event, ServerError):
         return notices.warning(f"server: {clean_line(event.message)} ({clean_line(event.code)})")

@@ -46,7 +46,8 @@
 #include <openssl/x509.h>
 
 #define LOGIN_CONTEXT "securechat/login/v1" /* protocol.LOGIN_CONTEXT */
-#define PROTOCOL_VERSION 1                  /* protocol.PROTOCOL_VERSION */
+#define PROTOCOL_VERSION 2                  /* protocol.PROTOCOL_VERSION */
+#define DEVICE_ID "LOADGENDEVICEAAA"        /* one device per user: a valid id (A-Z2-7) */
 #define NONCE_BYTES 32                      /* protocol.NONCE_BYTES */
 #define MAX_FRAME (16u << 20)               /* the most a securechat server may announce */
 #define READ_CHUNK 65536
@@ -449,8 +450,10 @@ static void start_login(struct conn *c) {
         die("cannot make an Ed25519 key");
     char pub64[64], json[256];
     EVP_EncodeBlock((unsigned char *)pub64, pub, (int)publen);
-    int len = snprintf(json, sizeof json, "{\"type\":\"hello\",\"user\":\"%s\",\"key\":\"%s\",\"version\":%d}",
-                       name, pub64, PROTOCOL_VERSION);
+    int len = snprintf(json, sizeof json,
+                       "{\"type\":\"hello\",\"user\":\"%s\",\"key\":\"%s\",\"version\":%d,"
+                       "\"device\":\"%s\"}",
+                       name, pub64, PROTOCOL_VERSION, DEVICE_ID);
     queue_frame(c, json, (size_t)len);
 }
 

@@ -1,0 +1,344 @@
+"""Version 2 DMs between devices through the real server: several devices per person, each DM
+reaching every device once, revocation, and a server that hands out devices or keys of its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from securechat import identity
+from securechat.client import Client
+from securechat.client.dm import DeviceState
+from securechat.client.events import (
+    Closed,
+    DeviceWarning,
+    DirectMessage,
+    DMRejected,
+    Event,
+    Message,
+    Parted,
+)
+from securechat.e2e import envelope, records
+from securechat.e2e.device import Device
+from securechat.errors import AuthError, UndecryptableMessage
+from securechat.protocol import DM
+from securechat.server import Server, requests
+from securechat.server.devicestore import DeviceEntry, StoredDevice
+from securechat.server.hub import Hub
+
+from .conftest import PASSPHRASE, rewrite_sent_frames, wait_for
+
+Connect = Callable[[str, str], Client]
+
+
+@pytest.fixture
+def device(
+    server: Server,
+    certs_dir: Path,
+    make_identity: Callable[[str], identity.Identity],
+    tmp_path: Path,
+) -> Iterator[Connect]:
+    """`device("alice", "phone")` logs in a device of alice: her key file copied to a folder of
+    its own (its device files live beside it), so each name is another installation."""
+    clients: list[Client] = []
+
+    def connect(user: str, name: str) -> Client:
+        original = make_identity(user).path
+        assert original is not None
+        path = tmp_path / "devices" / f"{user}-{name}" / original.name
+        if not path.exists():
+            path.parent.mkdir(parents=True)
+            shutil.copy2(original, path)
+        ident = identity.load(path, PASSPHRASE, min_kdf=identity.KDF_FAST_FOR_TESTS)
+        host, port = server.address
+        client = Client.connect(host, port, ident, user, certs_dir / "ca.pem")
+        clients.append(client)
+        return client
+
+    try:
+        yield connect
+    finally:
+        for client in clients:
+            client.close()
+
+
+def dms_until_quiet(client: Client, timeout: float = 1.0) -> list[DirectMessage]:
+    """Every DirectMessage that arrives before `timeout` seconds of silence."""
+    got = []
+    while (event := client.next_event(timeout=timeout)) is not None:
+        if isinstance(event, DirectMessage):
+            got.append(event)
+    return got
+
+
+def seen(client: Client) -> list[tuple[str, str, bool]]:
+    return sorted((d.sender, d.text, d.own) for d in dms_until_quiet(client))
+
+
+def test_every_dm_reaches_each_device_of_both_people_once(device: Connect) -> None:
+    laptop, phone = device("alice", "laptop"), device("alice", "phone")
+    bob1, bob2 = device("bob", "one"), device("bob", "two")
+    assert len({laptop.device_id, phone.device_id, bob1.device_id, bob2.device_id}) == 4
+    reply = laptop.send_dm("bob", "hello bob").result(10)
+    assert (reply["status"], reply["devices"]) == ("delivered", 3)
+    reply = bob2.send_dm("alice", "hello alice").result(10)
+    assert (reply["status"], reply["devices"]) == ("delivered", 3)
+    assert seen(laptop) == [("bob", "hello alice", False)]
+    assert seen(phone) == [("alice", "hello bob", True), ("bob", "hello alice", False)]
+    assert seen(bob1) == [("alice", "hello bob", False), ("bob", "hello alice", True)]
+    assert seen(bob2) == [("alice", "hello bob", False)]
+
+
+def test_a_revoked_device_is_cut_off_and_gets_nothing_more(device: Connect) -> None:
+    laptop, phone = device("alice", "laptop"), device("alice", "phone")
+    bob = device("bob", "one")
+    laptop.send_dm("bob", "before").result(10)
+    assert seen(phone) == [("alice", "before", True)]
+    lost = phone.device_id
+    reply = laptop.revoke_device(lost)
+    assert (reply["device_id"], reply["dropped"]) == (lost, 0)
+    closed = wait_for(phone, lambda e: isinstance(e, Closed))
+    assert closed.reason == "this device was revoked"
+    listed = {d.device_id: d.revoked for d in bob.devices("alice")}
+    assert listed == {laptop.device_id: False, lost: True}
+    reply = bob.send_dm("alice", "after").result(10)
+    assert reply["devices"] == 1
+    assert seen(laptop) == [("bob", "after", False)]
+    with pytest.raises(AuthError, match="this device was revoked; it cannot log in"):
+        device("alice", "phone")
+
+
+# -- a hostile server ---------------------------------------------------------------------------
+
+
+def refusals(client: Client, timeout: float = 1.0) -> list[Event]:
+    """Every DMRejected and DeviceWarning before `timeout` seconds of silence."""
+    got = []
+    while (event := client.next_event(timeout=timeout)) is not None:
+        if isinstance(event, DMRejected | DeviceWarning):
+            got.append(event)
+    return got
+
+
+def test_a_device_the_server_signed_itself_is_refused_loudly(
+    device: Connect, server: Server, make_identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, bob = device("alice", "laptop"), device("bob", "one")
+    # The server makes a device of its own for bob, signed by a key that is not bob's.
+    mallory = make_identity("mallory")
+    forged = records.sign_device(mallory, "bob", Device.create())
+    wire = forged.to_wire()
+    entry = DeviceEntry(
+        "bob", forged.device_id, json.dumps(wire), forged.curve25519, forged.ed25519, 1
+    )
+    real = server.store.list_devices
+    monkeypatch.setattr(
+        server.store,
+        "list_devices",
+        lambda user: (
+            [*real(user), StoredDevice(entry, 1, None, None)] if user == "bob" else real(user)
+        ),
+    )
+    reply = alice.send_dm("bob", "for bob only").result(10)
+    assert reply["devices"] == 1  # bob's real device, not the forged one
+    [warning] = refusals(alice)
+    assert isinstance(warning, DeviceWarning)
+    assert warning.detail == (
+        f"a device record for bob ({forged.device_id}) is signed by a key that is not the one you "
+        "pinned for bob; it was refused. The server may be adding a device of its own"
+    )
+    assert seen(bob) == [("alice", "for bob only", False)]
+
+
+def test_a_dm_stamped_from_a_device_bob_never_signed_is_refused(
+    device: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, bob = device("alice", "laptop"), device("bob", "one")
+    alice.send_dm("bob", "hello").result(10)
+    assert seen(bob) == [("alice", "hello", False)]
+    rewrite_sent_frames(monkeypatch, "dm", lambda f: [{**f, "from_device": "A" * 16}])
+    alice.send_dm("bob", "again").result(10)
+    [refused] = refusals(bob)
+    assert isinstance(refused, DMRejected) and refused.kind == "unsigned_device"
+    assert f"alice's device {'A' * 16}, which is not signed by alice's pinned" in refused.detail
+
+
+def test_replayed_dropped_and_reordered_dms_are_shown_as_such(
+    device: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, bob = device("alice", "laptop"), device("bob", "one")
+    held: list[dict] = []
+    count = [0]
+
+    def hostile(frame: dict) -> list[dict]:
+        count[0] += 1
+        if count[0] == 1:
+            return [frame, frame]  # replayed
+        if count[0] == 2:
+            held.append(frame)  # dropped for now
+            return []
+        if count[0] == 4:
+            return [frame, *held]  # the dropped one, late
+        return [frame]
+
+    rewrite_sent_frames(monkeypatch, "dm", hostile)
+    for n in range(1, 5):
+        alice.send_dm("bob", f"m{n}").result(10)
+    events = []
+    while (event := bob.next_event(timeout=1.0)) is not None:
+        if isinstance(event, DirectMessage):
+            events.append((event.text, event.notice))
+        elif isinstance(event, DMRejected):
+            events.append((event.kind, event.detail))
+    assert events == [
+        ("m1", None),
+        (
+            "replayed",
+            "a direct message from alice arrived again; the copy was dropped. The server may be "
+            "replaying old messages",
+        ),
+        ("m3", "a message from alice is missing"),
+        ("m4", None),
+        ("m2", "(arrived out of order)"),
+    ]
+
+
+def test_a_one_time_key_handed_out_twice_is_refused_when_used_again(
+    device: Connect, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, carol, bob = device("alice", "laptop"), device("carol", "one"), device("bob", "one")
+    real = server.store.claim_prekeys
+    first: dict = {}
+    monkeypatch.setattr(
+        server.store,
+        "claim_prekeys",
+        lambda user, ids=None: first.setdefault(user, real(user, ids)),
+    )
+    alice.send_dm("bob", "from alice").result(10)
+    carol.send_dm("bob", "from carol").result(10)
+    got = []
+    while (event := bob.next_event(timeout=1.0)) is not None:
+        if isinstance(event, DirectMessage | DMRejected):
+            got.append(event)
+    assert [(e.sender, getattr(e, "text", None) or e.kind) for e in got] == [
+        ("alice", "from alice"),
+        ("carol", "undecryptable"),
+    ]
+    assert "handing out a key twice" in got[1].detail
+
+
+def test_envelopes_swapped_between_devices_are_refused(
+    device: Connect, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = device("alice", "laptop")
+    bob1, bob2 = device("bob", "one"), device("bob", "two")
+    swap = {bob1.device_id: bob2.device_id, bob2.device_id: bob1.device_id}
+    real = Hub.deliver_dm
+    monkeypatch.setattr(
+        Hub,
+        "deliver_dm",
+        lambda hub, env, queued: real(
+            hub,
+            dataclasses.replace(
+                env, recipient_device=swap.get(env.recipient_device, env.recipient_device)
+            ),
+            queued,
+        ),
+    )
+    alice.send_dm("bob", "which device?").result(10)
+    for bob in (bob1, bob2):
+        [refused] = refusals(bob)
+        assert isinstance(refused, DMRejected) and refused.kind == "undecryptable"
+
+
+def test_recorded_dms_cannot_be_decrypted_with_everything_both_sides_keep(
+    device: Connect, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Forward secrecy: the server records every envelope; afterwards the test holds both
+    users' key files, passphrases and device files, and still opens none of them."""
+    recorded: list[tuple[str, str, bytes]] = []
+    original = requests.HANDLERS[DM]
+
+    def record(conn, frame):  # type: ignore[no-untyped-def]
+        recorded.append((conn.user, frame.user, base64.b64decode(frame.data)))
+        return original(conn, frame)
+
+    monkeypatch.setitem(requests.HANDLERS, DM, record)
+    alice, bob = device("alice", "laptop"), device("bob", "one")
+    for n in range(3):
+        alice.send_dm("bob", f"a{n}").result(10)
+        bob.send_dm("alice", f"b{n}").result(10)
+    assert [d.text for d in dms_until_quiet(bob)] == ["a0", "a1", "a2"]
+    assert [d.text for d in dms_until_quiet(alice)] == ["b0", "b1", "b2"]
+    keys = {c.user: c.identity for c in (alice, bob)}
+    alice.close()
+    bob.close()
+    assert len(recorded) == 6
+    for sender, recipient, data in recorded:
+        state = DeviceState(
+            identity.load(keys[recipient].path, PASSPHRASE, min_kdf=identity.KDF_FAST_FOR_TESTS),
+            recipient,
+        )
+        sender_state = DeviceState(keys[sender], sender)
+        peer = records.sign_device(keys[sender], sender, sender_state.device)
+        message_type, ciphertext = envelope.unpack(data, sender)
+        with pytest.raises(UndecryptableMessage):
+            state.sessions.decrypt(state.device, peer, message_type, ciphertext, 0)
+
+
+def test_a_copy_of_a_device_cannot_read_dms_after_both_sides_have_sent(
+    device: Connect, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Post-compromise security: a thief copies bob's device files (and has his passphrase);
+    once alice and bob have each sent a message after that, the copy reads nothing new."""
+    recorded: list[tuple[str, bytes]] = []
+    original = requests.HANDLERS[DM]
+
+    def record(conn, frame):  # type: ignore[no-untyped-def]
+        recorded.append((conn.user, base64.b64decode(frame.data)))
+        return original(conn, frame)
+
+    monkeypatch.setitem(requests.HANDLERS, DM, record)
+    alice, bob = device("alice", "laptop"), device("bob", "one")
+    alice.send_dm("bob", "before the theft").result(10)
+    assert [d.text for d in dms_until_quiet(bob)] == ["before the theft"]
+    assert bob.identity.path is not None
+    stolen = tmp_path / "stolen"
+    shutil.copytree(bob.identity.path.parent, stolen)
+    bob.send_dm("alice", "after the theft, from bob").result(10)
+    assert [d.text for d in dms_until_quiet(alice)] == ["after the theft, from bob"]
+    alice.send_dm("bob", "after the theft, from alice").result(10)
+    assert [d.text for d in dms_until_quiet(bob)] == ["after the theft, from alice"]
+    sender, data = recorded[-1]
+    assert sender == "alice"
+    thief = DeviceState(
+        identity.load(
+            stolen / bob.identity.path.name, PASSPHRASE, min_kdf=identity.KDF_FAST_FOR_TESTS
+        ),
+        "bob",
+    )
+    alice_device = records.sign_device(
+        alice.identity, "alice", DeviceState(alice.identity, "alice").device
+    )
+    message_type, ciphertext = envelope.unpack(data, "alice")
+    with pytest.raises(UndecryptableMessage):
+        thief.sessions.decrypt(thief.device, alice_device, message_type, ciphertext, 0)
+
+
+def test_another_device_leaving_a_room_does_not_take_this_one_out(device: Connect) -> None:
+    laptop, phone = device("alice", "laptop"), device("alice", "phone")
+    bob = device("bob", "one")
+    phone.close()
+    # bob sees alice's phone leave; alice's laptop is still in the lobby and hears bob.
+    wait_for(bob, lambda e: isinstance(e, Parted) and e.user == "alice")
+    bob.send("#lobby", "still there?").result(10)
+    seen_here = wait_for(laptop, lambda e: isinstance(e, Message | Parted))
+    assert seen_here == Message("#lobby", "bob", "still there?", seen_here.ts)
+    assert "#lobby" in laptop.rooms
