@@ -13,7 +13,7 @@ from securechat.client.events import DirectMessage, Message
 from securechat.errors import StorageError
 
 from .cli_helpers import ServerProcess
-from .conftest import drop_acks, start_server, wait_for
+from .conftest import close_and_see_it_part, drop_acks, start_server, wait_for
 from .raw import RawTLS
 
 
@@ -55,10 +55,10 @@ def test_queued_dms_survive_sigkill_and_arrive_in_order_once(
 def test_dm_not_acknowledged_is_delivered_again(
     server, certs_dir, make_identity, monkeypatch
 ) -> None:
-    first = dial(server.address, certs_dir, make_identity("bob"), "bob")
-    device = first.device_id
-    first.close()
     with dial(server.address, certs_dir, make_identity("alice"), "alice") as alice:
+        first = dial(server.address, certs_dir, make_identity("bob"), "bob")
+        device = first.device_id
+        close_and_see_it_part(first, alice)
         assert alice.send_dm("bob", "did you get this?").result(5)["status"] == "queued"
     drop_acks(monkeypatch)
     with dial(server.address, certs_dir, make_identity("bob"), "bob") as bob:
