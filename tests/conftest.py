@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 
 from securechat import certs, identity
 from securechat.client import Client
-from securechat.client.events import Event
+from securechat.client.events import Event, Parted
 from securechat.server import Server, ServerConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,6 +183,14 @@ def wait_for(client: Client, predicate: Callable[[Event], bool], timeout: float 
             return event
         seen.append(event)
     raise AssertionError(f"no matching event within {timeout}s; saw {seen!r}")
+
+
+def close_and_see_it_part(client: Client, watcher: Client) -> None:
+    """Close `client`, then wait until `watcher` (in #lobby) sees it part: close() may return
+    before the server has logged it out, and a DM sent meanwhile would be delivered, not queued."""
+    user = client.user
+    client.close()
+    wait_for(watcher, lambda e: isinstance(e, Parted) and e.user == user)
 
 
 class KeyOffers:

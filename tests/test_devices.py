@@ -8,7 +8,7 @@ import base64
 import dataclasses
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ from securechat.e2e import envelope, records
 from securechat.e2e.device import Device
 from securechat.errors import AuthError, UndecryptableMessage
 from securechat.protocol import DM
-from securechat.server import Server, requests
+from securechat.server import Server, devicestore, requests
 from securechat.server.devicestore import DeviceEntry, StoredDevice
 from securechat.server.hub import Hub
 
@@ -232,6 +232,40 @@ def test_a_one_time_key_handed_out_twice_is_refused_when_used_again(
         ("carol", "undecryptable"),
     ]
     assert "handing out a key twice" in got[1].detail
+
+
+def test_the_fallback_key_handed_out_again_and_again_still_shows_each_dm_once(
+    device: Connect, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that claims to have no one-time keys left (or has none) hands every claimer
+    bob's fallback key: three sessions start on it, each DM shows once, and the copies the
+    server replays, under the same message id or a new one, are refused."""
+    bob = device("bob", "one")
+    handed: list[tuple[str, bool]] = []
+
+    def fallback_only(user: str, ids: Sequence[str] | None = None) -> dict:
+        with server.store._operation() as db:  # type: ignore[attr-defined]
+            db.execute("DELETE FROM prekeys WHERE user = ? AND NOT fallback", (user,))
+            keys = devicestore.claim_prekeys(db, user, ids)
+        handed.extend((user, k.fallback) for k in keys.values() if k is not None)
+        return keys
+
+    monkeypatch.setattr(server.store, "claim_prekeys", fallback_only)
+    rewrite_sent_frames(monkeypatch, "dm", lambda f: [f, f, {**f, "msg_id": f"x{f['msg_id']}"}])
+    senders = [("alice", "laptop"), ("carol", "one"), ("alice", "tablet")]
+    for user, name in senders:
+        device(user, name).send_dm("bob", f"from {user}'s {name}").result(10)
+    got = []
+    while (event := bob.next_event(timeout=1.0)) is not None:
+        if isinstance(event, DirectMessage | DMRejected):
+            got.append(event)
+    assert handed.count(("bob", True)) == 3 and ("bob", False) not in handed
+    assert [(e.sender, getattr(e, "text", None) or e.kind) for e in got] == [
+        (user, text)
+        for user, name in senders
+        for text in (f"from {user}'s {name}", "replayed", "undecryptable")
+    ]
+    assert [e.notice for e in got if isinstance(e, DirectMessage)] == [None, None, None]
 
 
 def test_envelopes_swapped_between_devices_are_refused(

@@ -24,7 +24,7 @@ from securechat.protocol import DM
 from securechat.server import requests
 from securechat.trust import KeyState
 
-from .conftest import rewrite_sent_frames, wait_for
+from .conftest import close_and_see_it_part, rewrite_sent_frames, wait_for
 
 SECRET = "meet me at the north gate at dawn"
 
@@ -83,14 +83,15 @@ def test_dm_reaches_only_its_recipient_and_is_pinned_on_first_sight(connect) -> 
 
 def test_dm_to_someone_offline_is_queued_and_delivered_at_login(connect, server) -> None:
     alice = connect("alice")
-    connect("bob").close()
+    close_and_see_it_part(connect("bob"), alice)
     reply = alice.send_dm("bob", "are you there?").result(5)
     assert reply["status"] == "queued"
     bob = connect("bob")
     dm = wait_for(bob, is_dm)
     assert (dm.sender, dm.text) == ("alice", "are you there?")
     # bob's client acknowledged it, so the server forgets it. The ack left before this ping,
-    # and the store's worker runs jobs in order, so one look after the pong is enough.
+    # and the store's worker runs a call after the jobs handed over before it, so one look
+    # after the pong is enough.
     bob.ping().result(5)
     pending = server.store.pending_envelopes
     assert server._worker.submit(pending, "bob", bob.device_id, 0).result(5) == []

@@ -13,7 +13,7 @@ from securechat.client.events import DirectMessage, Message
 from securechat.errors import StorageError
 
 from .cli_helpers import ServerProcess
-from .conftest import drop_acks, start_server, wait_for
+from .conftest import close_and_see_it_part, drop_acks, start_server, wait_for
 from .raw import RawTLS
 
 
@@ -55,10 +55,10 @@ def test_queued_dms_survive_sigkill_and_arrive_in_order_once(
 def test_dm_not_acknowledged_is_delivered_again(
     server, certs_dir, make_identity, monkeypatch
 ) -> None:
-    first = dial(server.address, certs_dir, make_identity("bob"), "bob")
-    device = first.device_id
-    first.close()
     with dial(server.address, certs_dir, make_identity("alice"), "alice") as alice:
+        first = dial(server.address, certs_dir, make_identity("bob"), "bob")
+        device = first.device_id
+        close_and_see_it_part(first, alice)
         assert alice.send_dm("bob", "did you get this?").result(5)["status"] == "queued"
     drop_acks(monkeypatch)
     with dial(server.address, certs_dir, make_identity("bob"), "bob") as bob:
@@ -82,9 +82,9 @@ def test_dm_not_acknowledged_is_delivered_again(
 def test_a_full_queue_refuses_with_a_clear_error(certs_dir, tmp_path, make_identity) -> None:
     srv = start_server(certs_dir, tmp_path / "data", dm_quota_count=2, dm_sender_share=100)
     try:
-        bob = dial(srv.address, certs_dir, make_identity("bob"), "bob")
-        bob.close()
         with dial(srv.address, certs_dir, make_identity("alice"), "alice") as alice:
+            bob = dial(srv.address, certs_dir, make_identity("bob"), "bob")
+            close_and_see_it_part(bob, alice)
             alice.send_dm("bob", "one").result(5)
             alice.send_dm("bob", "two").result(5)
             with pytest.raises(RequestError) as info:
@@ -101,8 +101,8 @@ def test_byte_quota(certs_dir, tmp_path, make_identity) -> None:
     # A body of 1,000 bytes is padded to the 2,048-byte bucket: two do not fit in 4,000 bytes.
     srv = start_server(certs_dir, tmp_path / "data", dm_quota_bytes=4000, dm_sender_share=100)
     try:
-        dial(srv.address, certs_dir, make_identity("bob"), "bob").close()
         with dial(srv.address, certs_dir, make_identity("alice"), "alice") as alice:
+            close_and_see_it_part(dial(srv.address, certs_dir, make_identity("bob"), "bob"), alice)
             alice.send_dm("bob", "x" * 1000).result(5)
             with pytest.raises(RequestError) as info:
                 alice.send_dm("bob", "y" * 1000).result(5)
@@ -118,9 +118,9 @@ def test_one_sender_cannot_fill_anothers_queue_for_everyone(
     is still queued and reaches him."""
     srv = start_server(certs_dir, tmp_path / "data", dm_quota_count=8, dm_sender_share=25)
     try:
-        first = dial(srv.address, certs_dir, make_identity("bob"), "bob")
-        first.close()
         with dial(srv.address, certs_dir, make_identity("mallory"), "mallory") as mallory:
+            first = dial(srv.address, certs_dir, make_identity("bob"), "bob")
+            close_and_see_it_part(first, mallory)
             for i in range(2):
                 assert mallory.send_dm("bob", f"spam {i}").result(5)["status"] == "queued"
             with pytest.raises(RequestError) as info:
@@ -147,8 +147,8 @@ def test_one_sender_cannot_fill_anothers_queue_for_everyone(
 def test_queued_dms_expire(certs_dir, tmp_path, make_identity) -> None:
     srv = start_server(certs_dir, tmp_path / "data", dm_ttl_ms=1)
     try:
-        dial(srv.address, certs_dir, make_identity("bob"), "bob").close()
         with dial(srv.address, certs_dir, make_identity("alice"), "alice") as alice:
+            close_and_see_it_part(dial(srv.address, certs_dir, make_identity("bob"), "bob"), alice)
             assert alice.send_dm("bob", "too late").result(5)["status"] == "queued"
         with dial(srv.address, certs_dir, make_identity("bob"), "bob") as bob:
             # A key look-up runs on the store's worker after the login's queue read, so once

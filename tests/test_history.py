@@ -22,7 +22,7 @@ from securechat.terminal.controller import Controller
 from securechat.terminal.notices import as_text
 
 from .cli_helpers import LineClient, run_client
-from .conftest import PASSPHRASE, drop_acks, wait_for
+from .conftest import PASSPHRASE, close_and_see_it_part, drop_acks, wait_for
 
 SECRET_WORDS = ("marmalade", "zeppelin", "quokka")
 
@@ -243,8 +243,9 @@ def test_a_redelivered_dm_is_shown_once_across_restarts(
     server, certs_dir, make_identity, monkeypatch
 ) -> None:
     alice_key, bob_key = make_identity("alice"), make_identity("bob")
-    dial(server, certs_dir, bob_key, "bob", None).close()  # bob has a name, and is offline
     with dial(server, certs_dir, alice_key, "alice", None) as alice:
+        # bob has a name, and is offline
+        close_and_see_it_part(dial(server, certs_dir, bob_key, "bob", None), alice)
         assert alice.send_dm("bob", "did you get this?").result(5)["status"] == "queued"
         assert alice.send_dm("bob", "and this?").result(5)["status"] == "queued"
     drop_acks(monkeypatch)

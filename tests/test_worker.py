@@ -91,6 +91,22 @@ def test_a_job_answers_through_its_inbox_with_its_result_or_its_error(tmp_path: 
     assert isinstance(results[1], StorageError) and str(results[1]) == "disk full"
 
 
+def test_a_call_sees_every_job_handed_over_before_it(tmp_path: Path) -> None:
+    worker = StoreWorker(lambda: SQLiteStore(tmp_path / "securechat.db"), 10)
+    inbox, busy, release = Inbox(), threading.Event(), threading.Event()
+    try:
+        # Hold the worker in one call, so that the job and the call below wait in one round.
+        held = worker.submit(lambda: (busy.set(), release.wait(10)))
+        assert busy.wait(10)
+        worker.run(lambda store: store.claim_name("alice", b"k" * 32).value, lambda _: None, inbox)
+        seen = worker.submit(lambda: worker.store.public_key("alice"))
+        release.set()
+        assert held.result(10) == (None, True)
+        assert seen.result(10) == b"k" * 32
+    finally:
+        worker.stop(10)
+
+
 def test_a_stopped_worker_takes_no_more_calls(tmp_path: Path) -> None:
     worker = StoreWorker(lambda: SQLiteStore(tmp_path / "securechat.db"), 10)
     worker.stop(10)

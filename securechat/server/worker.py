@@ -64,7 +64,8 @@ class StoreWorker:
     # -- any thread -------------------------------------------------------------------------------
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        """Call `fn(*args)` on the worker, outside any batch (start-up, shutdown, tests)."""
+        """Call `fn(*args)` on the worker, outside any batch (start-up, shutdown, tests), after
+        every job run() handed over before it."""
         future: Future[T] = Future()
         with self._wake:
             if self._stopping:
@@ -118,10 +119,12 @@ class StoreWorker:
                     rows, self._rows = self._rows, []
                     self._flushed_at = time.monotonic()
                 stopping = self._stopping and not self._calls and not self._jobs
-            for call, future in calls:
-                _resolve(call, future)
+            # Jobs first: a call then sees every job handed over before it (a test that acked a
+            # DM, then reads the queue, must not overtake the ack waiting in this round).
             if jobs:
                 self._run_jobs(jobs)
+            for call, future in calls:
+                _resolve(call, future)
             if rows:
                 self._write_history(rows)
             if stopping and not self._rows:
