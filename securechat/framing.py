@@ -37,6 +37,19 @@ def with_true_field(data: bytes, name: str, max_frame: int = MAX_FRAME_DEFAULT) 
     return _framed(data[HEADER.size : -1] + _true_field(name), max_frame)
 
 
+def say_ok(request_id: int, room: str, ts: int, max_frame: int = MAX_FRAME_DEFAULT) -> bytes:
+    """What encode({"type": "ok", "id": request_id, "room": room, "ts": ts}) gives (both ints,
+    not bools), made from a template: every room message gets this reply, and a JSON encode
+    of it was a tenth of a small room's busy I/O thread."""
+    payload = b'{"type":"ok","id":%d,"room":%s,"ts":%d}' % (request_id, _string(room), ts)
+    return _framed(payload, max_frame)
+
+
+@functools.lru_cache(maxsize=1024)
+def _string(text: str) -> bytes:
+    return _ENCODER.encode(text).encode()
+
+
 @functools.cache
 def _true_field(name: str) -> bytes:
     return b"," + _ENCODER.encode({name: True})[1:].encode()

@@ -184,6 +184,13 @@ class Hub:
             fields = handler(self, conn, frame)
         return {"type": "ok", "id": frame.id, **fields}
 
+    def say(self, conn: Connection, frame: Say) -> bytes:
+        """handle() for a say, with its "ok" already encoded, from a template: every room
+        message takes this path."""
+        with self._lock:
+            room, ts = self._say(conn, frame)
+        return framing.say_ok(frame.id, room, ts, self._max_frame)
+
     def _req_join(self, conn: Connection, frame: Join) -> dict[str, Any]:
         room = frame.room
         if room not in self._joined[conn]:
@@ -214,6 +221,11 @@ class Hub:
         return {"room": room.name}
 
     def _req_say(self, conn: Connection, frame: Say) -> dict[str, Any]:
+        room, ts = self._say(conn, frame)
+        return {"room": room, "ts": ts}
+
+    def _say(self, conn: Connection, frame: Say) -> tuple[str, int]:
+        """Broadcast a message; its room and time, for the reply."""
         room = self._member_room(conn, frame.room)
         if len(frame.text) > self._max_message:
             raise ProtocolError(
@@ -232,7 +244,7 @@ class Hub:
         self._remember(message, self._broadcast(room, message))
         if self._history_sink is not None:
             self._history_sink(HistoryRow(room.name, conn.user, frame.text, ts, frame.action))
-        return {"room": room.name, "ts": ts}
+        return room.name, ts
 
     def _req_rooms(self, conn: Connection, frame: Rooms) -> dict[str, Any]:
         rooms = [{"name": r.name, "members": len(r.members)} for r in self._rooms.values()]
