@@ -3,13 +3,15 @@ bytes a JSON encode would give, and what it keeps as history and hands the store
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from securechat import framing
 from securechat.errors import ProtocolError
-from securechat.protocol import Say
+from securechat.protocol import History, Say
 from securechat.server.hub import Hub
-from tests.test_big_rooms import crowd
+from tests.test_big_rooms import StubConn, crowd
 
 
 def test_a_say_reply_is_the_bytes_json_would_give() -> None:
@@ -35,3 +37,18 @@ def test_a_say_outside_the_room_is_refused_as_before() -> None:
         "not_in_room",
         "you are not in #elsewhere",
     )
+
+
+def test_history_keeps_the_message_as_sent_marked_history() -> None:
+    rows: list[tuple[object, ...]] = []
+    hub = Hub(history_sink=lambda row: rows.append(tuple(row)))
+    loop, (ann, bob) = crowd(hub, ["ann", "bob"])
+    hub.say(ann, Say(id=1, room="#lobby", text="one", action=True))  # type: ignore[arg-type]
+    sent = loop.frames["bob"][-1]
+    reply = hub.handle(bob, History(id=2, room="#lobby"))  # type: ignore[arg-type]
+    assert reply["messages"] == [{**sent, "history": True}]
+    assert rows == [("#lobby", "ann", "one", sent["ts"], True)]
+    late = StubConn("cat", loop)
+    hub.login(late)  # type: ignore[arg-type]
+    assert loop.frames["cat"][0] == {**sent, "history": True}
+    assert json.loads(framing.encode(reply)[4:])["messages"][0]["history"] is True
