@@ -6,7 +6,8 @@ it stamps both itself. This module owns the wire vocabulary: the frames a client
 frozen dataclass each), the error codes (`ErrorCode`) and the states.
 
 Rules of the server session (TRANSITIONS below is the whole truth; the session consults it for
-every move and checks nothing else):
+every move and checks nothing else; a say's quick path uses what the table says of a say,
+read once at import):
   1. A session starts CONNECTED and may only say hello (or ping).
   2. hello moves it to CHALLENGED, with a fresh random nonce; only auth may follow.
   3. A valid signature over the login transcript moves it to AUTHENTICATING while the name is
