@@ -6,6 +6,10 @@
 `--per-turn` messages between two flushes, members whose flush only takes what is queued. It
 prints CPU time per message and per delivery, the best of 5 rounds (BENCHMARKS.md, "Native
 load generator", has the figures before and after room feeds).
+
+With `--session` each message starts as the bytes of a say frame, read by the sender's logged-in
+ServerSession, and goes to `Hub.say` with its reply queued, as a connection does: the whole
+per-message Python path short of TLS and the socket (the rate limit left out).
 """
 
 from __future__ import annotations
@@ -13,7 +17,17 @@ from __future__ import annotations
 import argparse
 import time
 
-from securechat.protocol import Say
+import nacl.signing
+
+from securechat import framing
+from securechat.protocol import (
+    NONCE_BYTES,
+    Request,
+    Say,
+    ServerSession,
+    b64,
+    login_transcript,
+)
 from securechat.server.hub import Hub
 from securechat.server.loop import IOLoop
 from securechat.server.outbox import Outbox
@@ -43,6 +57,7 @@ def main() -> None:
     p.add_argument("--per-turn", type=int, default=40, help="messages between two flushes")
     p.add_argument("--history", type=int, default=100, help="room messages the hub keeps")
     p.add_argument("--turns", type=int, default=0, help="turns a round (default: about 2 s)")
+    p.add_argument("--session", action="store_true", help="from a say's bytes, as a connection")
     args = p.parse_args()
     loop, hub = IOLoop(0), Hub(history_keep=args.history)
     results: list[float] = []
@@ -67,17 +82,41 @@ def measure(loop: IOLoop, hub: Hub, args: argparse.Namespace) -> float:
     drain(loop)
     say = Say(id=1, room="#lobby", text="x" * 100)
     senders = members[:10]
+    sessions = [logged_in(sender) for sender in senders]
+    frames = [
+        framing.encode({"type": "say", "id": i, "room": "#lobby", "text": "x" * 100})
+        for i in range(args.per_turn)
+    ]
     turns = args.turns or max(1, 400_000 // (args.n * args.per_turn))
     best = float("inf")
     for _ in range(5):
         start = time.process_time()
         for _ in range(turns):
             for i in range(args.per_turn):
-                hub.handle(senders[i % len(senders)], say)  # type: ignore[arg-type]
+                sender = senders[i % len(senders)]
+                if not args.session:
+                    hub.handle(sender, say)  # type: ignore[arg-type]
+                    continue
+                for event in sessions[i % len(senders)].receive_data(frames[i]):
+                    assert isinstance(event, Request) and isinstance(event.frame, Say)
+                    sender.outbox.push(hub.say(sender, event.frame))  # type: ignore[arg-type]
             drain(loop)
         best = min(best, time.process_time() - start)
     loop.stop()
     return best
+
+
+def logged_in(member: Member) -> ServerSession:
+    """A session through a real login (a signed challenge), its frames queued for `member`."""
+    key, cert, nonce = nacl.signing.SigningKey.generate(), bytes(32), bytes(NONCE_BYTES)
+    session = ServerSession(cert, emit=member.outbox.push, nonce_source=lambda n: nonce[:n])
+    public = bytes(key.verify_key)
+    hello = {"type": "hello", "user": member.user, "key": b64(public), "version": 1}
+    session.receive_data(framing.encode(hello))
+    signed = key.sign(login_transcript(nonce, member.user, public, cert)).signature
+    session.receive_data(framing.encode({"type": "auth", "signature": b64(signed)}))
+    session.login_accepted({})
+    return session
 
 
 if __name__ == "__main__":

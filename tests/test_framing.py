@@ -111,3 +111,29 @@ def test_a_field_that_pushes_a_frame_over_the_limit_is_refused() -> None:
     with pytest.raises(ProtocolError) as caught:
         framing.with_true_field(data, "history", max_frame=60)
     assert caught.value.message == "frame of 73 bytes exceeds the 60-byte limit"
+
+
+@pytest.mark.parametrize(
+    ("request_id", "room", "ts"),
+    [
+        (0, "#lobby", 0),
+        (2**53 - 1, "#a", 1_764_000_000_000),
+        (7, "#dev_ops.x-1", -5),
+        (1, 'odd "room" \\ é \u2603 \x01', 12),  # not a valid room name, still valid JSON
+    ],
+)
+def test_the_say_reply_template_gives_the_bytes_json_would(
+    request_id: int, room: str, ts: int
+) -> None:
+    frame = {"type": "ok", "id": request_id, "room": room, "ts": ts}
+    assert framing.say_ok(request_id, room, ts) == framing.encode(frame)
+
+
+def test_the_say_reply_template_keeps_the_frame_limit() -> None:
+    room = "#" + "r" * 1100
+    with pytest.raises(ProtocolError) as caught:
+        framing.say_ok(1, room, 1, max_frame=1024)
+    assert caught.value.message == "frame of 1138 bytes exceeds the 1024-byte limit"
+    with pytest.raises(ProtocolError) as by_json:
+        framing.encode({"type": "ok", "id": 1, "room": room, "ts": 1}, max_frame=1024)
+    assert by_json.value.message == caught.value.message

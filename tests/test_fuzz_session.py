@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from securechat import framing, protocol
-from securechat.errors import ErrorCode
+from securechat.errors import ErrorCode, ProtocolError
 from securechat.protocol import Close, LoginVerified, Request, ServerSession, State
 
 from .fuzz_strategies import (
@@ -68,6 +68,92 @@ def test_frames_of_any_shape_in_any_state(state, frames):
     s = session_in(state)
     events = s.receive_data(b"".join(frame_bytes(json.dumps(f).encode()) for f in frames))
     check_outcome(state, s, events, replies(s))
+
+
+# Values at and past the edge of each say field's check.
+SAY_EDGE_VALUES: dict[str, list[object]] = {
+    "id": [0, 2**53 - 1, 2**53, -1, True, False, 1.0, "1", None],
+    "room": ["#a", "#" + "a" * 31, "#" + "a" * 32, "#", "#A", "lobby", "#a\n", 5, None],
+    "text": ["x", "x" * 8000, "x" * 8001, "", " \t", "\u2028", 5, None, []],
+    "action": [True, False, None, 0, 1, "yes"],
+    "resume": [True, False, None, 0, 1, "yes"],
+}
+SAY_EDGES = {field: st.sampled_from(values) for field, values in SAY_EDGE_VALUES.items()}
+
+
+@st.composite
+def say_frames(draw: st.DrawFn) -> dict:
+    """A say, valid or with fields dropped, set to edge values or to any JSON value."""
+    frame = draw(valid_frames(("say",)))
+    for field in draw(st.lists(st.sampled_from(sorted(SAY_EDGES)), max_size=3)):
+        how = draw(st.sampled_from(["drop", "edge", "any"]))
+        if how == "drop":
+            frame.pop(field, None)
+        else:
+            frame[field] = draw(SAY_EDGES[field] if how == "edge" else JSON_VALUES)
+    return frame
+
+
+def check_quick_say(frame: dict) -> None:
+    quick = protocol._quick_say(frame)
+    try:
+        full = protocol.parse_client_frame(frame)
+    except ProtocolError:
+        assert quick is None
+    else:
+        assert quick is None or quick == full
+
+
+@given(say_frames())
+def test_the_quick_say_check_passes_only_what_the_full_check_passes(frame):
+    check_quick_say(frame)
+
+
+def test_every_edge_value_of_every_say_field() -> None:
+    base = {"type": "say", "id": 1, "room": "#lobby", "text": "hi"}
+    for field, values in SAY_EDGE_VALUES.items():
+        check_quick_say({k: v for k, v in base.items() if k != field})
+        for value in values:
+            check_quick_say({**base, field: value})
+
+
+def valid_id(value: object) -> int | None:
+    try:
+        return protocol._request_id(value, "id")
+    except ProtocolError:
+        return None
+
+
+@given(st.lists(say_frames(), min_size=1, max_size=8))
+def test_says_of_any_shape_get_what_the_full_check_gives(frames):
+    s = session_in(State.AUTHENTICATED)
+    events = s.receive_data(b"".join(frame_bytes(json.dumps(f).encode()) for f in frames))
+    frames_out = replies(s)
+    check_outcome(State.AUTHENTICATED, s, events, frames_out)
+    requests: list[Request] = []
+    errors: list[dict] = []
+    for sent in frames:
+        if len(errors) == protocol.MAX_STRIKES:
+            break
+        request_id = None
+        try:
+            frame = framing.parse(json.dumps(sent).encode())  # NaN and Infinity are not JSON
+            request_id = valid_id(frame.get("id"))
+            requests.append(Request(protocol.parse_client_frame(frame)))
+        except ProtocolError as exc:
+            error = protocol.error_frame(exc.code, exc.message, request_id)
+            errors.append(json.loads(json.dumps(error)))
+    assert [e for e in events if isinstance(e, Request)] == requests
+    assert [f for f in frames_out if f["type"] == "error"] == errors
+
+
+def test_a_valid_say_becomes_a_request_by_the_quick_path():
+    s = session_in(State.AUTHENTICATED)
+    frame = {"type": "say", "id": 9, "room": "#lobby", "text": "hi", "resume": True}
+    assert protocol._quick_say(frame) == protocol.Say(9, "#lobby", "hi", False, True)
+    events = s.receive_data(frame_bytes(json.dumps(frame).encode()))
+    assert events == [Request(protocol.Say(9, "#lobby", "hi", False, True))]
+    assert (replies(s), s.state, s.strikes) == ([], State.AUTHENTICATED, 0)
 
 
 LONG_VALUES = st.builds(

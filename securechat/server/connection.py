@@ -23,6 +23,7 @@ from securechat.protocol import (
     LoginVerified,
     Request,
     RequestFrame,
+    Say,
     ServerSession,
     State,
     b64,
@@ -193,8 +194,13 @@ class Connection:
             handler(self, frame)  # answered later, from the store worker
             return
         assert isinstance(frame, RoomRequest)  # the rest are the hub's (checked at import)
+        hub = self.ctx.hub
         try:
-            reply = self.ctx.hub.handle(self, frame)
+            if type(frame) is Say:
+                # What session.send would do with its reply, encoded already.
+                self.outbox.push(hub.say(self, frame))
+                return
+            reply = hub.handle(self, frame)
         except ProtocolError as exc:
             self.session.reply_error(frame.id, ErrorCode(exc.code), exc.message)
         else:

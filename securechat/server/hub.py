@@ -32,7 +32,7 @@ from securechat.protocol import (
 )
 from securechat.server.devicestore import DeviceEnvelope
 from securechat.server.outbox import Audience
-from securechat.server.store import HistoryRow
+from securechat.server.store import HistoryFields, HistoryRow
 
 if TYPE_CHECKING:
     from securechat.server.connection import Connection
@@ -85,7 +85,7 @@ class Hub:
         self,
         max_frame: int = framing.MAX_FRAME_DEFAULT,
         history_keep: int = 100,
-        history_sink: Callable[[HistoryRow], None] | None = None,
+        history_sink: Callable[[HistoryFields], None] | None = None,
         max_message: int = TEXT_MAX,
         presence_limit: int = 0,
     ) -> None:
@@ -95,8 +95,9 @@ class Hub:
         self._joined: dict[Connection, set[str]] = {}  # room names, per logged-in connection
         self._max_frame = max_frame
         self._max_message = max_message
-        # The last messages of each room, as frames marked history, each with its encoded
-        # bytes (sent as they are to whoever joins); outlives empty rooms.
+        # The last messages of each room: each as broadcast (a history reply marks a copy) and
+        # its encoded bytes marked history (sent as they are to whoever joins); outlives empty
+        # rooms.
         self._history: dict[str, deque[tuple[dict[str, Any], bytes]]] = {}
         self._history_keep = history_keep
         self._history_sink = history_sink
@@ -117,19 +118,16 @@ class Hub:
                 }
                 if row.action:
                     frame["action"] = True
-                self._remember(frame, framing.encode(frame, self._max_frame))
+                self._remember(row.room, frame, framing.encode(frame, self._max_frame))
 
-    def _remember(self, frame: dict[str, Any], data: bytes) -> None:
-        """Keep a message (`data`: its encoded bytes) as a frame marked history."""
+    def _remember(self, room: str, frame: dict[str, Any], data: bytes) -> None:
+        """Keep a message (`data`: its encoded bytes); the caller no longer changes `frame`."""
         if self._history_keep <= 0:
             return
-        room = frame["room"]
-        if room not in self._history:
-            self._history[room] = deque(maxlen=self._history_keep)
-        kept = {**frame, "history": True}
-        self._history[room].append(
-            (kept, framing.with_true_field(data, "history", self._max_frame))
-        )
+        kept = self._history.get(room)
+        if kept is None:
+            kept = self._history[room] = deque(maxlen=self._history_keep)
+        kept.append((frame, framing.with_true_field(data, "history", self._max_frame)))
 
     # -- direct messages --------------------------------------------------------------------------
 
@@ -205,6 +203,13 @@ class Hub:
             fields = handler(self, conn, frame)
         return {"type": "ok", "id": frame.id, **fields}
 
+    def say(self, conn: Connection, frame: Say) -> bytes:
+        """handle() for a say, with its "ok" already encoded, from a template: every room
+        message takes this path."""
+        with self._lock:
+            room, ts = self._say(conn, frame)
+        return framing.say_ok(frame.id, room, ts, self._max_frame)
+
     def _req_join(self, conn: Connection, frame: Join) -> dict[str, Any]:
         room = frame.room
         if room not in self._joined[conn]:
@@ -222,7 +227,7 @@ class Hub:
             if len(messages) >= limit or len(data) > budget:
                 break
             budget -= len(data)
-            messages.append(message)
+            messages.append({**message, "history": True})
         messages.reverse()
         fields: dict[str, Any] = {"room": room.name, "messages": messages}
         if len(messages) < min(limit, len(kept)):
@@ -235,6 +240,11 @@ class Hub:
         return {"room": room.name}
 
     def _req_say(self, conn: Connection, frame: Say) -> dict[str, Any]:
+        room, ts = self._say(conn, frame)
+        return {"room": room, "ts": ts}
+
+    def _say(self, conn: Connection, frame: Say) -> tuple[str, int]:
+        """Broadcast a message; its room and time, for the reply."""
         room = self._member_room(conn, frame.room)
         if len(frame.text) > self._max_message:
             raise ProtocolError(
@@ -250,10 +260,10 @@ class Hub:
         }
         if frame.action:
             message["action"] = True
-        self._remember(message, self._broadcast(room, message))
+        self._remember(room.name, message, self._broadcast(room, message))
         if self._history_sink is not None:
-            self._history_sink(HistoryRow(room.name, conn.user, frame.text, ts, frame.action))
-        return {"room": room.name, "ts": ts}
+            self._history_sink((room.name, conn.user, frame.text, ts, frame.action))
+        return room.name, ts
 
     def _req_rooms(self, conn: Connection, frame: Rooms) -> dict[str, Any]:
         rooms = [{"name": r.name, "members": len(r.members)} for r in self._rooms.values()]

@@ -17,9 +17,8 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from securechat.errors import StorageError
 from securechat.server import devicestore
@@ -44,8 +43,14 @@ class Claim(enum.Enum):
     TAKEN = "taken"  # the name belongs to another key
 
 
-@dataclass(frozen=True)
-class HistoryRow:
+# A room message as the store keeps it: room, sender, text, ts, action. The hub hands the store
+# worker a plain tuple of these, made under its lock for every message, so nothing is built for it.
+HistoryFields = tuple[str, str, str, int, bool]
+
+
+class HistoryRow(NamedTuple):
+    """HistoryFields by name (what the store reads back)."""
+
     room: str
     sender: str
     text: str
@@ -57,7 +62,7 @@ class Store(Protocol):
     def batch(self) -> contextlib.AbstractContextManager[None]: ...
     def claim_name(self, user: str, public_key: bytes) -> Claim: ...
     def public_key(self, user: str) -> bytes | None: ...
-    def append_history(self, rows: list[HistoryRow], keep: int) -> None: ...
+    def append_history(self, rows: Sequence[HistoryFields], keep: int) -> None: ...
     def room_history(self, room: str, limit: int) -> list[HistoryRow]: ...
     def rooms_with_history(self) -> list[str]: ...
     def put_device(self, entry: DeviceEntry, now_ms: int, *, max_devices: int = ...) -> bool: ...
@@ -351,14 +356,17 @@ class SQLiteStore:
 
     # -- room history ------------------------------------------------------------------------------
 
-    def append_history(self, rows: list[HistoryRow], keep: int) -> None:
+    def append_history(self, rows: Sequence[HistoryFields], keep: int) -> None:
         """Append a batch of room messages in one transaction, keeping the last `keep` per room
         (the batched writer calls this; never once per message on the I/O path)."""
         # One statement for the whole batch, its rows handed over as one JSON array: executemany
         # would let go of the interpreter lock and take it back for every row, and each time
         # it wants it back while an I/O loop is busy, that loop has to stop and hand it over.
         batch = json.dumps(
-            [(r.room, r.sender, r.text, r.ts, int(r.action)) for r in _newest(rows, keep)]
+            [
+                (room, sender, text, ts, int(action))
+                for room, sender, text, ts, action in _newest(rows, keep)
+            ]
         )
         with self._operation() as db:
             db.execute(
@@ -368,7 +376,7 @@ class SQLiteStore:
                 "json_extract(value, '$[4]') FROM json_each(?) ORDER BY key",
                 (batch,),
             )
-            for room in {r.room for r in rows}:
+            for room in {r[0] for r in rows}:
                 db.execute(
                     "DELETE FROM room_history WHERE room = ? AND seq <= COALESCE(("
                     "SELECT seq FROM room_history WHERE room = ? "
@@ -398,15 +406,16 @@ class SQLiteStore:
         self._db.close()
 
 
-def _newest(rows: list[HistoryRow], keep: int) -> list[HistoryRow]:
+def _newest(rows: Sequence[HistoryFields], keep: int) -> list[HistoryFields]:
     """The last `keep` rows of each room, in order: a busy room's batch holds hundreds of rows,
     and writing the ones the same batch would delete again is most of its cost."""
     seen: dict[str, int] = {}
     newest = []
     for row in reversed(rows):
-        count = seen.get(row.room, 0)
+        room = row[0]
+        count = seen.get(room, 0)
         if count < keep:
-            seen[row.room] = count + 1
+            seen[room] = count + 1
             newest.append(row)
     newest.reverse()
     return newest

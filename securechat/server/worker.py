@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar
 
 from securechat.errors import SecureChatError, StorageError
-from securechat.server.store import HistoryRow, Store
+from securechat.server.store import HistoryFields, Store
 
 log = logging.getLogger("securechat.server")
 T = TypeVar("T")
@@ -48,7 +48,7 @@ class StoreWorker:
         # Guarded by _wake:
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._jobs: list[Job] = []
-        self._rows: list[HistoryRow] = []
+        self._rows: list[HistoryFields] = []
         self._flush_at = 0.0  # when the rows waiting must be written
         self._flushed_at = float("-inf")
         self._stopping = False
@@ -86,7 +86,7 @@ class StoreWorker:
             self._jobs.append((work, then, inbox))
             self._wake.notify()
 
-    def add_history(self, row: HistoryRow) -> None:
+    def add_history(self, row: HistoryFields) -> None:
         """Keep a room message; written with the others within HISTORY_FLUSH_DELAY. Called under
         the hub's lock: it only appends. A crash can lose the rows still waiting."""
         with self._wake:
@@ -114,7 +114,7 @@ class StoreWorker:
                     self._wake.wait(wait)
                 calls, self._calls = self._calls, []
                 jobs, self._jobs = self._jobs, []
-                rows: list[HistoryRow] = []
+                rows: list[HistoryFields] = []
                 if self._rows and (self._stopping or time.monotonic() >= self._flush_at):
                     rows, self._rows = self._rows, []
                     self._flushed_at = time.monotonic()
@@ -148,7 +148,7 @@ class StoreWorker:
         for (_, then, inbox), result in zip(jobs, results, strict=True):
             inbox.call_soon(functools.partial(then, result))
 
-    def _write_history(self, rows: list[HistoryRow]) -> None:
+    def _write_history(self, rows: list[HistoryFields]) -> None:
         if self._history_keep <= 0:
             return
         try:
