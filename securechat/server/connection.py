@@ -32,7 +32,7 @@ from securechat.server import requests
 from securechat.server.admission import Refusal
 from securechat.server.hub import Hub, RoomRequest
 from securechat.server.outbox import Outbox
-from securechat.tls import TLSStream, client_certificate_problem
+from securechat.tls import WRITE_CHUNK, TLSStream, client_certificate_problem
 
 if TYPE_CHECKING:
     from securechat.server.context import ServerContext
@@ -246,17 +246,40 @@ class Connection:
     # -- output -----------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Encrypt everything queued as one TLS write and hand it to the socket."""
+        """Encrypt what is queued, 64 KiB at a time while the socket takes it, and send it.
+
+        Once the socket stops taking, the rest stays in the outbox as plaintext: a room's frames
+        are shared there by all its members, while encrypted they would be a copy per member,
+        made for a client that may never read them. More is taken when the socket drains.
+        """
         if not self.open:
             return
-        data = self.outbox.take()
-        if data:
-            self.tls.write(data)
-        self._flush_tls()
-        if len(self.outbuf) > self.ctx.config.max_queue and self.closing is None:
+        if not self.outbuf:
+            data = self.outbox.take()
+            if len(data) <= WRITE_CHUNK:
+                if data:
+                    self.tls.write(data)
+                self._flush_tls()
+            else:
+                self._write_while_taken(data)
+        self._count()
+        if self.queued > self.ctx.config.max_queue and self.closing is None:
             self.drop_not_reading("outbound queue")
         elif self.closing is not None and not self.outbuf:
             self.abort(self.closing)
+
+    def _write_while_taken(self, data: bytes) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), WRITE_CHUNK):
+            if not self.open:
+                return
+            if self.outbuf:
+                # The socket is full: what is left goes back to wait as plaintext. The outbox
+                # was emptied by take(), so it still comes before anything queued after it.
+                self.outbox.push(bytes(view[start:]))
+                return
+            self.tls.write(view[start : start + WRITE_CHUNK])
+            self._flush_tls()
 
     def _flush_tls(self) -> None:
         out = self.tls.data_to_send()
@@ -295,12 +318,9 @@ class Connection:
         if not buf:
             # Drained: let go of the capacity a burst grew, so an idle connection stays small.
             self.outbuf = buf = bytearray()
-        # The memory held, not only the bytes waiting: a buffer drained from the front keeps
-        # its capacity until it empties, and that is what the budget must bound.
-        held = buf.__sizeof__() if buf else 0
-        if held != self._counted:
-            self.loop.queued += held - self._counted
-            self._counted = held
+            if self._want_write and self.outbox.backlog():
+                self.loop.mark_dirty(self)  # frames waited for the socket: take them now
+        self._count()
         want = bool(buf)
         if want != self._want_write:
             self._want_write = want
@@ -308,10 +328,22 @@ class Connection:
         if not buf and self.closing is not None:
             self.abort(self.closing)
 
+    def _count(self) -> None:
+        """Charge the loop's total (the output budget) with what this connection holds: the
+        encrypted buffer's memory, not only its bytes (a buffer drained from the front keeps its
+        capacity until it empties), and the frames waiting behind it."""
+        buf = self.outbuf
+        held = buf.__sizeof__() + self.outbox.backlog() if buf else 0
+        if held != self._counted:
+            self.loop.queued += held - self._counted
+            self._counted = held
+
     @property
     def queued(self) -> int:
-        """Bytes waiting for a socket that would not take them: a client not reading."""
-        return len(self.outbuf)
+        """Bytes waiting for a socket that would not take them (a client not reading): the
+        encrypted ones and the frames not yet taken behind them."""
+        buf = self.outbuf
+        return len(buf) + self.outbox.backlog() if buf else 0
 
     # -- closing ----------------------------------------------------------------------------------
 
