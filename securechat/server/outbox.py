@@ -95,8 +95,10 @@ class Outbox:
             feeds[0] = feed
             self.starts[0] = 0
             return
-        if feeds and not self.pending:
-            self._take_feeds()  # drops the ended feeds it has taken all of
+        if feeds:
+            # Drops the ended feeds, their frames not taken yet moved to pending: a connection
+            # whose socket is full follows a new feed every turn, and must not keep them all.
+            self._take_feeds()
         self.feeds.append(feed)
         self.starts.append(0)
 
