@@ -95,3 +95,28 @@ def test_a_closed_member_is_skipped_and_the_others_are_served(loop: IOLoop) -> N
     flush(loop)
     assert (gone.writes, stays.writes) == ([], [b"m"])
     assert gone.outbox.take() == b""
+
+
+class NotReading(Member):
+    """A member whose socket is full: its connection takes nothing from its outbox."""
+
+    def flush(self) -> None:
+        pass
+
+
+def test_frames_a_full_socket_did_not_take_are_counted_and_kept_in_order(loop: IOLoop) -> None:
+    reader, stuck = Member(), NotReading()
+    room = Audience([reader, stuck])  # type: ignore[arg-type]
+    for _ in range(5):
+        loop._feed(b"x" * 10, room)
+        loop._feed(b"yy", room)
+        flush(loop)
+        loop._seal()  # as at the end of every turn: the next frames start a new feed
+    assert reader.writes == [b"x" * 10 + b"yy"] * 5
+    # Five turns' frames wait for the stuck member, counted; the ended feeds are not kept.
+    assert stuck.outbox.backlog() == 5 * 12
+    assert len(stuck.outbox.feeds) == 1
+    stuck.outbox.push(b"own")
+    assert stuck.outbox.backlog() == 5 * 12 + 3
+    assert stuck.outbox.take() == (b"x" * 10 + b"yy") * 5 + b"own"
+    assert stuck.outbox.backlog() == 0
