@@ -201,7 +201,7 @@ class TLSStream:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes) -> None:
         """Encrypt plaintext; the records wait in data_to_send()."""
         if len(data) <= WRITE_CHUNK:
             self.obj.write(data)

@@ -248,38 +248,27 @@ class Connection:
     def flush(self) -> None:
         """Encrypt what is queued, 64 KiB at a time while the socket takes it, and send it.
 
-        Once the socket stops taking, the rest stays in the outbox as plaintext: a room's frames
-        are shared there by all its members, while encrypted they would be a copy per member,
-        made for a client that may never read them. More is taken when the socket drains.
+        Once the socket stops taking, the rest stays in the outbox as it is: a room's frames are
+        shared there by all its members, while encrypted (or joined) they would be a copy per
+        member, made for a client that may never read them. More is taken when it drains.
         """
         if not self.open:
             return
-        if not self.outbuf:
-            data = self.outbox.take()
-            if len(data) <= WRITE_CHUNK:
-                if data:
-                    self.tls.write(data)
-                self._flush_tls()
-            else:
-                self._write_while_taken(data)
+        wrote = False
+        while not self.outbuf and self.open:
+            data = self.outbox.take(WRITE_CHUNK)
+            if not data:
+                break
+            self.tls.write(data)
+            self._flush_tls()
+            wrote = True
+        if not wrote:
+            self._flush_tls()
         self._count()
         if self.queued > self.ctx.config.max_queue and self.closing is None:
             self.drop_not_reading("outbound queue")
         elif self.closing is not None and not self.outbuf:
             self.abort(self.closing)
-
-    def _write_while_taken(self, data: bytes) -> None:
-        view = memoryview(data)
-        for start in range(0, len(view), WRITE_CHUNK):
-            if not self.open:
-                return
-            if self.outbuf:
-                # The socket is full: what is left goes back to wait as plaintext. The outbox
-                # was emptied by take(), so it still comes before anything queued after it.
-                self.outbox.push(bytes(view[start:]))
-                return
-            self.tls.write(view[start : start + WRITE_CHUNK])
-            self._flush_tls()
 
     def _flush_tls(self) -> None:
         out = self.tls.data_to_send()

@@ -116,10 +116,15 @@ class Outbox:
             waiting += feed.bytes_since(start)
         return waiting
 
-    def take(self) -> bytes:
-        """Everything queued and not taken yet, in order, as one string (b"" if nothing)."""
+    def take(self, limit: int) -> bytes:
+        """What is queued and not taken yet, in order, as one string (b"" if nothing): all of
+        it up to `limit` bytes, else whole frames from the front until `limit` is reached.
+
+        The limit keeps a client that reads slowly from being handed its whole backlog at
+        once: the frames it has not taken stay shared with the room, not joined into a copy of
+        its own that waits for its socket."""
         feeds = self.feeds
-        if len(feeds) == 1 and not self.pending:
+        if len(feeds) == 1 and not self.pending and feeds[0].bytes_since(self.starts[0]) <= limit:
             # The usual case: one room's frames, joined once for all members at this cursor.
             feed = feeds[0]
             data = feed.since(self.starts[0])
@@ -134,9 +139,18 @@ class Outbox:
         pending = self.pending
         if not pending:
             return b""
-        data = b"".join(pending) if len(pending) > 1 else pending[0]
-        pending.clear()
-        self.pending_bytes = 0
+        if self.pending_bytes <= limit:
+            data = b"".join(pending) if len(pending) > 1 else pending[0]
+            pending.clear()
+            self.pending_bytes = 0
+            return data
+        size = count = 0
+        while size < limit:
+            size += len(pending[count])
+            count += 1
+        data = b"".join(pending[:count]) if count > 1 else pending[0]
+        del pending[:count]
+        self.pending_bytes -= size
         return data
 
     def _take_feeds(self) -> None:
