@@ -241,7 +241,11 @@ class RssPeak(threading.Thread):
 def run_workload(args: argparse.Namespace, attack: str) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="loadgen-attack-"))
     extra = ["--trusted", f"{LEGIT},{NONREADERS}", *DEFAULT_RATE, *args.server_arg]
-    target = servers.start_securechat(folder, None, extra)
+    profile = ""
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        profile = str(args.profile / attack)  # one .prof per server thread (profile.py)
+    target = servers.start_securechat(folder, None, extra, profile)
     target.sources = (LEGIT,)
     assert target.pid is not None
     legit = parse_args(["fanout", "-n", str(args.n), "--senders", str(args.senders),
@@ -353,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--server-arg", action="append", default=[], help="extra securechat flag")
     p.add_argument("--json", dest="json_only", action="store_true", help="JSON lines only")
+    p.add_argument(
+        "--profile", type=Path, help="a folder: run the server's threads under cProfile there"
+    )
     args = p.parse_args(argv)
     attacks = [a.strip() for a in args.attack.split(",") if a.strip()]
     unknown = sorted(set(attacks) - set(ATTACKS))
