@@ -10,7 +10,9 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -25,6 +27,8 @@ from securechat.tls import WRITE_CHUNK, TLSStream, client_context, server_contex
 
 from .conftest import REPO, wait_for
 from .raw import RawTLS
+
+T = TypeVar("T")
 
 
 class Clock:
@@ -312,6 +316,54 @@ def test_over_the_budget_the_biggest_queue_goes_first(
         alice.close()
         big.close()
         small.close()
+
+
+def on_loop(srv: Server, fn: Callable[[], T]) -> T:
+    """Run `fn` on the server's only I/O loop (the owner of its connections) and return its
+    answer."""
+    done: Future[T] = Future()
+    srv.loops[0].call_soon(lambda: done.set_result(fn()))
+    return done.result(5)
+
+
+def test_a_full_socket_stops_encryption_and_what_waits_counts_against_max_queue(
+    run_server: Callable[..., Server],
+    certs_dir: Path,
+    make_identity: Callable[[str], identity.Identity],
+) -> None:
+    max_queue = 2 * 1024 * 1024
+    srv = run_server(max_queue=max_queue, output_budget=0, io_threads=1, rate=1e6, burst=100_000)
+    host, port = srv.address
+    alice = Client.connect(host, port, make_identity("alice"), "alice", certs_dir / "ca.pem")
+    stuck = sloth(srv, certs_dir, "stuck", make_identity("stuck"), ["#a"])
+    text = "z" * 7000
+
+    def stuck_queue() -> tuple[int, int] | None:
+        for conn in srv.loops[0].connections:
+            if conn.user == "stuck":
+                return len(conn.outbuf), conn.queued
+        return None
+
+    try:
+        alice.join("#a").result(5)
+        encrypted = queued = 0
+        for i in range(2000):
+            alice.send("#a", f"a{i} {text}").result(5)
+            now = on_loop(srv, stuck_queue)
+            if now is None:
+                break
+            encrypted, queued = now
+            # Once the socket is full, no more is encrypted for it: what the socket refused
+            # of one chunk at most, the rest waiting as the room's shared frames.
+            assert encrypted < 2 * WRITE_CHUNK, (i, encrypted, queued)
+        parted = wait_for(alice, lambda e: isinstance(e, Parted))
+        assert (parted.user, parted.reason) == ("stuck", "outbound queue full: client not reading")
+        # It went at --max-queue, though almost none of that was ever encrypted for it.
+        assert encrypted < 2 * WRITE_CHUNK < max_queue - 8000 <= queued <= max_queue
+        assert on_loop(srv, lambda: srv.budget.queued) == 0
+    finally:
+        alice.close()
+        stuck.close()
 
 
 def test_the_cli_refuses_a_bad_trusted_entry_in_one_line(tmp_path: Path) -> None:

@@ -61,7 +61,7 @@ class Member:
         self.writes: list[bytes] = []
 
     def flush(self) -> None:
-        data = self.outbox.take()
+        data = self.outbox.take(1 << 20)
         if data:
             self.writes.append(data)
 

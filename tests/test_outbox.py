@@ -19,7 +19,7 @@ class Member:
         self.writes: list[bytes] = []
 
     def flush(self) -> None:
-        data = self.outbox.take()
+        data = self.outbox.take(1 << 20)
         if data:
             self.writes.append(data)
 
@@ -94,4 +94,32 @@ def test_a_closed_member_is_skipped_and_the_others_are_served(loop: IOLoop) -> N
     loop._feed(b"m", Audience([gone, stays]))  # type: ignore[arg-type]
     flush(loop)
     assert (gone.writes, stays.writes) == ([], [b"m"])
-    assert gone.outbox.take() == b""
+    assert gone.outbox.take(1 << 20) == b""
+
+
+class NotReading(Member):
+    """A member whose socket is full: its connection takes nothing from its outbox."""
+
+    def flush(self) -> None:
+        pass
+
+
+def test_frames_a_full_socket_did_not_take_are_counted_and_kept_in_order(loop: IOLoop) -> None:
+    reader, stuck = Member(), NotReading()
+    room = Audience([reader, stuck])  # type: ignore[arg-type]
+    for _ in range(5):
+        loop._feed(b"x" * 10, room)
+        loop._feed(b"yy", room)
+        flush(loop)
+        loop._seal()  # as at the end of every turn: the next frames start a new feed
+    assert reader.writes == [b"x" * 10 + b"yy"] * 5
+    # Five turns' frames wait for the stuck member, counted; the ended feeds are not kept.
+    assert stuck.outbox.backlog() == 5 * 12
+    assert len(stuck.outbox.feeds) == 1
+    stuck.outbox.push(b"own")
+    assert stuck.outbox.backlog() == 5 * 12 + 3
+    # Taken a little at a time: whole frames from the front, until the limit is reached.
+    assert stuck.outbox.take(25) == (b"x" * 10 + b"yy") * 2 + b"x" * 10
+    assert stuck.outbox.backlog() == 5 * 12 + 3 - 34
+    assert stuck.outbox.take(1 << 20) == b"yy" + (b"x" * 10 + b"yy") * 2 + b"own"
+    assert stuck.outbox.backlog() == 0

@@ -3,13 +3,17 @@
     python -m scripts.loadgen.attack -n 500 --rate 100 --nonreaders 1000 --duration 20
     python -m scripts.loadgen.attack -n 100 --rate 100 --nonreaders 200 --duration 5
 
-Each workload (--attack, default all four) runs on a fresh server with its default limits, except
-the per-user rate limit and the connection caps, lifted as in every benchmark (servers.py):
+Each workload (--attack, default all four) runs on a fresh server with its default limits. The
+per-user rate limit (--rate, --burst) is the server's default: it binds every account wherever
+it connects from, so an attack runs against it, and the legitimate senders stay under it. Only
+the connection caps per address and in all are lifted, as in every benchmark (servers.py): the
+two trusted addresses below stand for many people on many addresses.
 
   none        the legitimate users alone.
-  nonreaders  K clients log in, join #flood and never read again; one more floods #flood with
-              the longest messages allowed, flat out, so their queues grow until the output
-              budget (--output-budget) sheds the biggest.
+  nonreaders  K clients log in, join #flood and never read again; F more accounts (--flooders)
+              each send the longest messages allowed into #flood at the server's default rate
+              (--flood-rate) and read what they get, so the non-readers' queues grow until the
+              output budget (--output-budget) sheds the biggest.
   handshakes  a TLS handshake flood from one address: two processes, each a loop of connect,
               handshake, close.
   logins      a login flood with fresh names from one address: the native load generator's
@@ -31,12 +35,14 @@ import json
 import multiprocessing
 import os
 import secrets
+import select
 import socket
 import ssl
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
@@ -56,6 +62,8 @@ ATTACKS = ("none", "nonreaders", "handshakes", "logins")
 LEGIT, NONREADERS, ATTACKER = "127.0.0.2", "127.0.0.3", "127.0.0.1"
 FLOOD_ROOM = "#flood"
 RSS_EVERY = 0.2  # seconds between two samples of the server's RSS
+# The server's default per-user rate limit, which the attack workloads run against (settings.py).
+DEFAULT_RATE = ["--rate", "10", "--burst", "30"]
 
 
 # -- the attacks, each in a process of its own: setup, then `go`, then `stop`, then a result ------
@@ -95,40 +103,61 @@ def _frame(obj: dict[str, Any]) -> bytes:
     return framing.encode(obj)
 
 
-def nonreaders(addr: tuple[str, int], ca: str, k: int, ready: Event, go: Event, stop: Event,
-               out: Any) -> None:  # fmt: skip
+def nonreaders(addr: tuple[str, int], ca: str, k: int, flooders: int, rate: float,
+               ready: Event, go: Event, stop: Event, out: Any) -> None:  # fmt: skip
     socks = []
     for _ in range(k):
         sock, _login = _log_in(addr, ca, NONREADERS, rcvbuf=4096)
         sock.sendall(_frame({"type": "join", "id": 1, "room": FLOOD_ROOM}))
         socks.append(sock)  # ...and never read again
-    flooder, _login = _log_in(addr, ca, NONREADERS)
-    flooder.sendall(_frame({"type": "join", "id": 1, "room": FLOOD_ROOM}))
-    drained = threading.Thread(target=_discard, args=(flooder, stop), daemon=True)
-    drained.start()
+    counts, closed = [0] * flooders, [False] * flooders
+    threads = []
+    for j in range(flooders):
+        sock, _login = _log_in(addr, ca, NONREADERS)
+        sock.sendall(_frame({"type": "join", "id": 1, "room": FLOOD_ROOM}))
+        args = (sock, rate, j / flooders, go, stop, counts, closed, j)
+        threads.append(threading.Thread(target=_flood, args=args, daemon=True))
+    for t in threads:
+        t.start()
     ready.set()
     go.wait()
-    text, sent, i = "f" * protocol.TEXT_MAX, 0, 2
-    while not stop.is_set():
-        try:
-            flooder.sendall(_frame({"type": "say", "id": i, "room": FLOOD_ROOM, "text": text}))
-        except OSError:
-            break
-        sent, i = sent + 1, i + 1
+    stop.wait()
+    for t in threads:
+        t.join(5)
     shed = sum(_closed_by_server(s) for s in socks)
-    out.put({"nonreaders": k, "flood_messages": sent, "nonreaders_closed": shed})
+    out.put({"nonreaders": k, "flooders": flooders, "flood_rate": rate,
+             "flood_messages": sum(counts), "nonreaders_closed": shed,
+             "flooders_closed": sum(closed)})  # fmt: skip
 
 
-def _discard(sock: ssl.SSLSocket, stop: Event) -> None:
-    sock.settimeout(0.5)
+def _flood(sock: ssl.SSLSocket, rate: float, phase: float, go: Event, stop: Event,
+           counts: list[int], closed: list[bool], j: int) -> None:  # fmt: skip
+    """One flooding account: the longest message at `rate` a second, and read (and discard)
+    what comes in between. Its one thread both reads and writes the socket: an SSL socket must
+    not be used from two threads at once."""
+    text, i = "f" * protocol.TEXT_MAX, 2
+    go.wait()
+    due = time.monotonic() + phase / rate
     while not stop.is_set():
         try:
+            if time.monotonic() >= due:
+                sock.sendall(_frame({"type": "say", "id": i, "room": FLOOD_ROOM, "text": text}))
+                counts[j], i, due = counts[j] + 1, i + 1, due + 1 / rate
+            wait = due - time.monotonic()
+            if wait <= 0 and not (sock.pending() or select.select([sock], [], [], 0)[0]):
+                continue  # flat out (a rate above what the account can send): nothing to read
+            sock.settimeout(min(max(wait, 0.001), 0.5))
             if not sock.recv(1 << 20):
-                return
+                break
         except TimeoutError:
             continue
         except OSError:
-            return
+            break
+    else:
+        sock.close()
+        return
+    closed[j] = True  # by the server: an account over the rate is dropped as a flooder
+    sock.close()
 
 
 def _closed_by_server(sock: ssl.SSLSocket) -> bool:
@@ -211,8 +240,12 @@ class RssPeak(threading.Thread):
 
 def run_workload(args: argparse.Namespace, attack: str) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="loadgen-attack-"))
-    extra = ["--trusted", f"{LEGIT},{NONREADERS}", *args.server_arg]
-    target = servers.start_securechat(folder, None, extra)
+    extra = ["--trusted", f"{LEGIT},{NONREADERS}", *DEFAULT_RATE, *args.server_arg]
+    profile = ""
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        profile = str(args.profile / attack)  # one .prof per server thread (profile.py)
+    target = servers.start_securechat(folder, None, extra, profile)
     target.sources = (LEGIT,)
     assert target.pid is not None
     legit = parse_args(["fanout", "-n", str(args.n), "--senders", str(args.senders),
@@ -268,7 +301,8 @@ def attack_processes(
     if attack == "none":
         return []
     if attack == "nonreaders":
-        return [ctx.Process(target=nonreaders, args=(addr, ca, args.nonreaders, *sync))]
+        flood = (args.nonreaders, args.flooders, args.flood_rate)
+        return [ctx.Process(target=nonreaders, args=(addr, ca, *flood, *sync))]
     procs = [ctx.Process(target=ATTACK_FUNCTIONS[attack], args=(addr, ca, *sync))]
     if attack == "handshakes":  # two flooding processes, as much as a 2-core box allows
         procs.append(ctx.Process(target=handshakes, args=(addr, ca, *sync)))
@@ -279,7 +313,8 @@ def summary(row: dict[str, Any]) -> str:
     """What the attack got, in a few words, for the table."""
     if "nonreaders" in row:
         return (f"{row['nonreaders_closed']} of {row['nonreaders']} non-readers dropped; "
-                f"{row['flood_messages']:,} flood messages")  # fmt: skip
+                f"{row['flood_messages']:,} flood messages from {row['flooders']} accounts "
+                f"({row['flooders_closed']} dropped)")  # fmt: skip
     if "handshakes_tried" in row:
         return (f"{row['handshakes_done']:,} of {row['handshakes_tried']:,} handshakes "
                 "completed")  # fmt: skip
@@ -307,15 +342,24 @@ COLUMNS: list[report.Column] = [
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.loadgen.attack", description=__doc__)
     p.add_argument("-n", type=int, default=500, help="legitimate users in #lobby")
-    p.add_argument("--senders", type=int, default=10, help="legitimate users who send")
+    p.add_argument(
+        "--senders", type=int, default=20, help="legitimate users who send (each under --rate)"
+    )
     p.add_argument("--rate", type=float, default=100, help="legitimate messages/s in all")
     p.add_argument("--nonreaders", type=int, default=1000, help="nonreaders: clients")
+    p.add_argument("--flooders", type=int, default=10, help="nonreaders: flooding accounts")
+    p.add_argument(
+        "--flood-rate", type=float, default=10, help="nonreaders: messages/s per flooding account"
+    )
     p.add_argument("--duration", type=float, default=20, help="seconds measured")
     p.add_argument(
         "--attack", default=",".join(ATTACKS), help="comma-separated: " + ", ".join(ATTACKS)
     )
     p.add_argument("--server-arg", action="append", default=[], help="extra securechat flag")
     p.add_argument("--json", dest="json_only", action="store_true", help="JSON lines only")
+    p.add_argument(
+        "--profile", type=Path, help="a folder: run the server's threads under cProfile there"
+    )
     args = p.parse_args(argv)
     attacks = [a.strip() for a in args.attack.split(",") if a.strip()]
     unknown = sorted(set(attacks) - set(ATTACKS))

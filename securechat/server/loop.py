@@ -168,7 +168,7 @@ class IOLoop(threading.Thread):
             for conn in audience.members:
                 if conn.open:
                     conn.outbox.follow(feed)
-        feed.frames.append(data)
+        feed.add(data)
         if not feed.grown:
             feed.grown = True
             self._grown.append(feed)

@@ -12,6 +12,11 @@ loop has written everything out, when its audience changes, or when another feed
 it gets a frame (so a member of two rooms never sees them out of order). The owning loop alone
 touches an Outbox and the feeds it collects (server/loop.py); the hub only makes Audiences,
 which nobody changes after.
+
+Each keeps the byte count of what waits (`Outbox.backlog`), so that a client that does not read
+is charged for the frames it has not taken, not only for what was encrypted for it: its
+connection stops taking frames while its socket is full, and they wait here, shared with every
+other member of the room, instead of as an encrypted copy per member.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ FEED_FRAMES = 1024  # a feed this long ends, so one busy stretch cannot grow it 
 class Feed:
     """Frames for one audience, collected while its loop is busy; each follower keeps a cursor."""
 
-    __slots__ = ("_span", "frames", "grown", "members", "open")
+    __slots__ = ("_span", "ends", "frames", "grown", "members", "open")
 
     def __init__(self, members: tuple[Connection, ...]) -> None:
         self.members = members
         self.frames: list[bytes] = []
+        self.ends: list[int] = []  # ends[i]: the bytes of frames[: i + 1]
         self.open = True  # frames may still be added
         self.grown = False  # frames were added that its members have not been flushed since
         self._span: tuple[int, int, bytes] = (0, 0, b"")
@@ -46,6 +52,17 @@ class Feed:
             data = b"".join(self.frames[start:] if start else self.frames)
             self._span = (start, end, data)
         return data
+
+    def add(self, data: bytes) -> None:
+        ends = self.ends
+        ends.append((ends[-1] if ends else 0) + len(data))
+        self.frames.append(data)
+
+    def bytes_since(self, start: int) -> int:
+        ends = self.ends
+        if not ends:
+            return 0
+        return ends[-1] - (ends[start - 1] if start else 0)
 
 
 class Audience:
@@ -63,10 +80,11 @@ class Outbox:
     """One connection's queue: frames pushed for it alone, and the feeds it follows, each with
     how far it has taken that feed's frames."""
 
-    __slots__ = ("feeds", "pending", "starts")
+    __slots__ = ("feeds", "pending", "pending_bytes", "starts")
 
     def __init__(self) -> None:
         self.pending: list[bytes] = []
+        self.pending_bytes = 0
         self.feeds: list[Feed] = []
         self.starts: list[int] = []
 
@@ -77,8 +95,10 @@ class Outbox:
             feeds[0] = feed
             self.starts[0] = 0
             return
-        if feeds and not self.pending:
-            self._take_feeds()  # drops the ended feeds it has taken all of
+        if feeds:
+            # Drops the ended feeds, their frames not taken yet moved to pending: a connection
+            # whose socket is full follows a new feed every turn, and must not keep them all.
+            self._take_feeds()
         self.feeds.append(feed)
         self.starts.append(0)
 
@@ -87,11 +107,24 @@ class Outbox:
         if self.feeds:
             self._take_feeds()
         self.pending.append(data)
+        self.pending_bytes += len(data)
 
-    def take(self) -> bytes:
-        """Everything queued and not taken yet, in order, as one string (b"" if nothing)."""
+    def backlog(self) -> int:
+        """The bytes queued and not taken yet."""
+        waiting = self.pending_bytes
+        for feed, start in zip(self.feeds, self.starts, strict=True):
+            waiting += feed.bytes_since(start)
+        return waiting
+
+    def take(self, limit: int) -> bytes:
+        """What is queued and not taken yet, in order, as one string (b"" if nothing): all of
+        it up to `limit` bytes, else whole frames from the front until `limit` is reached.
+
+        The limit keeps a client that reads slowly from being handed its whole backlog at
+        once: the frames it has not taken stay shared with the room, not joined into a copy of
+        its own that waits for its socket."""
         feeds = self.feeds
-        if len(feeds) == 1 and not self.pending:
+        if len(feeds) == 1 and not self.pending and feeds[0].bytes_since(self.starts[0]) <= limit:
             # The usual case: one room's frames, joined once for all members at this cursor.
             feed = feeds[0]
             data = feed.since(self.starts[0])
@@ -106,8 +139,18 @@ class Outbox:
         pending = self.pending
         if not pending:
             return b""
-        data = b"".join(pending) if len(pending) > 1 else pending[0]
-        pending.clear()
+        if self.pending_bytes <= limit:
+            data = b"".join(pending) if len(pending) > 1 else pending[0]
+            pending.clear()
+            self.pending_bytes = 0
+            return data
+        size = count = 0
+        while size < limit:
+            size += len(pending[count])
+            count += 1
+        data = b"".join(pending[:count]) if count > 1 else pending[0]
+        del pending[:count]
+        self.pending_bytes -= size
         return data
 
     def _take_feeds(self) -> None:
@@ -119,6 +162,7 @@ class Outbox:
             frames = feed.frames
             if start < len(frames):
                 pending.extend(frames[start:] if start else frames)
+                self.pending_bytes += feed.bytes_since(start)
             if feed.open:
                 feeds.append(feed)
                 starts.append(len(frames))
