@@ -1,0 +1,188 @@
+"""Emoji verification (SAS) between two people's devices through the real server: the messages
+travel inside Olm DMs (inner kind "sas"), never as chat text; a match marks exactly the key that
+was compared; a hostile server or a tampered message cannot make it succeed."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from securechat.client import Client
+from securechat.client.events import DirectMessage, EmojiVerification, Event
+from securechat.client.history import LocalHistory
+from securechat.e2e import sas
+from securechat.errors import VerificationError
+from securechat.identity import Identity
+from securechat.trust import KeyState
+
+from .conftest import KeyOffers, wait_for
+
+Connect = Callable[..., Client]
+
+
+def stage(name: str) -> Callable[[Event], bool]:
+    def matches(event: Event) -> bool:
+        # Every event before the step is checked too: no verification message is shown as a DM.
+        assert not isinstance(event, DirectMessage), f"a verification step shown as a DM: {event}"
+        return isinstance(event, EmojiVerification) and event.stage == name
+
+    return matches
+
+
+def compare(alice: Client, bob: Client) -> tuple[EmojiVerification, EmojiVerification]:
+    """alice asks bob's device; bob accepts; both get the emoji to compare."""
+    started = alice.start_emoji(alice.safety_number("bob"))
+    assert started.stage == "started" and started.device == bob.device_id
+    asked = wait_for(bob, stage("requested"))
+    assert isinstance(asked, EmojiVerification)
+    assert asked.user == "alice" and asked.device == alice.device_id
+    assert "alice (device " in asked.detail and "wants to compare emoji" in asked.detail
+    bob.accept_emoji("alice")
+    theirs = wait_for(bob, stage("compare"))
+    mine = wait_for(alice, stage("compare"))
+    assert isinstance(mine, EmojiVerification) and isinstance(theirs, EmojiVerification)
+    return mine, theirs
+
+
+def test_two_people_compare_emoji_and_both_end_verified_for_exactly_the_keys_compared(
+    connect: Connect, make_identity: Callable[[str], Identity]
+) -> None:
+    alice_id, bob_id = make_identity("alice"), make_identity("bob")
+    histories = [LocalHistory.beside(alice_id), LocalHistory.beside(bob_id)]
+    alice = connect("alice", history=histories[0])
+    bob = connect("bob", history=histories[1])
+    mine, theirs = compare(alice, bob)
+    assert mine.emoji == theirs.emoji and mine.decimals == theirs.decimals
+    assert len(mine.emoji.split("  ")) == sas.EMOJI_COUNT
+    names = {e.name for e in sas.EMOJI}
+    assert all(part.split(" ", 1)[1] in names for part in mine.emoji.split("  "))
+    assert len(mine.decimals.split()) == 3
+
+    alice.confirm_emoji("bob")
+    assert wait_for(alice, stage("waiting")).detail == (  # type: ignore[union-attr]
+        "confirmed; waiting for bob to confirm on their side"
+    )
+    bob.confirm_emoji("alice")
+    done_a = wait_for(alice, stage("verified"))
+    done_b = wait_for(bob, stage("verified"))
+    assert isinstance(done_a, EmojiVerification) and isinstance(done_b, EmojiVerification)
+    assert done_a.fingerprint == bob_id.fingerprint
+    assert done_b.fingerprint == alice_id.fingerprint
+    assert alice.known_keys.state("bob") is KeyState.VERIFIED
+    assert alice.known_keys.pinned("bob") == bob_id.verify_key_bytes
+    assert bob.known_keys.state("alice") is KeyState.VERIFIED
+    assert bob.known_keys.pinned("alice") == alice_id.verify_key_bytes
+
+    # Never chat text, never in the local history.
+    for client in (alice, bob):
+        while (event := client.next_event(timeout=0.3)) is not None:
+            assert not isinstance(event, DirectMessage), event
+    for history in histories:
+        assert list(history.conversation("@alice")) == []
+        assert list(history.conversation("@bob")) == []
+
+
+def test_the_emoji_differ_both_sides_see_a_warning_and_nothing_is_verified(
+    connect: Connect,
+) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    compare(alice, bob)
+    bob.cancel_emoji("alice", mismatch=True)
+    here = wait_for(bob, stage("cancelled"))
+    there = wait_for(alice, stage("cancelled"))
+    assert isinstance(here, EmojiVerification) and isinstance(there, EmojiVerification)
+    assert here.mismatch and there.mismatch
+    assert here.detail.startswith("you said the emoji differ: alice was NOT verified")
+    assert there.detail == (
+        "the emoji comparison with bob failed: bob's device cancelled the verification: the "
+        "user said the emoji do not match. Nothing was marked verified. Someone may be "
+        "intercepting. bob was NOT verified"
+    )
+    assert alice.known_keys.state("bob") is KeyState.PINNED
+    assert bob.known_keys.state("alice") is KeyState.PINNED
+    with pytest.raises(VerificationError, match="no emoji comparison with alice going on"):
+        bob.confirm_emoji("alice")
+
+
+def test_a_server_swapping_bobs_identity_key_gets_no_comparison_and_nothing_verified(
+    connect: Connect, key_offers: KeyOffers, make_identity: Callable[[str], Identity]
+) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    alice.check_key("bob")  # pinned: bob's real key
+    key_offers.offer["bob"] = make_identity("mallory").verify_key_bytes
+    with pytest.raises(VerificationError, match="offers bob a key other than the pinned one"):
+        alice.start_emoji(alice.safety_number("bob"))
+    assert alice.known_keys.state("bob") is KeyState.CHANGED
+    while (event := bob.next_event(timeout=0.5)) is not None:
+        assert not isinstance(event, EmojiVerification), event  # bob was never asked
+
+
+def test_a_server_swapping_the_key_at_first_sight_finds_no_device_to_compare_with(
+    connect: Connect, key_offers: KeyOffers, make_identity: Callable[[str], Identity]
+) -> None:
+    alice, _bob = connect("alice"), connect("bob")
+    key_offers.offer["bob"] = make_identity("mallory").verify_key_bytes
+    with pytest.raises(VerificationError, match="bob has no device signed by their identity key"):
+        alice.start_emoji(alice.safety_number("bob"))
+    assert alice.known_keys.state("bob") is KeyState.PINNED  # the swapped key, never verified
+
+
+def test_a_substituted_sas_key_fails_the_commitment_and_is_shown(
+    connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The message bob's device sends is replaced before it is sealed (what a server that could
+    get past Olm would have to do): alice's device finds the key does not match bob's commitment."""
+    alice, bob = connect("alice"), connect("bob")
+    assert bob.dms is not None
+    real = bob.dms.send_sas
+
+    def substitute(target: Any, body: str) -> Any:
+        data = json.loads(body)
+        if data["type"] == "sas.key":
+            data["key"] = base64.b64encode(bytes(32)).decode().rstrip("=")[:-1] + "E"
+            body = sas.from_wire(data).encode().decode()
+        return real(target, body)
+
+    monkeypatch.setattr(bob.dms, "send_sas", substitute)
+    alice.start_emoji(alice.safety_number("bob"))
+    wait_for(bob, stage("requested"))
+    bob.accept_emoji("alice")
+    failed = wait_for(alice, stage("cancelled"))
+    assert isinstance(failed, EmojiVerification) and failed.mismatch
+    assert "does not match the commitment" in failed.detail
+    assert failed.detail.endswith("Someone may be intercepting. bob was NOT verified")
+    told = wait_for(bob, stage("cancelled"))
+    assert isinstance(told, EmojiVerification) and told.mismatch
+    assert alice.known_keys.state("bob") is KeyState.PINNED
+    assert bob.known_keys.state("alice") is KeyState.PINNED
+
+
+def test_a_sas_envelope_replayed_by_the_server_is_refused_not_taken_as_a_step(
+    connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from securechat.client.events import DMRejected
+
+    from .conftest import rewrite_sent_frames
+
+    alice, bob = connect("alice"), connect("bob")
+    sent: list[dict[str, Any]] = []
+
+    def replay(frame: dict[str, Any]) -> list[dict[str, Any]]:
+        if frame.get("to") == "bob" or frame.get("from") == "alice":
+            sent.append(frame)
+            if len(sent) == 2:  # alice's sas.key: deliver her sas.start again in its place
+                return [{**sent[0], "queued": False}]
+        return [frame]
+
+    rewrite_sent_frames(monkeypatch, "dm", replay)
+    alice.start_emoji(alice.safety_number("bob"))
+    wait_for(bob, stage("requested"))
+    bob.accept_emoji("alice")
+    refused = wait_for(bob, lambda e: isinstance(e, DMRejected))
+    assert isinstance(refused, DMRejected) and refused.kind == "replayed"
+    assert bob.known_keys.state("alice") is KeyState.PINNED
+    assert alice.known_keys.state("bob") is KeyState.PINNED
