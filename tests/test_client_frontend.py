@@ -586,3 +586,49 @@ def test_two_devices_of_alice_through_the_cli_and_revoking_one(server, certs_dir
         f"securechat: error: 127.0.0.1:{port} refused the login: this device was revoked; it "
         "cannot log in\n"
     )
+
+
+def test_emoji_verification_in_line_mode_marks_both_keys_verified(server, certs_dir, keys) -> None:
+    port, ca = server.address[1], certs_dir / "ca.pem"
+    alice = LineClient(keys("alice"), port, ca, user="alice")
+    bob = LineClient(keys("bob"), port, ca, user="bob")
+    try:
+        alice.out.wait_for("-- alice joined #lobby")
+        bob.out.wait_for("-- bob joined #lobby")
+        alice.send("/verify bob")
+        assert alice.out.wait_for("-- or, while bob is online") == (
+            "-- or, while bob is online, compare emoji with their device: /verify bob emoji\n"
+        )
+        alice.send("/verify bob emoji")
+        assert "is online" in alice.out.wait_for("-- asked bob's device ")
+        asked = bob.out.wait_for("wants to compare emoji with you")
+        assert asked.startswith("!! alice (device ")
+        assert asked.endswith("/verify alice accept to start, /verify alice cancel to refuse\n")
+        bob.send("/verify alice accept")
+        theirs = bob.out.wait_for("!! compare with alice: ")
+        mine = alice.out.wait_for("!! compare with bob: ")
+        assert (
+            mine.split(": ", 1)[1].split(". Same")[0] == theirs.split(": ", 1)[1].split(". Same")[0]
+        )
+        assert mine.endswith(
+            "Same on bob's screen: /verify bob match; different: /verify bob differ\n"
+        )
+        alice.send("/verify bob match")
+        alice.out.wait_for("-- confirmed; waiting for bob to confirm on their side")
+        bob.send("/verify alice match")
+        bob_fp = identity.load(keys("bob"), PASSPHRASE).fingerprint
+        alice_fp = identity.load(keys("alice"), PASSPHRASE).fingerprint
+        alice.out.wait_for(
+            f"-- the emoji matched: bob's key is now verified (fingerprint {bob_fp})"
+        )
+        bob.out.wait_for(
+            f"-- the emoji matched: alice's key is now verified (fingerprint {alice_fp})"
+        )
+        alice.send("/whois bob")
+        alice.out.wait_for(f"-- bob: key {bob_fp} (verified)")
+        alice.send("/verify bob sideways")
+        alice.out.wait_for("!! usage: /verify user [emoji|accept|match|differ|cancel]")
+    finally:
+        assert alice.finish() == 0
+        assert bob.finish() == 0
+    assert not any("*alice*" in line or "sas." in line for line in bob.out.lines)
