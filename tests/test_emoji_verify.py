@@ -186,3 +186,51 @@ def test_a_sas_envelope_replayed_by_the_server_is_refused_not_taken_as_a_step(
     assert isinstance(refused, DMRejected) and refused.kind == "replayed"
     assert bob.known_keys.state("alice") is KeyState.PINNED
     assert alice.known_keys.state("bob") is KeyState.PINNED
+
+
+def test_a_comparison_not_finished_in_ten_minutes_is_cancelled_on_both_sides(
+    connect: Connect,
+) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    assert alice.verifier is not None and bob.verifier is not None
+    now = [1000.0]
+    alice.verifier.clock = bob.verifier.clock = lambda: now[0]
+    alice.start_emoji(alice.safety_number("bob"))
+    wait_for(bob, stage("requested"))
+    now[0] += sas.TIMEOUT_SECONDS - 1
+    alice.verifier.check_timeouts()
+    bob.verifier.check_timeouts()
+    while (event := alice.next_event(timeout=0.3)) is not None:  # not yet
+        assert not stage("cancelled")(event), event
+    now[0] += 1
+    alice.verifier.check_timeouts()
+    mine = wait_for(alice, stage("cancelled"))
+    assert isinstance(mine, EmojiVerification) and not mine.mismatch
+    assert mine.detail == (
+        "the emoji comparison with bob failed: the verification with bob took longer than 10 "
+        "minutes and was cancelled. bob was NOT verified"
+    )
+    theirs = wait_for(bob, stage("cancelled"))
+    assert theirs.detail == (  # type: ignore[union-attr]
+        "alice's device withdrew the request to compare emoji: it timed out"
+    )
+
+
+def test_an_unanswered_request_expires_after_ten_minutes(connect: Connect) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    assert bob.verifier is not None
+    now = [1000.0]
+    bob.verifier.clock = lambda: now[0]
+    alice.start_emoji(alice.safety_number("bob"))
+    wait_for(bob, stage("requested"))
+    now[0] += sas.TIMEOUT_SECONDS
+    bob.verifier.check_timeouts()
+    expired = wait_for(bob, stage("cancelled"))
+    assert expired.detail == (  # type: ignore[union-attr]
+        "the emoji comparison with alice failed: the request from alice to compare emoji "
+        "expired. alice was NOT verified"
+    )
+    with pytest.raises(VerificationError, match="no emoji comparison with alice going on"):
+        bob.accept_emoji("alice")
+    told = wait_for(alice, stage("cancelled"))
+    assert "bob's device cancelled the verification: it timed out" in told.detail  # type: ignore[union-attr]

@@ -266,7 +266,12 @@ class EmojiVerifier:
             if p is None or p.sas is None or p.device.device_id != record.sender_device:
                 if p is not None and p.sas is None and isinstance(message, sas.Cancel):
                     del self._by_user[record.sender]
-                    self._event(p, "cancelled", f"{record.sender} withdrew the request")
+                    why = sas.CancelCode.reason_for(message.code)
+                    self._event(
+                        p,
+                        "cancelled",
+                        f"{record.sender}'s device withdrew the request to compare emoji: {why}",
+                    )
                 return  # a late message of a comparison that ended: nothing to do
             before = p.sas.short_code
             try:
