@@ -131,23 +131,28 @@ def test_a_server_swapping_the_key_at_first_sight_finds_no_device_to_compare_wit
     assert alice.known_keys.state("bob") is KeyState.PINNED  # the swapped key, never verified
 
 
-def test_a_substituted_sas_key_fails_the_commitment_and_is_shown(
-    connect: Connect, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The message bob's device sends is replaced before it is sealed (what a server that could
-    get past Olm would have to do): alice's device finds the key does not match bob's commitment."""
-    alice, bob = connect("alice"), connect("bob")
-    assert bob.dms is not None
-    real = bob.dms.send_sas
+def substitute_sent(client: Client, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Replace the `kind` message `client`'s device sends before it is sealed (what a server
+    that could get past Olm would have to do): another key, or another MAC."""
+    assert client.dms is not None
+    real = client.dms.send_sas
 
     def substitute(target: Any, body: str) -> Any:
         data = json.loads(body)
-        if data["type"] == "sas.key":
-            data["key"] = base64.b64encode(bytes(32)).decode().rstrip("=")[:-1] + "E"
+        if data["type"] == kind:
+            field = "key" if kind == "sas.key" else "mac"
+            data[field] = base64.b64encode(bytes(range(32))).decode().rstrip("=")
             body = sas.from_wire(data).encode().decode()
         return real(target, body)
 
-    monkeypatch.setattr(bob.dms, "send_sas", substitute)
+    monkeypatch.setattr(client.dms, "send_sas", substitute)
+
+
+def test_a_substituted_sas_key_fails_the_commitment_and_is_shown(
+    connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    substitute_sent(bob, monkeypatch, "sas.key")
     alice.start_emoji(alice.safety_number("bob"))
     wait_for(bob, stage("requested"))
     bob.accept_emoji("alice")
@@ -157,6 +162,25 @@ def test_a_substituted_sas_key_fails_the_commitment_and_is_shown(
     assert failed.detail.endswith("Someone may be intercepting. bob was NOT verified")
     told = wait_for(bob, stage("cancelled"))
     assert isinstance(told, EmojiVerification) and told.mismatch
+    assert "the SAS key did not match its commitment" in told.detail
+    assert alice.known_keys.state("bob") is KeyState.PINNED
+    assert bob.known_keys.state("alice") is KeyState.PINNED
+
+
+def test_a_substituted_mac_fails_after_both_confirm_and_is_shown(
+    connect: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    substitute_sent(bob, monkeypatch, "sas.mac")
+    compare(alice, bob)
+    alice.confirm_emoji("bob")
+    bob.confirm_emoji("alice")
+    failed = wait_for(alice, stage("cancelled"))
+    assert isinstance(failed, EmojiVerification) and failed.mismatch
+    assert "the MAC check failed" in failed.detail
+    told = wait_for(bob, stage("cancelled"))
+    assert isinstance(told, EmojiVerification) and told.mismatch
+    assert "the MAC check failed" in told.detail
     assert alice.known_keys.state("bob") is KeyState.PINNED
     assert bob.known_keys.state("alice") is KeyState.PINNED
 
