@@ -258,3 +258,17 @@ def test_an_unanswered_request_expires_after_ten_minutes(connect: Connect) -> No
         bob.accept_emoji("alice")
     told = wait_for(alice, stage("cancelled"))
     assert "bob's device cancelled the verification: it timed out" in told.detail  # type: ignore[union-attr]
+
+
+def test_a_request_to_an_offline_device_says_so_and_reaches_it_when_it_connects(
+    connect: Connect,
+) -> None:
+    connect("bob").close()  # bob's device is known to the server, then goes offline
+    alice = connect("alice")
+    started = alice.start_emoji(alice.safety_number("bob"))
+    assert "(it is offline; the request waits for it)" in started.detail
+    bob = connect("bob")
+    asked = wait_for(bob, stage("requested"))
+    assert asked.user == "alice"  # type: ignore[union-attr]
+    with pytest.raises(VerificationError, match=r"^your own devices share your identity key"):
+        alice.start_emoji(alice.safety_number("alice"))

@@ -111,6 +111,8 @@ class EmojiVerifier:
         emoji over the pinned key `shown` showed. Raises VerificationError when that key is not
         the one pinned (compare safety numbers first), or the person has no such device."""
         user = shown.name
+        if user == self._dms.user:
+            raise VerificationError("your own devices share your identity key: nothing to compare")
         if shown.offered_key is not None:
             raise VerificationError(
                 f"the server offers {user} a key other than the pinned one; compare safety "
@@ -126,7 +128,13 @@ class EmojiVerifier:
             )
             p = _Pending(device, shown, start, verification)
             self._by_user[user] = p
-        status = self._dms.send_sas(device, start.encode().decode("ascii")).result(10.0)
+        try:
+            status = self._dms.send_sas(device, start.encode().decode("ascii")).result(10.0)
+        except BaseException:
+            with self._lock:
+                if self._by_user.get(user) is p:
+                    del self._by_user[user]  # never asked: nothing to answer or time out
+            raise
         where = (
             "it is online"
             if status.get("status") == "delivered"
@@ -145,12 +153,10 @@ class EmojiVerifier:
     def _pick(
         self,
         user: str,
-        devices: tuple[DeviceRecord, ...] | list[DeviceRecord],
+        devices: tuple[DeviceRecord, ...],
         reply: dict[str, object],
         device_id: str | None,
     ) -> DeviceRecord:
-        if user == self._dms.user:
-            raise VerificationError("your own devices share your identity key: nothing to compare")
         if device_id is not None:
             named = [d for d in devices if d.device_id == device_id.upper()]
             if not named:
