@@ -272,3 +272,19 @@ def test_a_request_to_an_offline_device_says_so_and_reaches_it_when_it_connects(
     assert asked.user == "alice"  # type: ignore[union-attr]
     with pytest.raises(VerificationError, match=r"^your own devices share your identity key"):
         alice.start_emoji(alice.safety_number("alice"))
+
+
+def test_a_key_the_server_offers_mid_comparison_never_changes_which_key_is_marked(
+    connect: Connect, key_offers: KeyOffers, make_identity: Callable[[str], Identity]
+) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    compare(alice, bob)
+    key_offers.offer["bob"] = make_identity("mallory").verify_key_bytes
+    assert alice.check_key("bob").state is KeyState.CHANGED  # alice's client has seen the swap
+    alice.confirm_emoji("bob")
+    bob.confirm_emoji("alice")
+    done = wait_for(alice, stage("verified"))
+    assert done.fingerprint == bob.identity.fingerprint  # type: ignore[union-attr]
+    entry = alice.known_keys.entry("bob")
+    assert entry is not None and entry.state is KeyState.VERIFIED
+    assert entry.key == bob.identity.verify_key_bytes

@@ -529,3 +529,18 @@ def test_compare_emoji_from_the_verify_dialog_marks_both_keys_verified(gui_for, 
     assert fingerprint(bob.identity.verify_key_bytes) in gui.window.banner_text.cget("text")
     kinds = {line.kind for line in gui.model.conversations["@bob"].lines}
     assert not kinds & {"dm", "own_dm"}  # no step of it is shown as a message
+
+
+def test_verify_with_a_step_typed_in_the_window_runs_the_emoji_comparison(gui_for, connect) -> None:
+    from securechat.client.events import EmojiVerification
+
+    bob = connect("bob")
+    gui = gui_for("alice")
+    gui.window.submit("/verify bob emoji")
+    asked = wait_for(
+        bob, lambda e: isinstance(e, EmojiVerification) and e.stage == "requested", WAIT
+    )
+    assert asked.user == "alice"
+    gui.pump(lambda: "bob" in gui.window.emoji_dialogs)
+    assert gui.window.emoji_dialogs["bob"].button_labels() == ["Cancel"]
+    assert gui.window.verify_dialog is None  # no safety-number dialog for a step

@@ -378,7 +378,7 @@ class ChatWindow:
             self.select(f"@{args[0]}" if args else LOBBY)
             if args:
                 self.open_dm(args[0])
-        elif name == "verify":
+        elif name == "verify" and len(args) == 1:  # with a step, the controller runs it
             self.select(f"@{args[0]}")
             self.open_dm(args[0], then_verify=True)
         elif name == "quit":
