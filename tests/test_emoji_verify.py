@@ -288,3 +288,20 @@ def test_a_key_the_server_offers_mid_comparison_never_changes_which_key_is_marke
     entry = alice.known_keys.entry("bob")
     assert entry is not None and entry.state is KeyState.VERIFIED
     assert entry.key == bob.identity.verify_key_bytes
+
+
+def test_when_both_ask_at_once_one_comparison_goes_on(connect: Connect) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    alice.start_emoji(alice.safety_number("bob"))
+    bobs = bob.start_emoji(bob.safety_number("alice"))
+    if bobs.detail.startswith("asked alice's device"):
+        # Both requests crossed: alice's goes on (her name sorts first) and replaces bob's.
+        asked = wait_for(bob, stage("requested"))
+        assert asked.user == "alice"  # type: ignore[union-attr]
+        bob.accept_emoji("alice")
+    else:  # alice's request reached bob first: asking back accepted it
+        assert bobs.detail == "accepted; exchanging keys with alice's device"
+    mine, theirs = wait_for(alice, stage("compare")), wait_for(bob, stage("compare"))
+    assert mine.emoji == theirs.emoji  # type: ignore[union-attr]
+    while (event := alice.next_event(timeout=0.3)) is not None:
+        assert not stage("requested")(event), event  # alice is never asked to accept bob's

@@ -113,6 +113,13 @@ class EmojiVerifier:
         user = shown.name
         if user == self._dms.user:
             raise VerificationError("your own devices share your identity key: nothing to compare")
+        with self._lock:
+            waiting = self._by_user.get(user)
+            if waiting is not None and waiting.sas is None:
+                # They asked first: asking back means yes (so two requests never cross).
+                accepted = self.accept(user)
+                if accepted is not None:
+                    return accepted
         if shown.offered_key is not None:
             raise VerificationError(
                 f"the server offers {user} a key other than the pinned one; compare safety "
@@ -183,8 +190,9 @@ class EmojiVerifier:
             raise VerificationError(f"there is no emoji comparison with {user} going on")
         return p
 
-    def accept(self, user: str) -> None:
-        """Our user agrees to the comparison `user` asked for: answer their device."""
+    def accept(self, user: str) -> EmojiVerification | None:
+        """Our user agrees to the comparison `user` asked for: answer their device. The
+        "started" event, or None when the request turned out not to match (shown as such)."""
         with self._lock:
             p = self._running(user)
             if p.sas is not None:
@@ -195,9 +203,13 @@ class EmojiVerifier:
                 )
             except SasMismatch as exc:
                 self._failed(p, exc)
-                return
+                return None
             self._send(p, (accept,))
-        self._event(p, "started", f"accepted; exchanging keys with {user}'s device")
+        event = EmojiVerification(
+            user, p.device.device_id, "started", f"accepted; exchanging keys with {user}'s device"
+        )
+        self._emit(event)
+        return event
 
     def confirm(self, user: str) -> None:
         """Our user says both screens show the same emoji."""
@@ -316,6 +328,15 @@ class EmojiVerifier:
         pinned = self._dms.known_keys.pinned(sender)
         if device is None or pinned is None or sender == self._dms.user:
             return
+        ours = self._by_user.get(sender)
+        if (
+            ours is not None
+            and ours.sas is not None
+            and ours.sas.role is sas.Role.INITIATOR
+            and ours.sas.state is sas.SasState.WAITING_FOR_ACCEPT
+            and self._dms.user < sender
+        ):
+            return  # both asked at once: the request of the name first in order goes on
         check = self._dms.known_keys.check(sender, pinned)
         dms = self._dms
         shown = Verification.of(check, dms.user, dms.identity.verify_key_bytes)
