@@ -63,6 +63,7 @@ def dated(ts: int = TS) -> str:
         ("/query", Command("query")),
         ("/whois bob", Command("whois", ("bob",))),
         ("/verify bob", Command("verify", ("bob",))),
+        ("/verify Bob emoji", Command("verify", ("bob", "emoji"))),
         ("/trust bob", Command("trust", ("bob",))),
         ("/trust Bob 6937 A1B2", Command("trust", ("bob", "6937", "A1B2"))),
         ("/help", Command("help")),
@@ -83,6 +84,7 @@ def test_parse(line: str, parsed) -> None:
         ("/msg bob", "usage: /msg user text"),
         ("/me", "usage: /me action"),
         ("/rooms now", "usage: /rooms"),
+        ("/verify bob emoji now", "usage: /verify user [emoji|accept|match|differ|cancel]"),
     ],
 )
 def test_bad_commands_say_how_to_write_them(line: str, message: str) -> None:
