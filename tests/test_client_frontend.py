@@ -634,3 +634,22 @@ def test_emoji_verification_in_line_mode_marks_both_keys_verified(server, certs_
         assert alice.finish() == 0
         assert bob.finish() == 0
     assert not any("*alice*" in line or "sas." in line for line in bob.out.lines)
+
+
+def test_emoji_steps_render_with_the_words_that_answer_them() -> None:
+    from securechat.client.events import EmojiVerification
+
+    dev = "ABCDEFGHIJKLMNOP"
+    asked = EmojiVerification("alice", dev, "requested", "alice (device X) wants\x1b[2J")
+    assert render(asked) == (
+        "!! alice (device X) wants\\x1b[2J: /verify alice accept to start, /verify alice cancel "
+        "to refuse"
+    )
+    shown = EmojiVerification("bob", dev, "compare", "", "\U0001f436 Dog", "1234 5678 9012")
+    assert render(shown) == (
+        "!! compare with bob: \U0001f436 Dog\n    | (or the numbers 1234 5678 9012). Same on "
+        "bob's screen: /verify bob match; different: /verify bob differ"
+    )
+    assert render(EmojiVerification("bob", dev, "verified", "matched")) == "-- matched"
+    failed = EmojiVerification("bob", dev, "cancelled", "bob was NOT verified", mismatch=True)
+    assert render(failed) == "!! bob was NOT verified"
