@@ -63,6 +63,7 @@ def dated(ts: int = TS) -> str:
         ("/query", Command("query")),
         ("/whois bob", Command("whois", ("bob",))),
         ("/verify bob", Command("verify", ("bob",))),
+        ("/verify Bob emoji", Command("verify", ("bob", "emoji"))),
         ("/trust bob", Command("trust", ("bob",))),
         ("/trust Bob 6937 A1B2", Command("trust", ("bob", "6937", "A1B2"))),
         ("/help", Command("help")),
@@ -83,6 +84,7 @@ def test_parse(line: str, parsed) -> None:
         ("/msg bob", "usage: /msg user text"),
         ("/me", "usage: /me action"),
         ("/rooms now", "usage: /rooms"),
+        ("/verify bob emoji now", "usage: /verify user [emoji|accept|match|differ|cancel]"),
     ],
 )
 def test_bad_commands_say_how_to_write_them(line: str, message: str) -> None:
@@ -586,3 +588,68 @@ def test_two_devices_of_alice_through_the_cli_and_revoking_one(server, certs_dir
         f"securechat: error: 127.0.0.1:{port} refused the login: this device was revoked; it "
         "cannot log in\n"
     )
+
+
+def test_emoji_verification_in_line_mode_marks_both_keys_verified(server, certs_dir, keys) -> None:
+    port, ca = server.address[1], certs_dir / "ca.pem"
+    alice = LineClient(keys("alice"), port, ca, user="alice")
+    bob = LineClient(keys("bob"), port, ca, user="bob")
+    try:
+        alice.out.wait_for("-- alice joined #lobby")
+        bob.out.wait_for("-- bob joined #lobby")
+        alice.send("/verify bob")
+        assert alice.out.wait_for("-- or, while bob is online") == (
+            "-- or, while bob is online, compare emoji with their device: /verify bob emoji\n"
+        )
+        alice.send("/verify bob emoji")
+        assert "is online" in alice.out.wait_for("-- asked bob's device ")
+        asked = bob.out.wait_for("wants to compare emoji with you")
+        assert asked.startswith("!! alice (device ")
+        assert asked.endswith("/verify alice accept to start, /verify alice cancel to refuse\n")
+        bob.send("/verify alice accept")
+        theirs = bob.out.wait_for("!! compare with alice: ")
+        mine = alice.out.wait_for("!! compare with bob: ")
+        assert (
+            mine.split(": ", 1)[1].split(". Same")[0] == theirs.split(": ", 1)[1].split(". Same")[0]
+        )
+        assert mine.endswith(
+            "Same on bob's screen: /verify bob match; different: /verify bob differ\n"
+        )
+        alice.send("/verify bob match")
+        alice.out.wait_for("-- confirmed; waiting for bob to confirm on their side")
+        bob.send("/verify alice match")
+        bob_fp = identity.load(keys("bob"), PASSPHRASE).fingerprint
+        alice_fp = identity.load(keys("alice"), PASSPHRASE).fingerprint
+        alice.out.wait_for(
+            f"-- the emoji matched: bob's key is now verified (fingerprint {bob_fp})"
+        )
+        bob.out.wait_for(
+            f"-- the emoji matched: alice's key is now verified (fingerprint {alice_fp})"
+        )
+        alice.send("/whois bob")
+        alice.out.wait_for(f"-- bob: key {bob_fp} (verified)")
+        alice.send("/verify bob sideways")
+        alice.out.wait_for("!! usage: /verify user [emoji|accept|match|differ|cancel]")
+    finally:
+        assert alice.finish() == 0
+        assert bob.finish() == 0
+    assert not any("*alice*" in line or "sas." in line for line in bob.out.lines)
+
+
+def test_emoji_steps_render_with_the_words_that_answer_them() -> None:
+    from securechat.client.events import EmojiVerification
+
+    dev = "ABCDEFGHIJKLMNOP"
+    asked = EmojiVerification("alice", dev, "requested", "alice (device X) wants\x1b[2J")
+    assert render(asked) == (
+        "!! alice (device X) wants\\x1b[2J: /verify alice accept to start, /verify alice cancel "
+        "to refuse"
+    )
+    shown = EmojiVerification("bob", dev, "compare", "", "\U0001f436 Dog", "1234 5678 9012")
+    assert render(shown) == (
+        "!! compare with bob: \U0001f436 Dog\n    | (or the numbers 1234 5678 9012). Same on "
+        "bob's screen: /verify bob match; different: /verify bob differ"
+    )
+    assert render(EmojiVerification("bob", dev, "verified", "matched")) == "-- matched"
+    failed = EmojiVerification("bob", dev, "cancelled", "bob was NOT verified", mismatch=True)
+    assert render(failed) == "!! bob was NOT verified"

@@ -488,3 +488,59 @@ def test_devices_are_listed_and_revoked_from_the_window(
         assert closed == Closed("this device was revoked")
     finally:
         phone.close()
+
+
+def test_compare_emoji_from_the_verify_dialog_marks_both_keys_verified(gui_for, connect) -> None:
+    from securechat.client.events import EmojiVerification
+    from securechat.identity import fingerprint
+    from securechat.trust import KeyState
+
+    bob = connect("bob")
+    gui = gui_for("alice")
+    alice = gui.window.client
+    gui.window.submit("/verify bob")
+    gui.pump(lambda: gui.window.verify_dialog is not None)
+    gui.window.compare_emoji(gui.window.verify_dialog)
+
+    def step(name: str) -> Callable[[object], bool]:
+        return lambda e: isinstance(e, EmojiVerification) and e.stage == name
+
+    wait_for(bob, step("requested"), WAIT)
+    bob.accept_emoji("alice")
+    theirs = wait_for(bob, step("compare"), WAIT)
+    gui.pump(
+        lambda: (
+            "bob" in gui.window.emoji_dialogs and gui.window.emoji_dialogs["bob"].stage == "compare"
+        )
+    )
+    dialog = gui.window.emoji_dialogs["bob"]
+    assert dialog.emoji.cget("text") == "\n".join(theirs.emoji.split("  "))
+    assert dialog.decimals.cget("text") == theirs.decimals
+    assert dialog.button_labels() == ["They differ", "They match"]
+    dialog.click("They match")
+    bob.confirm_emoji("alice")
+    wait_for(bob, step("verified"), WAIT)
+    gui.pump(lambda: dialog.stage == "verified")
+    assert dialog.button_labels() == ["Close"]
+    assert alice.known_keys.state("bob") is KeyState.VERIFIED
+    assert bob.known_keys.state("alice") is KeyState.VERIFIED
+    gui.window.select("@bob")
+    gui.pump(lambda: gui.window.banner_text.cget("text").endswith(": verified"))
+    assert fingerprint(bob.identity.verify_key_bytes) in gui.window.banner_text.cget("text")
+    kinds = {line.kind for line in gui.model.conversations["@bob"].lines}
+    assert not kinds & {"dm", "own_dm"}  # no step of it is shown as a message
+
+
+def test_verify_with_a_step_typed_in_the_window_runs_the_emoji_comparison(gui_for, connect) -> None:
+    from securechat.client.events import EmojiVerification
+
+    bob = connect("bob")
+    gui = gui_for("alice")
+    gui.window.submit("/verify bob emoji")
+    asked = wait_for(
+        bob, lambda e: isinstance(e, EmojiVerification) and e.stage == "requested", WAIT
+    )
+    assert asked.user == "alice"
+    gui.pump(lambda: "bob" in gui.window.emoji_dialogs)
+    assert gui.window.emoji_dialogs["bob"].button_labels() == ["Cancel"]
+    assert gui.window.verify_dialog is None  # no safety-number dialog for a step

@@ -147,3 +147,29 @@ def test_times_before_today_show_the_date() -> None:
     when = datetime.fromtimestamp(TS / 1000)
     assert old.clock == f"{when:%Y-%m-%d %H:%M}"
     assert Line("system", "no time").clock == ""
+
+
+def test_emoji_steps_are_notes_in_the_peers_conversation_and_a_match_marks_it_verified() -> None:
+    from securechat.client.events import EmojiVerification
+
+    model = ChatModel("alice")
+    dev = "ABCDEFGHIJKLMNOP"
+    model.on_event(EmojiVerification("bob", dev, "requested", "bob wants to compare emoji"))
+    model.on_event(
+        EmojiVerification("bob", dev, "compare", "compare", "\U0001f436 Dog", "1234 5678 9012")
+    )
+    model.on_event(
+        EmojiVerification("bob", dev, "verified", "the emoji matched", fingerprint="ab12 cd34")
+    )
+    lines = model.conversations["@bob"].lines
+    assert [(line.kind, line.text) for line in lines] == [
+        ("warning", "bob wants to compare emoji"),
+        ("warning", "compare with bob: \U0001f436 Dog (or 1234 5678 9012)"),
+        ("system", "the emoji matched"),
+    ]
+    assert model.conversations["@bob"].trust == Trust("verified", "ab12 cd34")
+    assert model.emoji["bob"].stage == "verified"
+    mismatch = EmojiVerification("carol", dev, "cancelled", "carol was NOT verified", mismatch=True)
+    model.on_event(mismatch)
+    assert model.conversations["@carol"].lines[-1].kind == "warning"
+    assert model.conversations["@carol"].trust is None

@@ -62,6 +62,20 @@ def test_the_record_has_one_canonical_encoding_padded_to_a_bucket() -> None:
     assert inner.decode(encoded) == record()
 
 
+def test_a_verification_record_is_its_own_kind_and_shares_the_chain() -> None:
+    sender = ConversationTracker("alice", PHONE)
+    chat = sender.next_record("bob", BOB_PHONE, "message-0001", now_ms(), "hi")
+    sender.record_sent(chat)
+    step = sender.next_record("bob", BOB_PHONE, "message-0002", now_ms(), '{"type":"x"}', "sas")
+    assert (step.kind, step.seq, step.prev) == ("sas", 2, chat.digest)
+    encoded = inner.encode(step)
+    assert b'"kind":"sas"' in encoded
+    assert inner.decode(encoded) == step
+    assert inner.decode(encoded).kind == inner.SAS_KIND
+    # The kind is inside the hash chain: a "dm" record cannot be passed off as a "sas" one.
+    assert replace(step, kind="dm").digest != step.digest
+
+
 def test_the_record_repr_shows_no_text() -> None:
     assert "hi bob" not in repr(record())
 
@@ -106,6 +120,7 @@ def test_a_text_too_long_once_encoded_is_refused_before_sending() -> None:
         ({"recipient_device": "short"}, "a device id is malformed"),
         ({"sender": "Alice"}, "the sender name is malformed"),
         ({"message_id": "short"}, "the message id must be 8 to 64 characters"),
+        ({"kind": "room_key"}, "the kind is unknown"),
     ],
 )
 def test_a_malformed_record_is_not_sent(change, why) -> None:
@@ -125,6 +140,14 @@ def pad(raw: bytes) -> bytes:
         (pad(b'{"v":1}'), "does not have the version 2 fields"),
         (
             pad(inner.encode(record()).rstrip(b" ").replace(b'"v":2', b'"v":3')),
+            "has an unknown version or kind",
+        ),
+        (
+            pad(inner.encode(record()).rstrip(b" ").replace(b'"kind":"dm"', b'"kind":"room"')),
+            "has an unknown version or kind",
+        ),
+        (
+            pad(inner.encode(record()).rstrip(b" ").replace(b'"kind":"dm"', b'"kind":["dm"]')),
             "has an unknown version or kind",
         ),
         (

@@ -17,6 +17,7 @@ import base64
 import json
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -33,14 +34,17 @@ from securechat.client.events import (
     Closed,
     DeviceWarning,
     DirectMessage,
+    EmojiVerification,
     Event,
     FrameDropped,
     Joined,
     Message,
     Parted,
+    SasRecord,
     ServerError,
 )
 from securechat.client.history import Entry, LocalHistory
+from securechat.client.verify import EmojiVerifier
 from securechat.errors import ConfigError
 from securechat.identity import Identity
 from securechat.protocol import valid_name, valid_room
@@ -92,6 +96,7 @@ class Client:
             if device is not None
             else None
         )
+        self.verifier = EmojiVerifier(self.dms, self._events.put) if self.dms is not None else None
         self._inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._receiver = threading.Thread(target=self._receive_loop, name=f"dm-{user}", daemon=True)
 
@@ -148,6 +153,7 @@ class Client:
             client._on_frame(frame)
         conn.start()
         client._receiver.start()
+        threading.Thread(target=client._tick, name=f"sas-{user}", daemon=True).start()
         try:
             client._dms().publish()
         except BaseException:
@@ -274,6 +280,29 @@ class Client:
         KeyNotNamed, or NotPinned if the pin changed since `shown`."""
         return self.known_keys.mark_shown_verified(shown, shown.choose(named))
 
+    def _verifier(self) -> EmojiVerifier:
+        if self.verifier is None:
+            raise ConfigError("this client was made without a device; it cannot compare emoji")
+        return self.verifier
+
+    def start_emoji(self, shown: Verification, device: str | None = None) -> EmojiVerification:
+        """Ask one of `shown.name`'s devices (`device`, else the one seen last) to compare emoji
+        over the pinned key that safety_number() showed. The steps arrive as EmojiVerification
+        events; a match marks exactly that key verified. Blocks for the server."""
+        return self._verifier().start(shown, device)
+
+    def accept_emoji(self, user: str) -> None:
+        """Agree to the emoji comparison `user` asked for (an EmojiVerification "requested")."""
+        self._verifier().accept(user)
+
+    def confirm_emoji(self, user: str) -> None:
+        """The emoji shown for `user` match the ones on their screen."""
+        self._verifier().confirm(user)
+
+    def cancel_emoji(self, user: str, *, mismatch: bool = False) -> None:
+        """Stop the emoji comparison with `user`; mismatch=True: the emoji differ."""
+        self._verifier().cancel(user, mismatch=mismatch)
+
     def wait_queue(self, timeout: float | None = None) -> bool:
         """Wait until the DMs that waited for us on the server have all arrived (the server
         sends them right after login); False if that did not happen within `timeout`."""
@@ -356,6 +385,12 @@ class Client:
             self.rooms.discard(event.room)
         self._events.put(event)
 
+    def _tick(self) -> None:
+        # The SAS module has no timer of its own: end comparisons older than 10 minutes.
+        while not self._done.wait(5.0):
+            if self.verifier is not None:
+                self.verifier.check_timeouts()
+
     def _receive_loop(self) -> None:
         while (frame := self._inbox.get()) is not None:
             try:
@@ -377,7 +412,10 @@ class Client:
                 self._conn.send(
                     self._conn.session.encode({"type": "ack", "msg_ids": [frame["msg_id"]]})
                 )
-            if event is not None:
+            if isinstance(event, SasRecord):
+                if self.verifier is not None:  # never chat text, never in the history
+                    self.verifier.receive(event, time.time_ns() // 1_000_000)
+            elif event is not None:
                 self._emit(event)
 
     def _remember(self, event: Event) -> None:

@@ -22,9 +22,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from securechat.client.events import DeviceWarning, DirectMessage, DMRejected, Event
-from securechat.e2e import envelope, prekeys, records, storage
-from securechat.e2e.conversations import ConversationTracker
+from securechat.client.events import DeviceWarning, DirectMessage, DMRejected, Event, SasRecord
+from securechat.e2e import envelope, inner, prekeys, records, storage
+from securechat.e2e.conversations import ConversationTracker, Delivery
 from securechat.e2e.records import DeviceList, DeviceRecord
 from securechat.e2e.sessions import SessionStore
 from securechat.errors import (
@@ -256,6 +256,38 @@ class DirectMessages:
         ]
         return _gather(futures, message_id, ts), message_id, ts
 
+    def send_sas(self, target: DeviceRecord, body: str) -> Future[dict[str, Any]]:
+        """Send one verification message (inner kind "sas") to exactly one device: no fan-out to
+        our own devices, and the receiver hands it to its verifier, never to the chat."""
+        self._start_sessions([target])
+        state = self.state
+        message_id = new_message_id()
+        with state.lock:
+            if state.sessions.needs_session(target):
+                raise DeviceRecordError(
+                    f"no secure session with {target.user}'s device {target.device_id}; the "
+                    "verification message was not sent"
+                )
+            (env,) = envelope.encrypt_dm(
+                state.sessions,
+                state.tracker,
+                [target],
+                target.user,
+                message_id,
+                _now_ms(),
+                body,
+                inner.SAS_KIND,
+            )
+            state.save()
+        return self._request(
+            "dm",
+            to=target.user,
+            user=env.recipient,
+            device=env.recipient_device,
+            msg_id=message_id,
+            data=base64.b64encode(env.data).decode("ascii"),
+        )
+
     def _start_sessions(self, targets: list[DeviceRecord]) -> None:
         with self.state.lock:
             lacking = envelope.needs_prekeys(self.state.sessions, targets)
@@ -285,8 +317,9 @@ class DirectMessages:
 
     # -- receiving ----------------------------------------------------------------------------
 
-    def receive(self, frame: dict[str, Any]) -> Event | None:
-        """Turn a delivered `dm` frame into a DirectMessage, or a DMRejected saying why not.
+    def receive(self, frame: dict[str, Any]) -> Event | SasRecord | None:
+        """Turn a delivered `dm` frame into a DirectMessage, or a DMRejected saying why not; a
+        verification message (inner kind "sas") into a SasRecord for the verifier.
 
         None for a DM from the server's queue that was already shown: the server redelivers until
         we acknowledge, so a repeat of that kind is expected and shown once only.
@@ -339,21 +372,36 @@ class DirectMessages:
                 state.save()  # a refusal may still have changed state (a wedged session)
         if opened.note is not None:
             self._warn(DeviceWarning(sender, opened.note.text))
-        inner = opened.delivery.record
+        return self._delivered(sender, opened.delivery, pinned_before)
+
+    def _delivered(
+        self, sender: str, delivery: Delivery, pinned_before: KeyState | None
+    ) -> DirectMessage | SasRecord:
+        record = delivery.record
+        notice = delivery.notice(self.user)
+        if record.kind == inner.SAS_KIND:
+            if notice is not None:
+                self._warn(DeviceWarning(sender, notice))
+            return SasRecord(sender, record.sender_device, record.body, record.ts)
         trust = self.known_keys.state(sender) if pinned_before is not None else None
         mine = sender == self.user
         key_state = KeyState.VERIFIED.value if mine else (trust or KeyState.NEW).value
         return DirectMessage(
-            inner.sender,
-            inner.recipient,
-            inner.body,
-            inner.ts,
-            inner.message_id,
+            record.sender,
+            record.recipient,
+            record.body,
+            record.ts,
+            record.message_id,
             key_state,
-            notice=opened.delivery.notice(self.user),
-            device=inner.sender_device,
+            notice=notice,
+            device=record.sender_device,
             own=mine,
         )
+
+    def known_device(self, user: str, device_id: str) -> DeviceRecord | None:
+        """`user`'s device as last checked against the pinned key, or None."""
+        known = self._lists.get(user)
+        return known.get(device_id) if known is not None else None
 
     def _sender_device(self, sender: str, device_id: str) -> DeviceRecord | None:
         known = self._lists.get(sender)

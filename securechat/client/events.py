@@ -108,6 +108,40 @@ class FrameDropped:
 
 
 @dataclass(frozen=True)
+class EmojiVerification:
+    """A step of an emoji comparison (SAS) with `user`'s device `device`. `stage` is one of
+    STAGES: "requested" (they asked: accept or cancel), "started" (we asked; waiting for them),
+    "compare" (`emoji` and `decimals` to compare aloud, then confirm or say they differ),
+    "waiting" (confirmed here; waiting for them), "verified" (the key compared, whose
+    fingerprint is `fingerprint`, is now marked verified) or "cancelled" (`mismatch`: the
+    emoji, key or MAC did not match, so someone may be intercepting). `detail` is the line to
+    show."""
+
+    user: str
+    device: str
+    stage: str
+    detail: str
+    emoji: str = ""  # "🐶 Dog  🐱 Cat ...": the 7 emoji with their names
+    decimals: str = ""  # "1234 5678 9012"
+    fingerprint: str = ""
+    mismatch: bool = False
+
+
+STAGES = ("requested", "started", "compare", "waiting", "verified", "cancelled")
+
+
+@dataclass(frozen=True)
+class SasRecord:
+    """A verification message that arrived inside an Olm DM (inner kind "sas"): handed to the
+    client's verifier, never shown as chat text nor kept in the local history."""
+
+    sender: str
+    sender_device: str
+    body: str
+    ts: int  # the sender's clock, sealed inside the record
+
+
+@dataclass(frozen=True)
 class ServerError:
     """An error frame that answers no request of ours (a protocol complaint, say)."""
 
@@ -124,5 +158,5 @@ class Closed:
 
 Event = (
     Message | Joined | Parted | DirectMessage | DMRejected | DeviceWarning | FrameDropped
-    | ServerError | Closed
+    | EmojiVerification | ServerError | Closed
 )  # fmt: skip

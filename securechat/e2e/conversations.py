@@ -25,7 +25,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from securechat.e2e.inner import InnerRecord
+from securechat.e2e.inner import RECORD_KIND, InnerRecord
 from securechat.errors import BrokenChain, DeviceStateError, ReplayedRecord
 from securechat.sealing import OpenedDM, ReplayGuard, ReplayStateError
 
@@ -104,7 +104,13 @@ class ConversationTracker:
     # -- sending ----------------------------------------------------------------------------------
 
     def next_record(
-        self, recipient: str, recipient_device: str, message_id: str, ts: int, body: str
+        self,
+        recipient: str,
+        recipient_device: str,
+        message_id: str,
+        ts: int,
+        body: str,
+        kind: str = RECORD_KIND,
     ) -> InnerRecord:
         """The record to send to one device next; call record_sent once it is handed over."""
         chain = self._out.get((self.me, recipient, recipient_device))
@@ -124,6 +130,7 @@ class ConversationTracker:
             chain=chain_id,
             seq=seq,
             prev=prev,
+            kind=kind,
         )
 
     def record_sent(self, record: InnerRecord) -> None:

@@ -96,8 +96,10 @@ def encrypt_dm(
     message_id: str,
     ts: int,
     body: str,
+    kind: str = inner.RECORD_KIND,
 ) -> list[Envelope]:
-    """One envelope per target device, each with its own chain's record (fan-out).
+    """One envelope per target device, each with its own chain's record (fan-out); `kind`
+    "sas" carries a verification message (its body) to one device instead of chat text.
 
     NoSession before anything is encrypted if a target still needs a prekey; InvalidRecord if the
     message cannot be sent.
@@ -108,7 +110,7 @@ def encrypt_dm(
         raise NoSession(f"no secure session yet with {names}; claim their prekeys first")
     envelopes = []
     for target in targets:
-        record = tracker.next_record(recipient, target.device_id, message_id, ts, body)
+        record = tracker.next_record(recipient, target.device_id, message_id, ts, body, kind)
         message_type, ciphertext = store.encrypt(target, inner.encode(record))
         tracker.record_sent(record)
         envelopes.append(

@@ -1,7 +1,10 @@
 """The inner DM record (version 2): what Olm encrypts, one copy per recipient device.
 
-    {"body":str,"chain":hex,"from":name,"from_device":id,"id":str,"kind":"dm","prev":hex,
+    {"body":str,"chain":hex,"from":name,"from_device":id,"id":str,"kind":"dm"|"sas","prev":hex,
      "seq":int,"to":name,"to_device":id,"ts":int ms,"v":2}
+
+`kind` "dm" is a chat message (its body is the text); "sas" is a step of an emoji verification
+between two devices (its body is the canonical SAS message, e2e/sas.py), never shown as text.
 
 exactly those keys, as json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False) in
 UTF-8: one encoding only; decoding re-encodes and refuses any other byte form. Each sending device
@@ -29,6 +32,8 @@ from securechat.protocol import TEXT_MAX, valid_name
 
 RECORD_VERSION = 2
 RECORD_KIND = "dm"
+SAS_KIND = "sas"  # a verification message between two devices (e2e/sas.py), not chat text
+RECORD_KINDS = frozenset({RECORD_KIND, SAS_KIND})
 # An envelope of the largest bucket, with Olm's overhead (under 200 bytes) and base64, still fits
 # a 64 KiB frame.
 BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 48000)
@@ -48,8 +53,9 @@ _ATTRS = {  # wire key -> InnerRecord attribute
     "chain": "chain",
     "seq": "seq",
     "prev": "prev",
+    "kind": "kind",
 }
-_WIRE_KEYS = frozenset({"v", "kind", *_ATTRS})
+_WIRE_KEYS = frozenset({"v", *_ATTRS})
 
 
 @dataclass(frozen=True)
@@ -64,10 +70,11 @@ class InnerRecord:
     chain: str  # 16 hex digits, the sending device's chain to the recipient device
     seq: int  # 1, 2, 3, ... within the chain
     prev: str  # SHA-256 hex of the previous record in the chain, "" for seq 1
+    kind: str = RECORD_KIND  # "dm" (chat text) or "sas" (a verification step)
 
     def canonical(self) -> bytes:
         fields: dict[str, Any] = {wire: getattr(self, attr) for wire, attr in _ATTRS.items()}
-        fields["v"], fields["kind"] = RECORD_VERSION, RECORD_KIND
+        fields["v"] = RECORD_VERSION
         return canonical_json(fields)
 
     @property
@@ -88,6 +95,8 @@ def _problem(r: InnerRecord) -> str | None:
     for what, value in (("timestamp", r.ts), ("sequence number", r.seq)):
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < _TS_MAX:
             return f"the {what} is out of range"
+    if r.kind not in RECORD_KINDS:
+        return "the kind is unknown"
     if r.seq < 1:
         return "the sequence number is out of range"
     if not isinstance(r.chain, str) or not _CHAIN_RE.fullmatch(r.chain):
@@ -136,7 +145,12 @@ def decode(padded: bytes) -> InnerRecord:
         raise InvalidRecord("a decrypted direct message is not a JSON record") from None
     if not isinstance(data, dict) or set(data) != _WIRE_KEYS:
         raise InvalidRecord("a decrypted direct message does not have the version 2 fields")
-    if data["v"] != RECORD_VERSION or isinstance(data["v"], bool) or data["kind"] != RECORD_KIND:
+    if (
+        data["v"] != RECORD_VERSION
+        or isinstance(data["v"], bool)
+        or not isinstance(data["kind"], str)
+        or data["kind"] not in RECORD_KINDS
+    ):
         raise InvalidRecord("a decrypted direct message has an unknown version or kind")
     record = InnerRecord(**{attr: data[wire] for wire, attr in _ATTRS.items()})
     why = _problem(record)

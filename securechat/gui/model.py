@@ -14,6 +14,7 @@ from securechat.client.events import (
     DeviceWarning,
     DirectMessage,
     DMRejected,
+    EmojiVerification,
     Event,
     FrameDropped,
     Joined,
@@ -96,6 +97,7 @@ class ChatModel:
         self.current = self.open(LOBBY).name
         self.status = ""
         self.connected = True
+        self.emoji: dict[str, EmojiVerification] = {}  # the last emoji comparison step, by peer
         self._mention = re.compile(rf"(?<!\w){re.escape(user)}(?!\w)", re.IGNORECASE)
 
     # -- conversations ----------------------------------------------------------------------------
@@ -138,7 +140,7 @@ class ChatModel:
     # -- events -----------------------------------------------------------------------------------
 
     # One flat branch per event type, each a few lines: a table of methods would read worse.
-    def on_event(self, event: Event) -> None:  # noqa: C901, PLR0912
+    def on_event(self, event: Event) -> None:  # noqa: C901, PLR0912, PLR0915
         if isinstance(event, Message | Joined | Parted) and valid_room(event.room):
             # The Client drops such frames already; a room line must never open a DM pane.
             self.note(f"a room event for {event.room[:40]!r} was dropped", kind="warning")
@@ -183,6 +185,8 @@ class ChatModel:
             self.add(event.room, Line("system", f"{clean_line(event.user)} left{why}", ts=event.ts))
             if event.user == self.user:
                 conv.members.clear()
+        elif isinstance(event, EmojiVerification):
+            self._emoji_step(event)
         elif isinstance(event, FrameDropped | DeviceWarning):
             self.note(event.detail, kind="warning")
         elif isinstance(event, ServerError):
@@ -191,6 +195,19 @@ class ChatModel:
             self.connected = False
             self.status = f"disconnected: {clean_line(event.reason)}"
             self.note(f"disconnected: {event.reason}", kind="warning")
+
+    def _emoji_step(self, event: EmojiVerification) -> None:
+        """A step of an emoji comparison: a line in the peer's conversation (the dialog shows
+        the buttons); a match marks the conversation's key verified."""
+        name = f"@{event.user}"
+        self.emoji[event.user] = event
+        quiet = event.stage in ("started", "waiting", "verified")
+        text = event.detail
+        if event.stage == "compare":
+            text = f"compare with {event.user}: {event.emoji} (or {event.decimals})"
+        self.add(name, Line("system" if quiet else "warning", clean(text)))
+        if event.stage == "verified":
+            self.open(name).trust = Trust("verified", event.fingerprint)
 
     def set_members(self, room: str, members: list[str]) -> None:
         self.open(room).members = set(members)

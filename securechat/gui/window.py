@@ -24,7 +24,14 @@ from securechat.client.chat_session import (
     Retrying,
     SessionEvent,
 )
-from securechat.client.events import Closed, DirectMessage, DMRejected, Event, Joined
+from securechat.client.events import (
+    Closed,
+    DirectMessage,
+    DMRejected,
+    EmojiVerification,
+    Event,
+    Joined,
+)
 from securechat.client.text import clean
 from securechat.errors import SecureChatError
 from securechat.gui.bridge import Bridge
@@ -87,6 +94,7 @@ class ChatWindow:
         self._shown: tuple[str, int] = ("", 0)  # conversation drawn, and how many of its lines
         self._closing = False
         self.verify_dialog: VerifyDialog | None = None
+        self.emoji_dialogs: dict[str, EmojiDialog] = {}  # by peer
         self._build()
         bridge.on_drained(self.redraw)
         threading.Thread(target=self._pump_events, name="gui-events", daemon=True).start()
@@ -309,7 +317,9 @@ class ChatWindow:
     def _on_client_event(self, event: Event) -> None:
         self.bridge.run(lambda: self.controller.track(event))
         self.model.on_event(event)
-        if isinstance(event, Joined) and event.user == self.client.user:
+        if isinstance(event, EmojiVerification):
+            self._emoji_dialog(event.user).show(event)
+        elif isinstance(event, Joined) and event.user == self.client.user:
             room = event.room
             self.bridge.run(lambda: self.client.who(room).result(10), self._got_members(room))
         elif isinstance(event, DirectMessage | DMRejected) and not valid_name(event.sender):
@@ -368,7 +378,7 @@ class ChatWindow:
             self.select(f"@{args[0]}" if args else LOBBY)
             if args:
                 self.open_dm(args[0])
-        elif name == "verify":
+        elif name == "verify" and len(args) == 1:  # with a step, the controller runs it
             self.select(f"@{args[0]}")
             self.open_dm(args[0], then_verify=True)
         elif name == "quit":
@@ -522,6 +532,29 @@ class ChatWindow:
 
         self.bridge.run(lambda: self.controller.trust(peer, named), done, refused)
 
+    def _emoji_dialog(self, peer: str) -> EmojiDialog:
+        dialog = self.emoji_dialogs.get(peer)
+        if dialog is None or not dialog.top.winfo_exists():
+            dialog = self.emoji_dialogs[peer] = EmojiDialog(self, peer)
+        return dialog
+
+    def emoji_action(self, peer: str, action: Callable[[Client], object]) -> None:
+        """Run one step of the emoji comparison with `peer` (the same Client calls /verify uses);
+        its outcome arrives as EmojiVerification events."""
+        client = self.client
+        self.bridge.run(
+            lambda: action(client),
+            lambda _r: self.redraw(),
+            lambda exc: self.model.note(str(exc), f"@{peer}", "warning"),
+        )
+
+    def compare_emoji(self, dialog: VerifyDialog) -> None:
+        """The Verify dialog's "Compare emoji": ask one of the peer's devices (it shows the
+        emoji dialog once the first step is in)."""
+        shown = dialog.shown
+        dialog.top.destroy()
+        self.emoji_action(shown.name, lambda client: client.start_emoji(shown))
+
     # -- closing ----------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -585,6 +618,10 @@ class VerifyDialog:
         buttons = ttk.Frame(frame)
         buttons.pack(fill="x", pady=(10, 0))
         ttk.Button(buttons, text="Mark verified", command=self.confirm).pack(side="right")
+        if shown.offered_key is None:  # emoji compare the pinned key only
+            ttk.Button(
+                buttons, text="Compare emoji", command=lambda: window.compare_emoji(self)
+            ).pack(side="right", padx=4)
         ttk.Button(buttons, text="Close", command=top.destroy).pack(side="right", padx=4)
 
     @staticmethod
@@ -603,3 +640,74 @@ class VerifyDialog:
 
     def refused(self, why: str) -> None:
         self.error.configure(text=why)
+
+
+# The buttons of each step of an emoji comparison, left to right, and the Client call of each.
+_EMOJI_ACTIONS: dict[str, tuple[tuple[str, Callable[[Client, str], object]], ...]] = {
+    "requested": (
+        ("Decline", lambda c, peer: c.cancel_emoji(peer)),
+        ("Accept", lambda c, peer: c.accept_emoji(peer)),
+    ),
+    "started": (("Cancel", lambda c, peer: c.cancel_emoji(peer)),),
+    "compare": (
+        ("They differ", lambda c, peer: c.cancel_emoji(peer, mismatch=True)),
+        ("They match", lambda c, peer: c.confirm_emoji(peer)),
+    ),
+    "waiting": (("Cancel", lambda c, peer: c.cancel_emoji(peer)),),
+}
+
+
+class EmojiDialog:
+    """An emoji comparison with one person: what to do now, the 7 emoji (and the numbers) to
+    compare, and the buttons for the step: Accept or Decline a request, They match or They
+    differ once the emoji are shown. Updated in place by each EmojiVerification event."""
+
+    def __init__(self, window: ChatWindow, peer: str) -> None:
+        self.window, self.peer = window, peer
+        self.stage = ""
+        top = self.top = tk.Toplevel(window.root)
+        top.title(f"Compare emoji with {peer}")
+        top.transient(window.root)
+        frame = ttk.Frame(top, padding=12)
+        frame.pack(fill="both", expand=True)
+        self.detail = tk.Label(frame, text="", wraplength=460, justify="left")
+        self.detail.pack(anchor="w")
+        self.emoji = tk.Label(frame, text="", font=("TkDefaultFont", 16), justify="left")
+        self.emoji.pack(anchor="w", pady=(8, 0))
+        self.decimals = tk.Label(frame, text="", font=("TkFixedFont", 12), justify="left")
+        self.decimals.pack(anchor="w", pady=(2, 8))
+        self.buttons = ttk.Frame(frame)
+        self.buttons.pack(fill="x", pady=(10, 0))
+        self._pressable: list[ttk.Button] = []
+
+    def show(self, event: EmojiVerification) -> None:
+        self.stage = event.stage
+        colour = COLOURS["changed"] if event.stage == "cancelled" else ""
+        self.detail.configure(text=clean(event.detail), foreground=colour or "black")
+        if event.stage == "compare":
+            self.emoji.configure(text="\n".join(clean(e) for e in event.emoji.split("  ")))
+            self.decimals.configure(text=clean(event.decimals))
+        for button in self._pressable:
+            button.destroy()
+        actions = _EMOJI_ACTIONS.get(event.stage, ())
+        self._pressable = [
+            ttk.Button(self.buttons, text=label, command=partial(self.press, action))
+            for label, action in actions
+        ] or [ttk.Button(self.buttons, text="Close", command=self.top.destroy)]
+        for button in reversed(self._pressable):
+            button.pack(side="right", padx=4)
+
+    def press(self, action: Callable[[Client, str], object]) -> None:
+        peer = self.peer
+        self.window.emoji_action(peer, lambda client: action(client, peer))
+
+    def button_labels(self) -> list[str]:
+        return [str(b.cget("text")) for b in self._pressable]
+
+    def click(self, label: str) -> None:
+        """Press the button labelled `label` (as a user would; tests use it)."""
+        for b in self._pressable:
+            if str(b.cget("text")) == label:
+                b.invoke()
+                return
+        raise ValueError(f"no button {label!r} in the emoji dialog ({self.button_labels()})")

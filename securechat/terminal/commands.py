@@ -45,7 +45,14 @@ COMMANDS: dict[str, Spec] = {
         Spec("msg", "user text", "send one end-to-end encrypted direct message", 2, -1),
         Spec("query", "[user]", "plain lines go to user as DMs; /query alone returns", 0, 1),
         Spec("whois", "user", "show a user's key fingerprint and its trust state", 1, 1),
-        Spec("verify", "user", "show the safety number to compare with user", 1, 1),
+        Spec(
+            "verify",
+            "user [emoji|accept|match|differ|cancel]",
+            "show the safety number to compare with user; emoji: compare emoji with user's "
+            "device while they are online (then match or differ)",
+            1,
+            2,
+        ),
         Spec(
             "trust",
             "user [key]",

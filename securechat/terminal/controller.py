@@ -360,12 +360,18 @@ class Controller:
             del self._shown[user]
         return entry
 
-    def _cmd_verify(self, user: str) -> None:
+    def _cmd_verify(self, user: str, step: str | None = None) -> None:
+        if step is not None:
+            self._emoji_step(user, step.lower())
+            return
         shown = self.verify(user)
         if shown.offered_key is None:
             self._info(f"{user}'s key: {shown.pinned_fingerprint} ({shown.pinned_state.value})")
             self._info(f"safety number with {user}: {shown.pinned_number}")
             self._info(f"compare it with {user} outside this chat; if it matches, /trust {user}")
+            self._info(
+                f"or, while {user} is online, compare emoji with their device: /verify {user} emoji"
+            )
             return
         self._warn(f"the server now offers {user} a different key than the one you pinned")
         self._info(
@@ -377,6 +383,20 @@ class Controller:
             f"compare with {user} outside this chat, and trust the key whose number matches:"
         )
         self._say_choices(user, shown.choices())
+
+    def _emoji_step(self, user: str, step: str) -> None:
+        """The emoji comparison (SAS): its steps arrive as EmojiVerification events."""
+        client = self.client
+        if step == "emoji":
+            client.start_emoji(self.verify(user))
+        elif step == "accept":
+            client.accept_emoji(user)
+        elif step == "match":
+            client.confirm_emoji(user)
+        elif step in ("differ", "cancel"):
+            client.cancel_emoji(user, mismatch=step == "differ")
+        else:
+            raise commands.CommandError(f"usage: /verify {commands.COMMANDS['verify'].usage}")
 
     def _say_choices(self, user: str, choices: list[tuple[str, str]]) -> None:
         for label, start in choices:

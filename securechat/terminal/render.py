@@ -14,6 +14,7 @@ from securechat.client.events import (
     DeviceWarning,
     DirectMessage,
     DMRejected,
+    EmojiVerification,
     Event,
     FrameDropped,
     Joined,
@@ -78,20 +79,43 @@ def notice_of(event: Event, current_room: str | None = None) -> Notice:
     if isinstance(event, Parted):
         reason = "" if event.reason == "left" else f" ({clean_line(event.reason)})"
         return notices.info(f"{clean_line(event.user)} left {clean_line(event.room)}{reason}")
+    if isinstance(event, DMRejected | FrameDropped | DeviceWarning | ServerError):
+        return _warning_of(event)
+    if isinstance(event, EmojiVerification):
+        return _emoji_notice(event)
+    if isinstance(event, Closed):
+        return notices.info(f"disconnected: {clean_line(event.reason)}")
+    raise TypeError(f"no rendering for {event!r}")
+
+
+def _warning_of(event: DMRejected | FrameDropped | DeviceWarning | ServerError) -> Notice:
     if isinstance(event, DMRejected):
         return notices.warning(
             f"a direct message from {clean_line(event.sender)} was refused "
             f"({event.kind}): {_body(hints.rejected_detail(event))}"
         )
-    if isinstance(event, FrameDropped):
-        return notices.warning(clean_line(event.detail))
-    if isinstance(event, DeviceWarning):
-        return notices.warning(clean_line(event.detail))
     if isinstance(event, ServerError):
         return notices.warning(f"server: {clean_line(event.message)} ({clean_line(event.code)})")
-    if isinstance(event, Closed):
-        return notices.info(f"disconnected: {clean_line(event.reason)}")
-    raise TypeError(f"no rendering for {event!r}")
+    return notices.warning(clean_line(event.detail))
+
+
+def _emoji_notice(event: EmojiVerification) -> Notice:
+    """A step of an emoji comparison, with the /verify words that answer it."""
+    peer = clean_line(event.user)
+    detail = clean_line(event.detail)
+    if event.stage == "requested":
+        return notices.warning(
+            f"{detail}: /verify {peer} accept to start, /verify {peer} cancel to refuse"
+        )
+    if event.stage == "compare":
+        return notices.warning(
+            f"compare with {peer}: {clean_line(event.emoji)}\n{CONTINUATION}(or the numbers "
+            f"{clean_line(event.decimals)}). Same on {peer}'s screen: /verify {peer} match; "
+            f"different: /verify {peer} differ"
+        )
+    if event.stage == "cancelled":
+        return notices.warning(detail)
+    return notices.info(detail)
 
 
 def render(event: Event, current_room: str | None = None) -> str:
