@@ -128,6 +128,13 @@ class EmojiVerifier:
         found, reply = self._dms.devices_of(user)
         device = self._pick(user, found.devices, reply, device_id)
         with self._lock:
+            waiting = self._by_user.get(user)
+            if waiting is not None and waiting.sas is None:
+                # Their request came in while we looked their devices up: answer it instead
+                # of replacing it with ours, so the two never cross.
+                accepted = self.accept(user)
+                if accepted is not None:
+                    return accepted
             verification, start = sas.SasVerification.initiate(
                 self._me(),
                 sas.SasParty(user, device.device_id, shown.pinned_key),
