@@ -5,7 +5,7 @@ re-encoding check covers it. Each record format fixes one of two flavours for go
 bytes are what is signed or compared: sealed and encrypted records (DMs, room records, room-key
 payloads) keep text as UTF-8, at most 4 bytes a character instead of 12; the signed records
 (identity records, device records and revocations, prekeys) and the sealed local state escape
-anything outside ASCII as \\uXXXX.
+anything outside ASCII as a JSON \\u escape (four hex digits).
 """
 
 from __future__ import annotations
