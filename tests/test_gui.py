@@ -373,11 +373,13 @@ def test_the_window_reconnects_and_sends_what_was_typed(
 ):
     from securechat.client.events import Message
 
-    from .conftest import start_server, wait_for
+    from .conftest import plain_room_kept, start_server, wait_for
 
     data = tmp_path / "data"
     srv = start_server(certs_dir, data)
     port = srv.address[1]
+    # Plain, and kept so by its history across the restart: the held line goes out as say.
+    kept = plain_room_kept(srv.address, certs_dir, make_identity("keeper"), "#ops")
 
     def dial(user: str = "alice") -> Client:
         return Client.connect("127.0.0.1", port, make_identity(user), user, certs_dir / "ca.pem")
@@ -401,7 +403,11 @@ def test_the_window_reconnects_and_sends_what_was_typed(
             got = wait_for(bob, lambda e: isinstance(e, Message) and e.text == "and after", WAIT)
             assert got.room == "#ops"
             history = bob.room_history("#ops").result(WAIT)["messages"]
-            assert [m["text"] for m in history] == ["typed while the server was down", "and after"]
+            assert [m["text"] for m in history] == [
+                kept,
+                "typed while the server was down",
+                "and after",
+            ]
         gui.window.close()
     finally:
         srv.stop()
