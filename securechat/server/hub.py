@@ -31,7 +31,7 @@ from securechat.protocol import (
     now_ms,
 )
 from securechat.server.devicestore import DeviceEnvelope
-from securechat.server.outbox import Audience
+from securechat.server.outbox import Audience, Roster
 from securechat.server.store import HistoryFields, HistoryRow
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ MEMBERS_REPLY_OVERHEAD = 256  # likewise around a member list
 
 
 class Room:
-    __slots__ = ("_audiences", "by_loop", "members", "name")
+    __slots__ = ("_rosters", "by_loop", "members", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -52,14 +52,15 @@ class Room:
         self.members: set[Connection] = set()
         # Members grouped by the loop that owns them: one inbox post per loop per broadcast.
         self.by_loop: dict[IOLoop, set[Connection]] = defaultdict(set)
-        # Each loop's members as one fixed Audience, made again on the first broadcast after
-        # a change: a message hands each loop this object, never a copy of its members.
-        self._audiences: dict[IOLoop, Audience] = {}
+        # Each loop's members as a Roster (server/outbox.py) that logs joins and departures, so
+        # that one costs O(1) here and on the loop, not a new audience and feed for everyone.
+        self._rosters: dict[IOLoop, Roster] = {}
 
     def add(self, conn: Connection) -> None:
         self.members.add(conn)
-        self.by_loop[conn.loop].add(conn)
-        self._audiences.pop(conn.loop, None)
+        peers = self.by_loop[conn.loop]
+        peers.add(conn)
+        self._changed(conn, peers, joined=True)
 
     def names(self) -> list[str]:
         return sorted({c.user for c in self.members})
@@ -70,14 +71,28 @@ class Room:
         peers.discard(conn)
         if not peers:
             del self.by_loop[conn.loop]
-        self._audiences.pop(conn.loop, None)
+            self._rosters.pop(conn.loop, None)
+        else:
+            self._changed(conn, peers, joined=False)
+
+    def _changed(self, conn: Connection, peers: set[Connection], joined: bool) -> None:
+        roster = self._rosters.get(conn.loop)
+        if roster is None:
+            return  # the next broadcast starts one from the members as they are
+        if joined or roster.departed < len(peers):
+            roster.change(conn, joined)
+        else:
+            # As many gone as left: start afresh, so that a loop that rebuilds the members from
+            # the log (a new feed) does O(members) work, and departed members are let go. Each
+            # fresh start costs O(members), paid for by as many departures.
+            del self._rosters[conn.loop]
 
     def audiences(self) -> Iterator[tuple[IOLoop, Audience]]:
         for loop, conns in self.by_loop.items():
-            audience = self._audiences.get(loop)
-            if audience is None:
-                audience = self._audiences[loop] = Audience(conns)
-            yield loop, audience
+            roster = self._rosters.get(loop)
+            if roster is None:
+                roster = self._rosters[loop] = Roster(conns)
+            yield loop, roster.audience()
 
 
 class Hub:
