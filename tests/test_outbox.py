@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -208,15 +209,28 @@ class Conn(Member):
         if self.open:
             super().flush()
 
+    def all_frames(self) -> list[tuple[str, str]]:
+        """(type, room) of every frame it was sent."""
+        return [(frame["type"], frame.get("room", "")) for frame in self._frames()]
+
     def room_frames(self, room: str) -> list[tuple[str, str, str]]:
         """What it was sent in `room`: (type, user, text), a history copy typed "history"."""
+        return [
+            (
+                "history" if frame.get("history") else frame["type"],
+                frame.get("user", frame.get("from")),
+                frame.get("text", ""),
+            )
+            for frame in self._frames()
+            if frame.get("room") == room
+        ]
+
+    def _frames(self) -> list[dict[str, Any]]:
         data, frames = b"".join(self.writes), []
         while data:
             size = int.from_bytes(data[:4], "big")
-            frame, data = json.loads(data[4 : 4 + size]), data[4 + size :]
-            if frame.get("room") == room:
-                kind = "history" if frame.get("history") else frame["type"]
-                frames.append((kind, frame.get("user", frame.get("from")), frame.get("text", "")))
+            frames.append(json.loads(data[4 : 4 + size]))
+            data = data[4 + size :]
         return frames
 
 
@@ -325,3 +339,43 @@ def test_a_mass_departure_in_one_turn_keeps_every_member_in_order_and_makes_one_
     # The four departures, the message after them and the join made no new feed on a's loop.
     assert on_a[0].outbox.follows - follows[on_a[0]] == 1
     assert [on_a[i].outbox.follows - follows[on_a[i]] for i in (12, 13)] == [0, 0]  # not in #r
+
+
+def test_connections_shed_together_are_announced_room_by_room_with_one_feed_each() -> None:
+    """The output budget sheds several clients in one call (hub.logout_all): every room they were
+    in announces all of them in a row, so a member of both rooms follows one feed per room for
+    the lot, not two for each departure."""
+    loop = IOLoop(0)
+    hub = Hub(history_keep=0)  # no --presence-limit: both rooms announce everything
+    conns = [Conn(f"u{i}", loop) for i in range(10)]
+    shed = conns[1:5]
+
+    def setup() -> None:
+        for conn in conns:
+            hub.login(conn)  # type: ignore[arg-type]
+            hub.handle(conn, Join(id=1, room="#r"))  # type: ignore[arg-type]
+
+    def shed_together() -> None:
+        hub.logout_all(shed, "outbound queue full: client not reading")  # type: ignore[arg-type]
+        for conn in shed:
+            conn.open = False
+
+    loop.start()
+    try:
+        on_loop(loop, setup)
+        follows = [conn.outbox.follows for conn in conns]
+        on_loop(loop, shed_together)
+    finally:
+        loop.stop()
+        loop.join(10)
+    for conn in conns:
+        conn.flush()
+    for conn in (conns[0], *conns[5:]):
+        last = [(f[0], f[1]) for f in conn.room_frames("#lobby")][-4:]
+        assert last == [("parted", c.user) for c in shed]
+        last = [(f[0], f[1]) for f in conn.room_frames("#r")][-4:]
+        assert last == [("parted", c.user) for c in shed]
+        rooms = [room for kind, room in conn.all_frames() if kind == "parted"]
+        assert rooms in (["#lobby"] * 4 + ["#r"] * 4, ["#r"] * 4 + ["#lobby"] * 4)
+    # Two feeds each (u1 left before any notice; the other three heard the first ones).
+    assert [c.outbox.follows - f for c, f in zip(conns, follows, strict=True)] == [2, 0] + [2] * 8

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import threading
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from securechat import framing
@@ -196,20 +196,29 @@ class Hub:
             devices = self._users.setdefault(conn.user, {})
             old = devices.get(conn.device)
             if old is not None:
-                self._leave_all(old, "logged in again from elsewhere")
+                self._leave_all((old,), "logged in again from elsewhere")
             devices[conn.device] = conn
             self._joined[conn] = set()
             self._join(conn, LOBBY)
         return old
 
     def logout(self, conn: Connection, reason: str) -> None:
+        self.logout_all((conn,), reason)
+
+    def logout_all(self, conns: Iterable[Connection], reason: str) -> None:
+        """Log several connections out at once (the output budget's shed): each room announces
+        all their departures in a row, so a loop's feed for it takes them one after the other,
+        instead of alternating with another room's and starting a feed for every notice."""
         with self._lock:
-            devices = self._users.get(conn.user, {})
-            if devices.get(conn.device) is conn:
-                del devices[conn.device]
-                if not devices:
-                    del self._users[conn.user]
-                self._leave_all(conn, reason)
+            leaving = []
+            for conn in conns:
+                devices = self._users.get(conn.user, {})
+                if devices.get(conn.device) is conn:
+                    del devices[conn.device]
+                    if not devices:
+                        del self._users[conn.user]
+                    leaving.append(conn)
+            self._leave_all(leaving, reason)
 
     def handle(self, conn: Connection, frame: RoomRequest) -> dict[str, Any]:
         """Carry out one request; return the reply frame (an "ok" with the request id)."""
@@ -368,10 +377,18 @@ class Hub:
         if not room.members and room.name != LOBBY:
             del self._rooms[room.name]
 
-    def _leave_all(self, conn: Connection, reason: str) -> None:
-        for name in list(self._joined[conn]):
-            self._part(conn, self._rooms[name], reason, notify_self=False)
-        del self._joined[conn]
+    def _leave_all(self, conns: Sequence[Connection], reason: str) -> None:
+        """Part each connection from all its rooms, room by room."""
+        leaving: dict[str, list[Connection]] = {}
+        for conn in conns:
+            for name in self._joined[conn]:
+                leaving.setdefault(name, []).append(conn)
+        for name, members in leaving.items():
+            room = self._rooms[name]
+            for conn in members:
+                self._part(conn, room, reason, notify_self=False)
+        for conn in conns:
+            del self._joined[conn]
 
     def _broadcast(self, room: Room, frame: dict[str, Any]) -> bytes:
         data = framing.encode(frame, self._max_frame)
