@@ -257,8 +257,8 @@ def test_a_mass_departure_in_one_turn_keeps_every_member_in_order_and_makes_one_
     gets what came before as history); and the loop's members follow one feed for the turn,
     not one per departure."""
     loops = [IOLoop(0), IOLoop(1)]
-    hub = Hub(presence_limit=17)  # #r (16 or 17) announces everyone; #lobby (19-25) is quiet
-    on_a = [Conn(f"a{i}", loops[0]) for i in range(18)]
+    hub = Hub(presence_limit=41)  # #r (34-40) announces everyone; #lobby (42-46) is quiet
+    on_a = [Conn(f"a{i}", loops[0]) for i in range(40)]
     on_b = [Conn(f"b{i}", loops[1]) for i in range(6)]
     newcomer = Conn("new", loops[1])
     expected: dict[Conn, list[tuple[str, str, str]]] = {c: [] for c in [*on_a, *on_b, newcomer]}
@@ -294,7 +294,7 @@ def test_a_mass_departure_in_one_turn_keeps_every_member_in_order_and_makes_one_
     def setup() -> None:
         for conn in [*on_a, *on_b]:
             hub.login(conn)  # type: ignore[arg-type]
-        for conn in [*on_a[:12], *on_b[:4]]:
+        for conn in [*on_a[:36], *on_b[:4]]:
             join(conn)
         say(on_a[0], "before")
 
@@ -338,7 +338,7 @@ def test_a_mass_departure_in_one_turn_keeps_every_member_in_order_and_makes_one_
     ]
     # The four departures, the message after them and the join made no new feed on a's loop.
     assert on_a[0].outbox.follows - follows[on_a[0]] == 1
-    assert [on_a[i].outbox.follows - follows[on_a[i]] for i in (12, 13)] == [0, 0]  # not in #r
+    assert [on_a[i].outbox.follows - follows[on_a[i]] for i in (36, 37)] == [0, 0]  # not in #r
 
 
 def test_connections_shed_together_are_announced_room_by_room_with_one_feed_each() -> None:
@@ -347,7 +347,7 @@ def test_connections_shed_together_are_announced_room_by_room_with_one_feed_each
     the lot, not two for each departure."""
     loop = IOLoop(0)
     hub = Hub(history_keep=0)  # no --presence-limit: both rooms announce everything
-    conns = [Conn(f"u{i}", loop) for i in range(10)]
+    conns = [Conn(f"u{i}", loop) for i in range(30)]
     shed = conns[1:5]
 
     def setup() -> None:
@@ -378,4 +378,48 @@ def test_connections_shed_together_are_announced_room_by_room_with_one_feed_each
         rooms = [room for kind, room in conn.all_frames() if kind == "parted"]
         assert rooms in (["#lobby"] * 4 + ["#r"] * 4, ["#r"] * 4 + ["#lobby"] * 4)
     # Two feeds each (u1 left before any notice; the other three heard the first ones).
-    assert [c.outbox.follows - f for c, f in zip(conns, follows, strict=True)] == [2, 0] + [2] * 8
+    assert [c.outbox.follows - f for c, f in zip(conns, follows, strict=True)] == [2, 0] + [2] * 28
+
+
+def test_a_room_emptied_one_by_one_stays_exact_across_fresh_rosters() -> None:
+    """Departures with messages between them, enough for the room's roster to start afresh
+    several times (hub.ROSTER_RESTART): each member gets every message and notice once, in
+    order, up to its own departure, and nothing after."""
+    loop = IOLoop(0)
+    hub = Hub(history_keep=0)
+    conns = [Conn(f"u{i}", loop) for i in range(40)]
+    speaker, leaving = conns[-1], conns[:-3]
+
+    def setup() -> None:
+        for conn in conns:
+            hub.login(conn)  # type: ignore[arg-type]
+            hub.handle(conn, Join(id=1, room="#r"))  # type: ignore[arg-type]
+
+    def one_turn() -> None:
+        for i, conn in enumerate(leaving):
+            hub.say(speaker, Say(id=2, room="#r", text=f"m{i}"))  # type: ignore[arg-type]
+            if i % 2:
+                hub.handle(conn, Part(id=3, room="#r"))  # type: ignore[arg-type]
+            else:
+                conn.open = False  # shed
+                hub.logout(conn, "outbound queue full: client not reading")  # type: ignore[arg-type]
+
+    loop.start()
+    try:
+        on_loop(loop, setup)
+        on_loop(loop, one_turn)
+    finally:
+        loop.stop()
+        loop.join(10)
+    expected = []
+    for i, conn in enumerate(leaving):
+        expected += [("message", speaker.user, f"m{i}"), ("parted", conn.user, "")]
+    for i, conn in enumerate(conns):
+        conn.flush()
+        got = [f for f in conn.room_frames("#r") if f[0] != "joined"]
+        if conn not in leaving:
+            assert got == expected
+        elif i % 2:
+            assert got == expected[: 2 * i + 2], conn.user  # up to its own part
+        else:
+            assert got == [], conn.user  # shed: closed before its loop wrote again

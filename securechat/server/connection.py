@@ -403,6 +403,8 @@ class Connection:
         self.loop.queued -= self._counted
         self._counted = 0
         self.outbuf = bytearray()
+        # What it never took goes now: a room's roster may name it as departed for a while.
+        self.outbox = Outbox()
         self.loop.unregister(self)
         self.sock.close()
         self.ctx.closed(self)

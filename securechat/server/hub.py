@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 RoomRequest = Join | Part | Say | Rooms | Who | History
 HISTORY_REPLY_OVERHEAD = 256  # the reply frame's own fields around its messages
 MEMBERS_REPLY_OVERHEAD = 256  # likewise around a member list
+ROSTER_RESTART = 4  # a room's roster starts afresh once a quarter as many left as are still in it
 
 
 class Room:
@@ -79,12 +80,12 @@ class Room:
         roster = self._rosters.get(conn.loop)
         if roster is None:
             return  # the next broadcast starts one from the members as they are
-        if joined or roster.departed < len(peers):
+        if joined or roster.departed * ROSTER_RESTART < len(peers):
             roster.change(conn, joined)
         else:
-            # As many gone as left: start afresh, so that a loop that rebuilds the members from
-            # the log (a new feed) does O(members) work, and departed members are let go. Each
-            # fresh start costs O(members), paid for by as many departures.
+            # Start afresh: a loop that rebuilds the members from the log (for a new feed) then
+            # does O(members) work, and the log lets departed connections go. Each fresh start
+            # costs O(members), paid for by members / ROSTER_RESTART departures.
             del self._rosters[conn.loop]
 
     def audiences(self) -> Iterator[tuple[IOLoop, Audience]]:
