@@ -28,7 +28,7 @@ class StubLoop:
             self.frames.setdefault(conn.user, []).append(json.loads(data[4:]))
 
     def broadcast(self, data: bytes, audience: Audience) -> None:
-        self.deliver(data, audience.members)
+        self.deliver(data, audience.members())
 
 
 @dataclass(eq=False)

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from securechat.server.loop import FLUSH_CHUNK, IOLoop
-from securechat.server.outbox import Audience, Outbox
+from securechat.server.outbox import Outbox, Roster
 
 
 class WakeDuringDrain:
@@ -69,7 +69,7 @@ class Member:
 def test_a_message_arriving_mid_fan_out_joins_the_writes_still_to_come() -> None:
     loop = IOLoop(0)  # never started: the test plays the loop thread itself
     members = [Member() for _ in range(3 * FLUSH_CHUNK)]
-    room = Audience(members)  # type: ignore[arg-type]
+    room = Roster(members).audience()  # type: ignore[arg-type]
     try:
         loop._feed(b"first", room)
         # The second message comes from another thread while the first is being written out.

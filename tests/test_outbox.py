@@ -1,15 +1,20 @@
-"""Room feeds and outboxes, driven through a loop that never starts (the test plays its thread):
-every connection gets its frames once, in the order they were queued, whatever mix of rooms and
-frames of its own it is sent."""
+"""Room feeds and outboxes, driven through a loop that never starts (the test plays its thread),
+and through the hub with real loop threads: every connection gets its frames once, in the order
+they were queued, whatever mix of rooms, frames of its own, joins and departures it is sent."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from securechat.protocol import Join, Part, Say
+from securechat.server.hub import Hub
 from securechat.server.loop import IOLoop
-from securechat.server.outbox import Audience, Outbox
+from securechat.server.outbox import Audience, Feed, Outbox, Roster
 
 
 class Member:
@@ -33,6 +38,11 @@ def loop() -> Iterator[IOLoop]:
     loop._wake_w.close()
 
 
+def audience(members: list[Member]) -> Audience:
+    """A room of these members on the loop, as a broadcast names it."""
+    return Roster(members).audience()  # type: ignore[arg-type]
+
+
 def flush(loop: IOLoop) -> None:
     while loop.dirty or loop._grown:
         loop._flush_dirty()
@@ -40,7 +50,7 @@ def flush(loop: IOLoop) -> None:
 
 def test_a_turn_of_room_messages_is_one_write_shared_by_every_member(loop: IOLoop) -> None:
     members = [Member() for _ in range(5)]
-    room = Audience(members)  # type: ignore[arg-type]
+    room = audience(members)
     for text in (b"a", b"b", b"c"):
         loop._feed(text, room)
     flush(loop)
@@ -53,7 +63,7 @@ def test_a_reply_comes_after_the_message_it_answers_and_before_later_ones(
     loop: IOLoop,
 ) -> None:
     sender, other = Member(), Member()
-    room = Audience([sender, other])  # type: ignore[arg-type]
+    room = audience([sender, other])
     loop._feed(b"m1", room)
     sender.outbox.push(b"ok1")
     loop._feed(b"m2", room)
@@ -66,8 +76,8 @@ def test_a_reply_comes_after_the_message_it_answers_and_before_later_ones(
 
 def test_frames_of_two_rooms_keep_their_order_for_a_member_of_both(loop: IOLoop) -> None:
     both, only_a, only_b = Member(), Member(), Member()
-    room_a = Audience([both, only_a])  # type: ignore[arg-type]
-    room_b = Audience([both, only_b])  # type: ignore[arg-type]
+    room_a = audience([both, only_a])
+    room_b = audience([both, only_b])
     loop._feed(b"a1", room_a)
     loop._feed(b"b1", room_b)
     loop._feed(b"a2", room_a)
@@ -81,8 +91,8 @@ def test_frames_of_two_rooms_keep_their_order_for_a_member_of_both(loop: IOLoop)
 
 def test_a_newcomer_gets_only_what_was_said_after_it_joined(loop: IOLoop) -> None:
     old, new = Member(), Member()
-    loop._feed(b"before", Audience([old]))  # type: ignore[arg-type]
-    loop._feed(b"after", Audience([old, new]))  # type: ignore[arg-type]
+    loop._feed(b"before", audience([old]))
+    loop._feed(b"after", audience([old, new]))
     flush(loop)
     assert old.writes == [b"beforeafter"]
     assert new.writes == [b"after"]
@@ -91,7 +101,7 @@ def test_a_newcomer_gets_only_what_was_said_after_it_joined(loop: IOLoop) -> Non
 def test_a_closed_member_is_skipped_and_the_others_are_served(loop: IOLoop) -> None:
     gone, stays = Member(), Member()
     gone.open = False
-    loop._feed(b"m", Audience([gone, stays]))  # type: ignore[arg-type]
+    loop._feed(b"m", audience([gone, stays]))
     flush(loop)
     assert (gone.writes, stays.writes) == ([], [b"m"])
     assert gone.outbox.take(1 << 20) == b""
@@ -106,7 +116,7 @@ class NotReading(Member):
 
 def test_frames_a_full_socket_did_not_take_are_counted_and_kept_in_order(loop: IOLoop) -> None:
     reader, stuck = Member(), NotReading()
-    room = Audience([reader, stuck])  # type: ignore[arg-type]
+    room = audience([reader, stuck])
     for _ in range(5):
         loop._feed(b"x" * 10, room)
         loop._feed(b"yy", room)
@@ -123,3 +133,293 @@ def test_frames_a_full_socket_did_not_take_are_counted_and_kept_in_order(loop: I
     assert stuck.outbox.backlog() == 5 * 12 + 3 - 34
     assert stuck.outbox.take(1 << 20) == b"yy" + (b"x" * 10 + b"yy") * 2 + b"own"
     assert stuck.outbox.backlog() == 0
+
+
+# -- joins and departures: the feed carries on -----------------------------------------------------
+
+
+def test_members_who_join_and_leave_mid_turn_get_exactly_their_frames_from_one_feed(
+    loop: IOLoop,
+) -> None:
+    stays, leaves, rejoins, newcomer, stuck = Member(), Member(), Member(), Member(), NotReading()
+    roster = Roster([stays, leaves, rejoins, stuck])  # type: ignore[arg-type]
+    loop._feed(b"m1", roster.audience())
+    roster.change(rejoins, joined=False)  # type: ignore[arg-type]
+    loop._feed(b"m2", roster.audience())
+    roster.change(newcomer, joined=True)  # type: ignore[arg-type]
+    roster.change(stuck, joined=False)  # type: ignore[arg-type]
+    loop._feed(b"m3", roster.audience())
+    roster.change(rejoins, joined=True)  # type: ignore[arg-type]
+    roster.change(leaves, joined=False)  # type: ignore[arg-type]
+    loop._feed(b"m4", roster.audience())
+    feed = roster.feed
+    assert feed is not None and feed.frames == [b"m1", b"m2", b"m3", b"m4"]
+    flush(loop)
+    assert stays.writes == [b"m1m2m3m4"]
+    assert leaves.writes == [b"m1m2m3"]
+    assert rejoins.writes == [b"m1m4"]
+    assert newcomer.writes == [b"m3m4"]
+    # A member whose socket is full keeps what was said while it was there, and nothing after.
+    assert stuck.outbox.backlog() == 4
+    assert stuck.outbox.take(1 << 20) == b"m1m2"
+    # Each member followed that one feed: no change made a feed that everyone had to follow.
+    assert feed.members == {stays, rejoins, newcomer}
+
+
+def test_a_frame_queued_before_changes_the_loop_has_seen_goes_to_the_members_of_its_time(
+    loop: IOLoop,
+) -> None:
+    """A loop may run a broadcast of its own before one another loop queued earlier: each frame
+    still goes to exactly the members the room had when the hub sent it."""
+    old, leaves, joins = Member(), Member(), Member()
+    roster = Roster([old, leaves])  # type: ignore[arg-type]
+    earlier = roster.audience()
+    roster.change(leaves, joined=False)  # type: ignore[arg-type]
+    roster.change(joins, joined=True)  # type: ignore[arg-type]
+    loop._feed(b"late1", roster.audience())
+    loop._feed(b"early", earlier)
+    loop._feed(b"late2", roster.audience())
+    flush(loop)
+    assert old.writes == [b"late1earlylate2"]
+    assert leaves.writes == [b"early"]
+    assert joins.writes == [b"late1late2"]
+
+
+class CountingOutbox(Outbox):
+    __slots__ = ("follows",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.follows = 0
+
+    def follow(self, feed: Feed, start: int = 0) -> None:
+        self.follows += 1
+        super().follow(feed, start)
+
+
+class Conn(Member):
+    """What the hub and its loop use of a connection; a closed one writes nothing more."""
+
+    def __init__(self, user: str, loop: IOLoop) -> None:
+        super().__init__()
+        self.user, self.device, self.loop = user, "AAAAAAAAAAAAAAAA", loop
+        self.outbox = CountingOutbox()
+
+    def flush(self) -> None:
+        if self.open:
+            super().flush()
+
+    def all_frames(self) -> list[tuple[str, str]]:
+        """(type, room) of every frame it was sent."""
+        return [(frame["type"], frame.get("room", "")) for frame in self._frames()]
+
+    def room_frames(self, room: str) -> list[tuple[str, str, str]]:
+        """What it was sent in `room`: (type, user, text), a history copy typed "history"."""
+        return [
+            (
+                "history" if frame.get("history") else frame["type"],
+                frame.get("user", frame.get("from")),
+                frame.get("text", ""),
+            )
+            for frame in self._frames()
+            if frame.get("room") == room
+        ]
+
+    def _frames(self) -> list[dict[str, Any]]:
+        data, frames = b"".join(self.writes), []
+        while data:
+            size = int.from_bytes(data[:4], "big")
+            frames.append(json.loads(data[4 : 4 + size]))
+            data = data[4 + size :]
+        return frames
+
+
+def on_loop(loop: IOLoop, fn: Callable[[], None]) -> None:
+    """Run `fn` on the loop's own thread, as one callback of one turn."""
+    done, failed = threading.Event(), []
+
+    def call() -> None:
+        try:
+            fn()
+        except Exception as exc:
+            failed.append(exc)
+        done.set()
+
+    loop.call_soon(call)
+    assert done.wait(10), "the loop did not run the callback"
+    assert not failed, failed
+
+
+def test_a_mass_departure_in_one_turn_keeps_every_member_in_order_and_makes_one_feed() -> None:
+    """The shape of an output-budget shed: many members of a room just under --presence-limit
+    dropped in one turn of their loop, with messages, a part and a join among them. Every member
+    gets each of the room's frames once, in the hub's order, while it is in the room (a newcomer
+    gets what came before as history); and the loop's members follow one feed for the turn,
+    not one per departure."""
+    loops = [IOLoop(0), IOLoop(1)]
+    hub = Hub(presence_limit=41)  # #r (34-40) announces everyone; #lobby (42-46) is quiet
+    on_a = [Conn(f"a{i}", loops[0]) for i in range(40)]
+    on_b = [Conn(f"b{i}", loops[1]) for i in range(6)]
+    newcomer = Conn("new", loops[1])
+    expected: dict[Conn, list[tuple[str, str, str]]] = {c: [] for c in [*on_a, *on_b, newcomer]}
+    in_room: list[Conn] = []
+    said: list[tuple[str, str, str]] = []
+
+    def heard(frame: tuple[str, str, str]) -> None:
+        for conn in in_room:
+            expected[conn].append(frame)
+
+    def join(conn: Conn) -> None:
+        hub.handle(conn, Join(id=1, room="#r"))  # type: ignore[arg-type]
+        expected[conn] += [("history", user, text) for _, user, text in said]
+        in_room.append(conn)
+        heard(("joined", conn.user, ""))
+
+    def say(conn: Conn, text: str) -> None:
+        hub.say(conn, Say(id=2, room="#r", text=text))  # type: ignore[arg-type]
+        said.append(("message", conn.user, text))
+        heard(said[-1])
+
+    def shed(conn: Conn) -> None:
+        conn.open = False  # as Connection.abort: closed first, then out of the hub
+        hub.logout(conn, "outbound queue full: client not reading")
+        in_room.remove(conn)
+        heard(("parted", conn.user, ""))
+
+    def part(conn: Conn) -> None:
+        hub.handle(conn, Part(id=3, room="#r"))  # type: ignore[arg-type]
+        heard(("parted", conn.user, ""))
+        in_room.remove(conn)
+
+    def setup() -> None:
+        for conn in [*on_a, *on_b]:
+            hub.login(conn)  # type: ignore[arg-type]
+        for conn in [*on_a[:36], *on_b[:4]]:
+            join(conn)
+        say(on_a[0], "before")
+
+    def one_turn() -> None:
+        say(on_a[0], "m1")
+        for conn in on_a[1:5]:
+            shed(conn)
+        say(on_b[0], "m2")
+        part(on_b[1])
+        hub.login(newcomer)  # type: ignore[arg-type]
+        join(newcomer)
+        shed(on_a[5])
+        say(on_b[2], "m3")
+
+    for loop in loops:
+        loop.start()
+    try:
+        on_loop(loops[0], setup)
+        follows = {conn: conn.outbox.follows for conn in on_a}
+        on_loop(loops[0], one_turn)
+    finally:
+        for loop in loops:
+            loop.stop()
+            loop.join(10)
+    for conn in expected:
+        conn.flush()  # what the loop had not written yet when it stopped
+        got = conn.room_frames("#r")
+        if conn.open:
+            assert got == expected[conn], conn.user
+        else:
+            # A shed member's last frames may be lost with it, but never one from after it left.
+            assert got == expected[conn][: len(got)], conn.user
+    assert expected[on_a[0]][-10:] == [
+        ("message", "a0", "m1"),
+        *[("parted", f"a{i}", "") for i in range(1, 5)],
+        ("message", "b0", "m2"),
+        ("parted", "b1", ""),
+        ("joined", "new", ""),
+        ("parted", "a5", ""),
+        ("message", "b2", "m3"),
+    ]
+    # The four departures, the message after them and the join made no new feed on a's loop.
+    assert on_a[0].outbox.follows - follows[on_a[0]] == 1
+    assert [on_a[i].outbox.follows - follows[on_a[i]] for i in (36, 37)] == [0, 0]  # not in #r
+
+
+def test_connections_shed_together_are_announced_room_by_room_with_one_feed_each() -> None:
+    """The output budget sheds several clients in one call (hub.logout_all): every room they were
+    in announces all of them in a row, so a member of both rooms follows one feed per room for
+    the lot, not two for each departure."""
+    loop = IOLoop(0)
+    hub = Hub(history_keep=0)  # no --presence-limit: both rooms announce everything
+    conns = [Conn(f"u{i}", loop) for i in range(30)]
+    shed = conns[1:5]
+
+    def setup() -> None:
+        for conn in conns:
+            hub.login(conn)  # type: ignore[arg-type]
+            hub.handle(conn, Join(id=1, room="#r"))  # type: ignore[arg-type]
+
+    def shed_together() -> None:
+        hub.logout_all(shed, "outbound queue full: client not reading")  # type: ignore[arg-type]
+        for conn in shed:
+            conn.open = False
+
+    loop.start()
+    try:
+        on_loop(loop, setup)
+        follows = [conn.outbox.follows for conn in conns]
+        on_loop(loop, shed_together)
+    finally:
+        loop.stop()
+        loop.join(10)
+    for conn in conns:
+        conn.flush()
+    for conn in (conns[0], *conns[5:]):
+        last = [(f[0], f[1]) for f in conn.room_frames("#lobby")][-4:]
+        assert last == [("parted", c.user) for c in shed]
+        last = [(f[0], f[1]) for f in conn.room_frames("#r")][-4:]
+        assert last == [("parted", c.user) for c in shed]
+        rooms = [room for kind, room in conn.all_frames() if kind == "parted"]
+        assert rooms in (["#lobby"] * 4 + ["#r"] * 4, ["#r"] * 4 + ["#lobby"] * 4)
+    # Two feeds each (u1 left before any notice; the other three heard the first ones).
+    assert [c.outbox.follows - f for c, f in zip(conns, follows, strict=True)] == [2, 0] + [2] * 28
+
+
+def test_a_room_emptied_one_by_one_stays_exact_across_fresh_rosters() -> None:
+    """Departures with messages between them, enough for the room's roster to start afresh
+    several times (hub.ROSTER_RESTART): each member gets every message and notice once, in
+    order, up to its own departure, and nothing after."""
+    loop = IOLoop(0)
+    hub = Hub(history_keep=0)
+    conns = [Conn(f"u{i}", loop) for i in range(40)]
+    speaker, leaving = conns[-1], conns[:-3]
+
+    def setup() -> None:
+        for conn in conns:
+            hub.login(conn)  # type: ignore[arg-type]
+            hub.handle(conn, Join(id=1, room="#r"))  # type: ignore[arg-type]
+
+    def one_turn() -> None:
+        for i, conn in enumerate(leaving):
+            hub.say(speaker, Say(id=2, room="#r", text=f"m{i}"))  # type: ignore[arg-type]
+            if i % 2:
+                hub.handle(conn, Part(id=3, room="#r"))  # type: ignore[arg-type]
+            else:
+                conn.open = False  # shed
+                hub.logout(conn, "outbound queue full: client not reading")  # type: ignore[arg-type]
+
+    loop.start()
+    try:
+        on_loop(loop, setup)
+        on_loop(loop, one_turn)
+    finally:
+        loop.stop()
+        loop.join(10)
+    expected = []
+    for i, conn in enumerate(leaving):
+        expected += [("message", speaker.user, f"m{i}"), ("parted", conn.user, "")]
+    for i, conn in enumerate(conns):
+        conn.flush()
+        got = [f for f in conn.room_frames("#r") if f[0] != "joined"]
+        if conn not in leaving:
+            assert got == expected
+        elif i % 2:
+            assert got == expected[: 2 * i + 2], conn.user  # up to its own part
+        else:
+            assert got == [], conn.user  # shed: closed before its loop wrote again

@@ -16,7 +16,10 @@ import heapq
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from securechat.server.connection import drop_all_not_reading
+
 if TYPE_CHECKING:
+    from securechat.server.connection import Connection
     from securechat.server.loop import IOLoop
 
 
@@ -40,12 +43,17 @@ class OutputBudget:
 
     def shed_from(self, loop: IOLoop) -> None:
         """On `loop`'s thread: drop its biggest queues while the total is over budget and no
-        other loop holds a bigger one; then publish the biggest it has left."""
+        other loop holds a bigger one; then publish the biggest it has left. Those dropped in
+        one call go together (drop_all_not_reading), so their rooms announce them in a row."""
         heap = [(-c.queued, i, c) for i, c in enumerate(loop.connections) if c.queued]
         heapq.heapify(heap)
         others = max((other.biggest for other in self.loops if other is not loop), default=0)
-        while heap and -heap[0][0] >= others and self.over():
-            _, _, conn = heapq.heappop(heap)
-            conn.drop_not_reading("the server's output budget")
-            loop.shed += 1
+        over = self.queued - self.limit if self.limit else 0
+        shed: list[Connection] = []
+        while heap and -heap[0][0] >= others and over > 0:
+            conn = heapq.heappop(heap)[2]
+            shed.append(conn)
+            over -= conn.charged  # what leaves the total when it closes
+        drop_all_not_reading(shed, "the server's output budget")
+        loop.shed += len(shed)
         loop.biggest = -heap[0][0] if heap else 0

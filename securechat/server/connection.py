@@ -13,6 +13,7 @@ import math
 import socket
 import ssl
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from securechat.errors import ConnectionClosed, ErrorCode, ProtocolError
@@ -42,6 +43,7 @@ log = logging.getLogger("securechat.server")
 
 RECV_SIZE = 64 * 1024
 LINGER = 2.0  # seconds a closing connection may take to flush its last frames
+NOT_READING = "outbound queue full: client not reading"  # why one is dropped, as its peers see it
 # The kernel's send buffer per connection (Linux doubles it). Left to autotuning it grows to
 # tcp_wmem's maximum (4 MiB by default) for a client that does not read: memory the output
 # budget cannot see, and records encrypted for nobody. 256 KiB still carries about 2.5 MB/s to a
@@ -359,10 +361,15 @@ class Connection:
 
     # -- closing ----------------------------------------------------------------------------------
 
+    @property
+    def charged(self) -> int:
+        """What this connection adds to its loop's total for the output budget."""
+        return self._counted
+
     def drop_not_reading(self, limit: str) -> None:
         """Over `--max-queue` or the server's output budget: the same reason either way."""
         log.info("dropping %s (%s): not reading, %s full", self.user or "-", self.addr, limit)
-        self.abort("outbound queue full: client not reading")
+        self.abort(NOT_READING)
 
     def kick(self, reason: str) -> None:
         """Tell the client why it is being closed, then close once that is written."""
@@ -395,9 +402,20 @@ class Connection:
         self.loop.queued -= self._counted
         self._counted = 0
         self.outbuf = bytearray()
+        # What it never took goes now: a room's roster may name it as departed for a while.
+        self.outbox = Outbox()
         self.loop.unregister(self)
         self.sock.close()
         self.ctx.closed(self)
+
+
+def drop_all_not_reading(conns: Sequence[Connection], limit: str) -> None:
+    """drop_not_reading() for many connections of one loop at once: they leave the hub together
+    first, so that each room announces their departures in a row (hub.logout_all)."""
+    if conns:
+        conns[0].ctx.hub.logout_all([c for c in conns if c.user], NOT_READING)
+    for conn in conns:
+        conn.drop_not_reading(limit)
 
 
 def _whole_ms_up(seconds: float) -> float:

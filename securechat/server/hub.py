@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import threading
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from securechat import framing
@@ -36,7 +36,7 @@ from securechat.protocol import (
     now_ms,
 )
 from securechat.server.devicestore import DeviceEnvelope
-from securechat.server.outbox import Audience
+from securechat.server.outbox import Audience, Roster
 from securechat.server.store import HistoryFields, HistoryRow
 
 if TYPE_CHECKING:
@@ -49,10 +49,11 @@ MEMBERS_REPLY_OVERHEAD = 256  # likewise around a member list
 # What a relayed message_encrypted (marked history) holds besides its ciphertext, at most: type,
 # room, from, device, session id, ts, history, with their quotes and commas.
 ENCRYPTED_FRAME_OVERHEAD = 512
+ROSTER_RESTART = 4  # a room's roster starts afresh once a quarter as many left as are still in it
 
 
 class Room:
-    __slots__ = ("_audiences", "by_loop", "members", "name")
+    __slots__ = ("_rosters", "by_loop", "members", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -60,14 +61,15 @@ class Room:
         self.members: set[Connection] = set()
         # Members grouped by the loop that owns them: one inbox post per loop per broadcast.
         self.by_loop: dict[IOLoop, set[Connection]] = defaultdict(set)
-        # Each loop's members as one fixed Audience, made again on the first broadcast after
-        # a change: a message hands each loop this object, never a copy of its members.
-        self._audiences: dict[IOLoop, Audience] = {}
+        # Each loop's members as a Roster (server/outbox.py) that logs joins and departures, so
+        # that one costs O(1) here and on the loop, not a new audience and feed for everyone.
+        self._rosters: dict[IOLoop, Roster] = {}
 
     def add(self, conn: Connection) -> None:
         self.members.add(conn)
-        self.by_loop[conn.loop].add(conn)
-        self._audiences.pop(conn.loop, None)
+        peers = self.by_loop[conn.loop]
+        peers.add(conn)
+        self._changed(conn, peers, joined=True)
 
     def names(self) -> list[str]:
         return sorted({c.user for c in self.members})
@@ -78,14 +80,28 @@ class Room:
         peers.discard(conn)
         if not peers:
             del self.by_loop[conn.loop]
-        self._audiences.pop(conn.loop, None)
+            self._rosters.pop(conn.loop, None)
+        else:
+            self._changed(conn, peers, joined=False)
+
+    def _changed(self, conn: Connection, peers: set[Connection], joined: bool) -> None:
+        roster = self._rosters.get(conn.loop)
+        if roster is None:
+            return  # the next broadcast starts one from the members as they are
+        if joined or roster.departed * ROSTER_RESTART < len(peers):
+            roster.change(conn, joined)
+        else:
+            # Start afresh: a loop that rebuilds the members from the log (for a new feed) then
+            # does O(members) work, and the log lets departed connections go. Each fresh start
+            # costs O(members), paid for by members / ROSTER_RESTART departures.
+            del self._rosters[conn.loop]
 
     def audiences(self) -> Iterator[tuple[IOLoop, Audience]]:
         for loop, conns in self.by_loop.items():
-            audience = self._audiences.get(loop)
-            if audience is None:
-                audience = self._audiences[loop] = Audience(conns)
-            yield loop, audience
+            roster = self._rosters.get(loop)
+            if roster is None:
+                roster = self._rosters[loop] = Roster(conns)
+            yield loop, roster.audience()
 
 
 class Hub:
@@ -207,20 +223,29 @@ class Hub:
             devices = self._users.setdefault(conn.user, {})
             old = devices.get(conn.device)
             if old is not None:
-                self._leave_all(old, "logged in again from elsewhere")
+                self._leave_all((old,), "logged in again from elsewhere")
             devices[conn.device] = conn
             self._joined[conn] = set()
             self._join(conn, LOBBY)
         return old
 
     def logout(self, conn: Connection, reason: str) -> None:
+        self.logout_all((conn,), reason)
+
+    def logout_all(self, conns: Iterable[Connection], reason: str) -> None:
+        """Log several connections out at once (the output budget's shed): each room announces
+        all their departures in a row, so a loop's feed for it takes them one after the other,
+        instead of alternating with another room's and starting a feed for every notice."""
         with self._lock:
-            devices = self._users.get(conn.user, {})
-            if devices.get(conn.device) is conn:
-                del devices[conn.device]
-                if not devices:
-                    del self._users[conn.user]
-                self._leave_all(conn, reason)
+            leaving = []
+            for conn in conns:
+                devices = self._users.get(conn.user, {})
+                if devices.get(conn.device) is conn:
+                    del devices[conn.device]
+                    if not devices:
+                        del self._users[conn.user]
+                    leaving.append(conn)
+            self._leave_all(leaving, reason)
 
     def handle(self, conn: Connection, frame: RoomRequest) -> dict[str, Any]:
         """Carry out one request; return the reply frame (an "ok" with the request id)."""
@@ -434,10 +459,18 @@ class Hub:
             if not self._history.get(room.name):
                 del self._modes[room.name]  # forgotten: a join makes it anew
 
-    def _leave_all(self, conn: Connection, reason: str) -> None:
-        for name in list(self._joined[conn]):
-            self._part(conn, self._rooms[name], reason, notify_self=False)
-        del self._joined[conn]
+    def _leave_all(self, conns: Sequence[Connection], reason: str) -> None:
+        """Part each connection from all its rooms, room by room."""
+        leaving: dict[str, list[Connection]] = {}
+        for conn in conns:
+            for name in self._joined[conn]:
+                leaving.setdefault(name, []).append(conn)
+        for name, members in leaving.items():
+            room = self._rooms[name]
+            for conn in members:
+                self._part(conn, room, reason, notify_self=False)
+        for conn in conns:
+            del self._joined[conn]
 
     def _broadcast(self, room: Room, frame: dict[str, Any]) -> bytes:
         data = framing.encode(frame, self._max_frame)

@@ -155,23 +155,50 @@ class IOLoop(threading.Thread):
                 dirty.add(conn)
 
     def _feed(self, data: bytes, audience: Audience) -> None:
-        """Add a frame to the audience's feed: O(1), once its members follow the feed.
+        """Add a frame to the audience's feed: O(1), and O(1) more per join or departure since
+        its last frame.
 
         Only the newest feed takes frames: after another audience's frame, this audience starts
         a new feed, so that a connection in both rooms still gets every frame in the order it
         was queued. Its members are marked dirty once per flush, not once per frame.
         """
-        feed = audience.feed
-        if feed is None or feed is not self._newest or len(feed.frames) >= FEED_FRAMES:
+        roster, position = audience.roster, audience.position
+        feed = roster.feed
+        if (
+            feed is None
+            or feed is not self._newest
+            or len(feed.frames) >= FEED_FRAMES
+            or position < roster.applied  # queued before what the feed has: its own members
+        ):
             self._seal()
-            feed = audience.feed = self._newest = Feed(audience.members)
-            for conn in audience.members:
+            members = audience.members()
+            feed = roster.feed = self._newest = Feed(members)
+            roster.applied = position
+            for conn in members:
                 if conn.open:
                     conn.outbox.follow(feed)
+        elif position > roster.applied:
+            self._apply(feed, roster.changes[roster.applied : position])
+            roster.applied = position
         feed.add(data)
         if not feed.grown:
             feed.grown = True
             self._grown.append(feed)
+
+    def _apply(self, feed: Feed, changes: list[tuple[Connection, bool]]) -> None:
+        """Bring the feed's members up to date: a newcomer takes its frames from now on, one who
+        left takes none from now on (those from before stay queued for it)."""
+        members, end = feed.members, len(feed.frames)
+        for conn, joined in changes:
+            if joined:
+                members.add(conn)
+                if conn.open:
+                    conn.outbox.follow(feed, end)
+            else:
+                members.discard(conn)
+                if conn.open:
+                    conn.outbox.leave(feed)
+                    self.dirty.add(conn)  # no longer a member: the feed's growth won't mark it
 
     def _seal(self) -> None:
         """The open feed takes no more frames; its followers let go of it once they took all."""

@@ -8,10 +8,17 @@ a cursor. At write time the members at one cursor share one join of the frames a
 Order is kept per connection: the frames of the feeds it follows, in the order it began to
 follow them, with its own frames (replies, DMs, history) where they were pushed. A frame pushed
 while the connection follows a feed takes that feed's frames so far first. A feed ends when its
-loop has written everything out, when its audience changes, or when another feed started after
-it gets a frame (so a member of two rooms never sees them out of order). The owning loop alone
-touches an Outbox and the feeds it collects (server/loop.py); the hub only makes Audiences,
-which nobody changes after.
+loop has written everything out, or when another feed started after it gets a frame (so a member
+of two rooms never sees them out of order). The owning loop alone touches an Outbox and the feeds
+it collects (server/loop.py).
+
+Who is in a room is the hub's to say, under its lock, while the loop fills the feed later on its
+own thread. So the hub keeps a Roster per room and loop: the members when it began, then every
+join and departure in order, an append each. A broadcast names its audience as a position in that
+log (an Audience), and the loop brings the feed's members up to that position before it adds the
+frame: a newcomer follows the feed from its end, a member who left stops following it with the
+frames from before it left still queued. A join or departure then costs O(1) on both sides, where
+a new feed that every member followed made it O(members) each, and a mass departure O(members²).
 
 Each keeps the byte count of what waits (`Outbox.backlog`), so that a client that does not read
 is charged for the frames it has not taken, not only for what was encrypted for it: its
@@ -36,8 +43,8 @@ class Feed:
 
     __slots__ = ("_span", "ends", "frames", "grown", "members", "open")
 
-    def __init__(self, members: tuple[Connection, ...]) -> None:
-        self.members = members
+    def __init__(self, members: set[Connection]) -> None:
+        self.members = members  # kept up to date as the roster changes (loop only)
         self.frames: list[bytes] = []
         self.ends: list[int] = []  # ends[i]: the bytes of frames[: i + 1]
         self.open = True  # frames may still be added
@@ -65,15 +72,48 @@ class Feed:
         return ends[-1] - (ends[start - 1] if start else 0)
 
 
-class Audience:
-    """The members of a room on one loop at one moment; the hub makes a new one when they change,
-    so a broadcast hands a loop this object instead of a copy of the members."""
+class Roster:
+    """A room's members on one loop: those when it began, then each join and departure in order.
 
-    __slots__ = ("feed", "members")
+    The hub appends under its lock and never changes what it appended; the loop reads the changes
+    up to an Audience's position, which it got after the hub appended them."""
+
+    __slots__ = ("applied", "base", "changes", "departed", "feed")
 
     def __init__(self, members: Iterable[Connection]) -> None:
-        self.members = tuple(members)
+        self.base = tuple(members)
+        self.changes: list[tuple[Connection, bool]] = []  # (member, True: joined / False: left)
+        self.departed = 0  # the departures among them
         self.feed: Feed | None = None  # the feed its loop is filling (loop only)
+        self.applied = 0  # the changes that feed's members reflect (loop only)
+
+    def change(self, conn: Connection, joined: bool) -> None:
+        self.changes.append((conn, joined))
+        self.departed += not joined
+
+    def audience(self) -> Audience:
+        """The members as of now, for a broadcast."""
+        return Audience(self, len(self.changes))
+
+
+class Audience:
+    """The members of a room on one loop at one broadcast: a position in its roster's log, so a
+    broadcast hands a loop this small object instead of a copy of the members."""
+
+    __slots__ = ("position", "roster")
+
+    def __init__(self, roster: Roster, position: int) -> None:
+        self.roster = roster
+        self.position = position
+
+    def members(self) -> set[Connection]:
+        members = set(self.roster.base)
+        for conn, joined in self.roster.changes[: self.position]:
+            if joined:
+                members.add(conn)
+            else:
+                members.discard(conn)
+        return members
 
 
 class Outbox:
@@ -88,19 +128,30 @@ class Outbox:
         self.feeds: list[Feed] = []
         self.starts: list[int] = []
 
-    def follow(self, feed: Feed) -> None:
+    def follow(self, feed: Feed, start: int = 0) -> None:
+        """Take `feed`'s frames from `start` on (a member who joins the room mid-feed: its end)."""
         feeds = self.feeds
         if len(feeds) == 1 and not feeds[0].open and self.starts[0] == len(feeds[0].frames):
             # The usual case: the last feed ended and this member took all of it.
             feeds[0] = feed
-            self.starts[0] = 0
+            self.starts[0] = start
             return
         if feeds:
             # Drops the ended feeds, their frames not taken yet moved to pending: a connection
             # whose socket is full follows a new feed every turn, and must not keep them all.
             self._take_feeds()
         self.feeds.append(feed)
-        self.starts.append(0)
+        self.starts.append(start)
+
+    def leave(self, feed: Feed) -> None:
+        """Take no more of `feed` (the member left its room): the frames it added so far and not
+        taken yet stay queued, in order."""
+        if any(f is feed for f in self.feeds):
+            self._take_feeds()
+            for i, followed in enumerate(self.feeds):
+                if followed is feed:
+                    del self.feeds[i], self.starts[i]
+                    return
 
     def push(self, data: bytes) -> None:
         """Queue a frame for this connection alone, after everything queued for it so far."""
