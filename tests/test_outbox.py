@@ -270,7 +270,9 @@ def test_a_mass_departure_in_one_turn_keeps_every_member_in_order_and_makes_one_
             expected[conn].append(frame)
 
     def join(conn: Conn) -> None:
-        hub.handle(conn, Join(id=1, room="#r"))  # type: ignore[arg-type]
+        first = not in_room and not said  # it makes #r: a plain room, as the frames are text
+        frame = Join(id=1, room="#r", create=first, plain=first)
+        hub.handle(conn, frame)  # type: ignore[arg-type]
         expected[conn] += [("history", user, text) for _, user, text in said]
         in_room.append(conn)
         heard(("joined", conn.user, ""))
@@ -353,7 +355,8 @@ def test_connections_shed_together_are_announced_room_by_room_with_one_feed_each
     def setup() -> None:
         for conn in conns:
             hub.login(conn)  # type: ignore[arg-type]
-            hub.handle(conn, Join(id=1, room="#r"))  # type: ignore[arg-type]
+            first = conn is conns[0]  # it makes #r: a plain room, as the frames are text
+            hub.handle(conn, Join(id=1, room="#r", create=first, plain=first))  # type: ignore[arg-type]
 
     def shed_together() -> None:
         hub.logout_all(shed, "outbound queue full: client not reading")  # type: ignore[arg-type]
@@ -393,7 +396,8 @@ def test_a_room_emptied_one_by_one_stays_exact_across_fresh_rosters() -> None:
     def setup() -> None:
         for conn in conns:
             hub.login(conn)  # type: ignore[arg-type]
-            hub.handle(conn, Join(id=1, room="#r"))  # type: ignore[arg-type]
+            first = conn is conns[0]  # it makes #r: a plain room, as the frames are text
+            hub.handle(conn, Join(id=1, room="#r", create=first, plain=first))  # type: ignore[arg-type]
 
     def one_turn() -> None:
         for i, conn in enumerate(leaving):
