@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from securechat.server.loop import IOLoop
 from securechat.server.outbox import Audience, Outbox
@@ -123,3 +125,39 @@ def test_frames_a_full_socket_did_not_take_are_counted_and_kept_in_order(loop: I
     assert stuck.outbox.backlog() == 5 * 12 + 3 - 34
     assert stuck.outbox.take(1 << 20) == b"yy" + (b"x" * 10 + b"yy") * 2 + b"own"
     assert stuck.outbox.backlog() == 0
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["push", "feed", "seal", "take"]), st.integers(1, 40)),
+        max_size=60,
+    )
+)
+def test_a_take_shorter_than_its_limit_leaves_nothing_queued(steps: list[tuple[str, int]]) -> None:
+    # Connection.flush stops after such a take instead of asking again.
+    loop = IOLoop(0)
+    try:
+        member = NotReading()
+        room = Audience([member])  # type: ignore[arg-type]
+        sent: list[bytes] = []
+        got = b""
+        for i, (step, size) in enumerate(steps):
+            frame = bytes([65 + i % 26]) * size
+            if step == "push":
+                member.outbox.push(frame)
+                sent.append(frame)
+            elif step == "feed":
+                loop._feed(frame, room)
+                sent.append(frame)
+            elif step == "seal":
+                loop._seal()
+            else:
+                data = member.outbox.take(size)
+                got += data
+                assert len(data) >= size or member.outbox.take(1 << 20) == b""
+        got += member.outbox.take(1 << 20)
+        assert got == b"".join(sent)
+    finally:
+        loop.selector.close()
+        loop._wake_r.close()
+        loop._wake_w.close()

@@ -118,7 +118,8 @@ class Outbox:
 
     def take(self, limit: int) -> bytes:
         """What is queued and not taken yet, in order, as one string (b"" if nothing): all of
-        it up to `limit` bytes, else whole frames from the front until `limit` is reached.
+        it up to `limit` bytes, else whole frames from the front until `limit` is reached. So
+        less than `limit` bytes means nothing is left (Connection.flush relies on it).
 
         The limit keeps a client that reads slowly from being handed its whole backlog at
         once: the frames it has not taken stay shared with the room, not joined into a copy of
