@@ -195,5 +195,5 @@ _DECODER = json.JSONDecoder(parse_constant=_not_json)
 _SCAN: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]
 _SPACE = " \t\n\r"  # JSON's white space
 # What _ENCODER does with a string (ensure_ascii off): the C function, without its Python layers.
-_escape: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_escape: Callable[[str], str] = json.encoder.encode_basestring
 _ACTION = b',"action":true'
