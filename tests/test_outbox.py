@@ -161,3 +161,47 @@ def test_a_take_shorter_than_its_limit_leaves_nothing_queued(steps: list[tuple[s
         loop.selector.close()
         loop._wake_r.close()
         loop._wake_w.close()
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["room a", "room b", "push", "seal", "take"]),
+            st.integers(0, 2),
+            st.integers(1, 40),
+        ),
+        max_size=80,
+    )
+)
+def test_members_of_overlapping_rooms_get_their_frames_once_in_order(
+    steps: list[tuple[str, int, int]],
+) -> None:
+    loop = IOLoop(0)
+    try:
+        members = [NotReading() for _ in range(3)]
+        rooms = {"room a": members[:2], "room b": members[1:]}
+        audiences = {name: Audience(conns) for name, conns in rooms.items()}  # type: ignore[arg-type]
+        expected: list[list[bytes]] = [[], [], []]
+        got = [b"", b"", b""]
+        for i, (step, who, size) in enumerate(steps):
+            frame = bytes([65 + i % 26]) * size
+            if step in rooms:
+                if i % 7 == 0:  # the members changed: the hub makes a new audience
+                    audiences[step] = Audience(rooms[step])  # type: ignore[arg-type]
+                loop._feed(frame, audiences[step])
+                for member in rooms[step]:
+                    expected[members.index(member)].append(frame)
+            elif step == "push":
+                members[who].outbox.push(frame)
+                expected[who].append(frame)
+            elif step == "seal":
+                loop._seal()
+            else:
+                got[who] += members[who].outbox.take(size)
+        for i, member in enumerate(members):
+            got[i] += member.outbox.take(1 << 20)
+        assert got == [b"".join(frames) for frames in expected]
+    finally:
+        loop.selector.close()
+        loop._wake_r.close()
+        loop._wake_w.close()

@@ -90,8 +90,15 @@ class Outbox:
 
     def follow(self, feed: Feed) -> None:
         feeds = self.feeds
-        if len(feeds) == 1 and not feeds[0].open and self.starts[0] == len(feeds[0].frames):
-            # The usual case: the last feed ended and this member took all of it.
+        if len(feeds) == 1 and not feeds[0].open:
+            # The usual case: the last feed ended. What this member has not taken of it yet
+            # moves to pending, as _take_feeds would move it, without the lists it builds: a
+            # room that announces each of a burst of joins starts a feed a join, and every
+            # member follows each one before it is written to.
+            ended, start = feeds[0], self.starts[0]
+            if start < len(ended.frames):
+                self.pending.extend(ended.frames[start:])
+                self.pending_bytes += ended.bytes_since(start)
             feeds[0] = feed
             self.starts[0] = 0
             return
