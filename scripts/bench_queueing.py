@@ -10,12 +10,18 @@ load generator", has the figures before and after room feeds).
 With `--session` each message starts as the bytes of a say frame, read by the sender's logged-in
 ServerSession, and goes to `Hub.say` with its reply queued, as a connection does: the whole
 per-message Python path short of TLS and the socket (the rate limit left out).
+
+With `--store` the hub hands its history rows to a store worker writing SQLite in a temporary
+folder, as the server does (also at `--history 0`, as the server does), and the CPU time counts
+that thread too: run with and without `--history 0` to see what room history costs a message.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import nacl.signing
 
@@ -32,6 +38,8 @@ from securechat.protocol import (
 from securechat.server.hub import Hub
 from securechat.server.loop import IOLoop
 from securechat.server.outbox import Outbox
+from securechat.server.store import SQLiteStore
+from securechat.server.worker import StoreWorker
 from securechat.tls import WRITE_CHUNK
 
 
@@ -61,8 +69,19 @@ def main() -> None:
     p.add_argument("--history", type=int, default=100, help="room messages the hub keeps")
     p.add_argument("--turns", type=int, default=0, help="turns a round (default: about 2 s)")
     p.add_argument("--session", action="store_true", help="from a say's bytes, as a connection")
+    p.add_argument(
+        "--store",
+        action="store_true",
+        help="history rows to a store worker and SQLite in a temporary folder, as the server "
+        "does (without it the hub keeps history in memory only); its thread's CPU counts too",
+    )
     args = p.parse_args()
-    loop, hub = IOLoop(0), Hub(history_keep=args.history)
+    worker = None
+    if args.store:
+        folder = Path(tempfile.mkdtemp(prefix="bench-queueing-"))
+        worker = StoreWorker(lambda: SQLiteStore(folder / "securechat.db"), args.history)
+    sink = worker.add_history if worker is not None else None  # as the server: even at 0
+    loop, hub = IOLoop(0), Hub(history_keep=args.history, history_sink=sink)
     results: list[float] = []
 
     # On the loop's own thread, as in the server: a broadcast from any other thread would only
@@ -76,6 +95,8 @@ def main() -> None:
     loop.call_soon(run)
     loop.start()
     loop.join()
+    if worker is not None:
+        worker.stop(timeout=60.0)  # writes the rows still waiting
     turns = args.turns or max(1, 400_000 // (args.n * args.per_turn))
     per_message = results[0] / (turns * args.per_turn)
     print(
