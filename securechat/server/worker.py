@@ -49,7 +49,7 @@ class StoreWorker:
         # Guarded by _wake:
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._jobs: list[Job] = []
-        self._rows_due = False  # rows wait for a write, due at _flush_at
+        self._rows_due = False  # rows wait for a write, due at _flush_at (read unlocked too)
         self._flush_at = 0.0  # when the rows waiting must be written
         # Not guarded: add_history appends without the lock, and only this thread pops.
         self._rows: collections.deque[HistoryFields] = collections.deque()
