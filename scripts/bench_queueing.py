@@ -10,18 +10,25 @@ load generator", has the figures before and after room feeds).
 With `--session` each message starts as the bytes of a say frame, read by the sender's logged-in
 ServerSession, and goes to `Hub.say` with its reply queued, as a connection does: the whole
 per-message Python path short of TLS and the socket (the rate limit left out).
+
+With `--store` the hub hands its history rows to a store worker writing SQLite in a temporary
+folder, as the server does (also at `--history 0`, as the server does), and the CPU time counts
+that thread too: run with and without `--history 0` to see what room history costs a message.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import nacl.signing
 
 from securechat import framing
 from securechat.protocol import (
     NONCE_BYTES,
+    PROTOCOL_VERSION,
     Request,
     Say,
     ServerSession,
@@ -31,18 +38,22 @@ from securechat.protocol import (
 from securechat.server.hub import Hub
 from securechat.server.loop import IOLoop
 from securechat.server.outbox import Outbox
+from securechat.server.store import SQLiteStore
+from securechat.server.worker import StoreWorker
+from securechat.tls import WRITE_CHUNK
 
 
 class Member:
     """What the hub and the loop use of a connection; its flush takes and counts the bytes."""
 
     def __init__(self, user: str, loop: IOLoop) -> None:
-        self.user, self.loop, self.open = user, loop, True
+        self.user, self.device, self.loop, self.open = user, "d", loop, True
         self.outbox = Outbox()
         self.written = 0
 
     def flush(self) -> None:
-        self.written += len(self.outbox.take())
+        while data := self.outbox.take(WRITE_CHUNK):
+            self.written += len(data)
 
 
 def drain(loop: IOLoop) -> None:
@@ -58,14 +69,34 @@ def main() -> None:
     p.add_argument("--history", type=int, default=100, help="room messages the hub keeps")
     p.add_argument("--turns", type=int, default=0, help="turns a round (default: about 2 s)")
     p.add_argument("--session", action="store_true", help="from a say's bytes, as a connection")
+    p.add_argument(
+        "--store",
+        action="store_true",
+        help="history rows to a store worker and SQLite in a temporary folder, as the server "
+        "does (without it the hub keeps history in memory only); its thread's CPU counts too",
+    )
     args = p.parse_args()
-    loop, hub = IOLoop(0), Hub(history_keep=args.history)
+    worker = None
+    if args.store:
+        folder = Path(tempfile.mkdtemp(prefix="bench-queueing-"))
+        worker = StoreWorker(lambda: SQLiteStore(folder / "securechat.db"), args.history)
+    sink = worker.add_history if worker is not None else None  # as the server: even at 0
+    loop, hub = IOLoop(0), Hub(history_keep=args.history, history_sink=sink)
     results: list[float] = []
+
     # On the loop's own thread, as in the server: a broadcast from any other thread would only
     # post to the loop's inbox.
-    loop.call_soon(lambda: results.append(measure(loop, hub, args)))
+    def run() -> None:
+        try:
+            results.append(measure(loop, hub, args))
+        finally:
+            loop.stop()  # also after an error, which the loop would only log
+
+    loop.call_soon(run)
     loop.start()
     loop.join()
+    if worker is not None:
+        worker.stop(timeout=60.0)  # writes the rows still waiting
     turns = args.turns or max(1, 400_000 // (args.n * args.per_turn))
     per_message = results[0] / (turns * args.per_turn)
     print(
@@ -75,7 +106,7 @@ def main() -> None:
 
 
 def measure(loop: IOLoop, hub: Hub, args: argparse.Namespace) -> float:
-    """The best of 5 rounds, in CPU seconds; stops the loop after."""
+    """The best of 5 rounds, in CPU seconds."""
     members = [Member(f"u{i}", loop) for i in range(args.n)]
     for member in members:
         hub.login(member)  # type: ignore[arg-type]
@@ -102,7 +133,6 @@ def measure(loop: IOLoop, hub: Hub, args: argparse.Namespace) -> float:
                     sender.outbox.push(hub.say(sender, event.frame))  # type: ignore[arg-type]
             drain(loop)
         best = min(best, time.process_time() - start)
-    loop.stop()
     return best
 
 
@@ -111,7 +141,8 @@ def logged_in(member: Member) -> ServerSession:
     key, cert, nonce = nacl.signing.SigningKey.generate(), bytes(32), bytes(NONCE_BYTES)
     session = ServerSession(cert, emit=member.outbox.push, nonce_source=lambda n: nonce[:n])
     public = bytes(key.verify_key)
-    hello = {"type": "hello", "user": member.user, "key": b64(public), "version": 1}
+    hello = {"type": "hello", "user": member.user, "key": b64(public), "version": PROTOCOL_VERSION}
+    hello["device"] = "A" * 16
     session.receive_data(framing.encode(hello))
     signed = key.sign(login_transcript(nonce, member.user, public, cert)).signature
     session.receive_data(framing.encode({"type": "auth", "signature": b64(signed)}))

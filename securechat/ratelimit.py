@@ -18,7 +18,7 @@ RATE_LIMITED = frozenset(
 )
 
 
-@dataclass
+@dataclass(slots=True)  # two per connection: slots keep a held connection smaller
 class TokenBucket:
     """`rate` tokens a second, at most `burst` saved up; each request spends one.
 

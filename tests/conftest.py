@@ -168,6 +168,22 @@ def rewrite_sent_frames(
                 return framing.encode(frame, max_frame)
             return b"".join(framing.encode(f, max_frame) for f in rewrite(dict(frame)))
 
+        def room_message(
+            self,
+            room: str,
+            sender: str,
+            text: str,
+            ts: int,
+            action: bool,
+            max_frame: int = framing.MAX_FRAME_DEFAULT,
+        ) -> bytes:
+            # The hub's template for a room message: the frame it stands for, through encode.
+            frame: dict[str, Any] = {"type": "message", "room": room, "from": sender}
+            frame.update(text=text, ts=ts)
+            if action:
+                frame["action"] = True
+            return self.encode(frame, max_frame)
+
     monkeypatch.setattr(hub_module, "framing", HostileFraming())
 
 

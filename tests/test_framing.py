@@ -137,3 +137,32 @@ def test_the_say_reply_template_keeps_the_frame_limit() -> None:
     with pytest.raises(ProtocolError) as by_json:
         framing.encode({"type": "ok", "id": 1, "room": room, "ts": 1}, max_frame=1024)
     assert by_json.value.message == caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("room", "sender", "text", "ts", "action"),
+    [
+        ("#lobby", "alice", "x" * 100, 1_764_000_000_000, False),
+        ("#r", "bob", "", 0, True),
+        ("#lobby", "alice", 'hé \u2603 "q" \\ \n\t\x00\x1f\x7f \U0001f600 </script>', -1, False),
+        ('odd "room" \\', 'odd "name"', "\u2028\u2029", 2**53, True),  # still valid JSON
+    ],
+)
+def test_the_room_message_template_gives_the_bytes_json_would(
+    room: str, sender: str, text: str, ts: int, action: bool
+) -> None:
+    frame: dict[str, object] = {"type": "message", "room": room, "from": sender, "text": text}
+    frame["ts"] = ts
+    if action:
+        frame["action"] = True
+    assert framing.room_message(room, sender, text, ts, action) == framing.encode(frame)
+
+
+def test_the_room_message_template_keeps_the_frame_limit() -> None:
+    with pytest.raises(ProtocolError) as caught:
+        framing.room_message("#lobby", "alice", "é" * 600, 1, False, max_frame=1024)
+    assert caught.value.message == "frame of 1266 bytes exceeds the 1024-byte limit"
+    frame = {"type": "message", "room": "#lobby", "from": "alice", "text": "é" * 600, "ts": 1}
+    with pytest.raises(ProtocolError) as by_json:
+        framing.encode(frame, max_frame=1024)
+    assert by_json.value.message == caught.value.message

@@ -109,3 +109,17 @@ def test_parse_agrees_with_the_standard_decoder(payload):
     if got == "bad_utf8" and isinstance(expected, dict):
         return  # a lone surrogate spelled as an escape: refused after decoding, on purpose
     assert got == expected
+
+
+# Text as a say may carry it: any code point but a lone surrogate (parse refuses those).
+SAY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
+
+
+@given(SAY_TEXT, SAY_TEXT, SAY_TEXT, st.integers(), st.booleans())
+def test_the_room_message_template_always_gives_the_bytes_json_would(
+    room, sender, text, ts, action
+):
+    frame = {"type": "message", "room": room, "from": sender, "text": text, "ts": ts}
+    if action:
+        frame["action"] = True
+    assert framing.room_message(room, sender, text, ts, action) == framing.encode(frame)

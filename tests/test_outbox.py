@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from securechat.protocol import Join, Part, Say
 from securechat.server.hub import Hub
@@ -427,3 +429,83 @@ def test_a_room_emptied_one_by_one_stays_exact_across_fresh_rosters() -> None:
             assert got == expected[: 2 * i + 2], conn.user  # up to its own part
         else:
             assert got == [], conn.user  # shed: closed before its loop wrote again
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["push", "feed", "seal", "take"]), st.integers(1, 40)),
+        max_size=60,
+    )
+)
+def test_a_take_shorter_than_its_limit_leaves_nothing_queued(steps: list[tuple[str, int]]) -> None:
+    # Connection.flush stops after such a take instead of asking again.
+    loop = IOLoop(0)
+    try:
+        member = NotReading()
+        room = audience([member])
+        sent: list[bytes] = []
+        got = b""
+        for i, (step, size) in enumerate(steps):
+            frame = bytes([65 + i % 26]) * size
+            if step == "push":
+                member.outbox.push(frame)
+                sent.append(frame)
+            elif step == "feed":
+                loop._feed(frame, room)
+                sent.append(frame)
+            elif step == "seal":
+                loop._seal()
+            else:
+                data = member.outbox.take(size)
+                got += data
+                assert len(data) >= size or member.outbox.take(1 << 20) == b""
+        got += member.outbox.take(1 << 20)
+        assert got == b"".join(sent)
+    finally:
+        loop.selector.close()
+        loop._wake_r.close()
+        loop._wake_w.close()
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["room a", "room b", "push", "seal", "take"]),
+            st.integers(0, 2),
+            st.integers(1, 40),
+        ),
+        max_size=80,
+    )
+)
+def test_members_of_overlapping_rooms_get_their_frames_once_in_order(
+    steps: list[tuple[str, int, int]],
+) -> None:
+    loop = IOLoop(0)
+    try:
+        members = [NotReading() for _ in range(3)]
+        rooms = {"room a": members[:2], "room b": members[1:]}
+        audiences = {name: audience(conns) for name, conns in rooms.items()}
+        expected: list[list[bytes]] = [[], [], []]
+        got = [b"", b"", b""]
+        for i, (step, who, size) in enumerate(steps):
+            frame = bytes([65 + i % 26]) * size
+            if step in rooms:
+                if i % 7 == 0:  # as a roster that starts afresh
+                    audiences[step] = audience(rooms[step])  # a fresh roster
+                loop._feed(frame, audiences[step])
+                for member in rooms[step]:
+                    expected[members.index(member)].append(frame)
+            elif step == "push":
+                members[who].outbox.push(frame)
+                expected[who].append(frame)
+            elif step == "seal":
+                loop._seal()
+            else:
+                got[who] += members[who].outbox.take(size)
+        for i, member in enumerate(members):
+            got[i] += member.outbox.take(1 << 20)
+        assert got == [b"".join(frames) for frames in expected]
+    finally:
+        loop.selector.close()
+        loop._wake_r.close()
+        loop._wake_w.close()

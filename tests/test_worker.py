@@ -112,3 +112,32 @@ def test_a_stopped_worker_takes_no_more_calls(tmp_path: Path) -> None:
     worker.stop(10)
     with pytest.raises(RuntimeError, match="the store worker has stopped"):
         worker.submit(lambda: None)
+
+
+def test_a_row_added_while_the_worker_writes_is_written_by_a_later_write_not_left_waiting(
+    tmp_path: Path,
+) -> None:
+    # add_history takes the worker's lock only for the first row of a write, and the worker
+    # counts the rows it takes without holding anyone back: a row that comes after the count
+    # must ask for a write of its own. Here each write adds the next row while it runs.
+    worker, writes, written = worker_for(tmp_path, delay=0.0)
+    real = worker.store.append_history
+
+    def adding(rows: list[HistoryRow], keep: int) -> None:
+        real(rows, keep)  # the counting one: records the write, then sets `written`
+        if len(writes) < 50:
+            worker.add_history(row(f"m{len(writes)}"))
+
+    worker.store.append_history = adding  # type: ignore[method-assign]
+    try:
+        worker.add_history(row("m0"))
+        for _ in range(50):
+            if len(writes) >= 50:
+                break
+            written.clear()
+            if len(writes) < 50:
+                assert written.wait(10), f"a row was left waiting after {len(writes)} writes"
+        assert written.wait(10)
+    finally:
+        worker.stop(10)
+    assert writes == [[f"m{i}"] for i in range(50)]

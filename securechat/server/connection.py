@@ -287,6 +287,8 @@ class Connection:
             self.tls.write(data)
             self._flush_tls()
             wrote = True
+            if len(data) < WRITE_CHUNK:
+                break  # take() gave all there was: no second call to find the outbox empty
         if not wrote:
             self._flush_tls()
         self._count()

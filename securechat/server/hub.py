@@ -323,7 +323,11 @@ class Hub:
         }
         if frame.action:
             message["action"] = True
-        self._remember(room.name, message, self._broadcast(room, message))
+        data = framing.room_message(
+            room.name, conn.user, frame.text, ts, frame.action, self._max_frame
+        )
+        self._broadcast_encoded(room, data)
+        self._remember(room.name, message, data)
         if self._history_sink is not None:
             self._history_sink((room.name, conn.user, frame.text, ts, frame.action, "", ""))
         return room.name, ts
@@ -352,7 +356,9 @@ class Hub:
             "ciphertext": frame.ciphertext,
             "ts": ts,
         }
-        self._remember(room.name, message, self._broadcast(room, message))
+        data = framing.encode(message, self._max_frame)
+        self._broadcast_encoded(room, data)
+        self._remember(room.name, message, data)
         if self._history_sink is not None:
             self._history_sink(
                 (room.name, conn.user, frame.ciphertext, ts, False, conn.device, frame.session_id)
@@ -472,8 +478,9 @@ class Hub:
         for conn in conns:
             del self._joined[conn]
 
-    def _broadcast(self, room: Room, frame: dict[str, Any]) -> bytes:
-        data = framing.encode(frame, self._max_frame)
+    def _broadcast(self, room: Room, frame: dict[str, Any]) -> None:
+        self._broadcast_encoded(room, framing.encode(frame, self._max_frame))
+
+    def _broadcast_encoded(self, room: Room, data: bytes) -> None:
         for loop, audience in room.audiences():
             loop.broadcast(data, audience)
-        return data

@@ -131,8 +131,15 @@ class Outbox:
     def follow(self, feed: Feed, start: int = 0) -> None:
         """Take `feed`'s frames from `start` on (a member who joins the room mid-feed: its end)."""
         feeds = self.feeds
-        if len(feeds) == 1 and not feeds[0].open and self.starts[0] == len(feeds[0].frames):
-            # The usual case: the last feed ended and this member took all of it.
+        if len(feeds) == 1 and not feeds[0].open:
+            # The usual case: the last feed ended. What this member has not taken of it yet
+            # moves to pending, as _take_feeds would move it, without the lists it builds: a
+            # room that announces each of a burst of joins starts a feed a join, and every
+            # member follows each one before it is written to.
+            ended, taken = feeds[0], self.starts[0]
+            if taken < len(ended.frames):
+                self.pending.extend(ended.frames[taken:])
+                self.pending_bytes += ended.bytes_since(taken)
             feeds[0] = feed
             self.starts[0] = start
             return
@@ -169,7 +176,8 @@ class Outbox:
 
     def take(self, limit: int) -> bytes:
         """What is queued and not taken yet, in order, as one string (b"" if nothing): all of
-        it up to `limit` bytes, else whole frames from the front until `limit` is reached.
+        it up to `limit` bytes, else whole frames from the front until `limit` is reached. So
+        less than `limit` bytes means nothing is left (Connection.flush relies on it).
 
         The limit keeps a client that reads slowly from being handed its whole backlog at
         once: the frames it has not taken stay shared with the room, not joined into a copy of

@@ -8,6 +8,7 @@ a few commits a second, not one per message. It never touches a socket or a conn
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import threading
@@ -48,8 +49,10 @@ class StoreWorker:
         # Guarded by _wake:
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._jobs: list[Job] = []
-        self._rows: list[HistoryFields] = []
+        self._rows_due = False  # rows wait for a write, due at _flush_at (read unlocked too)
         self._flush_at = 0.0  # when the rows waiting must be written
+        # Not guarded: add_history appends without the lock, and only this thread pops.
+        self._rows: collections.deque[HistoryFields] = collections.deque()
         self._flushed_at = float("-inf")
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="store", daemon=True)
@@ -88,14 +91,21 @@ class StoreWorker:
 
     def add_history(self, row: HistoryFields) -> None:
         """Keep a room message; written with the others within HISTORY_FLUSH_DELAY. Called under
-        the hub's lock: it only appends. A crash can lose the rows still waiting."""
-        with self._wake:
-            if not self._rows:
-                # A message in a quiet room is written at once; in a busy one, rows wait for
-                # the next window to share a transaction.
-                self._flush_at = max(time.monotonic(), self._flushed_at + self._flush_delay)
-                self._wake.notify()
-            self._rows.append(row)
+        the hub's lock: it only appends. A crash can lose the rows still waiting.
+
+        The worker's lock is taken only for the first row of a write, not for each message
+        (it was, on every room message, on the I/O thread): the row goes into the deque first,
+        and the worker clears `_rows_due` before it counts the rows it takes, so a row it
+        leaves behind always finds the flag clear and sets it again."""
+        self._rows.append(row)
+        if not self._rows_due:
+            with self._wake:
+                if not self._rows_due:
+                    # A message in a quiet room is written at once; in a busy one, rows wait
+                    # for the next window to share a transaction.
+                    self._rows_due = True
+                    self._flush_at = max(time.monotonic(), self._flushed_at + self._flush_delay)
+                    self._wake.notify()
 
     def stop(self, timeout: float) -> None:
         """Finish what is queued, write the history rows left, close the store."""
@@ -110,13 +120,15 @@ class StoreWorker:
         while True:
             with self._wake:
                 while not self._due():
-                    wait = self._flush_at - time.monotonic() if self._rows else None
+                    wait = self._flush_at - time.monotonic() if self._rows_due else None
                     self._wake.wait(wait)
                 calls, self._calls = self._calls, []
                 jobs, self._jobs = self._jobs, []
                 rows: list[HistoryFields] = []
-                if self._rows and (self._stopping or time.monotonic() >= self._flush_at):
-                    rows, self._rows = self._rows, []
+                if self._rows_due and (self._stopping or time.monotonic() >= self._flush_at):
+                    self._rows_due = False  # before the count: see add_history
+                    pending = self._rows
+                    rows = [pending.popleft() for _ in range(len(pending))]
                     self._flushed_at = time.monotonic()
                 stopping = self._stopping and not self._calls and not self._jobs
             # Jobs first: a call then sees every job handed over before it (a test that acked a
@@ -127,14 +139,14 @@ class StoreWorker:
                 _resolve(call, future)
             if rows:
                 self._write_history(rows)
-            if stopping and not self._rows:
+            if stopping and not self._rows_due:
                 self._close()
                 return
 
     def _due(self) -> bool:
         if self._calls or self._jobs or self._stopping:
             return True
-        return bool(self._rows) and time.monotonic() >= self._flush_at
+        return self._rows_due and time.monotonic() >= self._flush_at
 
     def _run_jobs(self, jobs: list[Job]) -> None:
         results: list[Any] = []
