@@ -160,6 +160,14 @@ def test_native_fanout_gives_ngircd_the_same_workload_and_a_ratio(native_binary:
     assert secure["vs_ngircd"] == pytest.approx(expected)
 
 
+def test_native_fanout_in_an_encrypted_room_relays_every_ciphertext(native_binary: Path) -> None:
+    (row,) = native_loadgen("fanout", "-n", "5", "--senders", "2", "--duration", "1", "--encrypted")
+    # A 100-byte text pads to a 256-byte record: its Megolm message is 468 base64 characters.
+    assert row["encrypted"] is True and row["ciphertext_size"] == 468
+    assert native.megolm_ciphertext_size(100) == 468
+    assert_every_message_reached_every_other_member(row, 5)
+
+
 def test_native_hold_keeps_every_client_logged_in(native_binary: Path) -> None:
     (row,) = native_loadgen("hold", "-n", "5", "--duration", "0.5")
     assert row["workload"] == "hold" and row["logged_in"] == 5 and row["held"] == 5
@@ -196,6 +204,20 @@ def test_native_bad_arguments_are_refused_with_a_reason(native_binary: Path) -> 
     out = run_native(native_binary, "--port", "1", "--ca", "ca.pem", "--size", "10")
     assert out.returncode == 2
     assert out.stderr == "loadgen: --size must be a number from 32 to 400, not 10\n"
+    out = run_native(native_binary, "--port", "1", "--ca", "ca.pem", "--ciphertext-size", "468")
+    assert out.returncode == 2
+    assert out.stderr == (
+        "loadgen: --ciphertext-size is for a securechat room of its own:"
+        " #lobby is never encrypted\n"
+    )
+    out = run_native(
+        native_binary, "--port", "1", "--ca", "ca.pem", "--room", "#e", "--ciphertext-size", "470"
+    )
+    assert out.returncode == 2
+    assert (
+        out.stderr
+        == "loadgen: --ciphertext-size must be a multiple of 4 (padded base64), not 470\n"
+    )
     out = run_module("scripts.loadgen.native", "fanout", "--io-threads", "1,0")
     assert out.returncode == 2
     assert "takes numbers from 1 to 64, comma-separated: '1,0'" in out.stderr

@@ -1,6 +1,7 @@
 """The native load generator: build it, run it against fresh servers, sweep --io-threads.
 
     python -m scripts.loadgen.native fanout -n 50 --target both --pin
+    python -m scripts.loadgen.native fanout -n 50 --target both --pin --encrypted
     python -m scripts.loadgen.native fanout -n 500 --io-threads 1,2,4 --pin --no-pin
     python -m scripts.loadgen.native hold -n 10000 --target both --pin
     python -m scripts.loadgen.native build                    # print the binary's path
@@ -11,11 +12,16 @@ of its own and under-drives a fast C server. This driver compiles it with the sy
 (cc -O2, OpenSSL's headers: Debian's libssl-dev), starts a fresh server for every run (the
 configurations in servers.py), pins the load generator to the last CPU and, with --pin, the
 server to the first, and prints one JSON line per run and one table of the whole sweep.
+
+With --encrypted, securechat's members share an end-to-end encrypted room and every message is
+the ciphertext a real Megolm message of that text has (its length computed here, with
+vodozemac); ngircd, which has no such thing, carries the same text in plain, as before.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import os
@@ -32,6 +38,7 @@ SOURCE = Path(__file__).with_name("native") / "loadgen.c"
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
 LIBS = ["-lssl", "-lcrypto"]
 RUN_TIMEOUT = 900.0  # seconds for logins and sync on top of the measured time, before giving up
+ENCRYPTED_ROOM = "#e2e-bench"
 
 
 class NativeError(Exception):
@@ -86,6 +93,25 @@ def build(out_dir: Path | None = None) -> Path:
     return binary
 
 
+def megolm_ciphertext_size(text_size: int) -> int:
+    """The base64 length of the Megolm message a room message of `text_size` bytes becomes: the
+    padded inner record, encrypted and signed by a real vodozemac session."""
+    import vodozemac
+
+    from securechat.megolm import record
+
+    inner = record.RoomRecord(
+        room=ENCRYPTED_ROOM,
+        sender="u00000",
+        device="LOADGENDEVICEAAA",
+        message_id="m" * 22,
+        ts=1_790_000_000_000,
+        body="x" * text_size,
+    )
+    message = vodozemac.GroupSession().encrypt(record.encode(inner))
+    return len(base64.b64encode(message.to_bytes()))
+
+
 def cpu_plan(pin_server: bool) -> tuple[list[int] | None, int | None]:
     """(the server's CPUs, the load generator's CPU): the load generator on the last CPU when
     there are two or more, the server on the first one when pinned, else free on all."""
@@ -117,6 +143,13 @@ def command(
         cmd += ["--cpu", str(loadgen_cpu)]
     if args.delayed_ack:
         cmd.append("--delayed-ack")
+    if args.encrypted and target.kind == "securechat" and args.workload == "fanout":
+        cmd += [
+            "--room",
+            ENCRYPTED_ROOM,
+            "--ciphertext-size",
+            str(megolm_ciphertext_size(args.size)),
+        ]
     return cmd
 
 
@@ -188,6 +221,7 @@ COLUMNS: list[report.Column] = [
     ("io_threads", "I/O threads", "{}"),
     ("server_cpus", "server CPUs", "{}"),
     ("n", "N", "{:,}"),
+    ("ciphertext_size", "ciphertext B", "{}"),
     ("logins_per_s", "logins/s", "{:,.0f}"),
     ("held", "held", "{:,}"),
     ("rss_per_conn_kib", "RSS/conn KiB", "{:.1f}"),
@@ -256,6 +290,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="folder: run securechat's threads under cProfile and keep one .prof per thread "
         "(about twice as slow: for where the time goes, not for figures)",
+    )
+    p.add_argument(
+        "--encrypted",
+        action="store_true",
+        help="fanout: securechat in an end-to-end encrypted room, each message a Megolm-sized "
+        "ciphertext (ngircd carries the text in plain)",
     )
     p.add_argument("--json", dest="json_only", action="store_true", help="JSON lines only")
     args = p.parse_args(argv)

@@ -15,6 +15,12 @@
  *           one TLS write, for either server.
  *   hold    N clients logged in (IRC: registered), then held idle for D seconds.
  *
+ * With --ciphertext-size L (securechat only) the room is an end-to-end encrypted one: each member
+ * joins it (the first join creates it encrypted) and every message is a say_encrypted whose
+ * ciphertext is L base64 characters, the length a real Megolm message of --size bytes of text
+ * has (scripts/loadgen/native.py computes L with vodozemac). The server relays it as it is; the
+ * send time rides at the start of the ciphertext, in base64's alphabet.
+ *
  * Prints one JSON line (and, without --json, a short table). Scripts drive it:
  * scripts/loadgen/native.py builds it, starts the servers and sweeps.
  */
@@ -53,12 +59,17 @@
 #define READ_CHUNK 65536
 #define READS_PER_TURN 32
 #define STAMP_LEN 29 /* "~T" + 20-digit send time + "." + 5-digit sender + "~" */
+#define CIPHER_MARK "\"ciphertext\":\""
+#define CIPHER_STAMP_LEN 27 /* "T" + 20-digit send time + "S" + 5-digit sender: base64 letters */
+#define CIPHER_SYNC "SYNCSYNC"
+#define SESSION_ID "LoadgenSessionLoadgenSessionLoadgenSession0" /* 43 chars, as vodozemac's */
+#define MAX_CIPHERTEXT 4096
 #define MAX_SENDERS 99999
 #define NS 1000000000ull
 
 enum proto { SECURECHAT, IRC };
 enum workload { FANOUT, HOLD };
-enum state { WAITING, CONNECTING, HANDSHAKE, LOGIN, READY, CLOSED };
+enum state { WAITING, CONNECTING, HANDSHAKE, LOGIN, READY, CLOSED }; /* LOGIN: up to the join */
 enum phase { OPENING, SYNCING, RUNNING, DRAINING, HOLDING, DONE };
 
 struct buf {
@@ -102,7 +113,7 @@ static struct {
     enum proto proto;
     enum workload workload;
     const char *host, *sni, *ca, *room, *label;
-    int port, n, senders, window, size, concurrency, cpu, json_only, quickack;
+    int port, n, senders, window, size, concurrency, cpu, json_only, quickack, ciphertext_size;
     double duration, grace, login_timeout;
     int server_pid;
     char prefix[16];
@@ -391,9 +402,14 @@ static void queue_frame(struct conn *c, const char *json, size_t len) {
 }
 
 static void queue_say(struct conn *c, const char *text) {
-    char line[1024];
+    char line[MAX_CIPHERTEXT + 256];
     int len;
-    if (opt.proto == SECURECHAT)
+    if (opt.proto == SECURECHAT && opt.ciphertext_size)
+        len = snprintf(line, sizeof line,
+                       "{\"type\":\"say_encrypted\",\"id\":%llu,\"room\":\"%s\",\"session_id\":\"%s\","
+                       "\"ciphertext\":\"%s\"}",
+                       (unsigned long long)++c->next_id, opt.room, SESSION_ID, text);
+    else if (opt.proto == SECURECHAT)
         len = snprintf(line, sizeof line, "{\"type\":\"say\",\"id\":%llu,\"room\":\"%s\",\"text\":\"%s\"}",
                        (unsigned long long)++c->next_id, opt.room, text);
     else
@@ -404,13 +420,19 @@ static void queue_say(struct conn *c, const char *text) {
         queue(c, line, (size_t)len);
 }
 
-/* A timed message: "~T<send time ns>.<sender>~" padded with x to the payload size. */
-static void send_message(int s) {
-    char text[600];
-    int len = snprintf(text, sizeof text, "~T%020llu.%05d~", (unsigned long long)now_ns(), s);
-    while (len < opt.size)
-        text[len++] = 'x';
+/* The payload of a message, padded to its size: x after the text, A after a ciphertext. */
+static void padded(char *text, int len) {
+    int size = opt.ciphertext_size ? opt.ciphertext_size : opt.size;
+    while (len < size)
+        text[len++] = opt.ciphertext_size ? 'A' : 'x';
     text[len] = 0;
+}
+
+/* A timed message: "~T<send time ns>.<sender>~" (a ciphertext: "T<send time ns>S<sender>"). */
+static void send_message(int s) {
+    char text[MAX_CIPHERTEXT + 1];
+    const char *form = opt.ciphertext_size ? "T%020lluS%05d" : "~T%020llu.%05d~";
+    padded(text, snprintf(text, sizeof text, form, (unsigned long long)now_ns(), s));
     queue_say(&g.conns[s], text);
     g.senders[s].sent++;
     if (g.phase == RUNNING)
@@ -532,13 +554,22 @@ static void became_ready(struct conn *c) {
 
 /* A room message read by member c. The text carries its send time and sender. */
 static void delivery(struct conn *c, const unsigned char *p, size_t len) {
-    const unsigned char *m = memmem(p, len, "~T", 2);
-    if (!m) {
-        if (memmem(p, len, "~Ssync~", 7) && g.phase == SYNCING && (int)(c - g.conns) != g.sync_from)
+    const unsigned char *m;
+    if (opt.ciphertext_size) {
+        m = memmem(p, len, CIPHER_MARK, strlen(CIPHER_MARK));
+        if (m)
+            m += strlen(CIPHER_MARK) - 1; /* now m[1] is the stamp's T, as with "~T" */
+    } else {
+        m = memmem(p, len, "~T", 2);
+    }
+    const char *sync = opt.ciphertext_size ? CIPHER_SYNC : "~Ssync~";
+    if (!m || m[1] != 'T') {
+        if (memmem(p, len, sync, strlen(sync)) && g.phase == SYNCING && (int)(c - g.conns) != g.sync_from)
             g.sync_seen++;
         return;
     }
-    if ((size_t)(m - p) + STAMP_LEN > len || m[22] != '.' || m[28] != '~')
+    if (opt.ciphertext_size ? (size_t)(m - p) + 1 + CIPHER_STAMP_LEN > len || m[22] != 'S'
+                            : (size_t)(m - p) + STAMP_LEN > len || m[22] != '.' || m[28] != '~')
         return;
     uint64_t sent = 0;
     int s = 0;
@@ -578,7 +609,7 @@ static int frame_is(const unsigned char *p, size_t len, const char *type) {
 
 static void securechat_frame(struct conn *c, const unsigned char *p, size_t len) {
     if (c->state == READY) {
-        if (frame_is(p, len, "message"))
+        if (frame_is(p, len, "message") || frame_is(p, len, "message_encrypted"))
             delivery(c, p, len);
         else if (frame_is(p, len, "ok"))
             c->acks++;
@@ -597,7 +628,16 @@ static void securechat_frame(struct conn *c, const unsigned char *p, size_t len)
         if (answer_challenge(c, p, len) < 0)
             login_failed(c, "bad challenge");
     } else if (frame_is(p, len, "welcome")) {
-        became_ready(c);
+        if (opt.ciphertext_size && opt.workload == FANOUT) {
+            char line[200]; /* an encrypted room is not joined at login, as #lobby is */
+            int l = snprintf(line, sizeof line, "{\"type\":\"join\",\"id\":%llu,\"room\":\"%s\"}",
+                             (unsigned long long)++c->next_id, opt.room);
+            queue_frame(c, line, (size_t)l);
+        } else {
+            became_ready(c);
+        }
+    } else if (frame_is(p, len, "ok")) {
+        became_ready(c); /* the join */
     } else if (frame_is(p, len, "error") || frame_is(p, len, "bye")) {
         char why[120] = "refused";
         if (json_string(p, len, "code", why, sizeof why) < 0)
@@ -860,7 +900,10 @@ static void start_sync(void) {
     g.sync_seen = 0;
     g.sync_from = first_ready();
     g.sync_deadline = g.now + (uint64_t)(opt.login_timeout * NS);
-    queue_say(&g.conns[g.sync_from], "~Ssync~");
+    char sync[MAX_CIPHERTEXT + 1];
+    if (opt.ciphertext_size)
+        padded(sync, snprintf(sync, sizeof sync, "%s", CIPHER_SYNC));
+    queue_say(&g.conns[g.sync_from], opt.ciphertext_size ? sync : "~Ssync~");
 }
 
 static void start_run(void) {
@@ -1022,6 +1065,8 @@ static void report(void) {
                 hi = c->window_received;
         }
         printf("\"senders\":%d,\"window\":%d,\"size\":%d,\"duration\":%.3f,", opt.senders, opt.window, opt.size, secs);
+        if (opt.ciphertext_size)
+            printf("\"encrypted\":true,\"ciphertext_size\":%d,", opt.ciphertext_size);
         printf("\"sent\":%llu,\"sent_total\":%llu,", (unsigned long long)window_sent, (unsigned long long)sent);
         printf("\"deliveries\":%llu,\"deliveries_per_s\":%.1f,", (unsigned long long)g.window_deliveries, g.window_deliveries / secs);
         printf("\"member_min_per_s\":%.1f,\"member_max_per_s\":%.1f,", lo == UINT64_MAX ? 0 : lo / secs, hi / secs);
@@ -1077,6 +1122,8 @@ static void usage(void) {
           "  --server-pid PID           read the server's CPU and RSS from /proc/PID\n"
           "  --cpu K                    pin the load generator to CPU K\n"
           "  --room ROOM --label NAME   room to use (#lobby); name in the report\n"
+          "  --ciphertext-size L        securechat: an encrypted room (give --room), each message a\n"
+          "                             say_encrypted of L base64 characters (64 to 4096)\n"
           "  --delayed-ack              leave the kernel's delayed ACKs on (default: ACK each read at once)\n"
           "  --json                     the JSON line only\n",
           stderr);
@@ -1098,7 +1145,7 @@ static void parse(int argc, char **argv) {
         {"size", 1, 0, 'z'},        {"duration", 1, 0, 'd'}, {"grace", 1, 0, 'g'},   {"concurrency", 1, 0, 'C'},
         {"login-timeout", 1, 0, 't'}, {"server-pid", 1, 0, 'i'}, {"cpu", 1, 0, 'k'}, {"room", 1, 0, 'r'},
         {"label", 1, 0, 'l'},       {"json", 0, 0, 'j'},     {"help", 0, 0, 'h'},    {"delayed-ack", 0, 0, 'a'},
-        {0, 0, 0, 0},
+        {"ciphertext-size", 1, 0, 'e'}, {0, 0, 0, 0},
     };
     int ch;
     while ((ch = getopt_long(argc, argv, "n:h", longs, NULL)) != -1) {
@@ -1137,6 +1184,7 @@ static void parse(int argc, char **argv) {
         case 'l': opt.label = optarg; break;
         case 'j': opt.json_only = 1; break;
         case 'a': opt.quickack = 0; break;
+        case 'e': opt.ciphertext_size = (int)number("--ciphertext-size", optarg, 64, MAX_CIPHERTEXT); break;
         default: usage();
         }
     }
@@ -1148,6 +1196,10 @@ static void parse(int argc, char **argv) {
         die("--senders (%d) cannot exceed -n (%d)", opt.senders, opt.n);
     if (strlen(opt.room) > 60 || strpbrk(opt.room, "\"\\ \r\n"))
         die("--room must be a plain room name");
+    if (opt.ciphertext_size && (opt.proto != SECURECHAT || strcmp(opt.room, "#lobby") == 0))
+        die("--ciphertext-size is for a securechat room of its own: #lobby is never encrypted");
+    if (opt.ciphertext_size % 4)
+        die("--ciphertext-size must be a multiple of 4 (padded base64), not %d", opt.ciphertext_size);
     if (!opt.concurrency)
         opt.concurrency = opt.proto == IRC ? 40 : 256;
     if (!opt.label)
