@@ -14,7 +14,7 @@ from dataclasses import dataclass
 # counted: the store bounds them (one record per device, at most 100 one-time keys held).
 RATE_LIMITED = frozenset(
     {"join", "part", "say", "rooms", "who", "history", "keys", "dm", "devices", "claim_prekeys"}
-    | {"revoke"}
+    | {"revoke", "say_encrypted"}
 )
 
 
