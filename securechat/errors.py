@@ -64,8 +64,8 @@ class ErrorCode(str, enum.Enum):
     FRAME_TOO_LARGE = ("frame_too_large", "a frame header above the limit", "yes")
     BAD_FRAME = (
         "bad_frame",
-        "zero length, not a JSON object, no string `type`",
-        "zero length: yes",
+        "zero length, not a JSON object, no string `type`; a `join` with `plain` but not `create`",
+        "zero length: yes; else no (a strike)",
     )
     BAD_UTF8 = (
         "bad_utf8",
@@ -93,7 +93,11 @@ class ErrorCode(str, enum.Enum):
         "yes",
     )
     SERVER_ERROR = ("server_error", "the server could not reach its store", "yes")
-    NOT_IN_ROOM = ("not_in_room", "`say` or `part` for a room you are not in", "no")
+    NOT_IN_ROOM = (
+        "not_in_room",
+        "`say`, `say_encrypted`, `part` or `history` for a room you are not in",
+        "no",
+    )
     QUOTA_EXCEEDED = (
         "quota_exceeded",
         "the recipient's queue of waiting DMs is full, or the sender's share of it "
@@ -111,8 +115,8 @@ class ErrorCode(str, enum.Enum):
     TOO_LONG = ("too_long", "`say` text longer than the server's `max_message`", "no")
     TOO_LARGE = (
         "too_large",
-        "a `dm` whose envelope, with the sender's name and device added, would not fit in one "
-        "frame",
+        "a `dm` or `say_encrypted` whose envelope or ciphertext, with the sender's name and device "
+        "added, would not fit in one frame",
         "no",
     )
     BAD_RECORD = (
@@ -144,6 +148,13 @@ class ErrorCode(str, enum.Enum):
         "(instead of `challenge`)",
         "yes",
     )
+    ROOM_EXISTS = ("room_exists", "`join` with `create` for a room the server knows", "no")
+    ROOM_ENCRYPTED = (
+        "room_encrypted",
+        "`say` in an end-to-end encrypted room (send `say_encrypted`)",
+        "no",
+    )
+    ROOM_PLAIN = ("room_plain", "`say_encrypted` in a plain room (send `say`)", "no")
     SERVER_FULL = (
         "server_full",
         "the server is at `--max-connections` (instead of `challenge`)",

@@ -49,6 +49,10 @@ TEXT_MAX = 8000
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _ROOM_RE = re.compile(r"#[a-z0-9][a-z0-9_.-]*")
 LOBBY = "#lobby"
+# A room's mode: its messages are end-to-end encrypted (say_encrypted), or plain text the server
+# reads (say). The server picks it when the room is made; #lobby is always plain.
+MODE_ENCRYPTED = "encrypted"
+MODE_PLAIN = "plain"
 
 
 class State(enum.Enum):
@@ -73,7 +77,7 @@ class Step(str, enum.Enum):
 
 _OPEN = (State.CONNECTED, State.CHALLENGED, State.AUTHENTICATING, State.AUTHENTICATED)
 _REQUESTS = (
-    "join", "part", "say", "rooms", "who", "history", "keys", "dm", "ack",
+    "join", "part", "say", "say_encrypted", "rooms", "who", "history", "keys", "dm", "ack",
     "publish_device", "devices", "publish_prekeys", "prekey_count", "claim_prekeys", "revoke",
 )  # fmt: skip
 
@@ -93,8 +97,9 @@ TRANSITIONS: dict[State, dict[str, State]] = {
 for _state in _OPEN:
     TRANSITIONS[_state][Step.CLOSE] = State.CLOSING
 
-# The one state that accepts a say, which it keeps (checked at import): the say's quick path
-# compares the state with it, where a table lookup would hash an Enum in Python every message.
+# The one state that accepts a room message (say, say_encrypted), which it keeps (checked at
+# import): their quick path compares the state with it, where a table lookup would hash an Enum in
+# Python every message.
 (_SAYING,) = (state for state, moves in TRANSITIONS.items() if "say" in moves)
 
 # The client frame types each state accepts: the frame keys of the table.
@@ -193,6 +198,48 @@ def _b64_blob(value: Any, field: str) -> str:
         base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise _bad(field, "is not valid base64") from None
+    return value
+
+
+# The Megolm session id (vodozemac's base64) and message of an encrypted room message. The bound is
+# megolm.envelope.MAX_CIPHERTEXT, which this module cannot import (megolm imports it);
+# tests/test_protocol.py checks that the two agree.
+SESSION_ID_MAX = 128
+_SESSION_ID_RE = re.compile(rf"[A-Za-z0-9+/=_-]{{1,{SESSION_ID_MAX}}}")
+CIPHERTEXT_MAX = 48_384 + 128
+_CIPHERTEXT_B64_MAX = -(-CIPHERTEXT_MAX // 3) * 4
+
+
+def _session_id(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not _SESSION_ID_RE.fullmatch(value):
+        raise _bad(field, f"must be 1 to {SESSION_ID_MAX} characters of A-Z a-z 0-9 + / = _ -")
+    return value
+
+
+def _ciphertext_problem(value: str) -> str | None:
+    """Why a ciphertext string is refused, or None: standard padded base64, in its one canonical
+    form, of 1 to CIPHERTEXT_MAX bytes (the length is checked before anything is decoded)."""
+    if len(value) > _CIPHERTEXT_B64_MAX:
+        return f"must decode to at most {CIPHERTEXT_MAX} bytes"
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return "is not valid base64"
+    if base64.b64encode(raw) != value.encode("ascii"):
+        return "is not valid base64"  # not the one canonical form (stray bits or padding)
+    size = len(raw)
+    if size > CIPHERTEXT_MAX:
+        return f"must decode to at most {CIPHERTEXT_MAX} bytes"
+    return None if size else "must not be empty"
+
+
+def _ciphertext(value: Any, field: str) -> str:
+    """Opaque base64 (a Megolm message): checked for form and size, relayed as the same string."""
+    if not isinstance(value, str):
+        raise _bad(field, "must be a base64 string")
+    why = _ciphertext_problem(value)
+    if why:
+        raise _bad(field, why)
     return value
 
 
@@ -300,10 +347,23 @@ class Auth:
 
 @dataclass(frozen=True)
 class Join:
+    """Join a room, making it if the server does not know it: end-to-end encrypted, unless
+    `plain` (or it is #lobby). `create` insists on a new room (room_exists otherwise)."""
+
     TYPE: ClassVar[str] = "join"
     id: int = _field(_request_id)
     room: str = _field(_room)
+    create: bool = _field(_flag, False)
+    plain: bool = _field(_flag, False)
     resume: bool = _resume()
+
+    def __post_init__(self) -> None:
+        if self.plain and not self.create:
+            # A join of a room that exists must not look as if it chose that room's mode.
+            raise ProtocolError(
+                ErrorCode.BAD_FRAME,
+                '"plain" chooses the mode of a new room: send it with "create": true',
+            )
 
 
 @dataclass(frozen=True)
@@ -321,6 +381,19 @@ class Say:
     room: str = _field(_room)
     text: str = _field(_text)
     action: bool = _field(_flag, False)
+    resume: bool = _resume()
+
+
+@dataclass(frozen=True)
+class SayEncrypted:
+    """A Megolm room message (securechat/megolm/envelope.py), opaque to the server: relayed and
+    kept as these same strings, stamped with the sending user and device."""
+
+    TYPE: ClassVar[str] = "say_encrypted"
+    id: int = _field(_request_id)
+    room: str = _field(_room)
+    session_id: str = _field(_session_id)
+    ciphertext: str = _field(_ciphertext)
     resume: bool = _resume()
 
 
@@ -445,13 +518,13 @@ class Bye:
 # What an authenticated client asks the server to do; the server answers each with "ok" (or an
 # error) carrying its id, except Ack, which is answered by nothing.
 RequestFrame = (
-    Join | Part | Say | Rooms | Who | History | Keys | DM | Ack
+    Join | Part | Say | SayEncrypted | Rooms | Who | History | Keys | DM | Ack
     | PublishDevice | Devices | PublishPrekeys | PrekeyCount | ClaimPrekeys | Revoke
 )  # fmt: skip
 ClientFrame = Hello | Auth | Ping | Pong | Bye | RequestFrame
 
 REQUEST_CLASSES: tuple[type[RequestFrame], ...] = (
-    Join, Part, Say, Rooms, Who, History, Keys, DM, Ack,
+    Join, Part, Say, SayEncrypted, Rooms, Who, History, Keys, DM, Ack,
     PublishDevice, Devices, PublishPrekeys, PrekeyCount, ClaimPrekeys, Revoke,
 )  # fmt: skip
 FRAME_CLASSES: dict[str, type[ClientFrame]] = {
@@ -503,6 +576,33 @@ def _quick_say(frame: Mapping[str, Any]) -> Say | None:
     ):
         return Say(request_id, room, text, action, resume)
     return None
+
+
+def _quick_say_encrypted(frame: Mapping[str, Any]) -> SayEncrypted | None:
+    """_quick_say for a say_encrypted: the room message of every encrypted room."""
+    request_id, room, session_id = frame.get("id"), frame.get("room"), frame.get("session_id")
+    ciphertext, resume = frame.get("ciphertext"), frame.get("resume", False)
+    if (
+        type(request_id) is int
+        and 0 <= request_id < 2**53
+        and type(room) is str
+        and 2 <= len(room) <= ROOM_MAX
+        and _ROOM_RE.fullmatch(room)
+        and type(session_id) is str
+        and _SESSION_ID_RE.fullmatch(session_id)
+        and type(ciphertext) is str
+        and _ciphertext_problem(ciphertext) is None
+        and type(resume) is bool
+    ):
+        return SayEncrypted(request_id, room, session_id, ciphertext, resume)
+    return None
+
+
+# The room messages, each with its quick check (both kept in _SAYING, checked at import).
+_QUICK: dict[str, Callable[[Mapping[str, Any]], RequestFrame | None]] = {
+    "say": _quick_say,
+    "say_encrypted": _quick_say_encrypted,
+}
 
 
 # -- login ----------------------------------------------------------------------------------------
@@ -651,11 +751,12 @@ class ServerSession:
 
     def _handle(self, raw: dict[str, Any]) -> Event | None:
         ftype = raw["type"]
-        if ftype == "say" and self.state is _SAYING:
+        quick = _QUICK.get(ftype)
+        if quick is not None and self.state is _SAYING:
             # The frame of every room message: when all its fields pass, the checks below
             # (which it would pass too) are skipped; otherwise it takes them, to the same error.
-            # The table keeps a say in _SAYING (checked at import): no move to make.
-            say = _quick_say(raw)
+            # The table keeps a room message in _SAYING (checked at import): no move to make.
+            say = quick(raw)
             if say is not None:
                 return Request(say)
         if ftype not in FRAME_CLASSES:
@@ -772,8 +873,10 @@ def _check_tables() -> None:
     requests_in_table = {FRAME_CLASSES[t] for t in ALLOWED[State.AUTHENTICATED]}
     if set(REQUEST_CLASSES) - requests_in_table:
         problems.append("every request must be accepted when authenticated")
-    if TRANSITIONS[_SAYING]["say"] is not _SAYING:
-        problems.append("a say must leave the state as it is (the quick path makes no move)")
+    if any(TRANSITIONS[_SAYING].get(ftype) is not _SAYING for ftype in _QUICK):
+        problems.append(
+            "a room message must leave the state as it is (the quick path makes no move)"
+        )
     if problems:
         raise RuntimeError("protocol tables disagree: " + "; ".join(problems))
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 # A device's own publications at login (publish_device, prekey_count, publish_prekeys) are not
 # counted: the store bounds them (one record per device, at most 100 one-time keys held).
 RATE_LIMITED = frozenset(
-    {"join", "part", "say", "rooms", "who", "history", "keys", "dm", "devices", "claim_prekeys"}
-    | {"revoke", "say_encrypted"}
+    {"join", "part", "say", "say_encrypted", "rooms", "who", "history", "keys", "dm", "devices"}
+    | {"claim_prekeys", "revoke"}
 )
 
 

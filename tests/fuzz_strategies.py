@@ -64,6 +64,12 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "keys": st.lists(SIGNED_OBJECTS, min_size=1, max_size=3),
     "msg_ids": st.lists(MESSAGE_IDS, min_size=1, max_size=3),
     "limit": st.integers(min_value=1, max_value=protocol.HISTORY_MAX),
+    "create": st.booleans(),
+    "plain": st.booleans(),
+    "session_id": st.from_regex(r"[A-Za-z0-9+/=_-]{1,128}", fullmatch=True),
+    "ciphertext": st.binary(min_size=1, max_size=64).map(
+        lambda raw: base64.b64encode(raw).decode()
+    ),
 }
 
 
@@ -75,6 +81,8 @@ def valid_frames(draw: st.DrawFn, types: tuple[str, ...] = tuple(protocol.CLIENT
     for field, (_, required) in protocol.CLIENT_FRAMES[ftype].items():
         if required or draw(st.booleans()):
             frame[field] = draw(FIELD_VALUES[field])
+    if frame.get("plain"):
+        frame["create"] = True  # "plain" chooses the mode of a new room only
     return frame
 
 

@@ -47,7 +47,7 @@ def test_history_keeps_the_message_as_sent_marked_history() -> None:
     sent = loop.frames["bob"][-1]
     reply = hub.handle(bob, History(id=2, room="#lobby"))  # type: ignore[arg-type]
     assert reply["messages"] == [{**sent, "history": True}]
-    assert rows == [("#lobby", "ann", "one", sent["ts"], True)]
+    assert rows == [("#lobby", "ann", "one", sent["ts"], True, "", "")]
     late = StubConn("cat", loop)
     hub.login(late)  # type: ignore[arg-type]
     assert loop.frames["cat"][0] == {**sent, "history": True}

@@ -119,7 +119,7 @@ class Server:
         trusted = config.trusted_networks()
         self.throttle = AddressLimit(config.connect_rate, config.connect_burst, trusted)
         names = new_name_cap(config.new_names, trusted) if config.new_names else None
-        self.hub.load_history(self._worker.submit(self._stored_history).result())
+        self.hub.load_history(*self._worker.submit(self._stored_history).result())
         self.loops = [IOLoop(i) for i in range(max(1, config.io_threads))]
         self.budget = OutputBudget(config.output_budget, self.loops)
         for loop in self.loops:
@@ -291,12 +291,13 @@ class Server:
 
     # -- room history -----------------------------------------------------------------------------
 
-    def _stored_history(self) -> list[HistoryRow]:
-        return [
+    def _stored_history(self) -> tuple[list[HistoryRow], dict[str, str]]:
+        rows = [
             row
             for room in self.store.rooms_with_history()
             for row in self.store.room_history(room, self.config.history)
         ]
+        return rows, self.store.room_modes()
 
     def welcome(self) -> dict[str, Any]:
         config = self.config

@@ -6,6 +6,8 @@ owned by another). Inside the lock we only append to loops' inboxes (never a soc
 which keeps a room's messages in one order for every member. A broadcast frame is encoded once
 and the same bytes go to every recipient. Of a connection the hub reads only `user`, `device` and
 `loop`, all fixed before it logs in. Users are routed per device: one connection per (user, device).
+Each room is end-to-end encrypted or plain, chosen when it is made; in an encrypted room the hub
+relays and keeps only ciphertext (say_encrypted), and refuses a plaintext say.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from __future__ import annotations
 import base64
 import threading
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from securechat import framing
 from securechat.errors import ErrorCode, ProtocolError
 from securechat.protocol import (
     LOBBY,
+    MODE_ENCRYPTED,
+    MODE_PLAIN,
     TEXT_MAX,
     History,
     Join,
@@ -27,6 +31,7 @@ from securechat.protocol import (
     RequestFrame,
     Rooms,
     Say,
+    SayEncrypted,
     Who,
     now_ms,
 )
@@ -38,9 +43,12 @@ if TYPE_CHECKING:
     from securechat.server.connection import Connection
     from securechat.server.loop import IOLoop
 
-RoomRequest = Join | Part | Say | Rooms | Who | History
+RoomRequest = Join | Part | Say | SayEncrypted | Rooms | Who | History
 HISTORY_REPLY_OVERHEAD = 256  # the reply frame's own fields around its messages
 MEMBERS_REPLY_OVERHEAD = 256  # likewise around a member list
+# What a relayed message_encrypted (marked history) holds besides its ciphertext, at most: type,
+# room, from, device, session id, ts, history, with their quotes and commas.
+ENCRYPTED_FRAME_OVERHEAD = 512
 
 
 class Room:
@@ -92,6 +100,9 @@ class Hub:
         self._lock = threading.Lock()
         self._users: dict[str, dict[str, Connection]] = {}  # user -> device id -> connection
         self._rooms: dict[str, Room] = {}
+        # Each room's mode, kept while it has members or history (a room whose encrypted history
+        # is kept must come back encrypted once it empties).
+        self._modes: dict[str, str] = {LOBBY: MODE_PLAIN}
         self._joined: dict[Connection, set[str]] = {}  # room names, per logged-in connection
         self._max_frame = max_frame
         self._max_message = max_message
@@ -105,20 +116,35 @@ class Hub:
         # everyone costs O(members) per join, O(members²) while a big room fills. 0: no limit.
         self._presence_limit = presence_limit
 
-    def load_history(self, rows: Iterable[HistoryRow]) -> None:
-        """Seed room history from the store at start-up."""
+    def load_history(self, rows: Iterable[HistoryRow], modes: Mapping[str, str]) -> None:
+        """Seed room history, and the modes of the rooms it is for, from the store at start-up."""
         with self._lock:
             for row in rows:
-                frame = {
-                    "type": "message",
-                    "room": row.room,
-                    "from": row.sender,
-                    "text": row.text,
-                    "ts": row.ts,
-                }
-                if row.action:
-                    frame["action"] = True
+                frame: dict[str, Any]
+                if row.encrypted:
+                    frame = {
+                        "type": "message_encrypted",
+                        "room": row.room,
+                        "from": row.sender,
+                        "device": row.device,
+                        "session_id": row.session_id,
+                        "ciphertext": row.text,
+                        "ts": row.ts,
+                    }
+                else:
+                    frame = {
+                        "type": "message",
+                        "room": row.room,
+                        "from": row.sender,
+                        "text": row.text,
+                        "ts": row.ts,
+                    }
+                    if row.action:
+                        frame["action"] = True
                 self._remember(row.room, frame, framing.encode(frame, self._max_frame))
+                if row.room != LOBBY:
+                    mode = modes.get(row.room, MODE_ENCRYPTED if row.encrypted else MODE_PLAIN)
+                    self._modes[row.room] = mode
 
     def _remember(self, room: str, frame: dict[str, Any], data: bytes) -> None:
         """Keep a message (`data`: its encoded bytes); the caller no longer changes `frame`."""
@@ -203,18 +229,24 @@ class Hub:
             fields = handler(self, conn, frame)
         return {"type": "ok", "id": frame.id, **fields}
 
-    def say(self, conn: Connection, frame: Say) -> bytes:
-        """handle() for a say, with its "ok" already encoded, from a template: every room
-        message takes this path."""
+    def say(self, conn: Connection, frame: Say | SayEncrypted) -> bytes:
+        """handle() for a say or say_encrypted, with its "ok" already encoded, from a template:
+        every room message takes this path."""
+        say = self.SAYS[type(frame)]
         with self._lock:
-            room, ts = self._say(conn, frame)
+            room, ts = say(self, conn, frame)
         return framing.say_ok(frame.id, room, ts, self._max_frame)
 
     def _req_join(self, conn: Connection, frame: Join) -> dict[str, Any]:
         room = frame.room
+        known = room in self._modes
+        if frame.create and known:
+            raise ProtocolError(ErrorCode.ROOM_EXISTS, f"{room} already exists: /join {room}")
+        if not known:
+            self._modes[room] = MODE_PLAIN if frame.plain else MODE_ENCRYPTED
         if room not in self._joined[conn]:
             self._join(conn, room)
-        return {"room": room, **self._member_list(self._rooms[room])}
+        return {"room": room, "mode": self._modes[room], **self._member_list(self._rooms[room])}
 
     def _req_history(self, conn: Connection, frame: History) -> dict[str, Any]:
         room = self._member_room(conn, frame.room)
@@ -239,13 +271,19 @@ class Hub:
         self._part(conn, room, "left")
         return {"room": room.name}
 
-    def _req_say(self, conn: Connection, frame: Say) -> dict[str, Any]:
-        room, ts = self._say(conn, frame)
+    def _req_say(self, conn: Connection, frame: Say | SayEncrypted) -> dict[str, Any]:
+        room, ts = self.SAYS[type(frame)](self, conn, frame)
         return {"room": room, "ts": ts}
 
     def _say(self, conn: Connection, frame: Say) -> tuple[str, int]:
         """Broadcast a message; its room and time, for the reply."""
         room = self._member_room(conn, frame.room)
+        if self._modes[room.name] != MODE_PLAIN:
+            raise ProtocolError(
+                ErrorCode.ROOM_ENCRYPTED,
+                f"{room.name} is end-to-end encrypted: messages there must be encrypted by the "
+                "client (say_encrypted)",
+            )
         if len(frame.text) > self._max_message:
             raise ProtocolError(
                 ErrorCode.TOO_LONG, f"a message may be at most {self._max_message} characters here"
@@ -262,18 +300,58 @@ class Hub:
             message["action"] = True
         self._remember(room.name, message, self._broadcast(room, message))
         if self._history_sink is not None:
-            self._history_sink((room.name, conn.user, frame.text, ts, frame.action))
+            self._history_sink((room.name, conn.user, frame.text, ts, frame.action, "", ""))
+        return room.name, ts
+
+    def _say_encrypted(self, conn: Connection, frame: SayEncrypted) -> tuple[str, int]:
+        """Relay a Megolm message as it came, stamped with the sending user and device; it is
+        kept as it is relayed (the server never has its text)."""
+        room = self._member_room(conn, frame.room)
+        if self._modes[room.name] != MODE_ENCRYPTED:
+            raise ProtocolError(
+                ErrorCode.ROOM_PLAIN, f"{room.name} is not end-to-end encrypted: send say"
+            )
+        if len(frame.ciphertext) > self._max_frame - ENCRYPTED_FRAME_OVERHEAD:
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE,
+                "this encrypted message is too large to relay in one frame here; send a shorter "
+                "one",
+            )
+        ts = now_ms()
+        message = {
+            "type": "message_encrypted",
+            "room": room.name,
+            "from": conn.user,
+            "device": conn.device,
+            "session_id": frame.session_id,
+            "ciphertext": frame.ciphertext,
+            "ts": ts,
+        }
+        self._remember(room.name, message, self._broadcast(room, message))
+        if self._history_sink is not None:
+            self._history_sink(
+                (room.name, conn.user, frame.ciphertext, ts, False, conn.device, frame.session_id)
+            )
         return room.name, ts
 
     def _req_rooms(self, conn: Connection, frame: Rooms) -> dict[str, Any]:
-        rooms = [{"name": r.name, "members": len(r.members)} for r in self._rooms.values()]
+        rooms = [
+            {"name": r.name, "members": len(r.members), "mode": self._modes[r.name]}
+            for r in self._rooms.values()
+        ]
         return {"rooms": sorted(rooms, key=lambda r: r["name"])}
 
     def _req_who(self, conn: Connection, frame: Who) -> dict[str, Any]:
         room = self._rooms.get(frame.room)
         if room is None:
             raise ProtocolError(ErrorCode.NO_SUCH_ROOM, f"there is no room {frame.room}")
-        return {"room": room.name, **self._member_list(room)}
+        return {"room": room.name, "mode": self._modes[room.name], **self._member_list(room)}
+
+    # The room messages, each with what broadcasts it (under the lock).
+    SAYS: ClassVar[dict[type[RequestFrame], Callable[[Hub, Connection, Any], tuple[str, int]]]] = {
+        Say: _say,
+        SayEncrypted: _say_encrypted,
+    }
 
     # The room requests, each with its handler (which runs under the lock).
     HANDLERS: ClassVar[
@@ -282,6 +360,7 @@ class Hub:
         Join: _req_join,
         Part: _req_part,
         Say: _req_say,
+        SayEncrypted: _req_say,
         Rooms: _req_rooms,
         Who: _req_who,
         History: _req_history,
@@ -352,6 +431,8 @@ class Hub:
             self._broadcast(room, frame)
         if not room.members and room.name != LOBBY:
             del self._rooms[room.name]
+            if not self._history.get(room.name):
+                del self._modes[room.name]  # forgotten: a join makes it anew
 
     def _leave_all(self, conn: Connection, reason: str) -> None:
         for name in list(self._joined[conn]):

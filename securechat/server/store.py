@@ -4,8 +4,9 @@ their prekeys and one queue of envelopes per device (the SQL is in devicestore.p
 
 SQLiteStore is the embedded default (WAL mode, a schema version and ordered migrations). A store
 is used from one worker thread only, never from an I/O loop, because every call may block.
-It holds public keys, DM envelopes (opaque ciphertext it cannot read) and room history (room
-messages are not end-to-end encrypted); never a secret or a DM's text.
+It holds public keys, DM envelopes (opaque ciphertext it cannot read), room modes and room
+history: the text of plain rooms, and only the Megolm ciphertext of end-to-end encrypted rooms;
+never a secret, a DM's text or an encrypted room's text.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from securechat.errors import StorageError
+from securechat.protocol import MODE_ENCRYPTED, MODE_PLAIN
 from securechat.server import devicestore
 from securechat.server.devicestore import (
     MAX_DEVICES,
@@ -43,9 +45,11 @@ class Claim(enum.Enum):
     TAKEN = "taken"  # the name belongs to another key
 
 
-# A room message as the store keeps it: room, sender, text, ts, action. The hub hands the store
-# worker a plain tuple of these, made under its lock for every message, so nothing is built for it.
-HistoryFields = tuple[str, str, str, int, bool]
+# A room message as the store keeps it: room, sender, text, ts, action, device, session_id. In an
+# encrypted room `text` is the Megolm ciphertext (base64, as relayed), `device` the sending device
+# and `session_id` its Megolm session; in a plain room both are "". The hub hands the store worker
+# a plain tuple of these, made under its lock for every message, so nothing is built for it.
+HistoryFields = tuple[str, str, str, int, bool, str, str]
 
 
 class HistoryRow(NamedTuple):
@@ -53,9 +57,15 @@ class HistoryRow(NamedTuple):
 
     room: str
     sender: str
-    text: str
+    text: str  # the ciphertext, for an encrypted room's message
     ts: int
     action: bool = False
+    device: str = ""
+    session_id: str = ""  # "" for a plain room's message
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.session_id)
 
 
 class Store(Protocol):
@@ -65,6 +75,7 @@ class Store(Protocol):
     def append_history(self, rows: Sequence[HistoryFields], keep: int) -> None: ...
     def room_history(self, room: str, limit: int) -> list[HistoryRow]: ...
     def rooms_with_history(self) -> list[str]: ...
+    def room_modes(self) -> dict[str, str]: ...
     def put_device(self, entry: DeviceEntry, now_ms: int, *, max_devices: int = ...) -> bool: ...
     def device(self, user: str, device_id: str) -> StoredDevice | None: ...
     def list_devices(self, user: str) -> list[StoredDevice]: ...
@@ -163,6 +174,18 @@ MIGRATIONS: tuple[str, ...] = (
     # Version 1 (Box) DMs are no longer sent, and version 2 clients refuse them: their queue goes.
     """
     DROP TABLE queued_dms;
+    """,
+    # End-to-end encrypted rooms: a room's mode, kept while it has history, and the metadata of
+    # an encrypted message (its text column holds the ciphertext). Older history is plaintext, so
+    # its rooms are plain.
+    """
+    CREATE TABLE room_modes (
+        room TEXT PRIMARY KEY,
+        mode TEXT NOT NULL CHECK (mode IN ('plain', 'encrypted'))
+    );
+    INSERT INTO room_modes (room, mode) SELECT DISTINCT room, 'plain' FROM room_history;
+    ALTER TABLE room_history ADD COLUMN device TEXT;
+    ALTER TABLE room_history ADD COLUMN session_id TEXT;
     """,
 )
 
@@ -358,25 +381,33 @@ class SQLiteStore:
 
     def append_history(self, rows: Sequence[HistoryFields], keep: int) -> None:
         """Append a batch of room messages in one transaction, keeping the last `keep` per room
-        (the batched writer calls this; never once per message on the I/O path)."""
+        (the batched writer calls this; never once per message on the I/O path). Each room's
+        mode is its newest message's: a room has the mode of the messages it takes."""
         # One statement for the whole batch, its rows handed over as one JSON array: executemany
         # would let go of the interpreter lock and take it back for every row, and each time
         # it wants it back while an I/O loop is busy, that loop has to stop and hand it over.
         batch = json.dumps(
             [
-                (room, sender, text, ts, int(action))
-                for room, sender, text, ts, action in _newest(rows, keep)
+                (room, sender, text, ts, int(action), device, session_id)
+                for room, sender, text, ts, action, device, session_id in _newest(rows, keep)
             ]
         )
+        modes = {row[0]: MODE_ENCRYPTED if row[6] else MODE_PLAIN for row in rows}
         with self._operation() as db:
             db.execute(
-                "INSERT INTO room_history (room, sender, text, ts, action) SELECT "
-                "json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+                "INSERT INTO room_history (room, sender, text, ts, action, device, session_id) "
+                "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
                 "json_extract(value, '$[2]'), json_extract(value, '$[3]'), "
-                "json_extract(value, '$[4]') FROM json_each(?) ORDER BY key",
+                "json_extract(value, '$[4]'), NULLIF(json_extract(value, '$[5]'), ''), "
+                "NULLIF(json_extract(value, '$[6]'), '') FROM json_each(?) ORDER BY key",
                 (batch,),
             )
-            for room in {r[0] for r in rows}:
+            for room, mode in modes.items():
+                db.execute(
+                    "INSERT INTO room_modes (room, mode) VALUES (?, ?) "
+                    "ON CONFLICT (room) DO UPDATE SET mode = excluded.mode",
+                    (room, mode),
+                )
                 db.execute(
                     "DELETE FROM room_history WHERE room = ? AND seq <= COALESCE(("
                     "SELECT seq FROM room_history WHERE room = ? "
@@ -388,19 +419,32 @@ class SQLiteStore:
         """The last `limit` messages of a room, oldest first."""
         try:
             rows = self._db.execute(
-                "SELECT room, sender, text, ts, action FROM room_history WHERE room = ? "
+                "SELECT room, sender, text, ts, action, COALESCE(device, ''), "
+                "COALESCE(session_id, '') FROM room_history WHERE room = ? "
                 "ORDER BY seq DESC LIMIT ?",
                 (room, limit),
             ).fetchall()
         except sqlite3.Error as exc:
             raise StorageError(f"server database error: {exc}") from None
-        return [HistoryRow(r[0], r[1], r[2], r[3], bool(r[4])) for r in reversed(rows)]
+        return [HistoryRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in reversed(rows)]
 
     def rooms_with_history(self) -> list[str]:
         try:
             return [r[0] for r in self._db.execute("SELECT DISTINCT room FROM room_history")]
         except sqlite3.Error as exc:
             raise StorageError(f"server database error: {exc}") from None
+
+    def room_modes(self) -> dict[str, str]:
+        """The mode of each room with history: what the server remembers of rooms across a
+        restart (a room without history and without members is forgotten)."""
+        try:
+            rows = self._db.execute(
+                "SELECT room, mode FROM room_modes m WHERE EXISTS "
+                "(SELECT 1 FROM room_history h WHERE h.room = m.room)"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"server database error: {exc}") from None
+        return dict(rows)
 
     def close(self) -> None:
         self._db.close()
