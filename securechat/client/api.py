@@ -474,14 +474,15 @@ class Client:
         if self._another_device_of_mine(frame):
             return  # our phone joining or leaving a room is not this device doing it
         event = _event_from_frame(frame)
-        if event is None:
-            return
-        self._emit(rooms.check_plaintext(event) if isinstance(event, Message) and rooms else event)
-        device = _str(frame, "device")
-        if isinstance(event, Joined) and rooms is not None:
-            rooms.joined(event, device)
-        elif isinstance(event, Parted) and rooms is not None:
-            rooms.parted(event, device)
+        if rooms is None or event is None:
+            if event is not None:
+                self._emit(event)
+        elif isinstance(event, Joined):
+            rooms.joined(event, _str(frame, "device"), self._emit)
+        elif isinstance(event, Parted):
+            rooms.parted(event, _str(frame, "device"), self._emit)
+        else:
+            self._emit(rooms.check_plaintext(event) if isinstance(event, Message) else event)
 
     def _another_device_of_mine(self, frame: dict[str, Any]) -> bool:
         device = frame.get("device")

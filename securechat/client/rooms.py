@@ -60,6 +60,7 @@ from securechat.trust import KnownKeys
 
 Request = Callable[..., "Future[dict[str, Any]]"]
 
+KEY_SHARE_TIMEOUT = 10.0  # seconds to wait for the server to take a message's key shares
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9+/=_-]{1,128}")
 _UNKNOWN_DEVICE = ""  # a member listed at our join: which of their devices is there is not said
 
@@ -91,6 +92,7 @@ class DevicePort:
         self._dms = dms
         self._known = known_keys
         self._warn = warn
+        self.sent: list[Future[dict[str, Any]]] = []  # the key shares of the message under way
 
     def devices(self, user: str) -> list[PortDevice]:
         found = self._dms.known_list(user)
@@ -107,6 +109,7 @@ class DevicePort:
         if target is None:
             raise DeviceRecordError(f"{user}'s device {device_id} is not a checked device")
         future = self._dms.send_room_key(target, payload.decode("utf-8"))
+        self.sent.append(future)
 
         def done(f: Future[dict[str, Any]]) -> None:
             exc = f.exception()
@@ -202,23 +205,25 @@ class EncryptedRooms:
             for user in members:
                 present.setdefault(user, set()).add(_UNKNOWN_DEVICE)
             self._listed[room] = set(members) if complete else None
-            if mode is not None:  # a server that announces no mode predates encrypted rooms
-                self._emit(self._state(room))
-            # Shown now: the RoomState above lists them.
+            # Shown by the RoomState below, emitted under the same lock.
             for user in members:
                 membership.shown_joined(user)
             listed = self._listed[room]
             if listed is not None:
                 membership.server_members(listed)
+            if mode is not None:  # a server that announces no mode predates encrypted rooms
+                self._emit(self._state(room))
 
-    def joined(self, event: Joined, device: str) -> None:
-        """A `joined` event the timeline emitted (call after emitting it)."""
+    def joined(self, event: Joined, device: str, show: Callable[[Event], None]) -> None:
+        """Show a `joined` event, then count its user as shown joined. Under the lock, so a
+        message sent by someone who saw the event already encrypts to them."""
         room, user = event.room, event.user
-        if user == self.user:
-            self._flush_earlier(room, ask=True)
-        elif self.mode(room) is RoomMode.ENCRYPTED:
-            self._fetch_devices([user])  # before they need keys, off the sending path
         with self._lock:
+            show(event)
+            if user == self.user:
+                self._flush_earlier(room, ask=True)
+            elif self.mode(room) is RoomMode.ENCRYPTED:
+                self._fetch_devices([user])  # before they need keys, off the sending path
             self._present.setdefault(room, {}).setdefault(user, set()).add(device)
             listed = self._listed.get(room)
             if listed is not None:
@@ -226,10 +231,12 @@ class EncryptedRooms:
                 self.crypto.membership(room).server_members(listed)
             self.crypto.membership(room).shown_joined(user)
 
-    def parted(self, event: Parted, device: str) -> None:
-        """A `parted` event the timeline emitted: the member is gone once their last device is."""
+    def parted(self, event: Parted, device: str, show: Callable[[Event], None]) -> None:
+        """Show a `parted` event: the member is gone once their last device is (so the next
+        message starts a new session). Under the lock, as joined()."""
         room, user = event.room, event.user
         with self._lock:
+            show(event)
             membership = self.crypto.membership(room)
             if user == self.user:  # we left: what we knew of the room is stale
                 for member in self._present.pop(room, {}):
@@ -310,11 +317,19 @@ class EncryptedRooms:
         with self._lock:
             if self.crypto.modes.mode(room) is not RoomMode.ENCRYPTED:
                 raise RoomCryptoError(f"{room} is not end-to-end encrypted")
+            self.port.sent.clear()
             out = self.crypto.encrypt(room, text)
             self._save()
             self._report_plan(room, out.excluded, out.warnings)
             message = out.message
-            # Queued behind the key shares, on the same connection: members get the key first.
+            # The server hands a DM on after a store look-up but relays a room message at once:
+            # the message goes once the server took every key share (a lost one is warned about).
+            for share in self.port.sent:
+                try:
+                    share.exception(KEY_SHARE_TIMEOUT)
+                except TimeoutError:
+                    break
+            self.port.sent.clear()
             return request(
                 "say_encrypted",
                 room=room,
