@@ -11,7 +11,9 @@ import pytest
 
 from securechat.client import Client, RequestError
 from securechat.client.events import (
+    DeviceWarning,
     Event,
+    FrameDropped,
     Joined,
     Message,
     Parted,
@@ -24,7 +26,8 @@ from securechat.protocol import Join
 from securechat.server import Server
 from securechat.server.hub import Hub
 
-from .conftest import Connect, wait_for
+from .conftest import Connect, plant_device, rewrite_sent_frames, wait_for
+from .test_dm import hook_server_dm
 
 SECRET = "the vault code is 4711"
 
@@ -217,3 +220,103 @@ def test_a_room_seen_encrypted_stays_encrypted_for_the_client(
         "a plaintext message there was refused"
     )
     assert not [e for e in quiet(again, 0.5) if isinstance(e, Message)]
+
+
+# -- a hostile server ---------------------------------------------------------------------------
+
+
+def test_a_ghost_the_server_adds_without_a_join_gets_no_keys_and_is_warned_about(
+    connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, bob = team(connect, "alice", "bob")
+    # The server slips mallory in: nobody is sent her `joined` event.
+    rewrite_sent_frames(
+        monkeypatch,
+        "joined",
+        lambda f: [] if (f["user"], f["room"]) == ("mallory", "#team") else [f],
+    )
+    mallory = connect("mallory")
+    mallory.join("#team").result(10)
+    members = alice.who_members(alice.who("#team").result(10))
+    assert [(m.user, m.gets_keys, m.ghost) for m in members] == [
+        ("alice", True, False),
+        ("bob", True, False),
+        ("mallory", False, True),
+    ]
+    ghost = wait_for(alice, warned("ghost"))
+    assert ghost.detail == (
+        "the server lists mallory in #team, but you never saw mallory join; mallory gets no "
+        "keys and cannot read what you send there"
+    )
+    alice.send("#team", SECRET).result(10)
+    assert wait_for(bob, said("#team", "alice", SECRET)).encrypted
+    seen = quiet(mallory)
+    assert not [e for e in seen if isinstance(e, Message) and e.room == "#team"]
+    [marker] = [e for e in seen if isinstance(e, RoomUnreadable)]
+    assert (marker.sender, marker.reason) == ("alice", "no_key")
+
+
+def test_a_device_the_server_signed_itself_gets_no_room_keys_and_is_warned_about(
+    connect, server: Server, make_identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forged = plant_device(server, monkeypatch, "bob", make_identity("mallory"))
+    shares: list[str] = []
+    alice, bob = team(connect, "alice", "bob")
+    hook_server_dm(monkeypatch, lambda f: shares.append(f.device) or f)
+    alice.send("#team", "not for the server").result(10)
+    assert wait_for(bob, said("#team", "alice", "not for the server")).encrypted
+    assert forged.device_id not in shares
+    warnings = [e for e in quiet(alice, 0.5) if isinstance(e, DeviceWarning)]
+    assert any(
+        w.detail
+        == (
+            f"a device record for bob ({forged.device_id}) is signed by a key that is not the "
+            "one you pinned for bob; it was refused. The server may be adding a device of its own"
+        )
+        for w in warnings
+    ), warnings
+
+
+def test_a_replayed_room_message_is_refused(connect, monkeypatch: pytest.MonkeyPatch) -> None:
+    alice, bob = team(connect, "alice", "bob")
+    rewrite_sent_frames(monkeypatch, "message_encrypted", lambda f: [f, f])
+    alice.send("#team", "only once").result(10)
+    seen = quiet(bob)
+    assert [e.text for e in seen if isinstance(e, Message)] == ["only once"]
+    [refused] = [e for e in seen if isinstance(e, RoomWarning)]
+    assert (refused.room, refused.kind, refused.user) == ("#team", "replayed", "alice")
+    assert refused.detail == (
+        "a message from alice in #team was a copy of one already received; it was dropped. The "
+        "server is replaying room messages"
+    )
+
+
+def test_a_room_message_stamped_with_another_sender_is_refused(
+    connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, bob, _ = team(connect, "alice", "bob", "carol")
+    rewrite_sent_frames(monkeypatch, "message_encrypted", lambda f: [{**f, "from": "carol"}])
+    alice.send("#team", "from alice").result(10)
+    seen = quiet(bob)
+    assert not [e for e in seen if isinstance(e, Message)]
+    [refused] = [e for e in seen if isinstance(e, RoomWarning)]
+    assert (refused.kind, refused.user) == ("forged_sender", "carol")
+    assert refused.detail.startswith(
+        "a message in #team stamped as from carol was encrypted by alice's device "
+    )
+    assert refused.detail.endswith("; it was dropped. The server altered its sender")
+
+
+def test_a_room_key_or_message_that_is_not_well_formed_is_dropped_visibly(
+    connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, bob = team(connect, "alice", "bob")
+    rewrite_sent_frames(monkeypatch, "message_encrypted", lambda f: [{**f, "ciphertext": "%%%"}, f])
+    alice.send("#team", "the good copy").result(10)
+    seen = quiet(bob)
+    assert [e.text for e in seen if isinstance(e, Message)] == ["the good copy"]
+    [dropped] = [e for e in seen if isinstance(e, FrameDropped)]
+    assert dropped.detail == (
+        "the server sent an encrypted room message in #team from alice whose ciphertext is not "
+        "base64; it was dropped"
+    )
