@@ -4,6 +4,8 @@ and how the room events read."""
 from __future__ import annotations
 
 import pytest
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
 
 from securechat.client.chat_session import ChatSession
 from securechat.client.events import (
@@ -14,6 +16,7 @@ from securechat.client.events import (
     RoomWarning,
 )
 from securechat.terminal.commands import Command, help_lines, parse
+from securechat.terminal.console import Console
 from securechat.terminal.controller import Controller
 from securechat.terminal.notices import Notice, info, warning
 from securechat.terminal.render import mode_label, notice_of
@@ -110,3 +113,18 @@ def test_create_room_rooms_and_who_in_the_terminal(connect) -> None:
             "a message"
         )
     ]
+
+
+def test_the_status_bar_shows_the_current_rooms_mode(connect) -> None:
+    alice = connect("alice")
+    with create_pipe_input() as pipe:
+        shown = Console(ChatSession(alice), "test", pt_input=pipe, pt_output=DummyOutput())
+        assert shown.toolbar() == (
+            " alice@test  #lobby (not end-to-end encrypted)  connected (TLS 1.3)  /help"
+        )
+        alice.join("#team").result(10)
+        wait_for(alice, lambda e: isinstance(e, RoomState))
+        shown.controller.current_room = "#team"
+        assert shown.toolbar() == (
+            " alice@test  #team (\N{LOCK} end-to-end encrypted)  connected (TLS 1.3)  /help"
+        )

@@ -152,8 +152,10 @@ class EncryptedRooms:
 
     def mode(self, room: str) -> RoomMode | None:
         # Without the lock: a status bar asks while a send may hold it waiting for the server;
-        # one dict read is atomic, and a mode only ever becomes stricter.
-        return self.crypto.modes.mode(room)
+        # one dict read is atomic, and a mode only ever becomes stricter. #lobby, which the
+        # server joins us to with no reply of ours, is plain by the protocol's rule.
+        seen = self.crypto.modes.mode(room)
+        return RoomMode.PLAIN if seen is None and room == LOBBY else seen
 
     def observe_mode(self, room: str, announced: Any) -> RoomMode | None:
         """The server said `room` is `announced` ("encrypted"/"plain"): the mode we now hold for
@@ -340,9 +342,9 @@ class EncryptedRooms:
     def _report_plan(
         self, room: str, excluded: Iterable[Exclusion], warnings: Iterable[str]
     ) -> None:
+        ghosts = set(self.crypto.membership(room).warnings())
         for warning in warnings:
-            kind = "ghost" if "never saw" in warning else "excluded"
-            self._warn_once(room, kind, warning)
+            self._warn_once(room, "ghost" if warning in ghosts else "excluded", warning)
         for out in excluded:
             device = f"'s device {out.device_id}" if out.device_id else ""
             self._warn_once(
