@@ -292,3 +292,48 @@ def test_a_downgrade_announced_by_the_server_is_refused_once_and_shown(net) -> N
     assert alice.rooms.check_plaintext(Message("#other", "bob", "fine", 1)) == Message(
         "#other", "bob", "fine", 1
     )
+
+
+def shared(alice: Device, bob: Device, text: str) -> dict[str, Any]:
+    """alice says `text` in #team and bob holds its key; the frame the server would relay."""
+    in_room("#team", alice, bob)
+    alice.rooms.send("#team", text, alice.say)
+    for share in key_dms(alice.sent, bob):
+        key = deliver(share, bob)
+        assert isinstance(key, RoomKeyRecord)
+        bob.rooms.receive_key(key)
+    return relay(alice.said[-1], alice)
+
+
+def test_an_altered_room_message_is_refused_visibly(net) -> None:
+    alice, bob = net("alice"), net("bob")
+    frame = shared(alice, bob, "intact")
+    raw = bytearray(base64.b64decode(frame["ciphertext"]))
+    raw[-70] ^= 1  # inside the ciphertext, under the MAC and the signature
+    altered = {**frame, "ciphertext": base64.b64encode(bytes(raw)).decode()}
+    [refused] = bob.rooms.message(altered)
+    assert isinstance(refused, RoomWarning)
+    assert (refused.kind, refused.user) == ("tampered", "alice")
+    assert refused.detail == (
+        "an encrypted message from alice in #team was dropped: its signature or ciphertext "
+        "does not verify"
+    )
+    [shown] = bob.rooms.message(frame)  # the real one still reads
+    assert isinstance(shown, Message) and shown.text == "intact"
+
+
+def test_a_message_from_a_device_revoked_since_is_refused_visibly(
+    net, directory: PrekeyDirectory
+) -> None:
+    alice, bob = net("alice"), net("bob")
+    frame = shared(alice, bob, "before the revocation")
+    directory.revocations["alice"] = [
+        records.sign_revocation(alice.state.identity, "alice", alice.state.device_id, 5).to_wire()
+    ]
+    bob.dms.devices_of("alice")
+    [refused] = bob.rooms.message(frame)
+    assert isinstance(refused, RoomWarning) and refused.kind == "untrusted_device"
+    assert refused.detail == (
+        f"a message from alice in #team was dropped: device {alice.state.device_id} of alice "
+        "was revoked"
+    )
