@@ -100,6 +100,8 @@ def test_log_names_who_came_and_went_but_never_what_they_wrote(
         bob = Client.connect(host, port, make_identity("bob"), "bob", certs_dir / "ca.pem")
         alice.join("#ops").result(5)
         bob.join("#ops").result(5)
+        # Once alice has shown bob joining, her messages there are encrypted to him too.
+        wait_for(alice, lambda e: isinstance(e, Joined) and (e.room, e.user) == ("#ops", "bob"))
         alice.send("#ops", secret).result(5)
         assert wait_for(bob, lambda e: isinstance(e, Message)).text == secret
         bob.close()

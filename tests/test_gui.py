@@ -383,8 +383,12 @@ def test_the_window_reconnects_and_sends_what_was_typed(
         return Client.connect("127.0.0.1", port, make_identity(user), user, certs_dir / "ca.pem")
 
     gui = Gui(ChatSession(dial(), dial))
-    gui.window.submit("/join #ops")
+    # A plain room (actions and the server's history in clear), kept across the restart by a
+    # line in its history.
+    gui.window.submit("/create #ops --plain")
     gui.pump(lambda: gui.model.current == "#ops")
+    gui.window.submit("before the restart", "#ops")
+    gui.pump(lambda: "before the restart" in gui.lines("#ops"))
     srv.stop()
     gui.pump(lambda: not gui.model.connected)
     gui.window.submit("typed while the server was down")
@@ -401,7 +405,11 @@ def test_the_window_reconnects_and_sends_what_was_typed(
             got = wait_for(bob, lambda e: isinstance(e, Message) and e.text == "and after", WAIT)
             assert got.room == "#ops"
             history = bob.room_history("#ops").result(WAIT)["messages"]
-            assert [m["text"] for m in history] == ["typed while the server was down", "and after"]
+            assert [m["text"] for m in history] == [
+                "before the restart",
+                "typed while the server was down",
+                "and after",
+            ]
         gui.window.close()
     finally:
         srv.stop()

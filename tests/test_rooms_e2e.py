@@ -36,6 +36,10 @@ def said(room: str, sender: str, text: str) -> Callable[[Event], bool]:
     return lambda e: isinstance(e, Message) and (e.room, e.sender, e.text) == (room, sender, text)
 
 
+def joined(room: str, user: str) -> Callable[[Event], bool]:
+    return lambda e: isinstance(e, Joined) and (e.room, e.user) == (room, user)
+
+
 def warned(kind: str) -> Callable[[Event], bool]:
     return lambda e: isinstance(e, RoomWarning) and e.kind == kind
 
@@ -53,7 +57,7 @@ def enter(room: str, newcomer: Client, *members: Client) -> RoomState:
     newcomer.join(room).result(10)
     state = wait_for(newcomer, lambda e: isinstance(e, RoomState) and e.room == room)
     for member in members:
-        wait_for(member, lambda e: isinstance(e, Joined) and e.user == newcomer.user)
+        wait_for(member, joined(room, newcomer.user))
     assert isinstance(state, RoomState)
     return state
 
@@ -144,7 +148,7 @@ def test_a_newcomer_is_told_how_many_earlier_messages_were_sent_before_they_join
         True,
     )
     assert marker.detail == "3 earlier messages were sent before you joined"
-    wait_for(alice, lambda e: isinstance(e, Joined) and e.user == "carol")
+    wait_for(alice, joined("#team", "carol"))
     alice.send("#team", "welcome carol").result(10)
     assert wait_for(carol, said("#team", "alice", "welcome carol")).encrypted
     # /history reads what it can and sums up the rest.
@@ -212,7 +216,7 @@ def test_a_room_seen_encrypted_stays_encrypted_for_the_client(
     # Someone who never saw it encrypted talks in clear there: refused, never shown.
     mallory = connect("mallory")
     mallory.join("#team").result(10)
-    wait_for(again, lambda e: isinstance(e, Joined) and e.user == "mallory")
+    wait_for(again, joined("#team", "mallory"))
     mallory.send("#team", "in clear").result(10)
     refused = wait_for(again, warned("downgrade"))
     assert refused.detail == (

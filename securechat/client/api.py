@@ -85,7 +85,7 @@ class Client:
         self.history = history
         self.welcome = welcome
         self.server_cert_sha256 = conn.tls.peer_cert_sha256()
-        self.rooms: set[str] = set()  # rooms we are in, kept up to date from events
+        self.rooms: set[str] = set()  # rooms we are in, kept up to date from our joins and parts
         self._events: queue.Queue[Event] = queue.Queue()
         self._done = threading.Event()
         self._queue_delivered = threading.Event()
@@ -454,6 +454,7 @@ class Client:
         if frame["type"] in _IN_ORDER:
             # In order behind the DMs before it: queue_end means they have all been opened, and
             # a room key arrives before the room message it opens.
+            self._track_rooms(frame)
             self._inbox.put(frame)
             return
         event = _event_from_frame(frame)
@@ -484,6 +485,17 @@ class Client:
         else:
             self._emit(rooms.check_plaintext(event) if isinstance(event, Message) else event)
 
+    def _track_rooms(self, frame: dict[str, Any]) -> None:
+        # Here, before the join's reply resolves its future: who waits for a join (a rejoin
+        # after a reconnect) finds the room in `rooms` at once.
+        if frame.get("user") != self.user or self._another_device_of_mine(frame):
+            return
+        room = frame.get("room")
+        if frame["type"] == "joined" and isinstance(room, str) and not valid_room(room):
+            self.rooms.add(room)
+        elif frame["type"] == "parted" and isinstance(room, str):
+            self.rooms.discard(room)
+
     def _another_device_of_mine(self, frame: dict[str, Any]) -> bool:
         device = frame.get("device")
         return (
@@ -497,10 +509,6 @@ class Client:
     def _emit(self, event: Event) -> None:
         if self.history is not None:
             self._remember(event)
-        if isinstance(event, Joined) and event.user == self.user:
-            self.rooms.add(event.room)
-        elif isinstance(event, Parted) and event.user == self.user:
-            self.rooms.discard(event.room)
         self._events.put(event)
 
     def _tick(self) -> None:

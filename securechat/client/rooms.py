@@ -36,7 +36,7 @@ from securechat.client.events import (
     RoomWarning,
 )
 from securechat.e2e import storage
-from securechat.errors import DeviceRecordError, SecureChatError
+from securechat.errors import ConnectionClosed, DeviceRecordError, SecureChatError
 from securechat.megolm import keyshare
 from securechat.megolm.envelope import RoomCiphertext
 from securechat.megolm.errors import (
@@ -481,6 +481,8 @@ class EncryptedRooms:
         for user in users:
             try:
                 self._dms.devices_of(user)
+            except ConnectionClosed:
+                return  # the Closed event says so
             except (SecureChatError, TimeoutError) as exc:
                 self._emit(
                     DeviceWarning(user, f"the devices of {user} could not be checked: {exc}")
