@@ -186,6 +186,11 @@ def test_a_second_device_reads_the_history_through_key_forwarding(device: Connec
         True,
         True,
     )
+    # bob saw the phone join (as alice): his next message reaches it live.
+    wait_for(bob, joined("#team", "alice"))
+    bob.send("#team", "to both of alice's devices").result(10)
+    for reader in (phone, laptop):
+        assert wait_for(reader, said("#team", "bob", "to both of alice's devices")).encrypted
 
 
 def test_a_room_seen_encrypted_stays_encrypted_for_the_client(

@@ -473,7 +473,11 @@ class Client:
                 self._emit(shown)
             return
         if self._another_device_of_mine(frame):
-            return  # our phone joining or leaving a room is not this device doing it
+            # Our phone joining or leaving a room is not this device doing it; but a new phone
+            # is to get our room keys, so its record is fetched now, off the sending path.
+            if frame["type"] == "joined" and rooms is not None:
+                rooms.refresh_devices(self.user)
+            return
         event = _event_from_frame(frame)
         if rooms is None or event is None:
             if event is not None:

@@ -476,6 +476,10 @@ class EncryptedRooms:
 
     # -- internals ------------------------------------------------------------------------------
 
+    def refresh_devices(self, user: str) -> None:
+        """Fetch `user`'s device list again (one of their devices was seen joining a room)."""
+        self._fetch_devices([user])
+
     def _fetch_devices(self, users: Iterable[str]) -> None:
         """Fetch and check device lists (blocking; never on the connection's thread)."""
         for user in users:
