@@ -80,6 +80,16 @@ def test_a_message_in_an_encrypted_room_is_read_by_every_member(connect) -> None
     assert wait_for(alice, said("#team", "carol", "hi alice")).encrypted
 
 
+def test_a_line_sent_straight_after_joining_is_encrypted_to_the_members_listed(connect) -> None:
+    bob = connect("bob")
+    enter("#team", bob)
+    alice = connect("alice")
+    joining = alice.join("#team")  # not waited for: the send waits until its answer is read
+    alice.send("#team", "straight away").result(10)
+    assert joining.done()
+    assert wait_for(bob, said("#team", "alice", "straight away")).encrypted
+
+
 def test_the_join_shows_the_lock_and_each_members_trust_mark(connect) -> None:
     alice = connect("alice")
     first = enter("#team", alice)

@@ -109,6 +109,7 @@ class Client:
             EncryptedRooms(self.dms, known_keys, self._events.put) if self.dms is not None else None
         )
         self._inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._joins: dict[str, threading.Event] = {}  # set once a join's answer was read
         self._receiver = threading.Thread(target=self._receive_loop, name=f"dm-{user}", daemon=True)
 
     @classmethod
@@ -186,10 +187,15 @@ class Client:
         if plain:
             fields["plain"] = True
         future = self._conn.request("join", **fields)
+        # A line sent right after the join waits until its answer reached the room keys: the
+        # room's mode and members decide whether and to whom it is encrypted.
+        read = self._joins[room] = threading.Event()
 
         def answered(f: Future[dict[str, Any]]) -> None:
-            if f.exception() is None:  # in order behind the history and joins before it
-                self._inbox.put({"type": JOIN_REPLY, "reply": f.result()})
+            if f.exception() is not None:
+                read.set()
+            else:  # in order behind the history and joins before it
+                self._inbox.put({"type": JOIN_REPLY, "reply": f.result(), "read": read})
 
         future.add_done_callback(answered)
         return future
@@ -207,6 +213,8 @@ class Client:
         In a room seen end-to-end encrypted the text is encrypted (RoomWarning events name the
         members who get no keys, and why); it is never sent in plaintext there. Blocks then while
         it fetches device lists and prekeys: never call it on the connection's thread."""
+        if (joining := self._joins.get(room)) is not None:
+            joining.wait(JOIN_READ_TIMEOUT)
         if self.room_mode(room) == RoomMode.ENCRYPTED.value:
             if action:
                 raise RoomCryptoError(
@@ -465,8 +473,11 @@ class Client:
         """A room frame, on the DM thread: shown, then handed to the room keys."""
         rooms = self.encrypted_rooms
         if frame["type"] == JOIN_REPLY:
-            if rooms is not None:
-                rooms.joined_reply(frame["reply"])
+            try:
+                if rooms is not None:
+                    rooms.joined_reply(frame["reply"])
+            finally:
+                frame["read"].set()
             return
         if frame["type"] == "message_encrypted":
             for shown in rooms.message(frame) if rooms is not None else ():
@@ -576,6 +587,7 @@ class Client:
 # room key comes as a DM just before the room message it opens). JOIN_REPLY is our own marker
 # for a join's answer, put in that order by the request's callback.
 JOIN_REPLY = "_join_reply"
+JOIN_READ_TIMEOUT = 10.0  # seconds a send waits for its room's join answer to be read
 _IN_ORDER = frozenset(
     {"dm", "queue_end", "prekey_count", "message", "message_encrypted", "joined", "parted"}
 )
