@@ -20,6 +20,7 @@ from securechat.terminal.controller import Controller
 from securechat.terminal.notices import Notice, info, warning
 from securechat.terminal.render import mode_label, notice_of
 
+from .cli_helpers import LineClient, run_client
 from .conftest import wait_for
 from .test_rooms_e2e import joined
 
@@ -128,3 +129,26 @@ def test_the_status_bar_shows_the_current_rooms_mode(connect) -> None:
         assert shown.toolbar() == (
             " alice@test  #team (\N{LOCK} end-to-end encrypted)  connected (TLS 1.3)  /help"
         )
+
+
+def test_two_line_mode_clients_talk_in_an_encrypted_room(server, certs_dir, cli_key) -> None:
+    port, ca = server.address[1], certs_dir / "ca.pem"
+    bob = LineClient(cli_key("bob"), port, ca, user="bob")
+    try:
+        bob.out.wait_for("-- bob joined #lobby")
+        bob.send("/join #team")
+        bob.out.wait_for("-- #team is \N{LOCK} end-to-end encrypted; members: bob [verified]")
+        alice = run_client(cli_key("alice"), port, ca, "/join #team\nonly for bob\n", user="alice")
+        assert alice.returncode == 0, alice.stderr
+        assert (
+            "-- #team is \N{LOCK} end-to-end encrypted; members: alice [verified], bob [new]"
+            in (alice.stdout.splitlines())
+        )
+        said = bob.out.wait_for("<alice> only for bob")
+        assert said.endswith("] #team <alice> only for bob\n") or said.endswith(
+            "] <alice> only for bob\n"
+        )
+        bob.send("/rooms")
+        bob.out.wait_for("#team (1, \N{LOCK} end-to-end encrypted)")
+    finally:
+        assert bob.finish() == 0
