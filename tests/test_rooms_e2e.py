@@ -339,3 +339,23 @@ def test_a_room_key_or_message_that_is_not_well_formed_is_dropped_visibly(
         "the server sent an encrypted room message in #team from alice whose ciphertext is not "
         "base64; it was dropped"
     )
+
+
+def test_room_messages_the_server_drops_show_as_missing(
+    connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, bob = team(connect, "alice", "bob")
+    relayed = [0]
+
+    def drop_two_of_three(frame: dict) -> list[dict]:
+        relayed[0] += 1
+        return [frame] if relayed[0] % 3 == 1 else []
+
+    rewrite_sent_frames(monkeypatch, "message_encrypted", drop_two_of_three)
+    for n in range(4):
+        alice.send("#team", f"line {n}").result(10)
+    seen = quiet(bob)
+    assert [e.text for e in seen if isinstance(e, Message)] == ["line 0", "line 3"]
+    [gap] = [e for e in seen if isinstance(e, RoomWarning)]
+    assert (gap.kind, gap.user) == ("missing", "alice")
+    assert gap.detail == "2 messages from alice in #team are missing"
