@@ -284,7 +284,8 @@ class Client:
         return self.encrypted_rooms
 
     def room_mode(self, room: str) -> str | None:
-        """ "encrypted" or "plain" as this client holds it for `room` (None: not seen yet)."""
+        """The mode this client holds for `room`, "encrypted" or "plain" (None: not seen yet).
+        Never waits: a status bar may ask at any time."""
         mode = self.encrypted_rooms.mode(room) if self.encrypted_rooms is not None else None
         return mode.value if mode is not None else None
 
