@@ -113,6 +113,66 @@ def cli_key(tmp_path: Path, _full_strength_keys: Callable[[str], Path]) -> Calla
     return key
 
 
+Connect = Callable[[str, str], Client]
+
+
+@pytest.fixture
+def device(
+    server: Server,
+    certs_dir: Path,
+    make_identity: Callable[[str], identity.Identity],
+    tmp_path: Path,
+) -> Iterator[Connect]:
+    """`device("alice", "phone")` logs in a device of alice: her key file copied to a folder of
+    its own (its device files live beside it), so each name is another installation."""
+    clients: list[Client] = []
+
+    def connect(user: str, name: str) -> Client:
+        original = make_identity(user).path
+        assert original is not None
+        path = tmp_path / "devices" / f"{user}-{name}" / original.name
+        if not path.exists():
+            path.parent.mkdir(parents=True)
+            shutil.copy2(original, path)
+        ident = identity.load(path, PASSPHRASE, min_kdf=identity.KDF_FAST_FOR_TESTS)
+        host, port = server.address
+        client = Client.connect(host, port, ident, user, certs_dir / "ca.pem")
+        clients.append(client)
+        return client
+
+    try:
+        yield connect
+    finally:
+        for client in clients:
+            client.close()
+
+
+def plant_device(
+    server: Server, monkeypatch: pytest.MonkeyPatch, user: str, signer: identity.Identity
+) -> Any:
+    """A compromised server lists, beside `user`'s real devices, a device record of its own
+    signed by `signer` (not `user`'s key); returns that record."""
+    import json
+
+    from securechat.e2e import records
+    from securechat.e2e.device import Device
+    from securechat.server.devicestore import DeviceEntry, StoredDevice
+
+    forged = records.sign_device(signer, user, Device.create())
+    entry = DeviceEntry(
+        user, forged.device_id, json.dumps(forged.to_wire()), forged.curve25519, forged.ed25519, 1
+    )
+    real = server.store.list_devices
+    monkeypatch.setattr(
+        server.store,
+        "list_devices",
+        lambda name: (
+            [*real(name), StoredDevice(entry, 1, None, None)] if name == user else real(name)
+        ),
+    )
+    return forged
+
+
 @pytest.fixture
 def connect(
     server: Server, certs_dir: Path, make_identity: Callable[[str], identity.Identity]

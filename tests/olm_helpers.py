@@ -5,8 +5,11 @@ make it misbehave the way a malicious server would."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,8 @@ from securechat.e2e.envelope import Envelope, Opened
 from securechat.e2e.records import DeviceList
 
 from .conftest import PASSPHRASE
+
+Request = Callable[..., "Future[dict[str, Any]]"]
 
 
 def now_ms() -> int:
@@ -33,6 +38,7 @@ class PrekeyDirectory:
     fallback: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     reuse_one_time_keys: bool = False  # hostile: hand the same one-time key to every claimer
     only_fallback: bool = False  # hostile: pretend no one-time key is left
+    identity_keys: dict[str, bytes] = field(default_factory=dict)  # for server_for()
 
     def publish(self, record: dict[str, Any], keys: list[prekeys.SignedPrekey]) -> None:
         user, device_id = record["user"], record["device_id"]
@@ -50,6 +56,48 @@ class PrekeyDirectory:
         if queue and not self.only_fallback:
             return dict(queue[0]) if self.reuse_one_time_keys else queue.pop(0)
         return dict(self.fallback[(user, device_id)])
+
+    def server_for(
+        self, user: str, device_id: str, key: bytes, sent: list[dict[str, Any]]
+    ) -> Request:
+        """The server's side of the DM layer's requests for `user`'s device `device_id` (the
+        identity key is `key`), from this directory: each `dm` asked for is kept in `sent`,
+        stamped with its sender as the server does."""
+        keys = self.identity_keys
+        keys[user] = key
+
+        def answer(ftype: str, **fields: Any) -> dict[str, Any]:
+            if ftype == "publish_device":
+                self.records.setdefault(user, []).append(fields["record"])
+            elif ftype == "publish_prekeys":
+                for wire in fields["keys"]:
+                    where = (user, wire["device_id"])
+                    if wire["fallback"]:
+                        self.fallback[where] = wire
+                    else:
+                        self.one_time.setdefault(where, []).append(wire)
+            elif ftype == "prekey_count":
+                return {"count": 0, "fallback": False}
+            elif ftype == "devices":
+                return {
+                    "key": base64.b64encode(keys[fields["user"]]).decode(),
+                    "devices": self.records.get(fields["user"], []),
+                    "revocations": self.revocations.get(fields["user"], []),
+                }
+            elif ftype == "claim_prekeys":
+                who = fields["user"]
+                return {"keys": {d: self.claim(who, d) for d in fields["devices"]}}
+            elif ftype == "dm":
+                sent.append({"from": user, "from_device": device_id, **fields})
+                return {"status": "delivered"}
+            return {}
+
+        def request(ftype: str, **fields: Any) -> Future[dict[str, Any]]:
+            future: Future[dict[str, Any]] = Future()
+            future.set_result(answer(ftype, **fields))
+            return future
+
+        return request
 
 
 class Party:

@@ -21,7 +21,7 @@ from securechat.client.chat_session import (
     Reconnected,
     Retrying,
 )
-from securechat.client.events import Closed, Joined, Message
+from securechat.client.events import Closed, Joined, Message, RoomState
 from securechat.server.app import Server
 from securechat.terminal.controller import Controller, WrongThread
 
@@ -48,12 +48,12 @@ class Watched:
 
     def next_of(self, kind: type, *, skipping: tuple[type, ...] = ()) -> object:
         """The next event of type `kind`; the events before it must be of the `skipping` types
-        (or client events the server sends anyway: joins, parts, messages)."""
+        (or client events the server sends anyway: joins, parts, messages, a room's state)."""
         while True:
             event = self.seen.get(timeout=WAIT)
             if isinstance(event, kind):
                 return event
-            allowed = (*skipping, Joined, Message)
+            allowed = (*skipping, Joined, Message, RoomState)
             assert isinstance(event, allowed), f"{event!r} before any {kind.__name__}"
 
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import json
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -26,47 +25,12 @@ from securechat.client.events import (
     Parted,
 )
 from securechat.e2e import envelope, records
-from securechat.e2e.device import Device
 from securechat.errors import AuthError, UndecryptableMessage
 from securechat.protocol import DM
 from securechat.server import Server, devicestore, requests
-from securechat.server.devicestore import DeviceEntry, StoredDevice
 from securechat.server.hub import Hub
 
-from .conftest import PASSPHRASE, rewrite_sent_frames, wait_for
-
-Connect = Callable[[str, str], Client]
-
-
-@pytest.fixture
-def device(
-    server: Server,
-    certs_dir: Path,
-    make_identity: Callable[[str], identity.Identity],
-    tmp_path: Path,
-) -> Iterator[Connect]:
-    """`device("alice", "phone")` logs in a device of alice: her key file copied to a folder of
-    its own (its device files live beside it), so each name is another installation."""
-    clients: list[Client] = []
-
-    def connect(user: str, name: str) -> Client:
-        original = make_identity(user).path
-        assert original is not None
-        path = tmp_path / "devices" / f"{user}-{name}" / original.name
-        if not path.exists():
-            path.parent.mkdir(parents=True)
-            shutil.copy2(original, path)
-        ident = identity.load(path, PASSPHRASE, min_kdf=identity.KDF_FAST_FOR_TESTS)
-        host, port = server.address
-        client = Client.connect(host, port, ident, user, certs_dir / "ca.pem")
-        clients.append(client)
-        return client
-
-    try:
-        yield connect
-    finally:
-        for client in clients:
-            client.close()
+from .conftest import PASSPHRASE, Connect, plant_device, rewrite_sent_frames, wait_for
 
 
 def dms_until_quiet(client: Client, timeout: float = 1.0) -> list[DirectMessage]:
@@ -132,20 +96,7 @@ def test_a_device_the_server_signed_itself_is_refused_loudly(
 ) -> None:
     alice, bob = device("alice", "laptop"), device("bob", "one")
     # The server makes a device of its own for bob, signed by a key that is not bob's.
-    mallory = make_identity("mallory")
-    forged = records.sign_device(mallory, "bob", Device.create())
-    wire = forged.to_wire()
-    entry = DeviceEntry(
-        "bob", forged.device_id, json.dumps(wire), forged.curve25519, forged.ed25519, 1
-    )
-    real = server.store.list_devices
-    monkeypatch.setattr(
-        server.store,
-        "list_devices",
-        lambda user: (
-            [*real(user), StoredDevice(entry, 1, None, None)] if user == "bob" else real(user)
-        ),
-    )
+    forged = plant_device(server, monkeypatch, "bob", make_identity("mallory"))
     reply = alice.send_dm("bob", "for bob only").result(10)
     assert reply["devices"] == 1  # bob's real device, not the forged one
     [warning] = refusals(alice)

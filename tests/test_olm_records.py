@@ -120,7 +120,7 @@ def test_a_text_too_long_once_encoded_is_refused_before_sending() -> None:
         ({"recipient_device": "short"}, "a device id is malformed"),
         ({"sender": "Alice"}, "the sender name is malformed"),
         ({"message_id": "short"}, "the message id must be 8 to 64 characters"),
-        ({"kind": "room_key"}, "the kind is unknown"),
+        ({"kind": "room"}, "the kind is unknown"),
     ],
 )
 def test_a_malformed_record_is_not_sent(change, why) -> None:

@@ -40,13 +40,19 @@ from securechat.client.events import (
     Joined,
     Message,
     Parted,
+    RoomKeyRecord,
+    RoomMember,
+    RoomState,
     SasRecord,
     ServerError,
 )
 from securechat.client.history import Entry, LocalHistory
+from securechat.client.rooms import EncryptedRooms
 from securechat.client.verify import EmojiVerifier
 from securechat.errors import ConfigError
 from securechat.identity import Identity
+from securechat.megolm.errors import RoomCryptoError
+from securechat.megolm.mode import RoomMode
 from securechat.protocol import valid_name, valid_room
 from securechat.tls import client_context
 from securechat.trust import (
@@ -79,7 +85,7 @@ class Client:
         self.history = history
         self.welcome = welcome
         self.server_cert_sha256 = conn.tls.peer_cert_sha256()
-        self.rooms: set[str] = set()  # rooms we are in, kept up to date from events
+        self.rooms: set[str] = set()  # rooms we are in, kept up to date from our joins and parts
         self._events: queue.Queue[Event] = queue.Queue()
         self._done = threading.Event()
         self._queue_delivered = threading.Event()
@@ -97,7 +103,13 @@ class Client:
             else None
         )
         self.verifier = EmojiVerifier(self.dms, self._events.put) if self.dms is not None else None
+        # Encrypted rooms: their frames are read on the DM thread too, in order behind the key
+        # messages that open them, and may need a device list fetched as DMs do.
+        self.encrypted_rooms = (
+            EncryptedRooms(self.dms, known_keys, self._events.put) if self.dms is not None else None
+        )
         self._inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._joins: dict[str, threading.Event] = {}  # set once a join's answer was read
         self._receiver = threading.Thread(target=self._receive_loop, name=f"dm-{user}", daemon=True)
 
     @classmethod
@@ -163,14 +175,53 @@ class Client:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def join(self, room: str) -> Future[dict[str, Any]]:
-        return self._conn.request("join", room=room)
+    def join(
+        self, room: str, *, create: bool = False, plain: bool = False
+    ) -> Future[dict[str, Any]]:
+        """Join `room`; a room the server does not know yet is created end-to-end encrypted
+        (plain=True with create=True: TLS only). create=True fails if the room exists. The
+        reply's mode and member list reach the room keys (a RoomState event shows them)."""
+        fields: dict[str, Any] = {"room": room}
+        if create:
+            fields["create"] = True
+        if plain:
+            fields["plain"] = True
+        future = self._conn.request("join", **fields)
+        # A line sent right after the join waits until its answer reached the room keys: the
+        # room's mode and members decide whether and to whom it is encrypted.
+        read = self._joins[room] = threading.Event()
+
+        def answered(f: Future[dict[str, Any]]) -> None:
+            if f.exception() is not None:
+                read.set()
+            else:  # in order behind the history and joins before it
+                self._inbox.put({"type": JOIN_REPLY, "reply": f.result(), "read": read})
+
+        future.add_done_callback(answered)
+        return future
+
+    def create(self, room: str, *, plain: bool = False) -> Future[dict[str, Any]]:
+        """Create `room` (end-to-end encrypted unless plain) and join it."""
+        return self.join(room, create=True, plain=plain)
 
     def part(self, room: str) -> Future[dict[str, Any]]:
         return self._conn.request("part", room=room)
 
     def send(self, room: str, text: str, *, action: bool = False) -> Future[dict[str, Any]]:
-        """Say `text` in `room` (a /me line when action=True); the reply means it was relayed."""
+        """Say `text` in `room` (a /me line when action=True); the reply means it was relayed.
+
+        In a room seen end-to-end encrypted the text is encrypted (RoomWarning events name the
+        members who get no keys, and why); it is never sent in plaintext there. Blocks then while
+        it fetches device lists and prekeys: never call it on the connection's thread."""
+        if (joining := self._joins.get(room)) is not None:
+            joining.wait(JOIN_READ_TIMEOUT)
+        if self.room_mode(room) == RoomMode.ENCRYPTED.value:
+            if action:
+                raise RoomCryptoError(
+                    f"{room} is end-to-end encrypted; actions (/me) are not sent there, write "
+                    "the line as a message"
+                )
+            return self._rooms().send(room, text, self._conn.request)
         fields: dict[str, Any] = {"room": room, "text": text}
         if action:
             fields["action"] = True
@@ -190,18 +241,28 @@ class Client:
             fields["limit"] = limit
         return self._conn.request("history", **fields)
 
-    @staticmethod
-    def history_events(reply: dict[str, Any]) -> list[Message | FrameDropped]:
+    def history_events(self, reply: dict[str, Any]) -> list[Event]:
         """The Message events in a room_history() reply, with a FrameDropped (a warning to show)
-        in place of each entry that is not a well-formed room message."""
-        events: list[Message | FrameDropped] = []
+        in place of each entry that is not a well-formed room message. Encrypted entries are
+        decrypted (RoomUnreadable markers and RoomWarning refusals in place of those that
+        cannot be shown); those sent before we joined are summed up in one line at the end. Blocks
+        while it fetches a sender's devices."""
+        events: list[Event] = []
+        rooms = self.encrypted_rooms
+        read: set[str] = set()
         for f in reply.get("messages", []):
+            if rooms is not None and isinstance(f, dict) and f.get("type") == "message_encrypted":
+                read.add(str(f.get("room")))
+                events += rooms.history_entry(f)
+                continue
             event = (
                 _event_from_frame({**f, "type": "message", "history": True})
                 if isinstance(f, dict)
                 else None
             )
-            if isinstance(event, Message | FrameDropped):
+            if isinstance(event, Message) and rooms is not None:
+                events.append(rooms.check_plaintext(event))
+            elif isinstance(event, Message | FrameDropped):
                 events.append(event)
             else:
                 events.append(
@@ -211,7 +272,48 @@ class Client:
                         " it was dropped",
                     )
                 )
+        for room in sorted(read):
+            events += rooms.history_summary(room) if rooms is not None else []
         return events
+
+    # -- encrypted rooms ----------------------------------------------------------------------
+
+    def _rooms(self) -> EncryptedRooms:
+        if self.encrypted_rooms is None:
+            raise ConfigError("this client was made without a device; it has no room keys")
+        return self.encrypted_rooms
+
+    def room_mode(self, room: str) -> str | None:
+        """The mode this client holds for `room`, "encrypted" or "plain" (None: not seen yet).
+        Never waits: a status bar may ask at any time."""
+        mode = self.encrypted_rooms.mode(room) if self.encrypted_rooms is not None else None
+        return mode.value if mode is not None else None
+
+    def accept_mode(self, room: str, announced: Any) -> str | None:
+        """The server announced `room`'s mode (in a rooms or who reply): the mode this client
+        holds now. A downgrade of a room seen encrypted is refused (a RoomWarning shows it).
+        Takes the room lock: never on the connection's thread."""
+        mode = self._rooms().observe_mode(room, announced)
+        return mode.value if mode is not None else None
+
+    def room_state(self, room: str) -> RoomState:
+        """The room's mode, strictness and member list with trust marks, as held now."""
+        return self._rooms().state(room)
+
+    def room_members(self, room: str) -> list[RoomMember]:
+        """The members this client showed joining `room` (and any ghosts the server lists
+        without a join), each marked verified, pinned, new or changed."""
+        return self._rooms().members(room)
+
+    def who_members(self, reply: dict[str, Any]) -> list[RoomMember]:
+        """A who() reply for an encrypted room: the members with trust marks; a name the server
+        lists without a join this client showed is a ghost (it gets no keys; a RoomWarning says
+        so). Empty for a plain room. Takes the room lock: never on the connection's thread."""
+        return self._rooms().member_list(reply)
+
+    def set_room_strict(self, room: str, on: bool = True) -> RoomState:
+        """Share `room`'s keys only with verified members (kept across restarts)."""
+        return self._rooms().set_strict(room, on)
 
     def ping(self) -> Future[dict[str, Any]]:
         return self._conn.request("ping")
@@ -264,7 +366,10 @@ class Client:
     def revoke_device(self, device_id: str) -> dict[str, Any]:
         """Revoke one of our devices (a revocation signed by the identity key): others stop
         encrypting to it and the server stops delivering to it. Blocks for the server."""
-        return self._dms().revoke(device_id)
+        reply = self._dms().revoke(device_id)
+        if self.encrypted_rooms is not None:
+            self.encrypted_rooms.rotate_all()  # the revoked device holds our room sessions
+        return reply
 
     def safety_number(self, user: str, timeout: float = 10.0) -> Verification:
         """What to compare aloud with `user`: the safety number over the key pinned for them
@@ -355,16 +460,57 @@ class Client:
     # -- connection thread ------------------------------------------------------------------------
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
-        if frame["type"] in ("dm", "queue_end", "prekey_count"):
-            # In order behind the DMs before it: queue_end means they have all been opened.
+        if frame["type"] in _IN_ORDER:
+            # In order behind the DMs before it: queue_end means they have all been opened, and
+            # a room key arrives before the room message it opens.
+            self._track_rooms(frame)
             self._inbox.put(frame)
             return
-        if self._another_device_of_mine(frame):
-            return  # our phone joining or leaving a room is not this device doing it
-
         event = _event_from_frame(frame)
         if event is not None:
             self._emit(event)
+
+    def _room_frame(self, frame: dict[str, Any]) -> None:
+        """A room frame, on the DM thread: shown, then handed to the room keys."""
+        rooms = self.encrypted_rooms
+        if frame["type"] == JOIN_REPLY:
+            try:
+                if rooms is not None:
+                    rooms.joined_reply(frame["reply"])
+            finally:
+                frame["read"].set()
+            return
+        if frame["type"] == "message_encrypted":
+            for shown in rooms.message(frame) if rooms is not None else ():
+                self._emit(shown)
+            return
+        if self._another_device_of_mine(frame):
+            # Our phone joining or leaving a room is not this device doing it; but a new phone
+            # is to get our room keys, so its record is fetched now, off the sending path.
+            if frame["type"] == "joined" and rooms is not None:
+                rooms.refresh_devices(self.user)
+            return
+        event = _event_from_frame(frame)
+        if rooms is None or event is None:
+            if event is not None:
+                self._emit(event)
+        elif isinstance(event, Joined):
+            rooms.joined(event, _str(frame, "device"), self._emit)
+        elif isinstance(event, Parted):
+            rooms.parted(event, _str(frame, "device"), self._emit)
+        else:
+            self._emit(rooms.check_plaintext(event) if isinstance(event, Message) else event)
+
+    def _track_rooms(self, frame: dict[str, Any]) -> None:
+        # Here, before the join's reply resolves its future: who waits for a join (a rejoin
+        # after a reconnect) finds the room in `rooms` at once.
+        if frame.get("user") != self.user or self._another_device_of_mine(frame):
+            return
+        room = frame.get("room")
+        if frame["type"] == "joined" and isinstance(room, str) and not valid_room(room):
+            self.rooms.add(room)
+        elif frame["type"] == "parted" and isinstance(room, str):
+            self.rooms.discard(room)
 
     def _another_device_of_mine(self, frame: dict[str, Any]) -> bool:
         device = frame.get("device")
@@ -379,10 +525,6 @@ class Client:
     def _emit(self, event: Event) -> None:
         if self.history is not None:
             self._remember(event)
-        if isinstance(event, Joined) and event.user == self.user:
-            self.rooms.add(event.room)
-        elif isinstance(event, Parted) and event.user == self.user:
-            self.rooms.discard(event.room)
         self._events.put(event)
 
     def _tick(self) -> None:
@@ -396,7 +538,8 @@ class Client:
             try:
                 self._receive(frame)
             except Exception as exc:  # a bad frame must not stop every later DM
-                self._events.put(DeviceWarning(self.user, f"a direct message was lost: {exc}"))
+                what = "a direct message" if frame["type"] == "dm" else "a room event"
+                self._events.put(DeviceWarning(self.user, f"{what} was lost: {exc}"))
 
     def _receive(self, frame: dict[str, Any]) -> None:
         if frame["type"] == "queue_end":
@@ -415,8 +558,13 @@ class Client:
             if isinstance(event, SasRecord):
                 if self.verifier is not None:  # never chat text, never in the history
                     self.verifier.receive(event, time.time_ns() // 1_000_000)
+            elif isinstance(event, RoomKeyRecord):
+                if self.encrypted_rooms is not None:  # never chat text, never in the history
+                    self.encrypted_rooms.receive_key(event)
             elif event is not None:
                 self._emit(event)
+        elif frame["type"] not in ("dm", "prekey_count"):
+            self._room_frame(frame)
 
     def _remember(self, event: Event) -> None:
         if isinstance(event, Message):
@@ -434,6 +582,16 @@ class Client:
         if self._receiver.is_alive() and self._receiver is not threading.current_thread():
             self._receiver.join(5.0)  # the DMs that arrived before the close come first
         self._events.put(Closed(reason))
+
+
+# Frames read on the DM thread, in arrival order: DMs and their queue, and every room frame (a
+# room key comes as a DM just before the room message it opens). JOIN_REPLY is our own marker
+# for a join's answer, put in that order by the request's callback.
+JOIN_REPLY = "_join_reply"
+JOIN_READ_TIMEOUT = 10.0  # seconds a send waits for its room's join answer to be read
+_IN_ORDER = frozenset(
+    {"dm", "queue_end", "prekey_count", "message", "message_encrypted", "joined", "parted"}
+)
 
 
 def _number(value: Any) -> float | None:

@@ -22,7 +22,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from securechat.client.events import DeviceWarning, DirectMessage, DMRejected, Event, SasRecord
+from securechat.client.events import (
+    DeviceWarning,
+    DirectMessage,
+    DMRejected,
+    Event,
+    RoomKeyRecord,
+    SasRecord,
+)
 from securechat.e2e import envelope, inner, prekeys, records, storage
 from securechat.e2e.conversations import ConversationTracker, Delivery
 from securechat.e2e.records import DeviceList, DeviceRecord
@@ -257,16 +264,28 @@ class DirectMessages:
         return _gather(futures, message_id, ts), message_id, ts
 
     def send_sas(self, target: DeviceRecord, body: str) -> Future[dict[str, Any]]:
-        """Send one verification message (inner kind "sas") to exactly one device: no fan-out to
-        our own devices, and the receiver hands it to its verifier, never to the chat."""
+        """Send one verification message (inner kind "sas") to exactly one device; the receiver
+        hands it to its verifier, never to the chat."""
+        return self.send_one(target, body, inner.SAS_KIND, "the verification message")
+
+    def send_room_key(self, target: DeviceRecord, payload: str) -> Future[dict[str, Any]]:
+        """Send one room-key payload (inner kind "room_key") to exactly one device; the receiver
+        hands it to its room keys, never to the chat."""
+        return self.send_one(target, payload, inner.ROOM_KEY_KIND, "the room key")
+
+    def send_one(
+        self, target: DeviceRecord, body: str, kind: str, what: str
+    ) -> Future[dict[str, Any]]:
+        """Encrypt `body` as an inner record of `kind` to exactly one device: no fan-out to our
+        own devices. Raises DeviceRecordError, naming `what`, if no Olm session can be made."""
         self._start_sessions([target])
         state = self.state
         message_id = new_message_id()
         with state.lock:
             if state.sessions.needs_session(target):
                 raise DeviceRecordError(
-                    f"no secure session with {target.user}'s device {target.device_id}; the "
-                    "verification message was not sent"
+                    f"no secure session with {target.user}'s device {target.device_id}; {what} "
+                    "was not sent"
                 )
             (env,) = envelope.encrypt_dm(
                 state.sessions,
@@ -276,7 +295,7 @@ class DirectMessages:
                 message_id,
                 _now_ms(),
                 body,
-                inner.SAS_KIND,
+                kind,
             )
             state.save()
         return self._request(
@@ -317,9 +336,10 @@ class DirectMessages:
 
     # -- receiving ----------------------------------------------------------------------------
 
-    def receive(self, frame: dict[str, Any]) -> Event | SasRecord | None:
+    def receive(self, frame: dict[str, Any]) -> Event | SasRecord | RoomKeyRecord | None:
         """Turn a delivered `dm` frame into a DirectMessage, or a DMRejected saying why not; a
-        verification message (inner kind "sas") into a SasRecord for the verifier.
+        verification message (inner kind "sas") into a SasRecord for the verifier, a room-key
+        message (inner kind "room_key") into a RoomKeyRecord for the room keys.
 
         None for a DM from the server's queue that was already shown: the server redelivers until
         we acknowledge, so a repeat of that kind is expected and shown once only.
@@ -376,12 +396,14 @@ class DirectMessages:
 
     def _delivered(
         self, sender: str, delivery: Delivery, pinned_before: KeyState | None
-    ) -> DirectMessage | SasRecord:
+    ) -> DirectMessage | SasRecord | RoomKeyRecord:
         record = delivery.record
         notice = delivery.notice(self.user)
-        if record.kind == inner.SAS_KIND:
+        if record.kind in (inner.SAS_KIND, inner.ROOM_KEY_KIND):
             if notice is not None:
                 self._warn(DeviceWarning(sender, notice))
+            if record.kind == inner.ROOM_KEY_KIND:
+                return RoomKeyRecord(sender, record.sender_device, record.body)
             return SasRecord(sender, record.sender_device, record.body, record.ts)
         trust = self.known_keys.state(sender) if pinned_before is not None else None
         mine = sender == self.user
@@ -397,6 +419,10 @@ class DirectMessages:
             device=record.sender_device,
             own=mine,
         )
+
+    def known_list(self, user: str) -> DeviceList | None:
+        """`user`'s device list as last fetched and checked, or None (none fetched yet)."""
+        return self._lists.get(user)
 
     def known_device(self, user: str, device_id: str) -> DeviceRecord | None:
         """`user`'s device as last checked against the pinned key, or None."""

@@ -24,6 +24,8 @@ class Message:
     ts: int  # server time, milliseconds since the epoch
     action: bool = False  # a /me line
     history: bool = False  # replayed from the room's history, not live
+    encrypted: bool = False  # decrypted from an end-to-end encrypted room message, all checks met
+    device: str = ""  # the sending device, for an encrypted message
 
     @property
     def time(self) -> datetime:
@@ -142,6 +144,92 @@ class SasRecord:
 
 
 @dataclass(frozen=True)
+class RoomKeyRecord:
+    """A room-key message that arrived inside an Olm DM (inner kind "room_key"): handed to the
+    client's room keys, never shown as chat text nor kept in the local history."""
+
+    sender: str
+    sender_device: str
+    body: str
+
+
+@dataclass(frozen=True)
+class RoomMember:
+    """One member as a member list shows it: `mark` is "verified", "pinned", "new" or "changed";
+    `gets_keys` says whether our messages are encrypted to them; `ghost`: the server lists them
+    but this client never showed them joining (they get no keys)."""
+
+    user: str
+    mark: str
+    gets_keys: bool
+    ghost: bool = False
+
+
+@dataclass(frozen=True)
+class RoomState:
+    """What a room is, as the server announced and this client accepted it: on our join and
+    whenever its mode or strictness is learnt. `mode` is "encrypted" or "plain"; `label` the
+    words to show ("end-to-end encrypted" / "not end-to-end encrypted"); `strict`: keys go only
+    to verified members; `members` the member list with trust marks (empty for a plain room)."""
+
+    room: str
+    mode: str
+    label: str
+    strict: bool = False
+    members: tuple[RoomMember, ...] = ()
+
+    @property
+    def encrypted(self) -> bool:
+        return self.mode == "encrypted"
+
+
+@dataclass(frozen=True)
+class RoomUnreadable:
+    """A room message that is NOT shown because this device cannot decrypt it: a marker in its
+    place. `reason` is "before_join" (sent before we joined: never readable here) or "no_key"
+    (its key has not reached this device yet). `count` > 1 sums up consecutive before-join
+    markers ("3 earlier messages were sent before you joined"); `sender` is then "". `detail`
+    is the line to show."""
+
+    room: str
+    sender: str
+    reason: str
+    detail: str
+    count: int = 1
+    history: bool = False
+
+
+@dataclass(frozen=True)
+class RoomWarning:
+    """Something about an end-to-end encrypted room to show loudly. `kind` is one of
+    ROOM_WARNINGS: a refused message ("replayed", "forged_sender", "untrusted_device",
+    "tampered"), "missing" (messages of a sender's session never arrived), "downgrade" (the
+    server says plain, or sent plaintext, in a room seen encrypted), "ghost" (listed without a
+    join we showed: no keys), "excluded" (a member or device gets no keys, and why),
+    "key_refused" (a room key over Olm was refused) or "keys" (information: keys forwarded,
+    asked for or sent). `detail` is the line to show; `user` the member concerned, if one."""
+
+    room: str
+    kind: str
+    detail: str
+    user: str = ""
+
+
+ROOM_WARNINGS = (
+    "replayed",
+    "forged_sender",
+    "untrusted_device",
+    "tampered",
+    "missing",
+    "downgrade",
+    "ghost",
+    "excluded",
+    "key_refused",
+    "keys",
+)
+
+
+@dataclass(frozen=True)
 class ServerError:
     """An error frame that answers no request of ours (a protocol complaint, say)."""
 
@@ -158,5 +246,5 @@ class Closed:
 
 Event = (
     Message | Joined | Parted | DirectMessage | DMRejected | DeviceWarning | FrameDropped
-    | EmojiVerification | ServerError | Closed
+    | EmojiVerification | RoomState | RoomUnreadable | RoomWarning | ServerError | Closed
 )  # fmt: skip

@@ -1,10 +1,12 @@
 """The inner DM record (version 2): what Olm encrypts, one copy per recipient device.
 
-    {"body":str,"chain":hex,"from":name,"from_device":id,"id":str,"kind":"dm"|"sas","prev":hex,
-     "seq":int,"to":name,"to_device":id,"ts":int ms,"v":2}
+    {"body":str,"chain":hex,"from":name,"from_device":id,"id":str,"kind":"dm"|"sas"|"room_key",
+     "prev":hex,"seq":int,"to":name,"to_device":id,"ts":int ms,"v":2}
 
 `kind` "dm" is a chat message (its body is the text); "sas" is a step of an emoji verification
-between two devices (its body is the canonical SAS message, e2e/sas.py), never shown as text.
+between two devices (its body is the canonical SAS message, e2e/sas.py); "room_key" carries a
+room key, a forwarded key or a key request (its body is a megolm/keyshare.py payload). The last
+two go to exactly one device and are never shown as text.
 
 exactly those keys, as json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False) in
 UTF-8: one encoding only; decoding re-encodes and refuses any other byte form. Each sending device
@@ -33,7 +35,8 @@ from securechat.protocol import TEXT_MAX, valid_name
 RECORD_VERSION = 2
 RECORD_KIND = "dm"
 SAS_KIND = "sas"  # a verification message between two devices (e2e/sas.py), not chat text
-RECORD_KINDS = frozenset({RECORD_KIND, SAS_KIND})
+ROOM_KEY_KIND = "room_key"  # a Megolm key share or key request (megolm/keyshare.py)
+RECORD_KINDS = frozenset({RECORD_KIND, SAS_KIND, ROOM_KEY_KIND})
 # An envelope of the largest bucket, with Olm's overhead (under 200 bytes) and base64, still fits
 # a 64 KiB frame.
 BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 48000)
@@ -70,7 +73,7 @@ class InnerRecord:
     chain: str  # 16 hex digits, the sending device's chain to the recipient device
     seq: int  # 1, 2, 3, ... within the chain
     prev: str  # SHA-256 hex of the previous record in the chain, "" for seq 1
-    kind: str = RECORD_KIND  # "dm" (chat text) or "sas" (a verification step)
+    kind: str = RECORD_KIND  # "dm" (chat text), "sas" (a verification step) or "room_key"
 
     def canonical(self) -> bytes:
         fields: dict[str, Any] = {wire: getattr(self, attr) for wire, attr in _ATTRS.items()}

@@ -3,6 +3,7 @@
     alice.key -> alice.device.json          the Olm account, its device id and creation time
               -> alice.olm-sessions.json    the Olm sessions with other devices
               -> alice.conversations.json   sequence numbers, hash chains, message ids seen
+              -> alice.rooms.json           room modes, Megolm sessions, strict rooms
 
 Each is written atomically with mode 0600; one that group or others may read or write is
 refused, as the key file is. The one module in securechat/e2e that touches the disk.
@@ -14,6 +15,7 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from securechat.e2e import atrest
 from securechat.e2e.conversations import ConversationTracker
@@ -28,6 +30,8 @@ MAX_FILE_BYTES = 64 * 1024 * 1024  # sessions and chains of thousands of contact
 DEVICE_FORMAT = "securechat-device"
 SESSIONS_FORMAT = "securechat-olm-sessions"
 CONVERSATIONS_FORMAT = "securechat-conversations"
+ROOMS_FORMAT = "securechat-rooms"
+PURPOSE_ROOMS_FILE = b"sc-e2e-rooms"
 
 
 def _beside(identity: Identity, suffix: str) -> Path:
@@ -47,6 +51,10 @@ def sessions_path(identity: Identity) -> Path:
 
 def conversations_path(identity: Identity) -> Path:
     return _beside(identity, "conversations.json")
+
+
+def rooms_path(identity: Identity) -> Path:
+    return _beside(identity, "rooms.json")
 
 
 def read_private(path: Path) -> bytes | None:
@@ -159,3 +167,22 @@ def load_tracker(identity: Identity, me: str, device: Device) -> ConversationTra
     purpose = atrest.PURPOSE_CONVERSATIONS_FILE
     payload = atrest.open_state(identity, CONVERSATIONS_FORMAT, purpose, raw, what)
     return ConversationTracker.load(payload, me, device.device_id, what)
+
+
+# -- encrypted rooms ------------------------------------------------------------------------------
+
+
+def save_rooms(identity: Identity, payload: dict[str, Any]) -> None:
+    """Write the room state (RoomCrypto's sealed export and the room settings)."""
+    data = atrest.seal_state(identity, ROOMS_FORMAT, PURPOSE_ROOMS_FILE, payload)
+    _write(rooms_path(identity), data)
+
+
+def load_rooms(identity: Identity) -> dict[str, Any] | None:
+    """The saved room state, None if there is none yet."""
+    path = rooms_path(identity)
+    raw = read_private(path)
+    if raw is None:
+        return None
+    what = f"the room key file {path}"
+    return atrest.open_state(identity, ROOMS_FORMAT, PURPOSE_ROOMS_FILE, raw, what)

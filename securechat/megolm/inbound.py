@@ -191,11 +191,16 @@ class InboundStore:
         *,
         before_join: bool,
         device_problem: Callable[[DeviceRef], str | None],
+        history: bool = False,
     ) -> DecryptedRoomMessage | CannotDecrypt:
         """The checked message, a CannotDecrypt marker, or a RoomMessageRefused leaf.
 
         `before_join` says the server delivered it as room history from before our join; it
         only picks the marker's wording. `device_problem` is the trust check of rule 4.
+        `history`: the server delivered it as room history (on a join, or asked for), so an
+        index seen before is that same message shown again, not a replay: Megolm signs each
+        index's message, so the server cannot pass another one off under it. Such a copy changes
+        no replay record and reports no gap.
         """
         room = message.room
         where = f"from {stamped_sender} in {room}"
@@ -211,7 +216,8 @@ class InboundStore:
             return CannotDecrypt(
                 room, stamped_sender, Undecryptable.BEFORE_JOIN, held.session.session_id
             )
-        if held.is_replay(index):
+        again = history and held.is_replay(index)
+        if held.is_replay(index) and not again:
             raise ReplayedRoomMessage(
                 f"a message {where} was a copy of one already received; it was dropped. The "
                 "server is replaying room messages"
@@ -231,8 +237,8 @@ class InboundStore:
             raise ForgedRoomSender(
                 f"a message {where} names another room, sender or device inside; it was dropped"
             )
-        skipped = held.accept(index)
-        notices = (missing_note(skipped, owner.user, room),) if skipped else ()
+        skipped = 0 if again else held.accept(index)
+        notices = (missing_note(skipped, owner.user, room),) if skipped and not history else ()
         return DecryptedRoomMessage(
             room=room,
             sender=inner.sender,

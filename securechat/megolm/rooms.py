@@ -136,14 +136,21 @@ class RoomCrypto:
     # -- reading --------------------------------------------------------------------------------
 
     def decrypt(
-        self, stamped_sender: str, message: RoomCiphertext, *, before_join: bool = False
+        self,
+        stamped_sender: str,
+        message: RoomCiphertext,
+        *,
+        before_join: bool = False,
+        history: bool = False,
     ) -> DecryptedRoomMessage | CannotDecrypt:
-        """A checked room message or a marker; a RoomMessageRefused leaf when it is refused."""
+        """A checked room message or a marker; a RoomMessageRefused leaf when it is refused.
+        `history`: delivered as room history, where a message seen before may come again."""
         return self._inbound.decrypt(
             stamped_sender,
             message,
             before_join=before_join,
             device_problem=lambda d: self.trust.device_problem(d.user, d.device_id),
+            history=history,
         )
 
     # -- to-device key traffic ------------------------------------------------------------------

@@ -29,10 +29,39 @@ class Spec:
 COMMANDS: dict[str, Spec] = {
     s.name: s
     for s in (
-        Spec("join", "#room", "join (or create) a room and make it current", 1, 1, True),
+        Spec(
+            "join",
+            "#room",
+            "join a room (a new one is end-to-end encrypted) and make it current",
+            1,
+            1,
+            True,
+        ),
+        Spec(
+            "create",
+            "#room [--plain]",
+            "create an end-to-end encrypted room (--plain: TLS only, the server reads it)",
+            1,
+            2,
+            True,
+        ),
         Spec("part", "[#room]", "leave the current (or named) room", 0, 1, True),
-        Spec("rooms", "", "list the rooms and how many are in each"),
-        Spec("who", "[#room]", "who is in the current (or named) room", 0, 1, True),
+        Spec("rooms", "", "list the rooms, how many are in each, and which are encrypted"),
+        Spec(
+            "who",
+            "[#room]",
+            "who is in the current (or named) room; in an encrypted room, each one's trust mark",
+            0,
+            1,
+            True,
+        ),
+        Spec(
+            "room",
+            "[strict|normal]",
+            "the current room's mode and key sharing; strict: keys only to verified members",
+            0,
+            1,
+        ),
         Spec("me", "action", "say an action: /me waves", 1, -1),
         Spec(
             "history",
@@ -105,7 +134,8 @@ def parse(line: str) -> Command | Say | None:
     if spec.room_arg and args and not args[0].startswith("#"):
         args[0] = "#" + args[0]
     if (
-        spec.name in ("join", "part", "who", "query", "whois", "verify", "trust", "msg", "devices")
+        spec.name
+        in ("join", "create", "part", "who", "query", "whois", "verify", "trust", "msg", "devices")
         and args
     ):
         args[0] = args[0].lower()

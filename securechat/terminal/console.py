@@ -34,6 +34,7 @@ from securechat.client.events import Closed, Event
 from securechat.terminal import commands, notices
 from securechat.terminal.controller import Controller, OwnerThread
 from securechat.terminal.notices import Notice, as_text
+from securechat.terminal.render import mode_label
 
 
 class ChatCompleter(Completer):
@@ -95,7 +96,10 @@ class Console:
         target = (
             f"DM {controller.query}" if controller.query else (controller.current_room or "no room")
         )
-        return f" {controller.client.user}@{self.where}  {target}  {self.status}  /help"
+        mode = ""
+        if not controller.query and controller.current_room:
+            mode = f" ({mode_label(controller.client.room_mode(controller.current_room))})"
+        return f" {controller.client.user}@{self.where}  {target}{mode}  {self.status}  /help"
 
     def prompt_text(self) -> str:
         return f"[{self.controller.query or self.controller.current_room or '-'}] "

@@ -33,7 +33,14 @@ from securechat.identity import fingerprint
 from securechat.protocol import LOBBY
 from securechat.terminal import commands, hints, notices
 from securechat.terminal.notices import Notice
-from securechat.terminal.render import first_sight, key_mark, notice_of, render_past
+from securechat.terminal.render import (
+    first_sight,
+    key_mark,
+    member_mark,
+    mode_label,
+    notice_of,
+    render_past,
+)
 from securechat.trust import KeyChanged, KeyNotNamed, KeyState, PinnedKey, Verification
 
 REPLY_TIMEOUT = 10.0
@@ -265,7 +272,14 @@ class Controller:
             )
 
     def _cmd_join(self, room: str) -> None:
-        reply = self._wait(self.client.join(room))
+        self._joined(room, self._wait(self.client.join(room)))
+
+    def _cmd_create(self, room: str, flag: str | None = None) -> None:
+        if flag not in (None, "--plain"):
+            raise commands.CommandError(f"usage: /create {commands.COMMANDS['create'].usage}")
+        self._joined(room, self._wait(self.client.create(room, plain=flag == "--plain")))
+
+    def _joined(self, room: str, reply: dict[str, Any]) -> None:
         self.current_room = room
         members = reply.get("members", [])
         self.names.update(members)
@@ -284,8 +298,32 @@ class Controller:
 
     def _cmd_rooms(self) -> None:
         rooms = self._wait(self.client.list_rooms()).get("rooms", [])
-        listing = ", ".join(f"{clean_line(r['name'])} ({r['members']})" for r in rooms)
+        listing = ", ".join(
+            f"{clean_line(r['name'])} ({r['members']}, "
+            f"{mode_label(self.client.accept_mode(r['name'], r.get('mode')))})"
+            for r in rooms
+        )
         self._info(f"rooms: {listing or 'none'}")
+
+    def _cmd_room(self, setting: str | None = None) -> None:
+        room = self.current_room
+        if room is None:
+            self._warn("you are in no room; /join #room first")
+            return
+        if setting is None:
+            state = self.client.room_state(room)
+            self._info(f"{room}: {mode_label(state.mode)}")
+            if state.encrypted:
+                sharing = "verified members only (strict)" if state.strict else "pinned members"
+                self._info(f"room keys go to {sharing}; /room strict or /room normal changes it")
+            return
+        if setting.lower() not in ("strict", "normal"):
+            raise commands.CommandError(f"usage: /room {commands.COMMANDS['room'].usage}")
+        state = self.client.set_room_strict(room, setting.lower() == "strict")
+        if state.strict:
+            self._info(f"{room} is strict: its keys go only to members you verified")
+        else:
+            self._info(f"{room} is normal: its keys go to every member whose key is pinned")
 
     def _cmd_who(self, room: str | None = None) -> None:
         room = room or self.current_room
@@ -297,7 +335,10 @@ class Controller:
         self.names.update(members)
         unlisted = _member_count(reply) - len(members)
         more = f" and {unlisted} more" if unlisted > 0 else ""
-        self._info(f"in {room}: {', '.join(clean_line(m) for m in members)}{more}")
+        marked = self.client.who_members(reply)
+        names = [member_mark(m) for m in marked] if marked else [clean_line(m) for m in members]
+        lock = f" ({mode_label(self.client.room_mode(room))})" if marked else ""
+        self._info(f"in {room}{lock}: {', '.join(names)}{more}")
 
     def _cmd_me(self, action: str) -> None:
         if self.current_room is None:
@@ -453,6 +494,8 @@ HANDLERS: dict[str, Callable[..., None]] = {
     "history": Controller._cmd_history,
     "search": Controller._cmd_search,
     "join": Controller._cmd_join,
+    "create": Controller._cmd_create,
+    "room": Controller._cmd_room,
     "part": Controller._cmd_part,
     "rooms": Controller._cmd_rooms,
     "who": Controller._cmd_who,

@@ -20,6 +20,10 @@ from securechat.client.events import (
     Joined,
     Message,
     Parted,
+    RoomMember,
+    RoomState,
+    RoomUnreadable,
+    RoomWarning,
     ServerError,
 )
 from securechat.client.history import Entry
@@ -39,6 +43,28 @@ def _body(text: str) -> str:
 
 # How far a DM peer's key is trusted, shown on every DM line, in and out.
 KEY_MARKS = {"verified": "[verified]", "pinned": "[pinned]", "new": "[first seen]"}
+
+
+LOCK = "\N{LOCK}"
+
+
+def mode_label(mode: str | None) -> str:
+    """A room's mode as /rooms and the status bar show it: a lock, or the plain words."""
+    if mode == "encrypted":
+        return f"{LOCK} end-to-end encrypted"
+    if mode == "plain":
+        return "not end-to-end encrypted"
+    return "mode unknown"
+
+
+def member_mark(member: RoomMember) -> str:
+    """One member with their trust mark: verified, pinned, new or changed; a ghost or a member
+    who gets no keys says so."""
+    name = clean_line(member.user)
+    if member.ghost:
+        return f"{name} [ghost: never seen joining, gets no keys]"
+    keys = "" if member.gets_keys else ", gets no keys"
+    return f"{name} [{member.mark}{keys}]"
 
 
 def key_mark(state: str) -> str:
@@ -83,9 +109,28 @@ def notice_of(event: Event, current_room: str | None = None) -> Notice:
         return _warning_of(event)
     if isinstance(event, EmojiVerification):
         return _emoji_notice(event)
+    if isinstance(event, RoomState | RoomUnreadable | RoomWarning):
+        return _room_notice(event)
     if isinstance(event, Closed):
         return notices.info(f"disconnected: {clean_line(event.reason)}")
     raise TypeError(f"no rendering for {event!r}")
+
+
+def _room_notice(event: RoomState | RoomUnreadable | RoomWarning) -> Notice:
+    if isinstance(event, RoomState):
+        room = clean_line(event.room)
+        if not event.encrypted:
+            return notices.info(f"{room} is not end-to-end encrypted: the server can read it")
+        strict = "; strict: keys go to verified members only" if event.strict else ""
+        members = ", ".join(member_mark(m) for m in event.members)
+        return notices.info(f"{room} is {LOCK} end-to-end encrypted{strict}; members: {members}")
+    if isinstance(event, RoomUnreadable):
+        mark = "[history] " if event.history else ""
+        return notices.info(f"{mark}{clean_line(event.room)}: {clean_line(event.detail)}")
+    # Each detail names its room.
+    if event.kind == "keys":
+        return notices.info(clean_line(event.detail))
+    return notices.warning(clean_line(event.detail))
 
 
 def _warning_of(event: DMRejected | FrameDropped | DeviceWarning | ServerError) -> Notice:
