@@ -114,6 +114,7 @@ class ChatWindow:
         bridge.on_drained(self.redraw)
         threading.Thread(target=self._pump_events, name="gui-events", daemon=True).start()
         self.new_room_dialog: NewRoomDialog | None = None
+        self._joining: str | None = None  # a room joined by a command, not shown joined yet
         self.refresh_members(LOBBY)
         self.redraw()
 
@@ -367,6 +368,9 @@ class ChatWindow:
                 self.refresh_rooms()  # their mark in every encrypted room
         elif isinstance(event, Joined) and event.user == self.client.user:
             self.refresh_members(event.room)
+            if event.room == self._joining:
+                self._joining = None
+                self.select(event.room)
         elif isinstance(event, Joined | Parted):
             self.refresh_room(event.room)  # an arrival or a departure changes who gets keys
         elif isinstance(event, DirectMessage | DMRejected) and not valid_name(event.sender):
@@ -480,6 +484,9 @@ class ChatWindow:
             self.bridge.run(lambda: self._command(room, text), self._after_command)
             if name == "trust":
                 self.open_dm(args[0])  # runs after it (one worker): the banner shows the result
+            elif name == "who" and (args or room):
+                # The member list follows the answer (a ghost the server added shows there).
+                self.refresh_members(args[0] if args else conv.name)
 
     def _command(self, room: str | None, text: str) -> bool:
         # On the bridge's background thread, which owns the controller.
@@ -488,10 +495,15 @@ class ChatWindow:
 
     def _after_command(self, _ok: object) -> None:
         room = self.controller.current_room
-        if room and room in self.client.rooms and room != self.model.current:
-            self.select(room)
+        if room and room != self.model.current:
+            if room in self.client.rooms:
+                self.select(room)
+            else:
+                # Joined, but our join is shown on the client's receiving thread, which may
+                # still be reading the room's history: select the room when it is.
+                self._joining = room
         for name in list(self.model.conversations):
-            if not name.startswith("@") and name not in self.client.rooms:
+            if not name.startswith("@") and name not in self.client.rooms and name != self._joining:
                 self.model.close(name)  # a room we left
         self.redraw()
 
