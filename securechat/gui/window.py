@@ -34,6 +34,7 @@ from securechat.client.events import (
     Joined,
     Parted,
     RoomMember,
+    RoomState,
 )
 from securechat.client.text import clean
 from securechat.errors import SecureChatError
@@ -371,7 +372,7 @@ class ChatWindow:
             if event.room == self._joining:
                 self._joining = None
                 self.select(event.room)
-        elif isinstance(event, Joined | Parted):
+        elif isinstance(event, Joined | Parted) and event.user != self.client.user:
             self.refresh_room(event.room)  # an arrival or a departure changes who gets keys
         elif isinstance(event, DirectMessage | DMRejected) and not valid_name(event.sender):
             trust = self.model.conversations[f"@{event.sender}"].trust
@@ -397,7 +398,12 @@ class ChatWindow:
         if conv is None or conv.mode != "encrypted":
             return  # the client calls a room it never saw "plain": ask only of encrypted ones
         client = self.client
-        self.bridge.run(lambda: client.room_state(room), self.model.on_event)
+
+        def show(state: RoomState) -> None:
+            if room in self.model.conversations:  # not a room left meanwhile
+                self.model.on_event(state)
+
+        self.bridge.run(lambda: client.room_state(room), show)
 
     def refresh_rooms(self) -> None:
         for name in list(self.model.conversations):
