@@ -669,6 +669,7 @@ def test_rooms_show_their_mode_trust_marks_strictness_and_markers(
     [line] = [x for x in gui.model.conversations["#secret"].lines if x.text == marker]
     assert (line.kind, line.sender) == ("system", "")
     gui.pump(lambda: gui.model.current == "#secret")
+    assert "now talking in #secret (2 here)" in gui.lines("#secret")  # said where it happened
     gui.pump(lambda: f"-- {marker}" in gui.view())
     assert "before alice" not in gui.view()
     assert "<carol>" not in gui.view()

@@ -30,7 +30,7 @@ from securechat.client.events import (
 from securechat.client.text import clean, clean_line, stamp
 from securechat.protocol import LOBBY, valid_room
 from securechat.terminal import commands, hints
-from securechat.terminal.render import LOCK, member_mark, mode_label
+from securechat.terminal.hints import LOCK, member_mark, mode_label
 
 # Which line kinds may stand in which conversations: a room line never in a DM conversation, a
 # DM line (a sealed message that opened and passed every check) never in a room.

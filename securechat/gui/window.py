@@ -514,8 +514,10 @@ class ChatWindow:
         self.redraw()
 
     def _command_output(self, notice: Notice) -> None:
-        # Called from the background thread (or the client's thread, for late replies).
-        target = self.model.current
+        # Called from the background thread (or the client's thread, for late replies). A
+        # command's answer goes to the room it ran in, or moved to ("now talking in #team" is
+        # said in #team); from a DM conversation, to the conversation in view.
+        target = self.controller.current_room or self.model.current
         kind = "warning" if notice.kind is NoticeKind.WARNING else "system"
         self.bridge.post(lambda: self.model.note(notice.text, target, kind))
 
