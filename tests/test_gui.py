@@ -654,6 +654,22 @@ def test_rooms_show_their_mode_trust_marks_strictness_and_markers(
     )
     gui.pump(gui.shows("#team", warning))
     assert window.banner_text.cget("text").endswith("never seen joining, given no keys: mallory")
+
+    # A downgrade: the server passes bob's message on in clear. Refused, in the room, and the
+    # room keeps its lock.
+    rewrite_sent_frames(
+        monkeypatch,
+        "message_encrypted",
+        lambda f: [{"type": "message", "room": f["room"], "from": f["from"], "ts": f["ts"],
+                    "text": "said in plaintext"}],
+    )  # fmt: skip
+    bob.send("#team", "a secret").result(WAIT)
+    refusal = "a message from bob arriving in clear was refused: #team is end-to-end encrypted"
+    gui.pump(gui.shows("#team", refusal))
+    [line] = [x for x in gui.model.conversations["#team"].lines if refusal in x.text]
+    assert (line.kind, line.sender) == ("warning", "")
+    assert "said in plaintext" not in gui.view() and "<bob>" not in gui.view()
+    assert f"#team {LOCK}" in window.sidebar.get(0, "end")
     monkeypatch.undo()
 
     # A newcomer: what carol said before alice joined is a marker, never carol's chat text.
