@@ -245,6 +245,26 @@ def wait_for(client: Client, predicate: Callable[[Event], bool], timeout: float 
     raise AssertionError(f"no matching event within {timeout}s; saw {seen!r}")
 
 
+def join_plain(client: Client, room: str) -> dict[str, Any]:
+    """Make `room` a plain room (TLS only: the server reads it) and join it, for tests of chat
+    and delivery rather than of end-to-end encryption (a room made by a plain join is
+    encrypted, and its messages must then come from the client's Megolm)."""
+    return client._conn.request("join", room=room, create=True, plain=True).result(10)
+
+
+def plain_room_kept(
+    address: tuple[str, int], certs_dir: Path, ident: identity.Identity, room: str
+) -> str:
+    """Make `room` plain with one line of history (said by `ident`'s user, "keeper"), which keeps
+    it plain once empty and across a restart on the same data folder, so that clients which
+    join it with an ordinary join (a front end, a reconnect) find it plain. Returns the line."""
+    line = f"{room} is a plain room"
+    with Client.connect(*address, ident, "keeper", certs_dir / "ca.pem") as keeper:
+        join_plain(keeper, room)
+        keeper.send(room, line).result(10)
+    return line
+
+
 def close_and_see_it_part(client: Client, watcher: Client) -> None:
     """Close `client`, then wait until `watcher` (in #lobby) sees it part: close() may return
     before the server has logged it out, and a DM sent meanwhile would be delivered, not queued."""

@@ -75,6 +75,18 @@ class RawTLS:
             if frame["type"] == ftype:
                 return frame
 
+    def reply_to(self, request_id: int, timeout: float = 10.0) -> dict[str, Any]:
+        """The reply (`ok` or `error`) to request `request_id`; the frames that came before it
+        stay to be read, in order."""
+        deadline = time.monotonic() + timeout
+        passed: list[dict[str, Any]] = []
+        while True:
+            frame = self.frame(max(0.01, deadline - time.monotonic()))
+            if frame["type"] in ("ok", "error") and frame.get("id") == request_id:
+                self._frames[:0] = passed
+                return frame
+            passed.append(frame)
+
     def until_closed(self, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Every frame until the server closes the connection."""
         deadline = time.monotonic() + timeout

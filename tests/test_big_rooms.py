@@ -90,7 +90,10 @@ def test_a_short_member_list_is_whole() -> None:
     hub = Hub()
     _, conns = crowd(hub, ["ann", "bob"])
     reply = hub.handle(conns[0], Who(id=1, room="#lobby"))  # type: ignore[arg-type]
-    assert reply == {"type": "ok", "id": 1, "room": "#lobby", "members": ["ann", "bob"], "count": 2}
+    assert reply == {
+        "type": "ok", "id": 1, "room": "#lobby", "mode": "plain", "members": ["ann", "bob"],
+        "count": 2,
+    }  # fmt: skip
 
 
 @pytest.mark.server_config(presence_limit=2)

@@ -25,7 +25,7 @@ from securechat.client.events import Closed, Joined, Message, RoomState
 from securechat.server.app import Server
 from securechat.terminal.controller import Controller, WrongThread
 
-from .conftest import start_server
+from .conftest import plain_room_kept, start_server
 
 WAIT = 30.0
 
@@ -89,6 +89,8 @@ def test_a_dropped_connection_is_redialled_and_the_held_lines_come_back_after_it
 ) -> None:
     srv = restartable()
     port = srv.address[1]
+    # Plain, and kept so by its history across the restart: the held lines go out as say.
+    plain_room_kept(srv.address, certs_dir, make_identity("keeper"), "#dev")
     dial = dialler(certs_dir, make_identity, port)
     session = ChatSession(dial(), dial, delays=quick)
     first = session.client

@@ -14,7 +14,7 @@ from securechat.client import Client
 from securechat.client.events import Closed, Joined, Message
 
 from .cli_helpers import ServerProcess
-from .conftest import REPO, wait_for
+from .conftest import REPO, join_plain, wait_for
 
 
 def test_missing_certificates_name_gen_certs(tmp_path: Path) -> None:
@@ -98,7 +98,7 @@ def test_log_names_who_came_and_went_but_never_what_they_wrote(
     try:
         alice = Client.connect(host, port, make_identity("alice"), "alice", certs_dir / "ca.pem")
         bob = Client.connect(host, port, make_identity("bob"), "bob", certs_dir / "ca.pem")
-        alice.join("#ops").result(5)
+        join_plain(alice, "#ops")
         bob.join("#ops").result(5)
         alice.send("#ops", secret).result(5)
         assert wait_for(bob, lambda e: isinstance(e, Message)).text == secret

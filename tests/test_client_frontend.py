@@ -31,7 +31,7 @@ from securechat.terminal.commands import Command, CommandError, Say, parse
 from securechat.terminal.render import one_line, render
 
 from .cli_helpers import REPO, LineClient, ServerProcess, cli_env, client_args, run_client
-from .conftest import PASSPHRASE, wait_for
+from .conftest import PASSPHRASE, plain_room_kept, wait_for
 
 TS = 1_700_000_000_000  # any fixed day before today; rendered in local time, with its date
 
@@ -247,11 +247,13 @@ def keys(cli_key):
     return cli_key
 
 
-def test_two_line_mode_clients_chat_in_the_lobby(server, certs_dir, keys) -> None:
+def test_two_line_mode_clients_chat_in_the_lobby(server, certs_dir, keys, make_identity) -> None:
     port, ca = server.address[1], certs_dir / "ca.pem"
     bob = LineClient(keys("bob"), port, ca, user="bob")
     try:
         bob.out.wait_for("-- bob joined #lobby")
+        # alice's /join #dev finds it plain (a room it made would be end-to-end encrypted).
+        plain_room_kept(server.address, certs_dir, make_identity("keeper"), "#dev")
         alice = run_client(
             keys("alice"), port, ca, "hello from alice\n/join #dev\n/me waves\n", user="alice"
         )
@@ -476,7 +478,7 @@ def test_console_reconnects_after_a_server_restart_and_sends_what_was_typed(
 
     from securechat.client import Client
 
-    from .conftest import start_server
+    from .conftest import plain_room_kept, start_server
 
     shown: queue.Queue[str] = queue.Queue()
 
@@ -494,6 +496,8 @@ def test_console_reconnects_after_a_server_restart_and_sends_what_was_typed(
     data = tmp_path / "data"
     srv = start_server(certs_dir, data)
     port = srv.address[1]
+    # Plain, and kept so by its history across the restart: the held line goes out as say.
+    plain_room_kept(srv.address, certs_dir, make_identity("keeper"), "#dev")
 
     def dial() -> Client:
         return Client.connect(

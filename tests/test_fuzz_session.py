@@ -79,23 +79,36 @@ SAY_EDGE_VALUES: dict[str, list[object]] = {
     "resume": [True, False, None, 0, 1, "yes"],
 }
 SAY_EDGES = {field: st.sampled_from(values) for field, values in SAY_EDGE_VALUES.items()}
+_LONGEST = base64.b64encode(bytes(protocol.CIPHERTEXT_MAX)).decode()
+SAY_ENCRYPTED_EDGE_VALUES: dict[str, list[object]] = {
+    **{field: SAY_EDGE_VALUES[field] for field in ("id", "room", "resume")},
+    "session_id": ["a", "+/=_-", "a" * 128, "a" * 129, "", "a b", "\u00e9", 5, None],
+    "ciphertext": ["AA==", "AB==", "AA", "A===", "", "QUJD\n", "-_8=", _LONGEST, _LONGEST[:-4]
+                   + "AAAA", "\u00e9AA=", 5, None],
+}  # fmt: skip
+SAY_ENCRYPTED_EDGES = {
+    field: st.sampled_from(values) for field, values in SAY_ENCRYPTED_EDGE_VALUES.items()
+}
 
 
 @st.composite
 def say_frames(draw: st.DrawFn) -> dict:
-    """A say, valid or with fields dropped, set to edge values or to any JSON value."""
-    frame = draw(valid_frames(("say",)))
-    for field in draw(st.lists(st.sampled_from(sorted(SAY_EDGES)), max_size=3)):
+    """A say or say_encrypted, valid or with fields dropped, set to edge values or to any JSON
+    value."""
+    ftype = draw(st.sampled_from(["say", "say_encrypted"]))
+    edges = SAY_EDGES if ftype == "say" else SAY_ENCRYPTED_EDGES
+    frame = draw(valid_frames((ftype,)))
+    for field in draw(st.lists(st.sampled_from(sorted(edges)), max_size=3)):
         how = draw(st.sampled_from(["drop", "edge", "any"]))
         if how == "drop":
             frame.pop(field, None)
         else:
-            frame[field] = draw(SAY_EDGES[field] if how == "edge" else JSON_VALUES)
+            frame[field] = draw(edges[field] if how == "edge" else JSON_VALUES)
     return frame
 
 
 def check_quick_say(frame: dict) -> None:
-    quick = protocol._quick_say(frame)
+    quick = protocol._QUICK[frame["type"]](frame)
     try:
         full = protocol.parse_client_frame(frame)
     except ProtocolError:
@@ -112,6 +125,16 @@ def test_the_quick_say_check_passes_only_what_the_full_check_passes(frame):
 def test_every_edge_value_of_every_say_field() -> None:
     base = {"type": "say", "id": 1, "room": "#lobby", "text": "hi"}
     for field, values in SAY_EDGE_VALUES.items():
+        check_quick_say({k: v for k, v in base.items() if k != field})
+        for value in values:
+            check_quick_say({**base, field: value})
+
+
+def test_every_edge_value_of_every_say_encrypted_field() -> None:
+    base = {"type": "say_encrypted", "id": 1, "room": "#team"}
+    base |= {"session_id": "s", "ciphertext": "AA=="}
+    assert protocol._quick_say_encrypted(base) == protocol.parse_client_frame(base)
+    for field, values in SAY_ENCRYPTED_EDGE_VALUES.items():
         check_quick_say({k: v for k, v in base.items() if k != field})
         for value in values:
             check_quick_say({**base, field: value})

@@ -9,7 +9,7 @@ import pytest
 
 from securechat import framing
 from securechat.errors import ProtocolError
-from securechat.protocol import History, Say
+from securechat.protocol import History, Join, Say, SayEncrypted
 from securechat.server.hub import Hub
 from tests.test_big_rooms import StubConn, crowd
 
@@ -52,3 +52,37 @@ def test_history_keeps_the_message_as_sent_marked_history() -> None:
     hub.login(late)  # type: ignore[arg-type]
     assert loop.frames["cat"][0] == {**sent, "history": True}
     assert json.loads(framing.encode(reply)[4:])["messages"][0]["history"] is True
+
+
+def test_an_encrypted_message_is_encoded_once_for_every_member(monkeypatch) -> None:
+    rows: list[tuple[object, ...]] = []
+    hub = Hub(history_sink=lambda row: rows.append(tuple(row)))
+    loop, conns = crowd(hub, ["ann", "bob", "cat"])
+    for conn in conns:
+        hub.handle(conn, Join(id=1, room="#team"))  # type: ignore[arg-type]
+    loop.frames.clear()
+    real, encoded = framing.encode, []
+    monkeypatch.setattr(
+        framing, "encode", lambda frame, *a: encoded.append(frame) or real(frame, *a)
+    )
+    said = SayEncrypted(id=7, room="#team", session_id="s1", ciphertext="AAEC")
+    reply = hub.say(conns[0], said)  # type: ignore[arg-type]
+    heard = loop.frames["ann"][-1]
+    assert heard == {
+        "type": "message_encrypted", "room": "#team", "from": "ann", "device": "AAAAAAAAAAAAAAAA",
+        "session_id": "s1", "ciphertext": "AAEC", "ts": heard["ts"],
+    }  # fmt: skip
+    assert [loop.frames[name] for name in ("bob", "cat")] == [[heard], [heard]]
+    assert encoded == [heard]  # one encode for the room; the reply comes from the template
+    assert reply == real({"type": "ok", "id": 7, "room": "#team", "ts": heard["ts"]})
+    assert rows == [("#team", "ann", "AAEC", heard["ts"], False, "AAAAAAAAAAAAAAAA", "s1")]
+    # A plain say there is refused, and so is an encrypted one in the plain lobby.
+    with pytest.raises(ProtocolError) as refused:
+        hub.say(conns[1], Say(id=8, room="#team", text="hi"))  # type: ignore[arg-type]
+    assert refused.value.code == "room_encrypted"
+    with pytest.raises(ProtocolError) as refused:
+        hub.say(conns[1], SayEncrypted(8, "#lobby", "s1", "AAEC"))  # type: ignore[arg-type]
+    assert (refused.value.code, refused.value.message) == (
+        "room_plain",
+        "#lobby is not end-to-end encrypted: send say",
+    )

@@ -183,6 +183,21 @@ def test_a_replayed_room_message_is_refused(net: OlmNet) -> None:
     )
 
 
+def test_room_history_may_show_a_message_again_but_a_live_copy_is_refused(net: OlmNet) -> None:
+    alice, bob = setup_room(net, "alice", "bob")
+    first, second, third = (send(net, alice, f"line {n}") for n in range(3))
+    assert text(bob, first) == "line 0"
+    assert text(bob, third) == "line 2"
+    # History re-sent on a join: the message read before shows again, nothing counts as missing.
+    again = bob.crypto.decrypt("alice", first.message, before_join=True, history=True)
+    assert isinstance(again, DecryptedRoomMessage)
+    assert (again.body, again.notices) == ("line 0", ())
+    late = bob.crypto.decrypt("alice", second.message, history=True)
+    assert isinstance(late, DecryptedRoomMessage) and late.body == "line 1"
+    with pytest.raises(ReplayedRoomMessage):
+        bob.crypto.decrypt("alice", second.message)  # seen once, as history: live it is a copy
+
+
 def test_a_wrong_sender_stamped_on_a_message_is_refused(net: OlmNet) -> None:
     alice, bob, _carol = setup_room(net, "alice", "bob", "carol")
     out = send(net, alice, "from alice")

@@ -308,6 +308,13 @@ def test_every_state_has_a_rule() -> None:
         assert allowed <= set(protocol.CLIENT_FRAMES)
 
 
+def test_the_ciphertext_bound_is_the_megolm_envelopes() -> None:
+    # protocol.py cannot import securechat.megolm (which imports it), so it states the bound.
+    from securechat.megolm.envelope import MAX_CIPHERTEXT
+
+    assert protocol.CIPHERTEXT_MAX == MAX_CIPHERTEXT
+
+
 def test_the_protocol_doc_lists_exactly_the_error_codes_of_the_enum() -> None:
     rows = [f"| `{c.value}` | {c.when} | {c.closes} |" for c in ErrorCode]
     table = "\n".join(["| code | when | closes the connection |", "|---|---|---|", *rows])

@@ -337,3 +337,15 @@ def test_a_message_from_a_device_revoked_since_is_refused_visibly(
         f"a message from alice in #team was dropped: device {alice.state.device_id} of alice "
         "was revoked"
     )
+
+
+def test_revoking_one_of_our_devices_starts_a_new_session_in_every_room(net) -> None:
+    alice, bob = net("alice"), net("bob")
+    in_room("#team", alice, bob)
+    alice.rooms.send("#team", "one", alice.say)
+    alice.rooms.send("#team", "two", alice.say)
+    alice.rooms.rotate_all()
+    alice.rooms.send("#team", "three", alice.say)
+    first, second, third = (s["session_id"] for s in alice.said)
+    assert first == second != third
+    assert len(key_dms(alice.sent, bob)) == 2  # the new session's key went to bob too

@@ -36,6 +36,10 @@ def said(room: str, sender: str, text: str) -> Callable[[Event], bool]:
     return lambda e: isinstance(e, Message) and (e.room, e.sender, e.text) == (room, sender, text)
 
 
+def joined(room: str, user: str) -> Callable[[Event], bool]:
+    return lambda e: isinstance(e, Joined) and (e.room, e.user) == (room, user)
+
+
 def warned(kind: str) -> Callable[[Event], bool]:
     return lambda e: isinstance(e, RoomWarning) and e.kind == kind
 
@@ -53,7 +57,7 @@ def enter(room: str, newcomer: Client, *members: Client) -> RoomState:
     newcomer.join(room).result(10)
     state = wait_for(newcomer, lambda e: isinstance(e, RoomState) and e.room == room)
     for member in members:
-        wait_for(member, lambda e: isinstance(e, Joined) and e.user == newcomer.user)
+        wait_for(member, joined(room, newcomer.user))
     assert isinstance(state, RoomState)
     return state
 
@@ -74,6 +78,16 @@ def test_a_message_in_an_encrypted_room_is_read_by_every_member(connect) -> None
         assert isinstance(got, Message) and got.encrypted and got.device == alice.device_id
     carol.send("#team", "hi alice").result(10)
     assert wait_for(alice, said("#team", "carol", "hi alice")).encrypted
+
+
+def test_a_line_sent_straight_after_joining_is_encrypted_to_the_members_listed(connect) -> None:
+    bob = connect("bob")
+    enter("#team", bob)
+    alice = connect("alice")
+    joining = alice.join("#team")  # not waited for: the send waits until its answer is read
+    alice.send("#team", "straight away").result(10)
+    assert joining.done()
+    assert wait_for(bob, said("#team", "alice", "straight away")).encrypted
 
 
 def test_the_join_shows_the_lock_and_each_members_trust_mark(connect) -> None:
@@ -144,7 +158,7 @@ def test_a_newcomer_is_told_how_many_earlier_messages_were_sent_before_they_join
         True,
     )
     assert marker.detail == "3 earlier messages were sent before you joined"
-    wait_for(alice, lambda e: isinstance(e, Joined) and e.user == "carol")
+    wait_for(alice, joined("#team", "carol"))
     alice.send("#team", "welcome carol").result(10)
     assert wait_for(carol, said("#team", "alice", "welcome carol")).encrypted
     # /history reads what it can and sums up the rest.
@@ -182,6 +196,11 @@ def test_a_second_device_reads_the_history_through_key_forwarding(device: Connec
         True,
         True,
     )
+    # bob saw the phone join (as alice): his next message reaches it live.
+    wait_for(bob, joined("#team", "alice"))
+    bob.send("#team", "to both of alice's devices").result(10)
+    for reader in (phone, laptop):
+        assert wait_for(reader, said("#team", "bob", "to both of alice's devices")).encrypted
 
 
 def test_a_room_seen_encrypted_stays_encrypted_for_the_client(
@@ -212,7 +231,7 @@ def test_a_room_seen_encrypted_stays_encrypted_for_the_client(
     # Someone who never saw it encrypted talks in clear there: refused, never shown.
     mallory = connect("mallory")
     mallory.join("#team").result(10)
-    wait_for(again, lambda e: isinstance(e, Joined) and e.user == "mallory")
+    wait_for(again, joined("#team", "mallory"))
     mallory.send("#team", "in clear").result(10)
     refused = wait_for(again, warned("downgrade"))
     assert refused.detail == (

@@ -23,7 +23,7 @@ from securechat.errors import AuthError, ConnectError
 from securechat.server import Server
 from securechat.tls import client_context
 
-from .conftest import start_server, wait_for
+from .conftest import join_plain, start_server, wait_for
 
 
 def is_msg(text: str):
@@ -378,12 +378,13 @@ def test_logging_in_again_replaces_the_old_connection(connect) -> None:
 def test_several_clients_chat_in_two_rooms(connect) -> None:
     alice, bob, carol = connect("alice"), connect("bob"), connect("carol")
     wait_for(alice, lambda e: isinstance(e, Joined) and e.user == "carol")
-    joined = bob.join("#dev").result(5)
+    joined = join_plain(bob, "#dev")
     # (the id follows the requests that published bob's device and prekeys)
     assert joined == {
         "type": "ok",
         "id": joined["id"],
         "room": "#dev",
+        "mode": "plain",
         "members": ["bob"],
         "count": 1,
     }
@@ -406,7 +407,10 @@ def test_several_clients_chat_in_two_rooms(connect) -> None:
     assert (info.value.code, info.value.message) == ("not_in_room", "you are not in #dev")
 
     rooms = alice.list_rooms().result(5)["rooms"]
-    assert rooms == [{"name": "#dev", "members": 2}, {"name": "#lobby", "members": 3}]
+    assert rooms == [
+        {"name": "#dev", "members": 2, "mode": "plain"},
+        {"name": "#lobby", "members": 3, "mode": "plain"},
+    ]
     assert alice.who("#dev").result(5)["members"] == ["bob", "carol"]
 
     carol.part("#dev").result(5)

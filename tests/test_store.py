@@ -130,3 +130,19 @@ def test_a_batch_longer_than_the_history_kept_stores_only_its_newest_rows(tmp_pa
         assert store._db.execute("SELECT COUNT(*) FROM room_history").fetchone() == (6,)
     finally:
         store.close()
+
+
+def test_a_rooms_mode_is_kept_with_its_history_and_encrypted_rows_keep_their_metadata(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteStore(tmp_path / "server.db")
+    try:
+        sealed = HistoryRow("#team", "alice", "AAEC", 1, False, "ABCDEFGHIJKLMNOP", "s1")
+        store.append_history([HistoryRow("#open", "bob", "hi", 2), sealed], keep=5)
+        assert store.room_history("#team", 5) == [sealed]
+        assert store.room_modes() == {"#open": "plain", "#team": "encrypted"}
+        # A mode without history is not remembered (the room would be forgotten once empty).
+        store._db.execute("INSERT INTO room_modes (room, mode) VALUES ('#gone', 'encrypted')")
+        assert "#gone" not in store.room_modes()
+    finally:
+        store.close()

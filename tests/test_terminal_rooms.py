@@ -9,7 +9,6 @@ from prompt_toolkit.output import DummyOutput
 
 from securechat.client.chat_session import ChatSession
 from securechat.client.events import (
-    Joined,
     RoomMember,
     RoomState,
     RoomUnreadable,
@@ -22,6 +21,7 @@ from securechat.terminal.notices import Notice, info, warning
 from securechat.terminal.render import mode_label, notice_of
 
 from .conftest import wait_for
+from .test_rooms_e2e import joined
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,7 @@ def test_create_room_rooms_and_who_in_the_terminal(connect) -> None:
     assert got[-1] == warning("usage: /create #room [--plain]")
     bob = connect("bob")
     bob.join("#team").result(10)
-    wait_for(alice, lambda e: isinstance(e, Joined) and e.user == "bob")
+    wait_for(alice, joined("#team", "bob"))
     got.clear()
     controller.handle_line("/rooms")
     assert got == [

@@ -85,7 +85,7 @@ class Client:
         self.history = history
         self.welcome = welcome
         self.server_cert_sha256 = conn.tls.peer_cert_sha256()
-        self.rooms: set[str] = set()  # rooms we are in, kept up to date from events
+        self.rooms: set[str] = set()  # rooms we are in, kept up to date from our joins and parts
         self._events: queue.Queue[Event] = queue.Queue()
         self._done = threading.Event()
         self._queue_delivered = threading.Event()
@@ -109,6 +109,7 @@ class Client:
             EncryptedRooms(self.dms, known_keys, self._events.put) if self.dms is not None else None
         )
         self._inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._joins: dict[str, threading.Event] = {}  # set once a join's answer was read
         self._receiver = threading.Thread(target=self._receive_loop, name=f"dm-{user}", daemon=True)
 
     @classmethod
@@ -186,10 +187,15 @@ class Client:
         if plain:
             fields["plain"] = True
         future = self._conn.request("join", **fields)
+        # A line sent right after the join waits until its answer reached the room keys: the
+        # room's mode and members decide whether and to whom it is encrypted.
+        read = self._joins[room] = threading.Event()
 
         def answered(f: Future[dict[str, Any]]) -> None:
-            if f.exception() is None:  # in order behind the history and joins before it
-                self._inbox.put({"type": JOIN_REPLY, "reply": f.result()})
+            if f.exception() is not None:
+                read.set()
+            else:  # in order behind the history and joins before it
+                self._inbox.put({"type": JOIN_REPLY, "reply": f.result(), "read": read})
 
         future.add_done_callback(answered)
         return future
@@ -207,6 +213,8 @@ class Client:
         In a room seen end-to-end encrypted the text is encrypted (RoomWarning events name the
         members who get no keys, and why); it is never sent in plaintext there. Blocks then while
         it fetches device lists and prekeys: never call it on the connection's thread."""
+        if (joining := self._joins.get(room)) is not None:
+            joining.wait(JOIN_READ_TIMEOUT)
         if self.room_mode(room) == RoomMode.ENCRYPTED.value:
             if action:
                 raise RoomCryptoError(
@@ -454,6 +462,7 @@ class Client:
         if frame["type"] in _IN_ORDER:
             # In order behind the DMs before it: queue_end means they have all been opened, and
             # a room key arrives before the room message it opens.
+            self._track_rooms(frame)
             self._inbox.put(frame)
             return
         event = _event_from_frame(frame)
@@ -464,15 +473,22 @@ class Client:
         """A room frame, on the DM thread: shown, then handed to the room keys."""
         rooms = self.encrypted_rooms
         if frame["type"] == JOIN_REPLY:
-            if rooms is not None:
-                rooms.joined_reply(frame["reply"])
+            try:
+                if rooms is not None:
+                    rooms.joined_reply(frame["reply"])
+            finally:
+                frame["read"].set()
             return
         if frame["type"] == "message_encrypted":
             for shown in rooms.message(frame) if rooms is not None else ():
                 self._emit(shown)
             return
         if self._another_device_of_mine(frame):
-            return  # our phone joining or leaving a room is not this device doing it
+            # Our phone joining or leaving a room is not this device doing it; but a new phone
+            # is to get our room keys, so its record is fetched now, off the sending path.
+            if frame["type"] == "joined" and rooms is not None:
+                rooms.refresh_devices(self.user)
+            return
         event = _event_from_frame(frame)
         if rooms is None or event is None:
             if event is not None:
@@ -483,6 +499,17 @@ class Client:
             rooms.parted(event, _str(frame, "device"), self._emit)
         else:
             self._emit(rooms.check_plaintext(event) if isinstance(event, Message) else event)
+
+    def _track_rooms(self, frame: dict[str, Any]) -> None:
+        # Here, before the join's reply resolves its future: who waits for a join (a rejoin
+        # after a reconnect) finds the room in `rooms` at once.
+        if frame.get("user") != self.user or self._another_device_of_mine(frame):
+            return
+        room = frame.get("room")
+        if frame["type"] == "joined" and isinstance(room, str) and not valid_room(room):
+            self.rooms.add(room)
+        elif frame["type"] == "parted" and isinstance(room, str):
+            self.rooms.discard(room)
 
     def _another_device_of_mine(self, frame: dict[str, Any]) -> bool:
         device = frame.get("device")
@@ -497,10 +524,6 @@ class Client:
     def _emit(self, event: Event) -> None:
         if self.history is not None:
             self._remember(event)
-        if isinstance(event, Joined) and event.user == self.user:
-            self.rooms.add(event.room)
-        elif isinstance(event, Parted) and event.user == self.user:
-            self.rooms.discard(event.room)
         self._events.put(event)
 
     def _tick(self) -> None:
@@ -564,6 +587,7 @@ class Client:
 # room key comes as a DM just before the room message it opens). JOIN_REPLY is our own marker
 # for a join's answer, put in that order by the request's callback.
 JOIN_REPLY = "_join_reply"
+JOIN_READ_TIMEOUT = 10.0  # seconds a send waits for its room's join answer to be read
 _IN_ORDER = frozenset(
     {"dm", "queue_end", "prekey_count", "message", "message_encrypted", "joined", "parted"}
 )

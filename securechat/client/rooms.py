@@ -36,7 +36,7 @@ from securechat.client.events import (
     RoomWarning,
 )
 from securechat.e2e import storage
-from securechat.errors import DeviceRecordError, SecureChatError
+from securechat.errors import ConnectionClosed, DeviceRecordError, SecureChatError
 from securechat.megolm import keyshare
 from securechat.megolm.envelope import RoomCiphertext
 from securechat.megolm.errors import (
@@ -476,11 +476,17 @@ class EncryptedRooms:
 
     # -- internals ------------------------------------------------------------------------------
 
+    def refresh_devices(self, user: str) -> None:
+        """Fetch `user`'s device list again (one of their devices was seen joining a room)."""
+        self._fetch_devices([user])
+
     def _fetch_devices(self, users: Iterable[str]) -> None:
         """Fetch and check device lists (blocking; never on the connection's thread)."""
         for user in users:
             try:
                 self._dms.devices_of(user)
+            except ConnectionClosed:
+                return  # the Closed event says so
             except (SecureChatError, TimeoutError) as exc:
                 self._emit(
                     DeviceWarning(user, f"the devices of {user} could not be checked: {exc}")
