@@ -221,7 +221,7 @@ def chat_with_bob(gui_for, bob: LineClient, tmp_path: Path, display: str) -> Non
     # Slash commands work as in the terminal; /join opens and selects the room.
     gui.window.submit("/join #dev")
     gui.pump(lambda: gui.model.current == "#dev")
-    gui.pump(lambda: list(gui.window.members.get(0, "end")) == ["alice"])
+    gui.pump(lambda: list(gui.window.members.get(0, "end")) == ["alice [verified]"])
 
     gui.window.close()
     bob.out.wait_for("-- alice left #lobby", WAIT)
@@ -550,3 +550,137 @@ def test_verify_with_a_step_typed_in_the_window_runs_the_emoji_comparison(gui_fo
     gui.pump(lambda: "bob" in gui.window.emoji_dialogs)
     assert gui.window.emoji_dialogs["bob"].button_labels() == ["Cancel"]
     assert gui.window.verify_dialog is None  # no safety-number dialog for a step
+
+
+LOCK = "\N{LOCK}"
+
+
+def test_rooms_show_their_mode_trust_marks_strictness_and_markers(
+    gui_for, connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encrypted rooms in the window: the New room dialog creates a plain room and an encrypted
+    one, each shown with its mode; members carry trust marks; the strict switch runs /room
+    strict; a newcomer's marker and a ghost's warning are system lines in their room."""
+    from securechat.client.events import Message, RoomState
+    from securechat.gui.window import COLOURS
+
+    from .conftest import rewrite_sent_frames
+
+    gui = gui_for("alice")
+    window = gui.window
+    assert "#lobby (not end-to-end encrypted)" in window.sidebar.get(0, "end")
+    assert window.banner_text.cget("text") == (
+        "#lobby: not end-to-end encrypted: the server can read it"
+    )
+    assert "#lobby (not end-to-end encrypted)" in window.status.cget("text")
+
+    # A name that is no room's is refused in the dialog itself.
+    window.open_new_room()
+    dialog = window.new_room_dialog
+    dialog.name.delete(0, "end")
+    dialog.name.insert(0, "#my team")
+    dialog.confirm()
+    assert dialog.error.cget("text") == "a room name is one word, like #team"
+    assert dialog.top.winfo_exists()
+
+    # Ticked "plain": what /create #open --plain sends.
+    dialog.name.delete(0, "end")
+    dialog.name.insert(0, "#open")
+    dialog.plain_box.invoke()
+    dialog.confirm()
+    gui.pump(lambda: gui.model.current == "#open" and gui.model.conversations["#open"].mode)
+    assert gui.model.conversations["#open"].mode == "plain"
+    bob = connect("bob")
+    listed = {r["name"]: r["mode"] for r in bob.list_rooms().result(WAIT)["rooms"]}
+    assert listed["#open"] == "plain"
+    gui.pump(lambda: "#open (not end-to-end encrypted)" in window.sidebar.get(0, "end"))
+    assert not window.strict_button.winfo_ismapped()
+
+    # Unticked: end-to-end encrypted, with a lock in the list, the banner and the status line.
+    window.open_new_room()
+    window.new_room_dialog.name.insert("end", "team")
+    window.new_room_dialog.confirm()
+    gui.pump(lambda: gui.model.current == "#team" and gui.model.conversations["#team"].mode)
+    assert bob.list_rooms().result(WAIT)["rooms"][-1] == {
+        "name": "#team",
+        "members": 1,
+        "mode": "encrypted",
+    }
+    gui.pump(lambda: f"#team {LOCK}" in window.sidebar.get(0, "end"))
+    assert window.banner_text.cget("text") == (
+        f"#team: {LOCK} end-to-end encrypted; keys go to pinned members"
+    )
+    assert f"#team ({LOCK} end-to-end encrypted)" in window.status.cget("text")
+    gui.root.update_idletasks()
+    assert window.strict_button.winfo_ismapped()
+
+    # Members with trust marks: bob is new to alice, alice verified to herself.
+    bob.join("#team").result(WAIT)
+    gui.pump(lambda: list(window.members.get(0, "end")) == ["alice [verified]", "bob [new]"])
+    assert window.members.itemcget(1, "foreground") == COLOURS["new"]
+
+    # The strict switch runs /room strict, and back.
+    window.strict_button.invoke()
+    gui.pump(gui.shows("#team", "#team is strict: its keys go only to members you verified"))
+    gui.pump(lambda: gui.model.conversations["#team"].strict)
+    assert window.client.room_state("#team").strict
+    assert window.strict.get()
+    assert window.banner_text.cget("text").endswith("keys go to verified members only (strict)")
+    window.strict_button.invoke()
+    gui.pump(lambda: not gui.model.conversations["#team"].strict)
+    assert not window.client.room_state("#team").strict
+    assert "#team is normal: its keys go to every member whose key is pinned" in gui.lines("#team")
+
+    # A ghost: the server slips mallory in without a `joined` event; /who shows her, warned.
+    rewrite_sent_frames(
+        monkeypatch,
+        "joined",
+        lambda f: [] if (f["user"], f["room"]) == ("mallory", "#team") else [f],
+    )
+    mallory = connect("mallory")
+    mallory.join("#team").result(WAIT)
+    window.submit("/who")
+    ghost = "mallory [ghost: never seen joining, gets no keys]"
+    gui.pump(lambda: ghost in window.members.get(0, "end"))
+    assert window.members.itemcget(2, "foreground") == COLOURS["ghost"]
+    warning = (
+        "the server lists mallory in #team, but you never saw mallory join; mallory gets no keys "
+        "and cannot read what you send there"
+    )
+    gui.pump(gui.shows("#team", warning))
+    assert window.banner_text.cget("text").endswith("never seen joining, given no keys: mallory")
+
+    # A downgrade: the server passes bob's message on in clear. Refused, in the room, and the
+    # room keeps its lock.
+    rewrite_sent_frames(
+        monkeypatch,
+        "message_encrypted",
+        lambda f: [{"type": "message", "room": f["room"], "from": f["from"], "ts": f["ts"],
+                    "text": "said in plaintext"}],
+    )  # fmt: skip
+    bob.send("#team", "a secret").result(WAIT)
+    refusal = "a message from bob arriving in clear was refused: #team is end-to-end encrypted"
+    gui.pump(gui.shows("#team", refusal))
+    [line] = [x for x in gui.model.conversations["#team"].lines if refusal in x.text]
+    assert (line.kind, line.sender) == ("warning", "")
+    assert "said in plaintext" not in gui.view() and "<bob>" not in gui.view()
+    assert f"#team {LOCK}" in window.sidebar.get(0, "end")
+    monkeypatch.undo()
+
+    # A newcomer: what carol said before alice joined is a marker, never carol's chat text.
+    carol = connect("carol")
+    carol.join("#secret").result(WAIT)
+    wait_for(carol, lambda e: isinstance(e, RoomState) and e.room == "#secret", WAIT)
+    for n in range(2):
+        carol.send("#secret", f"before alice {n}").result(WAIT)
+        wait_for(carol, lambda e, n=n: isinstance(e, Message) and e.text == f"before alice {n}")
+    window.submit("/join #secret")
+    marker = "[history] 2 earlier messages were sent before you joined"
+    gui.pump(gui.shows("#secret", marker))
+    [line] = [x for x in gui.model.conversations["#secret"].lines if x.text == marker]
+    assert (line.kind, line.sender) == ("system", "")
+    gui.pump(lambda: gui.model.current == "#secret")
+    assert "now talking in #secret (2 here)" in gui.lines("#secret")  # said where it happened
+    gui.pump(lambda: f"-- {marker}" in gui.view())
+    assert "before alice" not in gui.view()
+    assert "<carol>" not in gui.view()

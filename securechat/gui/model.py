@@ -1,4 +1,5 @@
-"""What the window shows, without Tk: conversations, unread counts, members and key trust.
+"""What the window shows, without Tk: conversations, unread counts, members and key trust, and
+each room's mode (a lock, or "not end-to-end encrypted") with its members' trust marks.
 
 The bridge feeds it Client events and the results of background work on the Tk thread; the
 window draws from it. Keeping it free of Tk lets tests check every rule without a display.
@@ -20,11 +21,16 @@ from securechat.client.events import (
     Joined,
     Message,
     Parted,
+    RoomMember,
+    RoomState,
+    RoomUnreadable,
+    RoomWarning,
     ServerError,
 )
 from securechat.client.text import clean, clean_line, stamp
 from securechat.protocol import LOBBY, valid_room
-from securechat.terminal import hints
+from securechat.terminal import commands, hints
+from securechat.terminal.hints import LOCK, member_mark, mode_label
 
 # Which line kinds may stand in which conversations: a room line never in a DM conversation, a
 # DM line (a sealed message that opened and passed every check) never in a room.
@@ -57,6 +63,16 @@ class Trust:
     warning: str = ""  # for a changed key: both fingerprints and what to do
 
 
+@dataclass(frozen=True)
+class MemberRow:
+    """One row of the member list: `text` as shown, `kind` for its colour (verified, pinned,
+    new, changed, ghost, or "" in a plain room)."""
+
+    user: str
+    text: str
+    kind: str = ""
+
+
 @dataclass
 class Conversation:
     name: str  # "#room" or "@peer"
@@ -64,6 +80,11 @@ class Conversation:
     unread: int = 0
     members: set[str] = field(default_factory=set)
     trust: Trust | None = None  # DMs only
+    # Rooms only, as the client's RoomState says: "encrypted", "plain" or None (not known yet);
+    # whether keys go to verified members only; each member's trust mark (and the ghosts).
+    mode: str | None = None
+    strict: bool = False
+    marks: dict[str, RoomMember] = field(default_factory=dict)
 
     @property
     def is_dm(self) -> bool:
@@ -80,7 +101,47 @@ class Conversation:
             mark = " (!)"
         elif self.trust is not None and self.trust.state == "verified":
             mark = " \u2713"
+        elif self.mode == "encrypted":
+            mark = f" {LOCK}"
+        elif self.mode == "plain":
+            mark = " (not end-to-end encrypted)"
         return f"{self.name}{mark}" + (f" ({self.unread})" if self.unread else "")
+
+    @property
+    def where(self) -> str:
+        """The conversation as the status line names it: a room with its mode, as the terminal's
+        status bar does."""
+        return self.name if self.is_dm else f"{self.name} ({mode_label(self.mode)})"
+
+    @property
+    def header(self) -> tuple[str, str]:
+        """A room's header line and its kind (encrypted, plain, unknown): the mode, how keys
+        are shared, and a warning while the server lists members this client never saw join."""
+        if self.mode == "encrypted":
+            sharing = "verified members only (strict)" if self.strict else "pinned members"
+            ghosts = sorted(m.user for m in self.marks.values() if m.ghost)
+            warn = ""
+            if ghosts:
+                names = ", ".join(clean_line(g) for g in ghosts)
+                warn = f"; never seen joining, given no keys: {names}"
+            return f"{self.name}: {mode_label(self.mode)}; keys go to {sharing}{warn}", "encrypted"
+        if self.mode == "plain":
+            return f"{self.name}: not end-to-end encrypted: the server can read it", "plain"
+        return f"{self.name}: {mode_label(None)}", "unknown"
+
+    def member_rows(self) -> list[MemberRow]:
+        """The member list: in an encrypted room each member with their trust mark (verified,
+        pinned, new, changed, or a ghost: listed by the server without a join we showed)."""
+        ghosts = {m.user for m in self.marks.values() if m.ghost}
+        rows = []
+        for user in sorted(self.members | ghosts):
+            mark = self.marks.get(user) if self.mode == "encrypted" else None
+            if mark is None:
+                rows.append(MemberRow(user, clean_line(user)))
+            else:
+                kind = "ghost" if mark.ghost else mark.mark
+                rows.append(MemberRow(user, member_mark(mark), kind))
+        return rows
 
     @property
     def blocked(self) -> bool:
@@ -95,6 +156,7 @@ class ChatModel:
         self.user = user
         self.conversations: dict[str, Conversation] = {}
         self.current = self.open(LOBBY).name
+        self.conversations[LOBBY].mode = "plain"  # by the protocol's rule, announced or not
         self.status = ""
         self.connected = True
         self.emoji: dict[str, EmojiVerification] = {}  # the last emoji comparison step, by peer
@@ -187,6 +249,8 @@ class ChatModel:
                 conv.members.clear()
         elif isinstance(event, EmojiVerification):
             self._emoji_step(event)
+        elif isinstance(event, RoomState | RoomUnreadable | RoomWarning):
+            self._room_event(event)
         elif isinstance(event, FrameDropped | DeviceWarning):
             self.note(event.detail, kind="warning")
         elif isinstance(event, ServerError):
@@ -209,8 +273,48 @@ class ChatModel:
         if event.stage == "verified":
             self.open(name).trust = Trust("verified", event.fingerprint)
 
-    def set_members(self, room: str, members: list[str]) -> None:
-        self.open(room).members = set(members)
+    def _room_event(self, event: RoomState | RoomUnreadable | RoomWarning) -> None:
+        """A room's mode and members, a marker in place of a message this device cannot read, or
+        a refusal: each in its own room, as a system or warning line, never as chat text."""
+        if valid_room(event.room):  # a key refused before its room was known, say
+            if isinstance(event, RoomWarning):
+                self.note(event.detail, kind="system" if event.kind == "keys" else "warning")
+            return
+        if isinstance(event, RoomState):
+            conv = self.open(event.room)
+            conv.mode, conv.strict = event.mode, event.strict
+            conv.marks = {m.user: m for m in event.members}
+        elif isinstance(event, RoomUnreadable):
+            mark = "[history] " if event.history else ""
+            self.add(event.room, Line("system", clean(f"{mark}{event.detail}")))
+        else:
+            kind = "system" if event.kind == "keys" else "warning"
+            self.add(event.room, Line(kind, clean(event.detail)))
+
+    def set_members(
+        self, room: str, members: list[str], marked: list[RoomMember] | None = None
+    ) -> None:
+        """The server's member list of `room`; `marked`: the same with trust marks, for an
+        encrypted room (a who reply as the client reads it)."""
+        conv = self.open(room)
+        conv.members = set(members)
+        if marked:
+            conv.marks = {m.user: m for m in marked}
 
     def set_trust(self, peer: str, trust: Trust) -> None:
         self.open(f"@{peer}").trust = trust
+
+
+def create_command(name: str, plain: bool) -> str:
+    """The /create line the "New room" dialog sends (end-to-end encrypted unless `plain`), the
+    name written as /create takes it; raises CommandError for a name that is not a room's."""
+    words = name.split()
+    if len(words) != 1:
+        raise commands.CommandError("a room name is one word, like #team")
+    parsed = commands.parse(f"/create {words[0]}")
+    assert isinstance(parsed, commands.Command)  # a /create line with one argument parses
+    room = parsed.args[0]
+    why = valid_room(room)
+    if why:
+        raise commands.CommandError(f"{room[:40]}: a room name {why}")
+    return f"/create {room}" + (" --plain" if plain else "")

@@ -1,5 +1,6 @@
 """The chat window: conversations on the left, the current one in the middle, members on the
-right, key trust above every DM, and an input box below (Enter sends, Shift+Enter adds a line).
+right, key trust above every DM and the room's mode (with its strict switch) above every room,
+and an input box below (Enter sends, Shift+Enter adds a line).
 
 Typed text goes to the current room, or sealed to the peer of a DM conversation; slash commands
 run through the same Controller as the terminal client. Every call that may wait on the server
@@ -31,11 +32,22 @@ from securechat.client.events import (
     EmojiVerification,
     Event,
     Joined,
+    Parted,
+    RoomMember,
+    RoomState,
 )
 from securechat.client.text import clean
 from securechat.errors import SecureChatError
 from securechat.gui.bridge import Bridge
-from securechat.gui.model import DM_KINDS, ChatModel, Line, Trust
+from securechat.gui.model import (
+    DM_KINDS,
+    ChatModel,
+    Conversation,
+    Line,
+    MemberRow,
+    Trust,
+    create_command,
+)
 from securechat.identity import fingerprint
 from securechat.protocol import LOBBY, valid_name
 from securechat.terminal import commands, hints
@@ -48,6 +60,10 @@ COLOURS = {
     "pinned": "#1f5fa8",
     "verified": "#1d7a33",
     "changed": "#b00020",
+    "ghost": "#b00020",
+    "encrypted": "#1d7a33",
+    "plain": "#a35200",
+    "unknown": "#555555",
 }
 
 
@@ -98,7 +114,9 @@ class ChatWindow:
         self._build()
         bridge.on_drained(self.redraw)
         threading.Thread(target=self._pump_events, name="gui-events", daemon=True).start()
-        self.bridge.run(lambda: client.who(LOBBY).result(10), self._got_members(LOBBY))
+        self.new_room_dialog: NewRoomDialog | None = None
+        self._joining: str | None = None  # a room joined by a command, not shown joined yet
+        self.refresh_members(LOBBY)
         self.redraw()
 
     @property
@@ -134,11 +152,14 @@ class ChatWindow:
 
     def _build_conversations(self, panes: ttk.PanedWindow) -> ttk.Frame:
         """The left pane: the list of conversations and the box to start a DM."""
-        left = ttk.Frame(panes, width=190)
+        left = ttk.Frame(panes, width=240)
         ttk.Label(left, text="Conversations").pack(anchor="w")
-        self.sidebar = tk.Listbox(left, activestyle="none", exportselection=False)
+        self.sidebar = tk.Listbox(left, activestyle="none", exportselection=False, width=30)
         self.sidebar.pack(fill="both", expand=True)
         self.sidebar.bind("<<ListboxSelect>>", self._on_pick)
+        ttk.Button(left, text="New room\u2026", command=self.open_new_room).pack(
+            fill="x", pady=(4, 0)
+        )
         new_dm = ttk.Frame(left)
         new_dm.pack(fill="x", pady=(4, 0))
         self.dm_entry = ttk.Entry(new_dm, width=12)
@@ -148,13 +169,20 @@ class ChatWindow:
         return left
 
     def _build_chat(self, panes: ttk.PanedWindow) -> ttk.Frame:
-        """The middle pane: the trust banner, the conversation and the input box."""
+        """The middle pane: the banner (a DM's key trust, a room's mode), the conversation and
+        the input box."""
         middle = ttk.Frame(panes)
         self.banner = tk.Frame(middle)
         # The buttons are packed before the text so that they keep their full width; the text
         # wraps to whatever width is left.
         self.verify_button = ttk.Button(self.banner, text="Verify\u2026", command=self.open_verify)
-        self.verify_button.pack(side="right", padx=2)
+        self.strict = tk.BooleanVar(self.banner, value=False)
+        self.strict_button = ttk.Checkbutton(
+            self.banner,
+            text="Strict: keys to verified members only",
+            variable=self.strict,
+            command=self._on_strict,
+        )
         self.banner_text = tk.Label(self.banner, anchor="w", justify="left", wraplength=560)
         self.banner_text.pack(side="left", fill="x", expand=True, padx=4, pady=2)
         self.banner_text.bind(
@@ -183,6 +211,7 @@ class ChatWindow:
         self.members = tk.Listbox(right, activestyle="none", exportselection=False)
         self.members.pack(fill="both", expand=True)
         self.members.bind("<Double-Button-1>", self._on_member)
+        self._member_users: list[str] = []  # the user of each row
         return right
 
     # -- drawing ----------------------------------------------------------------------------------
@@ -202,11 +231,11 @@ class ChatWindow:
             self.sidebar.selection_set(index)
         conv = model.conversations[model.current]
         self._draw_lines(conv.name, conv.lines)
-        self._draw_members(sorted(conv.members) if not conv.is_dm else [])
+        self._draw_members(conv.member_rows() if not conv.is_dm else [])
         self._draw_banner()
         state = "connected" if model.connected else model.status
         self.status.configure(
-            text=f"{self.client.user} @ {self.where} \u00b7 {conv.name} \u00b7 {state}"
+            text=f"{self.client.user} @ {self.where} \u00b7 {conv.where} \u00b7 {state}"
         )
 
     def _draw_lines(self, name: str, lines: list[Line]) -> None:
@@ -248,20 +277,24 @@ class ChatWindow:
             view.insert("end", f"<{line.sender}> ", sender_tags)
         view.insert("end", line.text.replace("\n", "\n    ") + "\n", body_tags)
 
-    def _draw_members(self, members: list[str]) -> None:
-        if list(self.members.get(0, "end")) != members:
+    def _draw_members(self, rows: list[MemberRow]) -> None:
+        if list(self.members.get(0, "end")) != [row.text for row in rows]:
             self.members.delete(0, "end")
-            for member in members:
-                self.members.insert("end", member)
-        self.members_label.configure(text=f"Members ({len(members)})" if members else "Members")
+            for row in rows:
+                self.members.insert("end", row.text)
+                if row.kind:
+                    self.members.itemconfigure("end", foreground=COLOURS[row.kind])
+        self._member_users = [row.user for row in rows]
+        self.members_label.configure(text=f"Members ({len(rows)})" if rows else "Members")
 
     def _draw_banner(self) -> None:
         conv = self.model.conversations[self.model.current]
-        if not conv.is_dm:
-            self.banner.pack_forget()
-            self._set_input(True)
-            return
         self.banner.pack(fill="x", side="top", before=self.view.master)
+        if not conv.is_dm:
+            self._draw_room_banner(conv)
+            return
+        self.strict_button.pack_forget()
+        self.verify_button.pack(side="right", padx=2, before=self.banner_text)
         trust = conv.trust
         if trust is None:
             text, colour = f"{conv.peer}: checking the key\u2026", "#555555"
@@ -277,6 +310,19 @@ class ChatWindow:
             text, colour = f"{key}: {what}", COLOURS[trust.state]
         self.banner_text.configure(text=text, foreground=colour)
         self._set_input(not conv.blocked)
+
+    def _draw_room_banner(self, conv: Conversation) -> None:
+        """A room's mode (a lock, or "not end-to-end encrypted") and, in an encrypted room, the
+        strict switch."""
+        self.verify_button.pack_forget()
+        if conv.mode == "encrypted":
+            self.strict_button.pack(side="right", padx=2, before=self.banner_text)
+            self.strict.set(conv.strict)
+        else:
+            self.strict_button.pack_forget()
+        text, kind = conv.header
+        self.banner_text.configure(text=text, foreground=COLOURS[kind])
+        self._set_input(True)
 
     def _set_input(self, enabled: bool) -> None:
         self.input.configure(state="normal" if enabled else "disabled")
@@ -319,16 +365,71 @@ class ChatWindow:
         self.model.on_event(event)
         if isinstance(event, EmojiVerification):
             self._emoji_dialog(event.user).show(event)
+            if event.stage == "verified":
+                self.refresh_rooms()  # their mark in every encrypted room
         elif isinstance(event, Joined) and event.user == self.client.user:
-            room = event.room
-            self.bridge.run(lambda: self.client.who(room).result(10), self._got_members(room))
+            self.refresh_members(event.room)
+            if event.room == self._joining:
+                self._joining = None
+                self.select(event.room)
+        elif isinstance(event, Joined | Parted) and event.user != self.client.user:
+            self.refresh_room(event.room)  # an arrival or a departure changes who gets keys
         elif isinstance(event, DirectMessage | DMRejected) and not valid_name(event.sender):
             trust = self.model.conversations[f"@{event.sender}"].trust
             if trust is None or not trust.fingerprint:
                 self.open_dm(event.sender)  # show the key's fingerprint beside its state
 
-    def _got_members(self, room: str) -> Callable[[dict[str, Any]], None]:
-        return lambda reply: self.model.set_members(room, list(reply.get("members", [])))
+    # -- rooms ------------------------------------------------------------------------------------
+
+    def refresh_members(self, room: str) -> None:
+        """Ask the server who is in `room`; in an encrypted room the client marks each member's
+        trust and warns of ghosts (it takes the room lock: on the background thread)."""
+        client = self.client
+
+        def work() -> tuple[list[str], list[RoomMember]]:
+            reply = client.who(room).result(10)
+            return list(reply.get("members", [])), client.who_members(reply)
+
+        self.bridge.run(work, lambda got: self.model.set_members(room, *got))
+
+    def refresh_room(self, room: str) -> None:
+        """Redraw an encrypted room's trust marks and strictness as the client holds them now."""
+        conv = self.model.conversations.get(room)
+        if conv is None or conv.mode != "encrypted":
+            return  # the client calls a room it never saw "plain": ask only of encrypted ones
+        client = self.client
+
+        def show(state: RoomState) -> None:
+            if room in self.model.conversations:  # not a room left meanwhile
+                self.model.on_event(state)
+
+        self.bridge.run(lambda: client.room_state(room), show)
+
+    def refresh_rooms(self) -> None:
+        for name in list(self.model.conversations):
+            self.refresh_room(name)
+
+    def _on_strict(self) -> None:
+        """The strict switch: runs /room strict (or /room normal) in the current room."""
+        conv = self.model.conversations[self.model.current]
+        if conv.is_dm:
+            return
+        room = conv.name
+        line = "/room strict" if self.strict.get() else "/room normal"
+        self.bridge.run(lambda: self._command(room, line), lambda _ok: self.refresh_room(room))
+
+    def open_new_room(self) -> None:
+        self.new_room_dialog = NewRoomDialog(self)
+
+    def create_room(self, dialog: NewRoomDialog, name: str, plain: bool) -> None:
+        """The "New room" dialog's Create: what /create #name [--plain] sends."""
+        try:
+            line = create_command(name, plain)
+        except SecureChatError as exc:
+            dialog.refused(str(exc))
+            return
+        dialog.top.destroy()
+        self.submit(line)
 
     # -- input ------------------------------------------------------------------------------------
 
@@ -389,6 +490,9 @@ class ChatWindow:
             self.bridge.run(lambda: self._command(room, text), self._after_command)
             if name == "trust":
                 self.open_dm(args[0])  # runs after it (one worker): the banner shows the result
+            elif name == "who" and (args or room):
+                # The member list follows the answer (a ghost the server added shows there).
+                self.refresh_members(args[0] if args else conv.name)
 
     def _command(self, room: str | None, text: str) -> bool:
         # On the bridge's background thread, which owns the controller.
@@ -397,16 +501,23 @@ class ChatWindow:
 
     def _after_command(self, _ok: object) -> None:
         room = self.controller.current_room
-        if room and room in self.client.rooms and room != self.model.current:
-            self.select(room)
+        if room and room != self.model.current:
+            if room in self.client.rooms:
+                self.select(room)
+            else:
+                # Joined, but our join is shown on the client's receiving thread, which may
+                # still be reading the room's history: select the room when it is.
+                self._joining = room
         for name in list(self.model.conversations):
-            if not name.startswith("@") and name not in self.client.rooms:
+            if not name.startswith("@") and name not in self.client.rooms and name != self._joining:
                 self.model.close(name)  # a room we left
         self.redraw()
 
     def _command_output(self, notice: Notice) -> None:
-        # Called from the background thread (or the client's thread, for late replies).
-        target = self.model.current
+        # Called from the background thread (or the client's thread, for late replies). A
+        # command's answer goes to the room it ran in, or moved to ("now talking in #team" is
+        # said in #team); from a DM conversation, to the conversation in view.
+        target = self.controller.current_room or self.model.current
         kind = "warning" if notice.kind is NoticeKind.WARNING else "system"
         self.bridge.post(lambda: self.model.note(notice.text, target, kind))
 
@@ -469,8 +580,8 @@ class ChatWindow:
 
     def _on_member(self, _event: object) -> None:
         picked = _picked(self.members)
-        if picked is not None:
-            peer = self.members.get(picked)
+        if picked is not None and picked < len(self._member_users):
+            peer = self._member_users[picked]
             if peer != self.client.user:
                 self.select(f"@{peer}")
                 self.open_dm(peer)
@@ -524,6 +635,7 @@ class ChatWindow:
             self.model.set_trust(peer, Trust("verified", fingerprint(entry.key)))
             self.model.note(f"{peer}'s key {fingerprint(entry.key)} is now verified", f"@{peer}")
             dialog.top.destroy()
+            self.refresh_rooms()  # their mark in every encrypted room
 
         def refused(exc: SecureChatError | TimeoutError) -> None:
             choices = exc.choices if isinstance(exc, KeyNotNamed) else []
@@ -572,6 +684,47 @@ class ChatWindow:
         self.root.destroy()
         if self._on_closed is not None:
             self._on_closed()
+
+
+class NewRoomDialog:
+    """A room's name and whether it is plain: Create sends what /create #name [--plain] does
+    (end-to-end encrypted unless the box is ticked)."""
+
+    def __init__(self, window: ChatWindow) -> None:
+        self.window = window
+        top = self.top = tk.Toplevel(window.root)
+        top.title("New room")
+        top.transient(window.root)
+        frame = ttk.Frame(top, padding=12)
+        frame.pack(fill="both", expand=True)
+        ttk.Label(frame, text="Room name").pack(anchor="w")
+        self.name = ttk.Entry(frame, width=30)
+        self.name.insert(0, "#")
+        self.name.pack(anchor="w", fill="x", pady=(2, 6))
+        self.name.bind("<Return>", lambda _e: self.confirm())
+        self.plain = tk.BooleanVar(top, value=False)
+        self.plain_box = ttk.Checkbutton(
+            frame, text="plain (not end-to-end encrypted: the server reads it)", variable=self.plain
+        )
+        self.plain_box.pack(anchor="w")
+        about = "Unticked, the room is end-to-end encrypted: only its members can read it."
+        ttk.Label(frame, text=about, wraplength=360, justify="left").pack(anchor="w", pady=(4, 0))
+        self.error = tk.Label(
+            frame, text="", foreground=COLOURS["changed"], wraplength=360, justify="left"
+        )
+        self.error.pack(anchor="w")
+        buttons = ttk.Frame(frame)
+        buttons.pack(fill="x", pady=(10, 0))
+        ttk.Button(buttons, text="Create", command=self.confirm).pack(side="right")
+        ttk.Button(buttons, text="Cancel", command=top.destroy).pack(side="right", padx=4)
+        self.name.focus_set()
+
+    def confirm(self) -> None:
+        self.error.configure(text="")
+        self.window.create_room(self, self.name.get(), self.plain.get())
+
+    def refused(self, why: str) -> None:
+        self.error.configure(text=why)
 
 
 class VerifyDialog:

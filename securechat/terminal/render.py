@@ -20,7 +20,6 @@ from securechat.client.events import (
     Joined,
     Message,
     Parted,
-    RoomMember,
     RoomState,
     RoomUnreadable,
     RoomWarning,
@@ -29,6 +28,11 @@ from securechat.client.events import (
 from securechat.client.history import Entry
 from securechat.client.text import clean, clean_line, stamp
 from securechat.terminal import hints, notices
+
+# Shared with the GUI (they live in hints); the terminal's modules take them from here too.
+from securechat.terminal.hints import LOCK as LOCK
+from securechat.terminal.hints import member_mark as member_mark
+from securechat.terminal.hints import mode_label as mode_label
 from securechat.terminal.notices import Notice
 
 CONTINUATION = "    | "
@@ -43,28 +47,6 @@ def _body(text: str) -> str:
 
 # How far a DM peer's key is trusted, shown on every DM line, in and out.
 KEY_MARKS = {"verified": "[verified]", "pinned": "[pinned]", "new": "[first seen]"}
-
-
-LOCK = "\N{LOCK}"
-
-
-def mode_label(mode: str | None) -> str:
-    """A room's mode as /rooms and the status bar show it: a lock, or the plain words."""
-    if mode == "encrypted":
-        return f"{LOCK} end-to-end encrypted"
-    if mode == "plain":
-        return "not end-to-end encrypted"
-    return "mode unknown"
-
-
-def member_mark(member: RoomMember) -> str:
-    """One member with their trust mark: verified, pinned, new or changed; a ghost or a member
-    who gets no keys says so."""
-    name = clean_line(member.user)
-    if member.ghost:
-        return f"{name} [ghost: never seen joining, gets no keys]"
-    keys = "" if member.gets_keys else ", gets no keys"
-    return f"{name} [{member.mark}{keys}]"
 
 
 def key_mark(state: str) -> str:
