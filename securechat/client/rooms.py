@@ -7,7 +7,8 @@ so a member the server adds without an event stays a ghost. The server's announc
 goes through the no-downgrade rule; a refusal is shown, never obeyed. One lock guards the core:
 the DM receiving thread (room frames, key messages) and the sending thread (encrypt) share it.
 Device lists are fetched on those threads, never on the connection's own thread, whose replies
-they wait for; the core then reads them from memory (DevicePort).
+they wait for; the core then reads them from memory (DevicePort). A room's member lists go many
+to a request, so a big room holds up the receiving thread for a few requests, not one a member.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ class EncryptedRooms:
             m for m in _list(reply.get("members")) if isinstance(m, str) and not valid_name(m)
         ]
         complete = reply.get("truncated") is not True
-        if mode is RoomMode.ENCRYPTED:
+        if mode is RoomMode.ENCRYPTED:  # their keys pinned first: the RoomState shows marks
             self._fetch_devices([*members, self.user])
         with self._lock:
             present = self._present.setdefault(room, {})
@@ -481,16 +482,19 @@ class EncryptedRooms:
         self._fetch_devices([user])
 
     def _fetch_devices(self, users: Iterable[str]) -> None:
-        """Fetch and check device lists (blocking; never on the connection's thread)."""
-        for user in users:
-            try:
-                self._dms.devices_of(user)
-            except ConnectionClosed:
-                return  # the Closed event says so
-            except (SecureChatError, TimeoutError) as exc:
-                self._emit(
-                    DeviceWarning(user, f"the devices of {user} could not be checked: {exc}")
-                )
+        """Fetch and check device lists, many a request (blocking; never on the connection's
+        thread)."""
+        wanted = list(users)
+        if not wanted:
+            return
+        try:
+            failed: dict[str, Exception] = self._dms.fetch_lists(wanted)
+        except ConnectionClosed:
+            return  # the Closed event says so
+        except (SecureChatError, TimeoutError) as exc:
+            failed = dict.fromkeys(wanted, exc)
+        for user, why in failed.items():
+            self._emit(DeviceWarning(user, f"the devices of {user} could not be checked: {why}"))
 
     def _state(self, room: str) -> RoomState:
         mode = self.crypto.modes.mode(room) or RoomMode.PLAIN
