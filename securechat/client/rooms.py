@@ -311,9 +311,12 @@ class EncryptedRooms:
 
     # -- sending --------------------------------------------------------------------------------
 
-    def send(self, room: str, text: str, request: Request) -> Future[dict[str, Any]]:
-        """Encrypt `text` for `room`: key shares go out first (as one-device DMs), then the
-        `say_encrypted`. Blocks while it fetches device lists and prekeys."""
+    def send(
+        self, room: str, text: str, request: Request, *, action: bool = False
+    ) -> Future[dict[str, Any]]:
+        """Encrypt `text` for `room` (a /me line when `action`): key shares go out first (as
+        one-device DMs), then the `say_encrypted`. Blocks while it fetches device lists and
+        prekeys."""
         with self._lock:
             users = self.crypto.membership(room).key_members() | {self.user}
         self._fetch_devices(sorted(u for u in users if self._dms.known_list(u) is None))
@@ -321,7 +324,7 @@ class EncryptedRooms:
             if self.crypto.modes.mode(room) is not RoomMode.ENCRYPTED:
                 raise RoomCryptoError(f"{room} is not end-to-end encrypted")
             self.port.sent.clear()
-            out = self.crypto.encrypt(room, text)
+            out = self.crypto.encrypt(room, text, action=action)
             self._save()
             self._report_plan(room, out.excluded, out.warnings)
             message = out.message
@@ -398,7 +401,9 @@ class EncryptedRooms:
             RoomWarning(room, "missing", note, sender) for note in result.notices
         ]
         events.append(
-            Message(room, result.sender, result.body, ts, False, history, True, result.device)
+            Message(
+                room, result.sender, result.body, ts, result.action, history, True, result.device
+            )
         )
         return events
 
