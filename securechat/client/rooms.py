@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -36,6 +37,7 @@ from securechat.client.events import (
     RoomUnreadable,
     RoomWarning,
 )
+from securechat.client.late import LateMessages
 from securechat.e2e import storage
 from securechat.errors import ConnectionClosed, DeviceRecordError, SecureChatError
 from securechat.megolm import keyshare
@@ -148,6 +150,7 @@ class EncryptedRooms:
         self._earlier: dict[str, int] = {}
         self._warned: dict[str, set[str]] = {}
         self._asked: set[str] = set()
+        self._late = LateMessages()  # live messages shown as markers, until their key comes
 
     # -- modes ----------------------------------------------------------------------------------
 
@@ -395,6 +398,8 @@ class EncryptedRooms:
             kind = next(k for cls, k in REFUSAL_KINDS if isinstance(exc, cls))
             return [RoomWarning(room, kind, str(exc), sender)]
         if isinstance(result, CannotDecrypt):
+            if result.reason is Undecryptable.NO_KEY and not history:
+                self._late.hold(sender, message, ts)
             return self._marker(result, history, collect)
         self._save()
         events: list[Event] = [
@@ -457,18 +462,27 @@ class EncryptedRooms:
         """A room-key message from one device (the DM layer authenticated it)."""
         sender = DeviceRef(record.sender, record.sender_device)
         payload = record.body.encode("utf-8")
+        try:
+            item = keyshare.parse(payload, sender)
+        except KeyShareRefused as exc:
+            # No room to file it under: the line says what follows and what to do.
+            self._emit(
+                RoomWarning("", "key_refused", unreadable_key_note(exc, sender), sender.user)
+            )
+            return
+        room = item.room
         with self._lock:
             try:
-                item = keyshare.parse(payload, sender)
                 notes = self.crypto.receive_to_device(sender, payload)
             except KeyShareRefused as exc:
-                self._emit(RoomWarning("", "key_refused", str(exc), record.sender))
+                self._emit(RoomWarning(room, "key_refused", str(exc), record.sender))
                 return
             finally:
                 self._save()
-            room = item.room
             for note in notes:
                 self._emit(RoomWarning(room, "keys", note))
+            if isinstance(item, keyshare.RoomKey):
+                self._open_late(room, item.session_id)
             if isinstance(item, keyshare.RoomKey) and item.forwarded and room in self._asked:
                 self._asked.discard(room)
                 self._emit(
@@ -478,6 +492,30 @@ class EncryptedRooms:
                         f"your device {record.sender_device} sent the keys of {room}; "
                         f"/history {room} shows the messages they open",
                     )
+                )
+
+    def _open_late(self, room: str, session_id: str) -> None:
+        """Show, marked late and in the order they came, the live messages that were markers
+        until this session's key came (a refusal among them is shown as one)."""
+        held = self._late.take(room, session_id)
+        if not held:
+            return
+        senders = ", ".join(sorted({h.sender for h in held}))
+        count = f"{len(held)} message{'s' if len(held) != 1 else ''}"
+        self._emit(
+            RoomWarning(
+                room,
+                "keys",
+                f"the key for {count} from {senders} in {room} came after them; they follow, "
+                "marked late",
+            )
+        )
+        for h in held:
+            for event in self._decrypt(h.sender, h.message, h.ts, False, collect=False):
+                if isinstance(event, RoomUnreadable):
+                    continue  # still unreadable: its marker was shown already
+                self._emit(
+                    dataclasses.replace(event, late=True) if isinstance(event, Message) else event
                 )
 
     # -- internals ------------------------------------------------------------------------------
@@ -527,6 +565,16 @@ class EncryptedRooms:
 
 
 _REASONS = {Undecryptable.BEFORE_JOIN: "before_join", Undecryptable.NO_KEY: "no_key"}
+
+
+def unreadable_key_note(refusal: KeyShareRefused, sender: DeviceRef) -> str:
+    """The line for a key message refused before its room could be read."""
+    user = sender.user
+    return (
+        f"{refusal}. Which room it was for cannot be read, so messages it should open will show "
+        f"as unreadable. Ask {user} to update securechat on device {sender.device_id}; if "
+        f"{user} did not send it, compare safety numbers: /verify {user}"
+    )
 
 
 def _load(identity: Any) -> tuple[bytes | None, set[str]]:
