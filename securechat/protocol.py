@@ -265,6 +265,7 @@ def _message_ids(value: Any, field: str) -> tuple[str, ...]:
 _DEVICE_ID_RE = re.compile(r"[A-Z2-7]{16}")  # e2e.device.DEVICE_ID_RE
 PREKEYS_MAX = 100
 DEVICES_MAX = 64
+USERS_MAX = 100  # names one `devices` request may ask about (the reply is cut to a frame)
 OBJECT_MAX = 2048  # bytes of JSON a record, revocation or prekey may take
 
 
@@ -278,6 +279,15 @@ def _device_ids(value: Any, field: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not 1 <= len(value) <= DEVICES_MAX:
         raise _bad(field, f"must be a list of 1 to {DEVICES_MAX} device ids")
     return tuple(_device_id(v, field) for v in value)
+
+
+def _names(value: Any, field: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= USERS_MAX:
+        raise _bad(field, f"must be a list of 1 to {USERS_MAX} user names")
+    names = tuple(_name(v, field) for v in value)
+    if len(set(names)) != len(names):
+        raise _bad(field, "must not name anyone twice")
+    return names
 
 
 def _object(value: Any, field: str) -> Mapping[str, Any]:
@@ -459,10 +469,18 @@ class PublishDevice:
 
 @dataclass(frozen=True)
 class Devices:
+    """The device lists of one `user`, or of several (`users`: a room's members in a few
+    requests rather than one each); exactly one of the two."""
+
     TYPE: ClassVar[str] = "devices"
     id: int = _field(_request_id)
-    user: str = _field(_name)
+    user: str | None = _field(_name, None)
+    users: tuple[str, ...] | None = _field(_names, None)
     resume: bool = _resume()
+
+    def __post_init__(self) -> None:
+        if (self.user is None) == (self.users is None):
+            raise ProtocolError(ErrorCode.BAD_FRAME, 'send either "user" or "users", not both')
 
 
 @dataclass(frozen=True)

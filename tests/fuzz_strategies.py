@@ -46,6 +46,7 @@ REQUEST_IDS = st.integers(min_value=0, max_value=2**53 - 1)
 # A well-formed value for each field the client frame schemas name.
 FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "user": NAMES,
+    "users": st.lists(NAMES, min_size=1, max_size=3, unique=True),
     "key": _b64_of(32),
     "version": st.just(protocol.PROTOCOL_VERSION),
     "signature": _b64_of(64),
@@ -83,6 +84,12 @@ def valid_frames(draw: st.DrawFn, types: tuple[str, ...] = tuple(protocol.CLIENT
             frame[field] = draw(FIELD_VALUES[field])
     if frame.get("plain"):
         frame["create"] = True  # "plain" chooses the mode of a new room only
+    if ftype == "devices" and ("user" in frame) == ("users" in frame):
+        # One user or several, never both nor neither.
+        if "user" in frame:
+            del frame["users"]
+        else:
+            frame["user"] = draw(NAMES)
     return frame
 
 

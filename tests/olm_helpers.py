@@ -66,6 +66,13 @@ class PrekeyDirectory:
         keys = self.identity_keys
         keys[user] = key
 
+        def listed(who: str) -> dict[str, Any]:
+            return {
+                "key": base64.b64encode(keys[who]).decode(),
+                "devices": self.records.get(who, []),
+                "revocations": self.revocations.get(who, []),
+            }
+
         def answer(ftype: str, **fields: Any) -> dict[str, Any]:
             if ftype == "publish_device":
                 self.records.setdefault(user, []).append(fields["record"])
@@ -78,12 +85,10 @@ class PrekeyDirectory:
                         self.one_time.setdefault(where, []).append(wire)
             elif ftype == "prekey_count":
                 return {"count": 0, "fallback": False}
+            elif ftype == "devices" and "users" in fields:
+                return {"users": {u: listed(u) for u in fields["users"]}, "more": []}
             elif ftype == "devices":
-                return {
-                    "key": base64.b64encode(keys[fields["user"]]).decode(),
-                    "devices": self.records.get(fields["user"], []),
-                    "revocations": self.revocations.get(fields["user"], []),
-                }
+                return listed(fields["user"])
             elif ftype == "claim_prekeys":
                 who = fields["user"]
                 return {"keys": {d: self.claim(who, d) for d in fields["devices"]}}

@@ -58,6 +58,10 @@ def test_mentions_history_and_actions() -> None:
         "history",
         "action",
     ]
+    model.on_event(Message("#team", "bob", "came late", TS, encrypted=True, late=True))
+    assert model.conversations["#team"].lines == [
+        Line("message", "came late", "bob", TS, False, late=True)
+    ]
 
 
 def test_members_follow_joins_and_parts() -> None:

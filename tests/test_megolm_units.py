@@ -37,6 +37,15 @@ def test_the_record_has_one_known_encoding_padded_with_spaces_to_256_bytes() -> 
     assert record.decode(padded, "here") == REC
 
 
+def test_a_me_line_is_the_same_record_of_kind_room_action() -> None:
+    action = record.RoomRecord(**{**REC.__dict__, "body": "waves", "action": True})
+    padded = record.encode(action)
+    known = KNOWN.replace(b'"hi"', b'"waves"').replace(b'"room",', b'"room_action",')
+    assert padded == known + b" " * (256 - len(known))
+    assert record.decode(padded, "here") == action
+    assert record.decode(record.encode(REC), "here").action is False
+
+
 @pytest.mark.parametrize(
     ("size", "bucket"),
     [(1, 256), (256, 256), (257, 512), (16384, 16384), (16385, 16640), (48_000, 48_128)],
@@ -83,6 +92,16 @@ def test_a_bad_record_is_refused_before_encryption(change: dict[str, object], wh
         (KNOWN.replace(b'"v":1', b'"v":2').ljust(256), "its record has an unknown version"),
         (KNOWN.replace(b'"room",', b'"dm",').ljust(256), "its record is not a room message"),
         (b'{"v":1}'.ljust(256), "its record does not have the expected fields"),
+        (
+            KNOWN.replace(b'"room",', b'"Room_action",').ljust(256),
+            "its record is not a room message",
+        ),
+        (KNOWN.replace(b'"room",', b"true,").ljust(256), "its record is not a room message"),
+        (KNOWN.replace(b'"room",', b'["room"],').ljust(256), "its record is not a room message"),
+        (
+            KNOWN.replace(b'{"body"', b'{"action":true,"body"').ljust(256),
+            "its record does not have the expected fields",
+        ),
         (KNOWN.replace(b"1700000000000", b"NaN").ljust(256), "its record is not valid JSON"),
     ],
 )

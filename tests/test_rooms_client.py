@@ -25,6 +25,7 @@ from securechat.client.events import (
     Parted,
     RoomKeyRecord,
     RoomState,
+    RoomUnreadable,
     RoomWarning,
 )
 from securechat.client.rooms import EncryptedRooms
@@ -178,7 +179,7 @@ def test_a_key_request_from_a_sibling_is_answered_and_one_from_someone_else_refu
         RoomKeyRecord("alice", alice.state.device_id, encode(KeyRequest("#team")).decode())
     )
     [refused] = [e for e in bob.events if isinstance(e, RoomWarning)]
-    assert refused.kind == "key_refused"
+    assert (refused.kind, refused.room) == ("key_refused", "#team")
     assert refused.detail == (
         f"a request for the keys of #team from alice/{alice.state.device_id} was refused: "
         "alice is not you; only your own devices exchange room keys"
@@ -349,3 +350,81 @@ def test_revoking_one_of_our_devices_starts_a_new_session_in_every_room(net) -> 
     first, second, third = (s["session_id"] for s in alice.said)
     assert first == second != third
     assert len(key_dms(alice.sent, bob)) == 2  # the new session's key went to bob too
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ("not json", "it is not valid JSON"),
+        (
+            json.dumps({"v": 1, "kind": "room_key_request", "room": "team"}),
+            "its room name is malformed",
+        ),
+    ],
+)
+def test_a_key_message_whose_room_cannot_be_read_says_what_follows_and_what_to_do(
+    net, body: str, why: str
+) -> None:
+    alice, bob = net("alice"), net("bob")
+    device = alice.state.device_id
+    bob.rooms.receive_key(RoomKeyRecord("alice", device, body))
+    assert bob.events == [
+        RoomWarning(
+            "",
+            "key_refused",
+            f"a room key message from alice/{device} was refused: {why}. Which room it was for "
+            "cannot be read, so messages it should open will show as unreadable. Ask alice to "
+            f"update securechat on device {device}; if alice did not send it, compare safety "
+            "numbers: /verify alice",
+            "alice",
+        )
+    ]
+
+
+# -- keys that come after their messages ----------------------------------------------------------
+
+
+def unreadable(events: list[Event]) -> list[str]:
+    return [e.reason for e in events if isinstance(e, RoomUnreadable)]
+
+
+def test_live_messages_whose_key_comes_late_are_shown_once_it_does_marked_late(net) -> None:
+    alice, bob = net("alice"), net("bob")
+    in_room("#team", alice, bob)
+    bob.events.clear()
+    for text in ("one", "two"):
+        alice.rooms.send("#team", text, alice.say)
+    markers = [bob.rooms.message(relay(say, alice)) for say in alice.said]
+    assert [unreadable(m) for m in markers] == [["no_key"], ["no_key"]]
+    [share] = key_dms(alice.sent, bob)
+    routed = deliver(share, bob)
+    bob.rooms.receive_key(routed)
+    device = alice.state.device_id
+    assert bob.events == [
+        RoomWarning(
+            "#team",
+            "keys",
+            "the key for 2 messages from alice in #team came after them; they follow, marked late",
+        ),
+        Message("#team", "alice", "one", 7, False, False, True, device, late=True),
+        Message("#team", "alice", "two", 7, False, False, True, device, late=True),
+    ]
+    # Opened once: the same key again shows nothing, and the next message is not late.
+    bob.events.clear()
+    bob.rooms.receive_key(routed)
+    alice.rooms.send("#team", "three", alice.say)
+    assert bob.rooms.message(relay(alice.said[-1], alice)) == [
+        Message("#team", "alice", "three", 7, False, False, True, device)
+    ]
+    assert [e for e in bob.events if isinstance(e, Message)] == []
+
+
+def test_history_entries_without_a_key_are_not_held_for_later(net) -> None:
+    alice, bob = net("alice"), net("bob")
+    in_room("#team", alice, bob)
+    alice.rooms.send("#team", "old", alice.say)
+    bob.rooms.message(relay(alice.said[0], alice, history=True))  # counted, not shown alone
+    bob.events.clear()
+    [share] = key_dms(alice.sent, bob)
+    bob.rooms.receive_key(deliver(share, bob))
+    assert bob.events == []

@@ -21,7 +21,6 @@ from securechat.client.events import (
     RoomUnreadable,
     RoomWarning,
 )
-from securechat.megolm.errors import RoomCryptoError
 from securechat.protocol import Join
 from securechat.server import Server
 from securechat.server.hub import Hub
@@ -78,6 +77,18 @@ def test_a_message_in_an_encrypted_room_is_read_by_every_member(connect) -> None
         assert isinstance(got, Message) and got.encrypted and got.device == alice.device_id
     carol.send("#team", "hi alice").result(10)
     assert wait_for(alice, said("#team", "carol", "hi alice")).encrypted
+
+
+def test_a_me_line_in_an_encrypted_room_is_encrypted_and_shown_as_an_action(connect) -> None:
+    alice, bob = team(connect, "alice", "bob")
+    alice.send("#team", "waves", action=True).result(10)
+    for reader in (bob, alice):
+        got = wait_for(reader, said("#team", "alice", "waves"))
+        assert isinstance(got, Message) and (got.action, got.encrypted) == (True, True)
+    history = bob.history_events(bob.room_history("#team").result(10))
+    assert [(e.text, e.action, e.history) for e in history if isinstance(e, Message)] == [
+        ("waves", True, True)
+    ]
 
 
 def test_a_line_sent_straight_after_joining_is_encrypted_to_the_members_listed(connect) -> None:
@@ -226,8 +237,8 @@ def test_a_room_seen_encrypted_stays_encrypted_for_the_client(
     assert again.room_mode("#team") == "encrypted"
     with pytest.raises(RequestError, match="not end-to-end encrypted"):
         again.send("#team", "still secret").result(10)  # encrypted: the server refuses it
-    with pytest.raises(RoomCryptoError, match=r"^#team is end-to-end encrypted; actions"):
-        again.send("#team", "waves", action=True)
+    with pytest.raises(RequestError, match="not end-to-end encrypted"):
+        again.send("#team", "waves", action=True).result(10)  # a /me line too: encrypted
     # Someone who never saw it encrypted talks in clear there: refused, never shown.
     mallory = connect("mallory")
     mallory.join("#team").result(10)

@@ -9,11 +9,13 @@ from prompt_toolkit.output import DummyOutput
 
 from securechat.client.chat_session import ChatSession
 from securechat.client.events import (
+    Message,
     RoomMember,
     RoomState,
     RoomUnreadable,
     RoomWarning,
 )
+from securechat.client.text import stamp
 from securechat.terminal.commands import Command, help_lines, parse
 from securechat.terminal.console import Console
 from securechat.terminal.controller import Controller
@@ -107,13 +109,13 @@ def test_create_room_rooms_and_who_in_the_terminal(connect) -> None:
     ]
     assert alice.room_state("#team").strict
     got.clear()
+    alice.set_room_strict("#team", False)  # so bob, not verified, gets the key
     controller.handle_line("/me waves")
-    assert got == [
-        warning(
-            "#team is end-to-end encrypted; actions (/me) are not sent there, write the line as "
-            "a message"
-        )
-    ]
+    for reader in (bob, alice):  # encrypted, and shown as an action, as in a plain room
+        shown = wait_for(reader, lambda e: isinstance(e, Message) and e.text == "waves")
+        assert isinstance(shown, Message) and (shown.action, shown.encrypted) == (True, True)
+        assert notice_of(shown, "#team").text == f"[{stamp(shown.ts)}] * alice waves"
+    assert got == []
 
 
 def test_the_status_bar_shows_the_current_rooms_mode(connect) -> None:

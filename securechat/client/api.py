@@ -51,7 +51,6 @@ from securechat.client.rooms import EncryptedRooms
 from securechat.client.verify import EmojiVerifier
 from securechat.errors import ConfigError
 from securechat.identity import Identity
-from securechat.megolm.errors import RoomCryptoError
 from securechat.megolm.mode import RoomMode
 from securechat.protocol import valid_name, valid_room
 from securechat.tls import client_context
@@ -216,12 +215,7 @@ class Client:
         if (joining := self._joins.get(room)) is not None:
             joining.wait(JOIN_READ_TIMEOUT)
         if self.room_mode(room) == RoomMode.ENCRYPTED.value:
-            if action:
-                raise RoomCryptoError(
-                    f"{room} is end-to-end encrypted; actions (/me) are not sent there, write "
-                    "the line as a message"
-                )
-            return self._rooms().send(room, text, self._conn.request)
+            return self._rooms().send(room, text, self._conn.request, action=action)
         fields: dict[str, Any] = {"room": room, "text": text}
         if action:
             fields["action"] = True

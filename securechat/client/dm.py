@@ -17,7 +17,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -41,10 +41,12 @@ from securechat.errors import (
     EnvelopeError,
     PrekeyError,
     ReplayedRecord,
+    SecureChatError,
     UndecryptableMessage,
     UnsignedDevice,
 )
 from securechat.identity import Identity
+from securechat.protocol import USERS_MAX
 from securechat.sealing import ReplayedMessage, SealError, StaleMessage
 from securechat.trust import KeyChanged, KeyCheck, KeyState, KnownKeys
 
@@ -182,10 +184,47 @@ class DirectMessages:
         """`user`'s devices that may be encrypted to (signed by the pinned key, not revoked),
         and the server's answer; each refused record is reported as a DeviceWarning."""
         reply = self._ask("devices", user=user)
-        offered = _b64(reply.get("key"))
+        return self._accept(user, reply, check), reply
+
+    def fetch_lists(self, users: Iterable[str]) -> dict[str, Exception]:
+        """Fetch and check the device lists of many users, USERS_MAX a request (the server
+        answers what fits in a frame and names the rest under `more`, asked again). Returns
+        why each list that was not taken failed (an unknown name, a changed key, a refusal)."""
+        wanted, failed = list(dict.fromkeys(users)), dict[str, Exception]()
+        while wanted:
+            batch, wanted = wanted[:USERS_MAX], wanted[USERS_MAX:]
+            reply = self._ask("devices", users=batch)
+            entries, more = reply.get("users"), _list(reply.get("more"))
+            entries = entries if isinstance(entries, dict) else {}
+            unknown = _list(reply.get("unknown"))
+            for user in batch:
+                entry = entries.get(user)
+                if user in more:
+                    continue
+                if user in unknown:
+                    failed[user] = DeviceRecordError(f"nobody is called {user}")
+                elif not isinstance(entry, dict):
+                    failed[user] = DeviceRecordError(f"the server did not list {user}'s devices")
+                else:
+                    try:
+                        self._accept(user, entry, None)
+                    except SecureChatError as exc:
+                        failed[user] = exc
+            # Asked again, ahead of the rest; a server that answers nothing gets no second go.
+            again = [u for u in batch if u in more]
+            if len(again) == len(batch):
+                failed.update((u, DeviceRecordError("the server answered nothing")) for u in again)
+            else:
+                wanted = again + wanted
+        return failed
+
+    def _accept(self, user: str, entry: dict[str, Any], check: KeyCheck | None) -> DeviceList:
+        """Check one user's devices as the server listed them against the pinned key; keep
+        those signed by it and report each refused record as a DeviceWarning."""
+        offered = _b64(entry.get("key"))
         pinned = self._pinned(user, offered or b"", check)
         found = records.verified_devices(
-            user, pinned, _list(reply.get("devices")), _list(reply.get("revocations"))
+            user, pinned, _list(entry.get("devices")), _list(entry.get("revocations"))
         )
         for warning in found.refused:
             self._warn(DeviceWarning(user, warning))
@@ -193,7 +232,7 @@ class DirectMessages:
         with self.state.lock:
             for device_id in found.revoked:
                 self.state.sessions.forget(user, device_id)
-        return found, reply
+        return found
 
     def device_infos(self, user: str) -> list[DeviceInfo]:
         """What /devices shows for `user` (ourselves included)."""

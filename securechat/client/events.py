@@ -26,6 +26,7 @@ class Message:
     history: bool = False  # replayed from the room's history, not live
     encrypted: bool = False  # decrypted from an end-to-end encrypted room message, all checks met
     device: str = ""  # the sending device, for an encrypted message
+    late: bool = False  # shown before as unreadable: its key came after it
 
     @property
     def time(self) -> datetime:

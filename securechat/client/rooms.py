@@ -7,13 +7,15 @@ so a member the server adds without an event stays a ghost. The server's announc
 goes through the no-downgrade rule; a refusal is shown, never obeyed. One lock guards the core:
 the DM receiving thread (room frames, key messages) and the sending thread (encrypt) share it.
 Device lists are fetched on those threads, never on the connection's own thread, whose replies
-they wait for; the core then reads them from memory (DevicePort).
+they wait for; the core then reads them from memory (DevicePort). A room's member lists go many
+to a request, so a big room holds up the receiving thread for a few requests, not one a member.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -35,6 +37,7 @@ from securechat.client.events import (
     RoomUnreadable,
     RoomWarning,
 )
+from securechat.client.late import LateMessages
 from securechat.e2e import storage
 from securechat.errors import ConnectionClosed, DeviceRecordError, SecureChatError
 from securechat.megolm import keyshare
@@ -147,6 +150,7 @@ class EncryptedRooms:
         self._earlier: dict[str, int] = {}
         self._warned: dict[str, set[str]] = {}
         self._asked: set[str] = set()
+        self._late = LateMessages()  # live messages shown as markers, until their key comes
 
     # -- modes ----------------------------------------------------------------------------------
 
@@ -198,7 +202,7 @@ class EncryptedRooms:
             m for m in _list(reply.get("members")) if isinstance(m, str) and not valid_name(m)
         ]
         complete = reply.get("truncated") is not True
-        if mode is RoomMode.ENCRYPTED:
+        if mode is RoomMode.ENCRYPTED:  # their keys pinned first: the RoomState shows marks
             self._fetch_devices([*members, self.user])
         with self._lock:
             present = self._present.setdefault(room, {})
@@ -310,9 +314,12 @@ class EncryptedRooms:
 
     # -- sending --------------------------------------------------------------------------------
 
-    def send(self, room: str, text: str, request: Request) -> Future[dict[str, Any]]:
-        """Encrypt `text` for `room`: key shares go out first (as one-device DMs), then the
-        `say_encrypted`. Blocks while it fetches device lists and prekeys."""
+    def send(
+        self, room: str, text: str, request: Request, *, action: bool = False
+    ) -> Future[dict[str, Any]]:
+        """Encrypt `text` for `room` (a /me line when `action`): key shares go out first (as
+        one-device DMs), then the `say_encrypted`. Blocks while it fetches device lists and
+        prekeys."""
         with self._lock:
             users = self.crypto.membership(room).key_members() | {self.user}
         self._fetch_devices(sorted(u for u in users if self._dms.known_list(u) is None))
@@ -320,7 +327,7 @@ class EncryptedRooms:
             if self.crypto.modes.mode(room) is not RoomMode.ENCRYPTED:
                 raise RoomCryptoError(f"{room} is not end-to-end encrypted")
             self.port.sent.clear()
-            out = self.crypto.encrypt(room, text)
+            out = self.crypto.encrypt(room, text, action=action)
             self._save()
             self._report_plan(room, out.excluded, out.warnings)
             message = out.message
@@ -391,13 +398,17 @@ class EncryptedRooms:
             kind = next(k for cls, k in REFUSAL_KINDS if isinstance(exc, cls))
             return [RoomWarning(room, kind, str(exc), sender)]
         if isinstance(result, CannotDecrypt):
+            if result.reason is Undecryptable.NO_KEY and not history:
+                self._late.hold(sender, message, ts)
             return self._marker(result, history, collect)
         self._save()
         events: list[Event] = [
             RoomWarning(room, "missing", note, sender) for note in result.notices
         ]
         events.append(
-            Message(room, result.sender, result.body, ts, False, history, True, result.device)
+            Message(
+                room, result.sender, result.body, ts, result.action, history, True, result.device
+            )
         )
         return events
 
@@ -451,18 +462,27 @@ class EncryptedRooms:
         """A room-key message from one device (the DM layer authenticated it)."""
         sender = DeviceRef(record.sender, record.sender_device)
         payload = record.body.encode("utf-8")
+        try:
+            item = keyshare.parse(payload, sender)
+        except KeyShareRefused as exc:
+            # No room to file it under: the line says what follows and what to do.
+            self._emit(
+                RoomWarning("", "key_refused", unreadable_key_note(exc, sender), sender.user)
+            )
+            return
+        room = item.room
         with self._lock:
             try:
-                item = keyshare.parse(payload, sender)
                 notes = self.crypto.receive_to_device(sender, payload)
             except KeyShareRefused as exc:
-                self._emit(RoomWarning("", "key_refused", str(exc), record.sender))
+                self._emit(RoomWarning(room, "key_refused", str(exc), record.sender))
                 return
             finally:
                 self._save()
-            room = item.room
             for note in notes:
                 self._emit(RoomWarning(room, "keys", note))
+            if isinstance(item, keyshare.RoomKey):
+                self._open_late(room, item.session_id)
             if isinstance(item, keyshare.RoomKey) and item.forwarded and room in self._asked:
                 self._asked.discard(room)
                 self._emit(
@@ -474,6 +494,30 @@ class EncryptedRooms:
                     )
                 )
 
+    def _open_late(self, room: str, session_id: str) -> None:
+        """Show, marked late and in the order they came, the live messages that were markers
+        until this session's key came (a refusal among them is shown as one)."""
+        held = self._late.take(room, session_id)
+        if not held:
+            return
+        senders = ", ".join(sorted({h.sender for h in held}))
+        count = f"{len(held)} message{'s' if len(held) != 1 else ''}"
+        self._emit(
+            RoomWarning(
+                room,
+                "keys",
+                f"the key for {count} from {senders} in {room} came after them; they follow, "
+                "marked late",
+            )
+        )
+        for h in held:
+            for event in self._decrypt(h.sender, h.message, h.ts, False, collect=False):
+                if isinstance(event, RoomUnreadable):
+                    continue  # still unreadable: its marker was shown already
+                self._emit(
+                    dataclasses.replace(event, late=True) if isinstance(event, Message) else event
+                )
+
     # -- internals ------------------------------------------------------------------------------
 
     def refresh_devices(self, user: str) -> None:
@@ -481,16 +525,19 @@ class EncryptedRooms:
         self._fetch_devices([user])
 
     def _fetch_devices(self, users: Iterable[str]) -> None:
-        """Fetch and check device lists (blocking; never on the connection's thread)."""
-        for user in users:
-            try:
-                self._dms.devices_of(user)
-            except ConnectionClosed:
-                return  # the Closed event says so
-            except (SecureChatError, TimeoutError) as exc:
-                self._emit(
-                    DeviceWarning(user, f"the devices of {user} could not be checked: {exc}")
-                )
+        """Fetch and check device lists, many a request (blocking; never on the connection's
+        thread)."""
+        wanted = list(users)
+        if not wanted:
+            return
+        try:
+            failed: dict[str, Exception] = self._dms.fetch_lists(wanted)
+        except ConnectionClosed:
+            return  # the Closed event says so
+        except (SecureChatError, TimeoutError) as exc:
+            failed = dict.fromkeys(wanted, exc)
+        for user, why in failed.items():
+            self._emit(DeviceWarning(user, f"the devices of {user} could not be checked: {why}"))
 
     def _state(self, room: str) -> RoomState:
         mode = self.crypto.modes.mode(room) or RoomMode.PLAIN
@@ -518,6 +565,16 @@ class EncryptedRooms:
 
 
 _REASONS = {Undecryptable.BEFORE_JOIN: "before_join", Undecryptable.NO_KEY: "no_key"}
+
+
+def unreadable_key_note(refusal: KeyShareRefused, sender: DeviceRef) -> str:
+    """The line for a key message refused before its room could be read."""
+    user = sender.user
+    return (
+        f"{refusal}. Which room it was for cannot be read, so messages it should open will show "
+        f"as unreadable. Ask {user} to update securechat on device {sender.device_id}; if "
+        f"{user} did not send it, compare safety numbers: /verify {user}"
+    )
 
 
 def _load(identity: Any) -> tuple[bytes | None, set[str]]:

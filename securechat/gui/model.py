@@ -48,6 +48,7 @@ class Line:
     sender: str = ""
     ts: int = 0
     mention: bool = False
+    late: bool = False  # an encrypted room message whose key came after it
 
     @property
     def clock(self) -> str:
@@ -215,7 +216,8 @@ class ChatModel:
                 kind = "action" if event.action else "message"
             mention = event.sender != self.user and bool(self._mention.search(event.text))
             sender = clean_line(event.sender)
-            self.add(event.room, Line(kind, clean(event.text), sender, event.ts, mention))
+            line = Line(kind, clean(event.text), sender, event.ts, mention, event.late)
+            self.add(event.room, line)
         elif isinstance(event, DirectMessage):
             peer = event.sender if event.sender != self.user else event.recipient
             conv = self.open(f"@{peer}")

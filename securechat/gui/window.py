@@ -270,6 +270,8 @@ class ChatWindow:
         body_tags = ("history",) if line.kind == "history" else extra
         if line.kind == "history":
             view.insert("end", "[history] ", "history")
+        elif line.late:
+            view.insert("end", "[late] ", "history")
         if line.kind == "action":
             view.insert("end", f"* {line.sender} ", ("sender", *extra))
         else:

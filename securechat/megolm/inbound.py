@@ -55,6 +55,7 @@ class DecryptedRoomMessage:
     session_id: str
     index: int
     notices: tuple[str, ...] = ()  # e.g. messages found missing before this one
+    action: bool = False  # a /me line
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,7 @@ class InboundStore:
             session_id=message.session_id,
             index=index,
             notices=notices,
+            action=inner.action,
         )
 
     # -- keys out -------------------------------------------------------------------------------

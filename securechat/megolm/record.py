@@ -3,10 +3,11 @@
     {"body":str,"device":str,"from":name,"id":str,"kind":"room","room":"#x","ts":int ms,"v":1}
 
 exactly those keys, as json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False) in
-UTF-8, then padded with spaces to a size bucket so the ciphertext length says little about the
-text. The sender user and device are inside because Megolm proves only which session encrypted a
-message; the reader checks them against the session's owner and the server's stamp. Decoding
-refuses any other byte form: one record, one encoding.
+UTF-8 (a /me line has "kind":"room_action", with the same keys), then padded with spaces to a
+size bucket so the ciphertext length says little about the text. The sender user and device are
+inside because Megolm proves only which session encrypted a message; the reader checks them
+against the session's owner and the server's stamp. Decoding refuses any other byte form: one
+record, one encoding.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from securechat.sealing import MESSAGE_ID_MAX, MESSAGE_ID_MIN
 
 RECORD_VERSION = 1
 RECORD_KIND = "room"
+ACTION_KIND = "room_action"  # a /me line: shown as an action, never as said text
+_KINDS = {RECORD_KIND: False, ACTION_KIND: True}  # kind -> action
 _KEYS = frozenset({"v", "kind", "room", "from", "device", "id", "ts", "body"})
 _MESSAGE_ID_RE = re.compile(rf"[A-Za-z0-9_-]{{{MESSAGE_ID_MIN},{MESSAGE_ID_MAX}}}")
 _TS_MAX = 2**53
@@ -43,6 +46,7 @@ class RoomRecord:
     message_id: str
     ts: int  # milliseconds since the epoch, by the sender's clock
     body: str
+    action: bool = False  # a /me line (kind "room_action")
 
 
 def bucket(size: int) -> int:
@@ -78,7 +82,7 @@ def encode(record: RoomRecord) -> bytes:
         raise InvalidRoomRecord(f"cannot encrypt a room message: {why}")
     fields = {
         "v": RECORD_VERSION,
-        "kind": RECORD_KIND,
+        "kind": ACTION_KIND if record.action else RECORD_KIND,
         "room": record.room,
         "from": record.sender,
         "device": record.device,
@@ -116,7 +120,8 @@ def decode(plaintext: bytes, where: str) -> RoomRecord:
         raise bad("its record does not have the expected fields")
     if fields["v"] != RECORD_VERSION or isinstance(fields["v"], bool):
         raise bad("its record has an unknown version")
-    if fields["kind"] != RECORD_KIND:
+    kind = fields["kind"]
+    if not isinstance(kind, str) or kind not in _KINDS:
         raise bad("its record is not a room message")
     record = RoomRecord(
         room=fields["room"],
@@ -125,6 +130,7 @@ def decode(plaintext: bytes, where: str) -> RoomRecord:
         message_id=fields["id"],
         ts=fields["ts"],
         body=fields["body"],
+        action=_KINDS[kind],
     )
     why = _problem(record)
     if why:

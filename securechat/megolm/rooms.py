@@ -93,9 +93,10 @@ class RoomCrypto:
     # -- sending --------------------------------------------------------------------------------
 
     def encrypt(
-        self, room: str, body: str, *, message_id: str | None = None
+        self, room: str, body: str, *, message_id: str | None = None, action: bool = False
     ) -> OutgoingRoomMessage:
-        """Share the room key where needed, then encrypt `body` for `room`."""
+        """Share the room key where needed, then encrypt `body` for `room` (a /me line when
+        `action`)."""
         rec = record.RoomRecord(
             room=room,
             sender=self.me.user,
@@ -103,6 +104,7 @@ class RoomCrypto:
             message_id=message_id or new_message_id(),
             ts=int(self._clock() * 1000),
             body=body,
+            action=action,
         )
         plaintext = record.encode(rec)  # refuse a bad message before any key goes out
         plan = self.trust.plan(self.membership(room))

@@ -199,28 +199,64 @@ def publish_device(conn: Connection, frame: PublishDevice) -> None:
     )
 
 
+DEVICES_REPLY_OVERHEAD = 256  # bytes of a `devices` reply besides its entries and name lists
+
+
+def _device_entry(store: Store, user: str) -> dict[str, Any] | None:
+    """What `devices` tells of one user, or None for a name nobody has claimed."""
+    key = store.public_key(user)
+    if key is None:
+        return None
+    found = store.list_devices(user)
+    return {
+        "key": b64(key),
+        "devices": [json.loads(d.entry.record) for d in found],
+        "revocations": [json.loads(d.revocation) for d in found if d.revocation],
+        "seen": [
+            {
+                "device_id": d.entry.device_id,
+                "last_seen_ms": d.last_seen_ms,
+                "revoked_ms": d.revoked_ms,
+            }
+            for d in found
+        ],
+    }
+
+
+def device_lists(store: Store, users: tuple[str, ...], budget: int) -> dict[str, Any]:
+    """The reply to a `devices` request for several users: their entries in the order asked
+    while they fit in `budget` bytes of JSON (the first always goes, as a one-user reply would),
+    then `more`, the names left for another request. A name nobody has claimed goes to
+    `unknown` rather than failing the others. One store job, so one transaction (the worker
+    runs each round of jobs in one)."""
+    entries: dict[str, Any] = {}
+    unknown: list[str] = []
+    for i, user in enumerate(users):
+        entry = _device_entry(store, user)
+        if entry is None:
+            unknown.append(user)
+            continue
+        budget -= len(_canonical(entry).encode()) + len(user.encode()) + 4  # "name":...,
+        if budget < 0 and entries:
+            return {"users": entries, "unknown": unknown, "more": list(users[i:])}
+        entries[user] = entry
+    return {"users": entries, "unknown": unknown, "more": []}
+
+
 def devices(conn: Connection, frame: Devices) -> None:
-    user = frame.user
+    user, users = frame.user, frame.users
 
     def lookup(store: Store) -> dict[str, Any]:
-        key = store.public_key(user)
-        if key is None:
+        if users is not None:
+            # Every name may come back in `unknown` or `more`: room for them all is kept.
+            names = sum(len(u.encode()) + 3 for u in users)
+            budget = conn.ctx.config.max_frame - DEVICES_REPLY_OVERHEAD - names
+            return device_lists(store, users, budget)
+        assert user is not None  # the frame names one or the other
+        entry = _device_entry(store, user)
+        if entry is None:
             raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody is called {user}")
-        found = store.list_devices(user)
-        return {
-            "user": user,
-            "key": b64(key),
-            "devices": [json.loads(d.entry.record) for d in found],
-            "revocations": [json.loads(d.revocation) for d in found if d.revocation],
-            "seen": [
-                {
-                    "device_id": d.entry.device_id,
-                    "last_seen_ms": d.last_seen_ms,
-                    "revoked_ms": d.revoked_ms,
-                }
-                for d in found
-            ],
-        }
+        return {"user": user, **entry}
 
     conn.ctx.worker.run(
         lookup,

@@ -66,7 +66,7 @@ def notice_of(event: Event, current_room: str | None = None) -> Notice:
     """One event as a notice (its text may span lines only for a multi-line message)."""
     if isinstance(event, Message):
         where = "" if event.room == current_room else f"{clean_line(event.room)} "
-        mark = "[history] " if event.history else ""
+        mark = "[history] " if event.history else "[late] " if event.late else ""
         sender = clean_line(event.sender)
         if event.action:
             return notices.line(f"[{stamp(event.ts)}] {mark}{where}* {sender} {_body(event.text)}")
