@@ -12,10 +12,13 @@ from typing import Any
 import pytest
 
 from securechat import identity
+from securechat.client.events import Parted
+from securechat.protocol import DM, ClaimPrekeys, DMs
 from securechat.server import Server, requests
 
-from .conftest import Connect, close_and_see_it_part
+from .conftest import Connect, close_and_see_it_part, wait_for
 from .raw import RawTLS
+from .test_rooms_e2e import enter, said
 
 NOBODY_DEVICE = "AAAAAAAAAAAAAAAA"
 SENDER_DEVICE = "SENDERSENDERSEND"
@@ -297,3 +300,56 @@ def test_a_malformed_claim_is_refused_with_a_clear_error(
         "message": why,
         "id": 2,
     }
+
+
+# -- the client: a room key to many devices --------------------------------------------------------
+
+
+class Counted:
+    """How many requests of each kind the server handled (counted in its request table)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.seen: list[str] = []
+        self.dms_sizes: list[int] = []
+        for cls in (DM, DMs, ClaimPrekeys):
+            monkeypatch.setitem(requests.HANDLERS, cls, self._count(requests.HANDLERS[cls]))
+
+    def _count(self, handler: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+        def counted(conn: Any, frame: Any) -> None:
+            if conn.user == "alice":
+                self.seen.append(frame.TYPE)
+                if isinstance(frame, DMs):
+                    self.dms_sizes.append(len(frame.messages))
+            handler(conn, frame)
+
+        return counted
+
+    def take(self) -> list[str]:
+        seen, self.seen = sorted(self.seen), []
+        return seen
+
+
+def test_a_rotation_to_many_devices_goes_out_in_one_request_and_every_member_reads_it(
+    device: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = device("alice", "laptop")
+    members = [device(name, "one") for name in ("bob", "carol", "dave", "erin", "frank", "gus")]
+    bob_phone = device("bob", "phone")
+    everyone = [alice, *members, bob_phone]
+    for i, client in enumerate(everyone[:-1]):
+        enter("#team", client, *everyone[:i])
+    enter("#team", bob_phone, alice, *members[1:])  # bob's other device sees no join of his
+    counted = Counted(monkeypatch)
+    alice.send("#team", "first words").result(10)
+    # One claim for the seven devices alice has no session with, one dms for their keys.
+    assert counted.take() == ["claim_prekeys", "dms"] and counted.dms_sizes == [7]
+    for reader in everyone[1:]:
+        assert wait_for(reader, said("#team", "alice", "first words")).encrypted
+    gus = members.pop()
+    gus.part("#team").result(10)
+    wait_for(alice, lambda e: isinstance(e, Parted) and e.user == "gus")
+    alice.send("#team", "after gus left").result(10)
+    # The new session's key: one request for the six devices left, no claim (sessions exist).
+    assert counted.take() == ["dms"] and counted.dms_sizes == [7, 6]
+    for reader in [*members, bob_phone]:
+        assert wait_for(reader, said("#team", "alice", "after gus left")).encrypted
