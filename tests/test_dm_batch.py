@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from securechat import identity
-from securechat.client.events import Parted
+from securechat.client.events import DeviceWarning, Parted
 from securechat.protocol import DM, ClaimPrekeys, DMs
 from securechat.server import Server, requests
 
@@ -353,3 +353,33 @@ def test_a_rotation_to_many_devices_goes_out_in_one_request_and_every_member_rea
     assert counted.take() == ["dms"] and counted.dms_sizes == [7, 6]
     for reader in [*members, bob_phone]:
         assert wait_for(reader, said("#team", "alice", "after gus left")).encrypted
+
+
+def test_a_device_revoked_since_alice_listed_it_costs_only_its_own_key(
+    device: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alice's list of carol's devices predates the revocation of carol's phone: the server
+    refuses that one key of the batch, alice is told, and everyone else reads the message."""
+    alice, bob = device("alice", "laptop"), device("bob", "one")
+    carol, phone, dave = device("carol", "laptop"), device("carol", "phone"), device("dave", "one")
+    enter("#team", alice)
+    enter("#team", bob, alice)
+    enter("#team", carol, alice, bob)
+    enter("#team", phone, alice, bob)
+    enter("#team", dave, alice, bob, carol)
+    alice.send("#team", "before").result(10)
+    carol.revoke_device(phone.device_id)
+    dave.part("#team").result(10)  # the next message starts a new session
+    wait_for(alice, lambda e: isinstance(e, Parted) and e.user == "dave")
+    counted = Counted(monkeypatch)
+    alice.send("#team", "after the revocation").result(10)
+    # bob's, carol's laptop's and the phone's keys in one request; only the phone's refused.
+    assert counted.take() == ["dms"] and counted.dms_sizes == [3]
+    lost = wait_for(alice, lambda e: isinstance(e, DeviceWarning))
+    assert lost == DeviceWarning(
+        "carol",
+        f"a room key for carol's device {phone.device_id} was lost: carol's device "
+        f"{phone.device_id} was revoked",
+    )
+    for reader in (bob, carol):
+        assert wait_for(reader, said("#team", "alice", "after the revocation")).encrypted
