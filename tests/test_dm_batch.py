@@ -4,16 +4,22 @@ request, one result each) and `claim_prekeys` for many users at once."""
 from __future__ import annotations
 
 import base64
+import json
 import sqlite3
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from securechat import identity
+from securechat.client import RequestError, dm
 from securechat.client.events import DeviceWarning, Parted
-from securechat.protocol import DM, ClaimPrekeys, DMs
+from securechat.errors import ProtocolError
+from securechat.framing import MAX_FRAME_DEFAULT
+from securechat.protocol import DM, DMS_MAX, ClaimPrekeys, DMs
 from securechat.server import Server, requests
 
 from .conftest import Connect, close_and_see_it_part, wait_for
@@ -383,3 +389,74 @@ def test_a_device_revoked_since_alice_listed_it_costs_only_its_own_key(
     )
     for reader in (bob, carol):
         assert wait_for(reader, said("#team", "alice", "after the revocation")).encrypted
+
+
+# -- packing: how the client splits what it sends --------------------------------------------
+
+
+def room_key_item(i: int) -> dict[str, Any]:
+    """The `dms` item of one room key as the client makes it: 1,596 bytes of base64 envelope."""
+    return item(f"user{i:03}", NOBODY_DEVICE, f"room-key-{i:03}", data="A" * 1596)
+
+
+def test_a_rotation_to_500_devices_packs_into_14_frames_that_fit() -> None:
+    items = [room_key_item(i) for i in range(500)]
+    batches = dm._batches(items, MAX_FRAME_DEFAULT, DMS_MAX)
+    assert [len(b) for b in batches] == [38] * 13 + [6]
+    assert [m for b in batches for m in b] == items
+    for batch in batches:
+        frame = {"type": "dms", "id": 2**53 - 1, "messages": batch, "resume": True}
+        assert len(json.dumps(frame)) <= MAX_FRAME_DEFAULT
+
+
+def test_small_envelopes_are_packed_by_the_count_limit() -> None:
+    items = [item(f"user{i:03}", NOBODY_DEVICE, f"small-{i:03}") for i in range(300)]
+    assert [len(b) for b in dm._batches(items, MAX_FRAME_DEFAULT, DMS_MAX)] == [256, 44]
+
+
+def target(user: str, n: int) -> Any:
+    return SimpleNamespace(user=user, device_id=f"{n:016d}")
+
+
+def test_prekey_claims_are_split_by_users_and_devices() -> None:
+    one_each = [target(f"user{i:03}", 0) for i in range(150)]
+    assert [len(c) for c in dm._claims(one_each)] == [64, 64, 22]
+    many = [target("bob", i) for i in range(200)]
+    assert [len(c) for c in dm._claims(many)] == [128, 72]
+    assert dm._claims([]) == []
+
+
+def test_each_item_of_a_dms_hears_its_own_result() -> None:
+    reply: Future[dict[str, Any]] = Future()
+    items: list[Future[dict[str, Any]]] = [Future(), Future()]
+    reply.set_result(
+        {
+            "results": [
+                {"msg_id": "m-first1", "status": "queued"},
+                {"msg_id": "m-second", "status": "error", "code": "no_such_device",
+                 "message": "bob has no device AAAAAAAAAAAAAAAA"},
+            ]
+        }
+    )  # fmt: skip
+    dm._split(reply, items)
+    assert items[0].result() == {"msg_id": "m-first1", "status": "queued"}
+    refused = items[1].exception()
+    assert isinstance(refused, RequestError)
+    assert (refused.code, refused.message) == (
+        "no_such_device",
+        "bob has no device AAAAAAAAAAAAAAAA",
+    )
+
+
+def test_a_dms_answer_with_too_few_results_fails_every_item() -> None:
+    reply: Future[dict[str, Any]] = Future()
+    items: list[Future[dict[str, Any]]] = [Future(), Future()]
+    reply.set_result({"results": [{"status": "delivered"}]})
+    dm._split(reply, items)
+    for future in items:
+        exc = future.exception()
+        assert isinstance(exc, ProtocolError)
+        assert (exc.code, exc.message) == (
+            "bad_frame",
+            "the server's answer to a dms was malformed",
+        )
