@@ -17,7 +17,7 @@ import pytest
 from securechat import identity
 from securechat.client import RequestError, dm
 from securechat.client.events import DeviceWarning, Parted
-from securechat.errors import ProtocolError
+from securechat.errors import ProtocolError, StorageError
 from securechat.framing import MAX_FRAME_DEFAULT
 from securechat.protocol import DM, DMS_MAX, ClaimPrekeys, DMs
 from securechat.server import Server, requests
@@ -460,3 +460,29 @@ def test_a_dms_answer_with_too_few_results_fails_every_item() -> None:
             "bad_frame",
             "the server's answer to a dms was malformed",
         )
+
+
+def test_a_store_failure_amid_a_dms_stores_none_of_it_and_closes_the_connection(
+    device: Connect, server: Server, raw: Callable[[str], RawTLS], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bob, dave = device("bob", "one"), device("dave", "one")
+    real = server.store.queue_envelope
+
+    def failing_disk(env: Any, **limits: Any) -> None:
+        # A disk that fails on demand cannot be made; the store raises what SQLite would give.
+        if env.recipient == "dave":
+            raise StorageError("server database error: disk I/O error")
+        real(env, **limits)
+
+    monkeypatch.setattr(server.store, "queue_envelope", failing_disk)
+    alice = raw("alice")
+    messages = [item("bob", bob.device_id, "m-stored1"), item("dave", dave.device_id, "m-failed")]
+    assert ask(alice, 5, "dms", messages=messages) == {
+        "type": "error",
+        "code": "server_error",
+        "message": "server storage error",
+        "id": 5,
+    }
+    # Then the server closes; before the error came only its login frames, which wait unread.
+    assert sorted(f["type"] for f in alice.until_closed()) == ["joined", "queue_end"]
+    assert queued_rows(server, "alice") == []  # bob's envelope went with the failed transaction
