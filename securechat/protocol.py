@@ -266,9 +266,10 @@ _DEVICE_ID_RE = re.compile(r"[A-Z2-7]{16}")  # e2e.device.DEVICE_ID_RE
 PREKEYS_MAX = 100
 DEVICES_MAX = 64
 # A batched claim_prekeys: most users, and most devices claimed for (null counts every active
-# device of its user): its reply, at most a few hundred bytes a prekey, fits a 64 KiB frame.
+# device of its user; see claim_devices_max).
 CLAIM_USERS_MAX = 64
 CLAIM_DEVICES_MAX = 128
+_CLAIMED_KEY_ROOM = 400  # bytes a claimed prekey may take in the reply, device id included
 # A dms request carries at most this many envelopes (and the frame size bounds it too).
 DMS_MAX = 256
 OBJECT_MAX = 2048  # bytes of JSON a record, revocation or prekey may take
@@ -294,6 +295,12 @@ def _claims(value: Any, field: str) -> tuple[tuple[str, tuple[str, ...] | None],
         (_name(user, field), None if ids is None else _device_ids(ids, f"{field}.{user}"))
         for user, ids in value.items()
     )
+
+
+def claim_devices_max(max_frame: int) -> int:
+    """Most devices one claim_prekeys may claim for on a server whose frames hold `max_frame`
+    bytes: CLAIM_DEVICES_MAX, or fewer (at least 1) when the reply would not fit one frame."""
+    return max(1, min(CLAIM_DEVICES_MAX, (max_frame - 2048) // _CLAIMED_KEY_ROOM))
 
 
 def _object(value: Any, field: str) -> Mapping[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from securechat import identity
+from securechat import identity, protocol
 from securechat.client import RequestError, dm
 from securechat.client.events import DeviceWarning, Parted
 from securechat.errors import ProtocolError, StorageError
@@ -261,7 +261,7 @@ def test_claim_prekeys_for_many_users_in_one_request(
 def test_a_claim_for_too_many_devices_is_refused_and_takes_no_key(
     device: Connect, server: Server, raw: Callable[[str], RawTLS], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(requests, "CLAIM_DEVICES_MAX", 2)
+    monkeypatch.setattr(protocol, "CLAIM_DEVICES_MAX", 2)
     device("bob", "one"), device("bob", "two")
     carol = device("carol", "one")
     count = server._worker.submit  # the store belongs to its worker thread
@@ -420,10 +420,20 @@ def target(user: str, n: int) -> Any:
 
 def test_prekey_claims_are_split_by_users_and_devices() -> None:
     one_each = [target(f"user{i:03}", 0) for i in range(150)]
-    assert [len(c) for c in dm._claims(one_each)] == [64, 64, 22]
+    assert [len(c) for c in dm._claims(one_each, 128)] == [64, 64, 22]
     many = [target("bob", i) for i in range(200)]
-    assert [len(c) for c in dm._claims(many)] == [128, 72]
-    assert dm._claims([]) == []
+    assert [len(c) for c in dm._claims(many, 128)] == [128, 72]
+    assert dm._claims([], 128) == []
+
+
+def test_a_claim_names_as_many_devices_as_the_frame_holds_prekeys_for() -> None:
+    assert [protocol.claim_devices_max(f) for f in (1024, 4096, 16384, 65536, 1 << 24)] == [
+        1,
+        5,
+        35,
+        128,
+        128,
+    ]
 
 
 def test_each_item_of_a_dms_hears_its_own_result() -> None:

@@ -49,7 +49,7 @@ from securechat.errors import (
     UnsignedDevice,
 )
 from securechat.identity import Identity
-from securechat.protocol import CLAIM_DEVICES_MAX, CLAIM_USERS_MAX, DMS_MAX
+from securechat.protocol import CLAIM_USERS_MAX, DMS_MAX, claim_devices_max
 from securechat.sealing import ReplayedMessage, SealError, StaleMessage
 from securechat.trust import KeyChanged, KeyCheck, KeyState, KnownKeys
 
@@ -353,7 +353,7 @@ class DirectMessages:
         start those sessions; a target whose prekey is missing or bad is warned about."""
         with self.state.lock:
             lacking = envelope.needs_prekeys(self.state.sessions, targets)
-        for claim in _claims(lacking):
+        for claim in _claims(lacking, claim_devices_max(self._max_frame)):
             wanted: dict[str, list[str]] = {}
             for target in claim:
                 wanted.setdefault(target.user, []).append(target.device_id)
@@ -514,13 +514,13 @@ def _gather(
     return done
 
 
-def _claims(targets: list[DeviceRecord]) -> list[list[DeviceRecord]]:
-    """`targets` in claims the server takes: at most CLAIM_DEVICES_MAX devices of at most
-    CLAIM_USERS_MAX users each."""
+def _claims(targets: list[DeviceRecord], most: int) -> list[list[DeviceRecord]]:
+    """`targets` in claims the server takes: at most `most` devices of at most CLAIM_USERS_MAX
+    users each."""
     out: list[list[DeviceRecord]] = []
     users: set[str] = set()
     for target in targets:
-        full = out and len(out[-1]) >= CLAIM_DEVICES_MAX
+        full = out and len(out[-1]) >= most
         if not out or full or (target.user not in users and len(users) >= CLAIM_USERS_MAX):
             out.append([])
             users = set()

@@ -29,7 +29,6 @@ from securechat.errors import (
 )
 from securechat.identity import fingerprint
 from securechat.protocol import (
-    CLAIM_DEVICES_MAX,
     DM,
     Ack,
     ClaimPrekeys,
@@ -45,6 +44,7 @@ from securechat.protocol import (
     Revoke,
     State,
     b64,
+    claim_devices_max,
     now_ms,
 )
 from securechat.server.devicestore import (
@@ -337,9 +337,10 @@ def claim_prekeys(conn: Connection, frame: ClaimPrekeys) -> None:
     """Hand out one prekey per device (each one-time key to one claimer only), for one user or
     many in one transaction, and tell a device that is running low to replenish."""
     hub, wanted = conn.ctx.hub, frame.wanted()
+    most = claim_devices_max(conn.ctx.config.max_frame)
 
     def claim(store: Store) -> tuple[dict[str, Any], dict[tuple[str, str], Any]]:
-        claimed = store.claim_prekeys_many(wanted, max_devices=CLAIM_DEVICES_MAX)
+        claimed = store.claim_prekeys_many(wanted, max_devices=most)
         keys = {
             user: {d: None if k is None else json.loads(k.prekey) for d, k in found.items()}
             for user, found in claimed.items()
