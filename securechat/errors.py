@@ -117,8 +117,8 @@ class ErrorCode(str, enum.Enum):
     TOO_LARGE = (
         "too_large",
         "a `dm` (or `dms` item) or `say_encrypted` whose envelope or ciphertext, with the sender's "
-        "name and device added, would not fit in one frame; a `claim_prekeys` for more devices than "
-        "its reply may hold (128, fewer below 53 KiB frames)",
+        "name and device added, would not fit in one frame; a `claim_prekeys` for more devices "
+        "than its reply may hold (128, fewer below 53 KiB frames)",
         "no",
     )
     BAD_RECORD = (
