@@ -64,7 +64,8 @@ class ErrorCode(str, enum.Enum):
     FRAME_TOO_LARGE = ("frame_too_large", "a frame header above the limit", "yes")
     BAD_FRAME = (
         "bad_frame",
-        "zero length, not a JSON object, no string `type`; a `join` with `plain` but not `create`",
+        "zero length, not a JSON object, no string `type`; a `join` with `plain` but not `create`; "
+        "a `claim_prekeys` with both or neither of `user` and `users`, or `devices` with `users`",
         "zero length: yes; else no (a strike)",
     )
     BAD_UTF8 = (
@@ -115,8 +116,9 @@ class ErrorCode(str, enum.Enum):
     TOO_LONG = ("too_long", "`say` text longer than the server's `max_message`", "no")
     TOO_LARGE = (
         "too_large",
-        "a `dm` or `say_encrypted` whose envelope or ciphertext, with the sender's name and device "
-        "added, would not fit in one frame",
+        "a `dm` (or `dms` item) or `say_encrypted` whose envelope or ciphertext, with the sender's "
+        "name and device added, would not fit in one frame; a `claim_prekeys` for more devices "
+        "than its reply may hold (128, fewer below 53 KiB frames)",
         "no",
     )
     BAD_RECORD = (
@@ -125,10 +127,14 @@ class ErrorCode(str, enum.Enum):
         "not signed by the identity key bound to the name",
         "no (a strike)",
     )
-    NO_SUCH_DEVICE = ("no_such_device", "a `dm` for a device never published", "no")
+    NO_SUCH_DEVICE = (
+        "no_such_device",
+        "a `dm` (or `dms` item) for a device never published",
+        "no",
+    )
     DEVICE_REVOKED = (
         "device_revoked",
-        "a login, `dm` or publication for a revoked device",
+        "a login, `dm` (or `dms` item) or publication for a revoked device",
         "on login: yes",
     )
     TOO_MANY_DEVICES = ("too_many_devices", "`publish_device` past the per-user cap", "no")

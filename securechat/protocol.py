@@ -77,7 +77,7 @@ class Step(str, enum.Enum):
 
 _OPEN = (State.CONNECTED, State.CHALLENGED, State.AUTHENTICATING, State.AUTHENTICATED)
 _REQUESTS = (
-    "join", "part", "say", "say_encrypted", "rooms", "who", "history", "keys", "dm", "ack",
+    "join", "part", "say", "say_encrypted", "rooms", "who", "history", "keys", "dm", "dms", "ack",
     "publish_device", "devices", "publish_prekeys", "prekey_count", "claim_prekeys", "revoke",
 )  # fmt: skip
 
@@ -266,6 +266,13 @@ _DEVICE_ID_RE = re.compile(r"[A-Z2-7]{16}")  # e2e.device.DEVICE_ID_RE
 PREKEYS_MAX = 100
 DEVICES_MAX = 64
 USERS_MAX = 100  # names one `devices` request may ask about (the reply is cut to a frame)
+# A batched claim_prekeys: most users, and most devices claimed for (null counts every active
+# device of its user; see claim_devices_max).
+CLAIM_USERS_MAX = 64
+CLAIM_DEVICES_MAX = 128
+_CLAIMED_KEY_ROOM = 400  # bytes a claimed prekey may take in the reply, device id included
+# A dms request carries at most this many envelopes (and the frame size bounds it too).
+DMS_MAX = 256
 OBJECT_MAX = 2048  # bytes of JSON a record, revocation or prekey may take
 
 
@@ -288,6 +295,22 @@ def _names(value: Any, field: str) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise _bad(field, "must not name anyone twice")
     return names
+
+
+def _claims(value: Any, field: str) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
+    """`users` of a claim_prekeys: {name: [device ids] or null (every active device)}."""
+    if not isinstance(value, dict) or not 1 <= len(value) <= CLAIM_USERS_MAX:
+        raise _bad(field, f"must be an object of 1 to {CLAIM_USERS_MAX} user names")
+    return tuple(
+        (_name(user, field), None if ids is None else _device_ids(ids, f"{field}.{user}"))
+        for user, ids in value.items()
+    )
+
+
+def claim_devices_max(max_frame: int) -> int:
+    """Most devices one claim_prekeys may claim for on a server whose frames hold `max_frame`
+    bytes: CLAIM_DEVICES_MAX, or fewer (at least 1) when the reply would not fit one frame."""
+    return max(1, min(CLAIM_DEVICES_MAX, (max_frame - 2048) // _CLAIMED_KEY_ROOM))
 
 
 def _object(value: Any, field: str) -> Mapping[str, Any]:
@@ -453,6 +476,55 @@ class DM:
     resume: bool = _resume()
 
 
+# The fields of a `dm` that name one envelope: a `dms` carries a list of them.
+_ENVELOPE_FIELDS = ("to", "user", "device", "msg_id", "data")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One item of a `dms`: the fields of a `dm` for one device, checked by the same checks."""
+
+    to: str
+    user: str
+    device: str
+    msg_id: str
+    data: str
+
+
+def _envelopes(value: Any, field: str) -> tuple[Envelope, ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= DMS_MAX:
+        raise _bad(field, f"must be a list of 1 to {DMS_MAX} messages")
+    checks = {f.name: f.metadata["check"] for f in dataclasses.fields(DM)}
+    out, seen = [], set()
+    for i, item in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(item, dict):
+            raise _bad(where, "must be an object")
+        values = {}
+        for name in _ENVELOPE_FIELDS:
+            if name not in item:
+                raise _bad(f"{where}.{name}", "is missing")
+            values[name] = checks[name](item[name], f"{where}.{name}")
+        env = Envelope(**values)
+        key = (env.user, env.device, env.msg_id)
+        if key in seen:
+            raise _bad(where, "repeats the user, device and msg_id of an earlier message")
+        seen.add(key)
+        out.append(env)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class DMs:
+    """Many Olm envelopes, each for one device, in one request (a room key to every member's
+    devices): each is checked, stored and answered as its own `dm` would be."""
+
+    TYPE: ClassVar[str] = "dms"
+    id: int = _field(_request_id)
+    messages: tuple[Envelope, ...] = _field(_envelopes)
+    resume: bool = _resume()
+
+
 @dataclass(frozen=True)
 class Ack:
     TYPE: ClassVar[str] = "ack"
@@ -500,11 +572,34 @@ class PrekeyCount:
 
 @dataclass(frozen=True)
 class ClaimPrekeys:
+    """A prekey of each device named: of one `user` (`devices`, None: every active one), or
+    of many, `users`: ((name, device ids or None), ...)."""
+
     TYPE: ClassVar[str] = "claim_prekeys"
     id: int = _field(_request_id)
-    user: str = _field(_name)
+    user: str | None = _field(_name, None)
     devices: tuple[str, ...] | None = _field(_device_ids, None)  # None: every active device
+    users: tuple[tuple[str, tuple[str, ...] | None], ...] | None = _field(_claims, None)
     resume: bool = _resume()
+
+    def __post_init__(self) -> None:
+        if (self.user is None) == (self.users is None):
+            why = "not both" if self.user is not None else "one is missing"
+            raise ProtocolError(
+                ErrorCode.BAD_FRAME, f'claim_prekeys takes either "user" or "users" ({why})'
+            )
+        if self.users is not None and self.devices is not None:
+            raise ProtocolError(
+                ErrorCode.BAD_FRAME,
+                '"devices" goes with "user"; with "users", list each user\'s devices there',
+            )
+
+    def wanted(self) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
+        """Each user claimed for, with the devices named (None: every active one)."""
+        if self.users is not None:
+            return self.users
+        assert self.user is not None
+        return ((self.user, self.devices),)
 
 
 @dataclass(frozen=True)
@@ -536,13 +631,13 @@ class Bye:
 # What an authenticated client asks the server to do; the server answers each with "ok" (or an
 # error) carrying its id, except Ack, which is answered by nothing.
 RequestFrame = (
-    Join | Part | Say | SayEncrypted | Rooms | Who | History | Keys | DM | Ack
+    Join | Part | Say | SayEncrypted | Rooms | Who | History | Keys | DM | DMs | Ack
     | PublishDevice | Devices | PublishPrekeys | PrekeyCount | ClaimPrekeys | Revoke
 )  # fmt: skip
 ClientFrame = Hello | Auth | Ping | Pong | Bye | RequestFrame
 
 REQUEST_CLASSES: tuple[type[RequestFrame], ...] = (
-    Join, Part, Say, SayEncrypted, Rooms, Who, History, Keys, DM, Ack,
+    Join, Part, Say, SayEncrypted, Rooms, Who, History, Keys, DM, DMs, Ack,
     PublishDevice, Devices, PublishPrekeys, PrekeyCount, ClaimPrekeys, Revoke,
 )  # fmt: skip
 FRAME_CLASSES: dict[str, type[ClientFrame]] = {

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 RATE_LIMITED = frozenset(
     {"join", "part", "say", "say_encrypted", "rooms", "who", "history", "keys", "dm", "devices"}
     | {"claim_prekeys", "revoke"}
+    | {"dms"}  # one token for its whole batch of envelopes, as claim_prekeys for many users
 )
 
 

@@ -43,6 +43,16 @@ DEVICE_IDS = st.from_regex(r"[A-Z2-7]{16}", fullmatch=True)
 SIGNED_OBJECTS = st.dictionaries(st.sampled_from(["user", "device_id", "signature"]), NAMES)
 REQUEST_IDS = st.integers(min_value=0, max_value=2**53 - 1)
 
+DATA = st.binary(min_size=1, max_size=64).map(lambda raw: base64.b64encode(raw).decode())
+ENVELOPES = st.fixed_dictionaries(
+    {"to": NAMES, "user": NAMES, "device": DEVICE_IDS, "msg_id": MESSAGE_IDS, "data": DATA}
+)
+
+# claim_prekeys' "users": {name: [device ids] or null}; devices' "users" is a list of names.
+CLAIMS = st.dictionaries(
+    NAMES, st.none() | st.lists(DEVICE_IDS, min_size=1, max_size=3), min_size=1, max_size=3
+)
+
 # A well-formed value for each field the client frame schemas name.
 FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "user": NAMES,
@@ -57,7 +67,10 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "resume": st.booleans(),
     "to": NAMES,
     "msg_id": MESSAGE_IDS,
-    "data": st.binary(min_size=1, max_size=64).map(lambda raw: base64.b64encode(raw).decode()),
+    "data": DATA,
+    "messages": st.lists(
+        ENVELOPES, min_size=1, max_size=3, unique_by=lambda e: (e["user"], e["device"], e["msg_id"])
+    ),
     "device": DEVICE_IDS,
     "devices": st.lists(DEVICE_IDS, min_size=1, max_size=3),
     "record": SIGNED_OBJECTS,
@@ -90,6 +103,14 @@ def valid_frames(draw: st.DrawFn, types: tuple[str, ...] = tuple(protocol.CLIENT
             del frame["users"]
         else:
             frame["user"] = draw(NAMES)
+    if ftype == "claim_prekeys":  # for "user" (with its "devices"), or for "users"
+        if draw(st.booleans()):
+            frame.pop("users", None)
+            frame["user"] = draw(NAMES)
+        else:
+            frame.pop("user", None)
+            frame.pop("devices", None)
+            frame["users"] = draw(CLAIMS)
     return frame
 
 

@@ -90,11 +90,20 @@ class PrekeyDirectory:
             elif ftype == "devices":
                 return listed(fields["user"])
             elif ftype == "claim_prekeys":
-                who = fields["user"]
-                return {"keys": {d: self.claim(who, d) for d in fields["devices"]}}
+                return {
+                    "users": {
+                        who: {d: self.claim(who, d) for d in ids}
+                        for who, ids in fields["users"].items()
+                    }
+                }
             elif ftype == "dm":
                 sent.append({"from": user, "from_device": device_id, **fields})
                 return {"status": "delivered"}
+            elif ftype == "dms":
+                sent.extend(
+                    {"from": user, "from_device": device_id, **m} for m in fields["messages"]
+                )
+                return {"results": [{"status": "delivered"} for _ in fields["messages"]]}
             return {}
 
         def request(ftype: str, **fields: Any) -> Future[dict[str, Any]]:

@@ -165,12 +165,12 @@ def test_a_one_time_key_handed_out_twice_is_refused_when_used_again(
     device: Connect, server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     alice, carol, bob = device("alice", "laptop"), device("carol", "one"), device("bob", "one")
-    real = server.store.claim_prekeys
+    real = server.store.claim_prekeys_many
     first: dict = {}
     monkeypatch.setattr(
         server.store,
-        "claim_prekeys",
-        lambda user, ids=None: first.setdefault(user, real(user, ids)),
+        "claim_prekeys_many",
+        lambda wanted, **kw: {u: first.setdefault(u, real([(u, i)], **kw)[u]) for u, i in wanted},
     )
     alice.send_dm("bob", "from alice").result(10)
     carol.send_dm("bob", "from carol").result(10)
@@ -194,14 +194,15 @@ def test_the_fallback_key_handed_out_again_and_again_still_shows_each_dm_once(
     bob = device("bob", "one")
     handed: list[tuple[str, bool]] = []
 
-    def fallback_only(user: str, ids: Sequence[str] | None = None) -> dict:
+    def fallback_only(wanted: Sequence[tuple[str, Sequence[str] | None]], max_devices: int) -> dict:
         with server.store._operation() as db:  # type: ignore[attr-defined]
-            db.execute("DELETE FROM prekeys WHERE user = ? AND NOT fallback", (user,))
-            keys = devicestore.claim_prekeys(db, user, ids)
-        handed.extend((user, k.fallback) for k in keys.values() if k is not None)
+            for user, _ in wanted:
+                db.execute("DELETE FROM prekeys WHERE user = ? AND NOT fallback", (user,))
+            keys = devicestore.claim_prekeys(db, wanted, max_devices)
+        handed.extend((u, k.fallback) for u, found in keys.items() for k in found.values() if k)
         return keys
 
-    monkeypatch.setattr(server.store, "claim_prekeys", fallback_only)
+    monkeypatch.setattr(server.store, "claim_prekeys_many", fallback_only)
     rewrite_sent_frames(monkeypatch, "dm", lambda f: [f, f, {**f, "msg_id": f"x{f['msg_id']}"}])
     senders = [("alice", "laptop"), ("carol", "one"), ("alice", "tablet")]
     for user, name in senders:

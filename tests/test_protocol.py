@@ -345,7 +345,7 @@ def test_a_request_without_a_server_handler_is_caught_at_import(monkeypatch) -> 
         connection._check_dispatch()
     assert str(info.value) == (
         "request handlers disagree with the protocol: store ['ack', 'claim_prekeys', 'devices', "
-        "'dm', 'prekey_count', 'publish_device', 'publish_prekeys', 'revoke'], "
+        "'dm', 'dms', 'prekey_count', 'publish_device', 'publish_prekeys', 'revoke'], "
         "hub ['history', 'join', 'part', 'rooms', 'say', 'say_encrypted', 'who']"
     )
 

@@ -21,8 +21,8 @@ from securechat.client.events import (
     RoomUnreadable,
     RoomWarning,
 )
-from securechat.protocol import Join
-from securechat.server import Server
+from securechat.protocol import DMs, Join
+from securechat.server import Server, requests
 from securechat.server.hub import Hub
 
 from .conftest import Connect, plant_device, rewrite_sent_frames, wait_for
@@ -293,9 +293,15 @@ def test_a_device_the_server_signed_itself_gets_no_room_keys_and_is_warned_about
     shares: list[str] = []
     alice, bob = team(connect, "alice", "bob")
     hook_server_dm(monkeypatch, lambda f: shares.append(f.device) or f)
+    batched = requests.HANDLERS[DMs]  # room keys go out batched, a `dms` per message
+    monkeypatch.setitem(
+        requests.HANDLERS,
+        DMs,
+        lambda conn, f: shares.extend(m.device for m in f.messages) or batched(conn, f),
+    )
     alice.send("#team", "not for the server").result(10)
     assert wait_for(bob, said("#team", "alice", "not for the server")).encrypted
-    assert forged.device_id not in shares
+    assert forged.device_id not in shares and bob.device_id in shares
     warnings = [e for e in quiet(alice, 0.5) if isinstance(e, DeviceWarning)]
     assert any(
         w.detail

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import secrets
 import threading
@@ -22,6 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from securechat.client.connection import RequestError
 from securechat.client.events import (
     DeviceWarning,
     DirectMessage,
@@ -39,14 +41,16 @@ from securechat.errors import (
     DeviceRecordError,
     E2EError,
     EnvelopeError,
+    ErrorCode,
     PrekeyError,
+    ProtocolError,
     ReplayedRecord,
     SecureChatError,
     UndecryptableMessage,
     UnsignedDevice,
 )
 from securechat.identity import Identity
-from securechat.protocol import USERS_MAX
+from securechat.protocol import CLAIM_USERS_MAX, DMS_MAX, USERS_MAX, claim_devices_max
 from securechat.sealing import ReplayedMessage, SealError, StaleMessage
 from securechat.trust import KeyChanged, KeyCheck, KeyState, KnownKeys
 
@@ -307,71 +311,114 @@ class DirectMessages:
         hands it to its verifier, never to the chat."""
         return self.send_one(target, body, inner.SAS_KIND, "the verification message")
 
-    def send_room_key(self, target: DeviceRecord, payload: str) -> Future[dict[str, Any]]:
-        """Send one room-key payload (inner kind "room_key") to exactly one device; the receiver
-        hands it to its room keys, never to the chat."""
-        return self.send_one(target, payload, inner.ROOM_KEY_KIND, "the room key")
+    def send_room_keys(
+        self, targets: list[DeviceRecord], payload: str
+    ) -> tuple[list[tuple[DeviceRecord, Future[dict[str, Any]]]], list[tuple[DeviceRecord, str]]]:
+        """Send a room-key payload (inner kind "room_key") to each of `targets`, each in its own
+        Olm message (no fan-out to our own devices), in as few `dms` requests as the frame size
+        allows, prekeys claimed for all of them at once; the receiver hands it to its room keys,
+        never to the chat. Returns each target sent to with the future of its own result, and
+        each target it could not be sent to with the reason."""
+        items, refused = self._seal(targets, payload, inner.ROOM_KEY_KIND, "the room key")
+        futures = self._send_batched([item for _, item in items])
+        return [(t, f) for (t, _), f in zip(items, futures, strict=True)], refused
 
     def send_one(
         self, target: DeviceRecord, body: str, kind: str, what: str
     ) -> Future[dict[str, Any]]:
         """Encrypt `body` as an inner record of `kind` to exactly one device: no fan-out to our
         own devices. Raises DeviceRecordError, naming `what`, if no Olm session can be made."""
-        self._start_sessions([target])
+        items, refused = self._seal([target], body, kind, what)
+        if refused:
+            raise DeviceRecordError(refused[0][1])
+        ((_, item),) = items
+        return self._request("dm", **item)
+
+    def _seal(
+        self, targets: list[DeviceRecord], body: str, kind: str, what: str
+    ) -> tuple[list[tuple[DeviceRecord, dict[str, Any]]], list[tuple[DeviceRecord, str]]]:
+        """`body` as an inner record of `kind` for each of `targets` on its own (a message id
+        each), as the fields of its `dm`; and the targets no Olm session could be made with."""
+        self._start_sessions(targets)
         state = self.state
-        message_id = new_message_id()
+        items, refused = [], []
         with state.lock:
-            if state.sessions.needs_session(target):
-                raise DeviceRecordError(
-                    f"no secure session with {target.user}'s device {target.device_id}; {what} "
-                    "was not sent"
+            for target in targets:
+                if state.sessions.needs_session(target):
+                    why = (
+                        f"no secure session with {target.user}'s device {target.device_id}; "
+                        f"{what} was not sent"
+                    )
+                    refused.append((target, why))
+                    continue
+                message_id = new_message_id()
+                (env,) = envelope.encrypt_dm(
+                    state.sessions,
+                    state.tracker,
+                    [target],
+                    target.user,
+                    message_id,
+                    _now_ms(),
+                    body,
+                    kind,
                 )
-            (env,) = envelope.encrypt_dm(
-                state.sessions,
-                state.tracker,
-                [target],
-                target.user,
-                message_id,
-                _now_ms(),
-                body,
-                kind,
+                item = {
+                    "to": target.user,
+                    "user": env.recipient,
+                    "device": env.recipient_device,
+                    "msg_id": message_id,
+                    "data": base64.b64encode(env.data).decode("ascii"),
+                }
+                items.append((target, item))
+            if items:
+                state.save()
+        return items, refused
+
+    def _send_batched(self, items: list[dict[str, Any]]) -> list[Future[dict[str, Any]]]:
+        """Send the `dm` fields of `items` as `dms` requests (each within the frame size and
+        DMS_MAX envelopes); one future per item, with that item's own result or refusal."""
+        futures: list[Future[dict[str, Any]]] = []
+        for batch in _batches(items, self._max_frame, DMS_MAX):
+            mine: list[Future[dict[str, Any]]] = [Future() for _ in batch]
+            self._request("dms", messages=batch).add_done_callback(
+                functools.partial(_split, items=mine)
             )
-            state.save()
-        return self._request(
-            "dm",
-            to=target.user,
-            user=env.recipient,
-            device=env.recipient_device,
-            msg_id=message_id,
-            data=base64.b64encode(env.data).decode("ascii"),
-        )
+            futures += mine
+        return futures
 
     def _start_sessions(self, targets: list[DeviceRecord]) -> None:
+        """Claim a prekey of each target we have no session with (many users a request) and
+        start those sessions; a target whose prekey is missing or bad is warned about."""
         with self.state.lock:
             lacking = envelope.needs_prekeys(self.state.sessions, targets)
-        by_user: dict[str, list[DeviceRecord]] = {}
-        for target in lacking:
-            by_user.setdefault(target.user, []).append(target)
-        for user, wanted in by_user.items():
-            reply = self._ask("claim_prekeys", user=user, devices=[t.device_id for t in wanted])
-            raw = reply.get("keys")
-            keys: dict[str, Any] = raw if isinstance(raw, dict) else {}
-            for target in wanted:
-                try:
-                    claimed = prekeys.verify_prekey(keys.get(target.device_id), target)
-                except PrekeyError as exc:
-                    self._warn(
-                        DeviceWarning(
-                            user,
-                            f"no secure session with {user}'s device {target.device_id} ({exc});"
-                            " it will not get this message",
-                        )
-                    )
-                    continue
-                with self.state.lock:
-                    note = self.state.sessions.start_session(self.state.device, target, claimed)
-                if note is not None:
-                    self._warn(DeviceWarning(user, note.text))
+        for claim in _claims(lacking, claim_devices_max(self._max_frame)):
+            wanted: dict[str, list[str]] = {}
+            for target in claim:
+                wanted.setdefault(target.user, []).append(target.device_id)
+            reply = self._ask("claim_prekeys", users=wanted)
+            found = reply.get("users")
+            by_user: dict[str, Any] = found if isinstance(found, dict) else {}
+            for target in claim:
+                keys = by_user.get(target.user)
+                self._start_session(target, keys if isinstance(keys, dict) else {})
+
+    def _start_session(self, target: DeviceRecord, keys: dict[str, Any]) -> None:
+        user = target.user
+        try:
+            claimed = prekeys.verify_prekey(keys.get(target.device_id), target)
+        except PrekeyError as exc:
+            self._warn(
+                DeviceWarning(
+                    user,
+                    f"no secure session with {user}'s device {target.device_id} ({exc});"
+                    " it will not get this message",
+                )
+            )
+            return
+        with self.state.lock:
+            note = self.state.sessions.start_session(self.state.device, target, claimed)
+        if note is not None:
+            self._warn(DeviceWarning(user, note.text))
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -505,14 +552,49 @@ def _gather(
     return done
 
 
-def _batches(items: list[dict[str, Any]], max_frame: int) -> list[list[dict[str, Any]]]:
-    """`items` in lists whose frames stay under `max_frame` bytes (and 100 items)."""
+def _claims(targets: list[DeviceRecord], most: int) -> list[list[DeviceRecord]]:
+    """`targets` in claims the server takes: at most `most` devices of at most CLAIM_USERS_MAX
+    users each."""
+    out: list[list[DeviceRecord]] = []
+    users: set[str] = set()
+    for target in targets:
+        full = out and len(out[-1]) >= most
+        if not out or full or (target.user not in users and len(users) >= CLAIM_USERS_MAX):
+            out.append([])
+            users = set()
+        out[-1].append(target)
+        users.add(target.user)
+    return out
+
+
+def _split(done: Future[dict[str, Any]], items: list[Future[dict[str, Any]]]) -> None:
+    """Resolve the future of each item of a `dms` from the reply's result for it."""
+    exc = done.exception()
+    results = None if exc is not None else done.result().get("results")
+    if exc is None and (not isinstance(results, list) or len(results) != len(items)):
+        exc = ProtocolError(ErrorCode.BAD_FRAME, "the server's answer to a dms was malformed")
+    for i, future in enumerate(items):
+        if exc is not None:
+            future.set_exception(exc)
+            continue
+        assert isinstance(results, list)
+        result = results[i] if isinstance(results[i], dict) else {}
+        if result.get("status") in ("delivered", "queued"):
+            future.set_result(result)
+        else:
+            future.set_exception(RequestError(result))
+
+
+def _batches(
+    items: list[dict[str, Any]], max_frame: int, most: int = 100
+) -> list[list[dict[str, Any]]]:
+    """`items` in lists whose frames stay under `max_frame` bytes (and `most` items)."""
     budget = max_frame - 256  # the frame's own fields
     out: list[list[dict[str, Any]]] = [[]]
     used = 0
     for item in items:
         size = len(json.dumps(item)) + 2
-        if out[-1] and (used + size > budget or len(out[-1]) >= 100):
+        if out[-1] and (used + size > budget or len(out[-1]) >= most):
             out.append([])
             used = 0
         out[-1].append(item)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -108,22 +109,34 @@ class DevicePort:
         return listed + [PortDevice(user, device_id, key, True) for device_id in found.revoked]
 
     def send_to_device(self, user: str, device_id: str, payload: bytes) -> None:
-        target = self._dms.known_device(user, device_id)
-        if target is None:
-            raise DeviceRecordError(f"{user}'s device {device_id} is not a checked device")
-        future = self._dms.send_room_key(target, payload.decode("utf-8"))
-        self.sent.append(future)
+        refused = self.send_to_devices([DeviceRef(user, device_id)], payload)
+        if refused:
+            raise DeviceRecordError(next(iter(refused.values())))
 
-        def done(f: Future[dict[str, Any]]) -> None:
-            exc = f.exception()
-            if exc is not None:
-                self._warn(
-                    DeviceWarning(
-                        user, f"a room key for {user}'s device {device_id} was lost: {exc}"
-                    )
-                )
+    def send_to_devices(self, devices: Sequence[DeviceRef], payload: bytes) -> dict[DeviceRef, str]:
+        """The room key to each device, in as few `dms` requests as fit (their futures join
+        `sent`); the devices it could not go to, each with the reason."""
+        refused: dict[DeviceRef, str] = {}
+        targets = []
+        for ref in devices:
+            target = self._dms.known_device(ref.user, ref.device_id)
+            if target is None:
+                refused[ref] = f"{ref.user}'s device {ref.device_id} is not a checked device"
+            else:
+                targets.append(target)
+        sent, unsent = self._dms.send_room_keys(targets, payload.decode("utf-8"))
+        refused.update({DeviceRef(t.user, t.device_id): why for t, why in unsent})
+        for target, future in sent:
+            self.sent.append(future)
+            future.add_done_callback(functools.partial(self._lost, target.user, target.device_id))
+        return refused
 
-        future.add_done_callback(done)
+    def _lost(self, user: str, device_id: str, future: Future[dict[str, Any]]) -> None:
+        exc = future.exception()
+        if exc is not None:
+            self._warn(
+                DeviceWarning(user, f"a room key for {user}'s device {device_id} was lost: {exc}")
+            )
 
 
 class EncryptedRooms:

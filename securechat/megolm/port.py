@@ -2,7 +2,8 @@
 
 The Olm layer owns device records and pairwise Olm sessions. The room core only asks it two
 things: the devices it knows for a user, each with the identity key whose signature over the
-device record it checked, and to carry a payload to one device inside an Olm message. Inbound,
+device record it checked, and to carry a payload to one device inside an Olm message (or the same
+payload to many devices, each in its own Olm message, in as few requests as it can). Inbound,
 the Olm layer hands each decrypted to-device payload to RoomCrypto.receive_to_device together
 with the authenticated sending device.
 """
@@ -62,4 +63,10 @@ class OlmPort(Protocol):
     def send_to_device(self, user: str, device_id: str, payload: bytes) -> None:
         """Encrypt `payload` in the Olm session with that device (making one if needed) and
         queue it for delivery. Raises a SecureChatError if no session can be made."""
+        ...
+
+    def send_to_devices(self, devices: Sequence[DeviceRef], payload: bytes) -> dict[DeviceRef, str]:
+        """send_to_device to each of `devices`, batched as the transport allows (a room key to
+        every member's devices, one message's worth). Returns the devices no session could be
+        made with, each with the reason; the others were queued."""
         ...

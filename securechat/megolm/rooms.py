@@ -3,7 +3,8 @@
 It holds no socket. The client wiring feeds it what the timeline displayed (joins, leaves, the
 member list), the server's room mode, encrypted room messages and Olm to-device payloads; it
 returns what to send and what to show. Key shares go out through the OlmPort before encrypt()
-returns, so the wiring must send queued to-device messages before the room message itself.
+returns (all of one message's in one send_to_devices call, so the port can batch them), so the
+wiring must send queued to-device messages before the room message itself.
 """
 
 from __future__ import annotations
@@ -113,11 +114,13 @@ class RoomCrypto:
             self._inbound.add_own(room, self.me, session)
         payload = keyshare.encode(self._outbound.room_key(room))
         shared, failed = [], []
-        for device in self._outbound.unshared(room, plan.devices):
-            try:
-                self._port.send_to_device(device.user, device.device_id, payload)
-            except SecureChatError as exc:
-                failed.append(f"the room key for {room} could not go to {device}: {exc}")
+        unshared = list(self._outbound.unshared(room, plan.devices))
+        refused = self._port.send_to_devices(unshared, payload) if unshared else {}
+        for device in unshared:
+            if device in refused:
+                failed.append(
+                    f"the room key for {room} could not go to {device}: {refused[device]}"
+                )
                 continue
             self._outbound.mark_shared(room, device)
             shared.append(device)

@@ -53,6 +53,10 @@ class PrekeyRefused(StorageError):
     """A batch of prekeys was refused as a whole (a key id already held, too many keys)."""
 
 
+class TooManyClaims(StorageError):
+    """A claim names more devices than one request may claim for; nothing was claimed."""
+
+
 @dataclass(frozen=True)
 class DeviceEntry:
     """A device as its user publishes it. `record` is the signed device record, as the server
@@ -328,18 +332,30 @@ def claim_prekey(db: sqlite3.Connection, user: str, device_id: str) -> Prekey | 
 
 
 def claim_prekeys(
-    db: sqlite3.Connection, user: str, device_ids: Sequence[str] | None
-) -> dict[str, Prekey | None]:
-    """One prekey per active device of `user` (or of those of `device_ids` that are active)."""
-    active = [
-        r[0]
-        for r in db.execute(
-            "SELECT device_id FROM devices WHERE user = ? AND revocation IS NULL ORDER BY seq",
-            (user,),
+    db: sqlite3.Connection,
+    wanted: Sequence[tuple[str, Sequence[str] | None]],
+    max_devices: int,
+) -> dict[str, dict[str, Prekey | None]]:
+    """For each (user, device ids) of `wanted`: one prekey per active device of that user (or
+    of those of the ids that are active). More than `max_devices` devices in all refuses the
+    whole claim before any key is taken, so a refusal costs no device a one-time key."""
+    plan: dict[str, list[str]] = {}
+    for user, device_ids in wanted:
+        active = [
+            r[0]
+            for r in db.execute(
+                "SELECT device_id FROM devices WHERE user = ? AND revocation IS NULL ORDER BY seq",
+                (user,),
+            )
+        ]
+        plan[user] = active if device_ids is None else [d for d in active if d in set(device_ids)]
+    total = sum(len(ids) for ids in plan.values())
+    if total > max_devices:
+        raise TooManyClaims(
+            f"this claim is for {total} devices; one request may claim prekeys for at most "
+            f"{max_devices} (split it)"
         )
-    ]
-    wanted = active if device_ids is None else [d for d in active if d in set(device_ids)]
-    return {d: claim_prekey(db, user, d) for d in wanted}
+    return {user: {d: claim_prekey(db, user, d) for d in ids} for user, ids in plan.items()}
 
 
 # -- one offline queue per device ------------------------------------------------------------------

@@ -19,13 +19,22 @@ from typing import TYPE_CHECKING, Any
 
 from securechat.e2e import prekeys as e2e_prekeys
 from securechat.e2e import records
-from securechat.errors import DeviceRecordError, ErrorCode, PrekeyError, ProtocolError, StorageError
+from securechat.errors import (
+    DeviceRecordError,
+    ErrorCode,
+    PrekeyError,
+    ProtocolError,
+    SecureChatError,
+    StorageError,
+)
 from securechat.identity import fingerprint
 from securechat.protocol import (
     DM,
     Ack,
     ClaimPrekeys,
     Devices,
+    DMs,
+    Envelope,
     Keys,
     LoginVerified,
     PrekeyCount,
@@ -35,6 +44,7 @@ from securechat.protocol import (
     Revoke,
     State,
     b64,
+    claim_devices_max,
     now_ms,
 )
 from securechat.server.devicestore import (
@@ -45,13 +55,16 @@ from securechat.server.devicestore import (
     Prekey,
     PrekeyRefused,
     RevokedDevice,
+    TooManyClaims,
     TooManyDevices,
     UnknownDevice,
 )
 from securechat.server.store import Claim, QuotaExceeded, Store
 
 if TYPE_CHECKING:
+    from securechat.server.app import ServerConfig
     from securechat.server.connection import Connection
+    from securechat.server.hub import Hub
 
 log = logging.getLogger("securechat.server")
 
@@ -66,6 +79,7 @@ _REFUSALS: tuple[tuple[type[StorageError], ErrorCode], ...] = (
     (TooManyDevices, ErrorCode.TOO_MANY_DEVICES),
     (DeviceConflict, ErrorCode.DEVICE_CONFLICT),
     (PrekeyRefused, ErrorCode.PREKEYS_REFUSED),
+    (TooManyClaims, ErrorCode.TOO_LARGE),
 )
 
 
@@ -73,15 +87,23 @@ def _canonical(value: Mapping[str, Any]) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def _error_of(result: object) -> tuple[ErrorCode, str] | None:
+    """The error code and message a refusal is answered with; None for anything else."""
+    refusal = next((code for cls, code in _REFUSALS if isinstance(result, cls)), None)
+    if refusal is not None:
+        return refusal, str(result)
+    if isinstance(result, ProtocolError):
+        return ErrorCode(result.code), result.message
+    return None
+
+
 def reply(conn: Connection, request_id: int, result: object, fields: Mapping[str, Any]) -> None:
     """Send the "ok" to a store-backed request, or its error."""
     if not conn.open:
         return
-    refusal = next((code for cls, code in _REFUSALS if isinstance(result, cls)), None)
-    if refusal is not None:
-        conn.session.reply_error(request_id, refusal, str(result))
-    elif isinstance(result, ProtocolError):
-        conn.session.reply_error(request_id, ErrorCode(result.code), result.message)
+    error = _error_of(result)
+    if error is not None:
+        conn.session.reply_error(request_id, *error)
     elif isinstance(result, StorageError):
         # The store failed us, not the client: say so and close, as the protocol promises.
         log.error("store error for %s: %s", conn.user, result)
@@ -105,44 +127,89 @@ def dm(conn: Connection, frame: DM) -> None:
     The sender hears "delivered" or "queued" only once the envelope is committed, so a crash of
     the server after that cannot lose it; it leaves the store when its device acks it.
     """
-    ctx, config = conn.ctx, conn.ctx.config
-    if len(frame.data) > config.max_frame - DM_FRAME_OVERHEAD:
-        # Relayed, it gains the sender's name and device: it must still fit in one frame.
-        conn.session.reply_error(
-            frame.id, ErrorCode.TOO_LARGE, "this direct message is too large to relay; split it"
-        )
+    env = _envelope(conn, frame, now_ms())
+    if isinstance(env, ProtocolError):
+        conn.session.reply_error(frame.id, ErrorCode(env.code), env.message)
         return
-    if frame.user not in (frame.to, conn.user):
-        conn.session.reply_error(
-            frame.id,
+    ctx, config = conn.ctx, conn.ctx.config
+
+    def then(result: object) -> None:
+        if isinstance(result, list):
+            (result,) = result
+        fields: dict[str, Any] = {"msg_id": env.msg_id, "ts": env.ts}
+        if isinstance(result, DeviceEnvelope):
+            fields["status"] = _relay(ctx.hub, result)
+        reply(conn, frame.id, result, fields)
+
+    ctx.worker.run(lambda store: _accept(store, [env], config), then, conn.loop)
+
+
+def dms(conn: Connection, frame: DMs) -> None:
+    """`dm` for many devices at once (a room key to every member's devices): each envelope is
+    checked as its `dm` would be, the accepted ones are stored in one transaction (durable
+    before the reply) and relayed, and the reply holds one result per envelope, in order."""
+    ctx, config, ts = conn.ctx, conn.ctx.config, now_ms()
+    envs = [_envelope(conn, item, ts) for item in frame.messages]
+
+    def then(result: object) -> None:
+        fields: dict[str, Any] = {}
+        if isinstance(result, list):
+            pairs = zip(frame.messages, result, strict=True)
+            items = [_item_result(ctx.hub, m.msg_id, r) for m, r in pairs]
+            fields = {"ts": ts, "results": items}
+            if len(_canonical(fields)) > config.max_frame - DM_FRAME_OVERHEAD:
+                for item in items:  # many long refusals: the codes alone still fit
+                    item.pop("message", None)
+        reply(conn, frame.id, result, fields)
+
+    ctx.worker.run(lambda store: _accept(store, envs, config), then, conn.loop)
+
+
+def _envelope(conn: Connection, item: DM | Envelope, ts: int) -> DeviceEnvelope | ProtocolError:
+    """The envelope a `dm` (or an item of a `dms`) asks to store, or why it is refused."""
+    if len(item.data) > conn.ctx.config.max_frame - DM_FRAME_OVERHEAD:
+        # Relayed, it gains the sender's name and device: it must still fit in one frame.
+        return ProtocolError(
+            ErrorCode.TOO_LARGE, "this direct message is too large to relay; split it"
+        )
+    if item.user not in (item.to, conn.user):
+        return ProtocolError(
             ErrorCode.BAD_FIELD,
             'field "user" must be "to" or yourself (a copy for your other devices)',
         )
-        return
-    env = DeviceEnvelope(
-        frame.user,
-        frame.device,
-        conn.user,
-        conn.device,
-        frame.msg_id,
-        base64.b64decode(frame.data),
-        now_ms(),
-    )
+    data = base64.b64decode(item.data)
+    return DeviceEnvelope(item.user, item.device, conn.user, conn.device, item.msg_id, data, ts)
 
-    def accept(store: Store) -> DeviceEnvelope:
-        if store.public_key(env.recipient) is None:
-            raise ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody is called {env.recipient}")
-        store.queue_envelope(env, ttl_ms=config.dm_ttl_ms, quota=config.dm_quota())
-        return env
 
-    def then(result: object) -> None:
-        fields: dict[str, Any] = {"msg_id": env.msg_id, "ts": env.ts}
-        if isinstance(result, DeviceEnvelope):
-            online = ctx.hub.deliver_dm(env, queued=False)
-            fields["status"] = "delivered" if online else "queued"
-        reply(conn, frame.id, result, fields)
+def _accept(
+    store: Store, envs: list[DeviceEnvelope | ProtocolError], config: ServerConfig
+) -> list[DeviceEnvelope | SecureChatError]:
+    """On the store worker: queue each envelope (one transaction), or say why not, in order."""
+    known: dict[str, bool] = {}
+    checked: list[DeviceEnvelope | SecureChatError] = []
+    for env in envs:
+        if isinstance(env, DeviceEnvelope):
+            if env.recipient not in known:
+                known[env.recipient] = store.public_key(env.recipient) is not None
+            if not known[env.recipient]:
+                env = ProtocolError(ErrorCode.NO_SUCH_USER, f"nobody is called {env.recipient}")
+        checked.append(env)
+    todo = [env for env in checked if isinstance(env, DeviceEnvelope)]
+    refusals = iter(store.queue_envelopes(todo, ttl_ms=config.dm_ttl_ms, quota=config.dm_quota()))
+    return [(next(refusals) or env) if isinstance(env, DeviceEnvelope) else env for env in checked]
 
-    ctx.worker.run(accept, then, conn.loop)
+
+def _relay(hub: Hub, env: DeviceEnvelope) -> str:
+    """Hand a stored envelope to its device: the status its sender hears."""
+    return "delivered" if hub.deliver_dm(env, queued=False) else "queued"
+
+
+def _item_result(hub: Hub, msg_id: str, result: object) -> dict[str, Any]:
+    """One envelope's line in a `dms` reply: relayed, or its error as `dm` would answer it."""
+    if isinstance(result, DeviceEnvelope):
+        return {"msg_id": msg_id, "status": _relay(hub, result)}
+    code, message = _error_of(result) or (ErrorCode.SERVER_ERROR, "server storage error")
+    return {"msg_id": msg_id, "status": "error", "code": code, "message": message}
 
 
 def ack(conn: Connection, frame: Ack) -> None:
@@ -303,23 +370,30 @@ def prekey_count(conn: Connection, frame: PrekeyCount) -> None:
 
 
 def claim_prekeys(conn: Connection, frame: ClaimPrekeys) -> None:
-    """Hand out one prekey per device (each one-time key to one claimer only), and tell a device
-    that is running low to replenish."""
-    user, hub = frame.user, conn.ctx.hub
+    """Hand out one prekey per device (each one-time key to one claimer only), for one user or
+    many in one transaction, and tell a device that is running low to replenish."""
+    hub, wanted = conn.ctx.hub, frame.wanted()
+    most = claim_devices_max(conn.ctx.config.max_frame)
 
-    def claim(store: Store) -> tuple[dict[str, Any], dict[str, Any]]:
-        claimed = store.claim_prekeys(user, frame.devices)
-        keys = {d: None if k is None else json.loads(k.prekey) for d, k in claimed.items()}
-        counts = {d: store.prekey_count(user, d) for d in claimed}
+    def claim(store: Store) -> tuple[dict[str, Any], dict[tuple[str, str], Any]]:
+        claimed = store.claim_prekeys_many(wanted, max_devices=most)
+        keys = {
+            user: {d: None if k is None else json.loads(k.prekey) for d, k in found.items()}
+            for user, found in claimed.items()
+        }
+        counts = {(u, d): store.prekey_count(u, d) for u, found in claimed.items() for d in found}
         return keys, counts
 
     def then(result: object) -> None:
         if isinstance(result, tuple):
             keys, counts = result
-            for device, count in counts.items():
+            for (user, device), count in counts.items():
                 if count.one_time < PREKEY_LOW:
                     hub.tell_device(user, device, {"type": "prekey_count", **_count_fields(count)})
-            result = {"user": user, "keys": keys}
+            if frame.user is None:
+                result = {"users": keys}
+            else:
+                result = {"user": frame.user, "keys": keys[frame.user]}
         reply(conn, frame.id, result, result if isinstance(result, dict) else {})
 
     conn.ctx.worker.run(claim, then, conn.loop)
@@ -352,6 +426,7 @@ def revoke(conn: Connection, frame: Revoke) -> None:
 # The requests answered here; the hub answers the rest (checked in connection.py at import).
 HANDLERS: dict[type[RequestFrame], Callable[[Connection, Any], None]] = {
     DM: dm,
+    DMs: dms,
     Keys: keys,
     Ack: ack,
     PublishDevice: publish_device,

@@ -32,11 +32,16 @@ from securechat.server.devicestore import (
     DeviceStatus,
     Prekey,
     PrekeyCount,
+    RevokedDevice,
     StoredDevice,
+    UnknownDevice,
 )
 from securechat.server.quota import DMQuota
 from securechat.server.quota import QuotaExceeded as QuotaExceeded
 from securechat.server.quota import SenderShareExceeded as SenderShareExceeded
+
+# What refuses one envelope of a batch and leaves the others be.
+ENVELOPE_REFUSALS = (UnknownDevice, RevokedDevice, QuotaExceeded)
 
 
 class Claim(enum.Enum):
@@ -89,7 +94,13 @@ class Store(Protocol):
     def claim_prekeys(
         self, user: str, device_ids: Sequence[str] | None = None
     ) -> dict[str, Prekey | None]: ...
+    def claim_prekeys_many(
+        self, wanted: Sequence[tuple[str, Sequence[str] | None]], *, max_devices: int
+    ) -> dict[str, dict[str, Prekey | None]]: ...
     def queue_envelope(self, env: DeviceEnvelope, *, ttl_ms: int, quota: DMQuota) -> None: ...
+    def queue_envelopes(
+        self, envs: Sequence[DeviceEnvelope], *, ttl_ms: int, quota: DMQuota
+    ) -> list[StorageError | None]: ...
     def pending_envelopes(
         self, recipient: str, device_id: str, now_ms: int
     ) -> list[DeviceEnvelope]: ...
@@ -357,8 +368,15 @@ class SQLiteStore:
     ) -> dict[str, Prekey | None]:
         """For each active device of `user` (or of `device_ids`): a one-time key, handed to this
         claimer only, else the fallback key, else None; in one transaction."""
+        return self.claim_prekeys_many([(user, device_ids)], max_devices=MAX_DEVICES)[user]
+
+    def claim_prekeys_many(
+        self, wanted: Sequence[tuple[str, Sequence[str] | None]], *, max_devices: int
+    ) -> dict[str, dict[str, Prekey | None]]:
+        """claim_prekeys for each (user, device ids) of `wanted`, in one transaction, keyed by
+        user; TooManyClaims (and nothing claimed) past `max_devices` devices in all."""
         with self._operation() as db:
-            return devicestore.claim_prekeys(db, user, device_ids)
+            return devicestore.claim_prekeys(db, wanted, max_devices)
 
     def queue_envelope(self, env: DeviceEnvelope, *, ttl_ms: int, quota: DMQuota) -> None:
         """Store an envelope for one device (durable once its transaction commits), within the
@@ -366,6 +384,23 @@ class SQLiteStore:
         SenderShareExceeded."""
         with self._operation() as db:
             devicestore.queue_envelope(db, env, ttl_ms, quota)
+
+    def queue_envelopes(
+        self, envs: Sequence[DeviceEnvelope], *, ttl_ms: int, quota: DMQuota
+    ) -> list[StorageError | None]:
+        """queue_envelope for each of `envs`, in one transaction: each is refused on its own
+        (None where it was stored, else its refusal), in order, so an earlier one counts towards
+        a later one's quota. A database failure undoes them all and raises."""
+        results: list[StorageError | None] = []
+        with self._operation():
+            for env in envs:
+                try:
+                    self.queue_envelope(env, ttl_ms=ttl_ms, quota=quota)
+                except ENVELOPE_REFUSALS as exc:
+                    results.append(exc)
+                else:
+                    results.append(None)
+        return results
 
     def pending_envelopes(
         self, recipient: str, device_id: str, now_ms: int
