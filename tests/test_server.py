@@ -487,16 +487,17 @@ def test_shutdown_tells_every_client(certs_dir, tmp_path, make_identity) -> None
 
 @pytest.fixture
 def concurrent_tls_use(monkeypatch) -> list[str]:
-    """Records every time two threads are inside the same TLSStream at once (server or client:
-    both run in this process). Hazard 1 says this list must stay empty."""
+    """Records every time two threads are inside the same TLS connection at once: a client's
+    TLSStream or a server connection's SSLSocket (both run in this process). Hazard 1 says this
+    list must stay empty."""
     from securechat.tls import TLSStream
 
     locks: dict[int, threading.Lock] = {}
     guard = threading.Lock()
     violations: list[str] = []
 
-    def watch(name: str) -> None:
-        original = getattr(TLSStream, name)
+    def watch(cls: type, name: str) -> None:
+        original = getattr(cls, name)
 
         def wrapper(self, *args, **kwargs):
             with guard:
@@ -509,10 +510,12 @@ def concurrent_tls_use(monkeypatch) -> list[str]:
             finally:
                 lock.release()
 
-        monkeypatch.setattr(TLSStream, name, wrapper)
+        monkeypatch.setattr(cls, name, wrapper)
 
     for name in ("do_handshake", "feed", "read", "write", "data_to_send", "close"):
-        watch(name)
+        watch(TLSStream, name)
+    for name in ("do_handshake", "recv", "send", "unwrap", "getpeercert"):
+        watch(ssl.SSLSocket, name)
     return violations
 
 
