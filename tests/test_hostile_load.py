@@ -343,7 +343,7 @@ def test_a_full_socket_stops_encryption_and_what_waits_counts_against_max_queue(
     def stuck_queue() -> tuple[int, int] | None:
         for conn in srv.loops[0].connections:
             if conn.user == "stuck":
-                return len(conn.unsent), conn.queued
+                return len(conn.outbuf), conn.queued
         return None
 
     try:

@@ -278,12 +278,7 @@ class Server:
             log.info("connection from %s", peer)
         else:
             log.info("refusing %s: %s", peer, refusal.message)
-        try:
-            Connection(self._context, loop, sock, peer, ip, refusal)
-        except OSError as exc:  # wrapping it in TLS found the socket dead already
-            log.info("connection from %s lost before its handshake: %s", peer, exc)
-            sock.close()
-            self._release(ip, refusal)
+        Connection(self._context, loop, sock, peer, ip, refusal)
 
     def connection_closed(self, conn: Connection) -> None:
         self._release(conn.ip, conn.refusal)

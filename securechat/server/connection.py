@@ -1,9 +1,7 @@
 """One client connection on the server, driven only by the I/O loop that owns it.
 
-It ties a non-blocking ssl.SSLSocket and a ServerSession together: read, feed, act on the
-session's events, and write everything queued in one go, straight through the SSLSocket (no
-memory BIOs: no copy of each record and two fewer calls a write, and about 2 KiB less a
-connection; docs/ARCHITECTURE.md, "The TLS socket"). Requests go to the hub (rooms) or to
+It ties a non-blocking socket, a TLSStream and a ServerSession together: read, feed, act on the
+session's events, and write everything queued in one go. Requests go to the hub (rooms) or to
 the store-backed handlers in requests.py, through explicit tables checked at import. Only the
 owning loop's thread calls anything here (docs/ARCHITECTURE.md, "Threads").
 """
@@ -12,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import socket
 import ssl
 import time
@@ -36,7 +33,7 @@ from securechat.server import requests
 from securechat.server.admission import Refusal
 from securechat.server.hub import Hub, RoomRequest
 from securechat.server.outbox import Outbox
-from securechat.tls import READ_CHUNK, WRITE_CHUNK, client_certificate_problem
+from securechat.tls import WRITE_CHUNK, TLSStream, client_certificate_problem
 
 if TYPE_CHECKING:
     from securechat.server.context import ServerContext
@@ -44,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("securechat.server")
 
+RECV_SIZE = 64 * 1024
 LINGER = 2.0  # seconds a closing connection may take to flush its last frames
 NOT_READING = "outbound queue full: client not reading"  # why one is dropped, as its peers see it
 # The kernel's send buffer per connection (Linux doubles it). Left to autotuning it grows to
@@ -56,8 +54,8 @@ SEND_BUFFER = 256 * 1024
 class Connection:
     __slots__ = (
         "_acks", "_counted", "_heard", "_hs_deadline", "_idle_at", "_login_deadline", "_pinged",
-        "_rate", "_want_write", "addr", "closing", "ctx", "device", "handshake_done", "ip", "loop",
-        "open", "outbox", "public_key_b64", "refusal", "session", "sock", "unsent", "user",
+        "_rate", "_want_write", "addr", "closing", "ctx", "device", "ip", "loop", "open", "outbox",
+        "outbuf", "public_key_b64", "refusal", "session", "sock", "tls", "user",
     )  # fmt: skip
 
     def __init__(
@@ -71,6 +69,7 @@ class Connection:
     ) -> None:
         self.ctx = ctx
         self.loop = loop
+        self.sock = sock
         self.addr = addr
         self.ip = ip
         try:
@@ -78,12 +77,7 @@ class Connection:
         except OSError:
             pass  # not every platform lets a socket's buffer be set; the budget still holds
         self.refusal = refusal  # over a connection cap: told why after the handshake, then closed
-        # Made here, on the loop's thread, which owns it from now on (the listener only accepted
-        # the plain socket). Ragged EOFs raise, so a missing close_notify is told apart.
-        self.sock = ctx.ssl_context.wrap_socket(
-            sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
-        )
-        self.handshake_done = False
+        self.tls = TLSStream(ctx.ssl_context, server_side=True)
         # Encoded frames waiting for the next TLS write: the session's replies (it hands each
         # over as it is made) and the hub's deliveries, in the order they were queued.
         self.outbox = Outbox()
@@ -91,9 +85,7 @@ class Connection:
         self.user: str = ""
         self.device = ""  # the device id it logged in as
         self.public_key_b64 = ""
-        # Plaintext of the TLS write the socket stopped (SSLWantWriteError). OpenSSL holds its
-        # encrypted records; the write must be retried with this same buffer before any other.
-        self.unsent: bytes | memoryview = b""
+        self.outbuf = bytearray()  # TLS records the socket has not taken yet
         self._counted = 0  # outbuf's memory as last added to the loop's total (the output budget)
         self.open = True
         self.closing: str | None = None
@@ -115,30 +107,26 @@ class Connection:
     # -- events from the loop ---------------------------------------------------------------------
 
     def on_readable(self) -> None:
-        self._heard = time.monotonic()  # bytes (or the end of them) arrived: a sign of life
-        self._pinged = False
-        self._receive()
-        if self.unsent and not self._want_write and self.open:
-            self._send_unsent()  # a write that wanted the peer's bytes (SSLWantReadError)
-
-    def on_writable(self) -> None:
-        if self.handshake_done:
-            self._send_unsent()
-        else:
-            self._receive()  # the socket had no room for all of the handshake's flight
-
-    def _receive(self) -> None:
-        """Advance the handshake, then read and act on what the client sent."""
         try:
-            if not self.handshake_done:
-                if not self._handshake():
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.abort(f"socket error: {exc.strerror or exc}")
+            return
+        self._heard = time.monotonic()
+        self._pinged = False
+        self.tls.feed(data)
+        try:
+            if not self.tls.handshake_done:
+                if not self.tls.do_handshake():
+                    self._flush_tls()
                     return
                 if self.refusal is not None:
                     self._refuse_connection(self.refusal.code, self.refusal.message)
                     return
                 if self.ctx.config.require_client_cert:
-                    der = self.sock.getpeercert(binary_form=True)
-                    problem = client_certificate_problem(der)
+                    problem = client_certificate_problem(self.tls.peer_cert_der())
                     if problem is not None:
                         log.info("refusing the client certificate of %s: %s", self.addr, problem)
                         self._refuse_connection(ErrorCode.BAD_CERTIFICATE, problem)
@@ -146,61 +134,23 @@ class Connection:
                 # --login-timeout counts from the end of the handshake, as its help says.
                 self._login_deadline = time.monotonic() + self.ctx.config.login_timeout
                 self.loop.add_deadline(self._login_deadline, self)
-            plaintext = self._read()
+            plaintext = self.tls.read()
         except ssl.SSLError as exc:
-            # OpenSSL has already written its alert, if any, to the socket.
-            stage = "TLS" if self.handshake_done else "TLS handshake"
+            stage = "TLS" if self.tls.handshake_done else "TLS handshake"
             log.info("%s failed from %s: %s", stage, self.addr, exc.reason or exc)
+            self._flush_tls()
             self.abort(f"{stage} error")
             return
         except ConnectionClosed as exc:
             self.abort(exc.reason)
-            return
-        except OSError as exc:
-            self.abort(f"socket error: {exc.strerror or exc}")
             return
         if plaintext:
             for event in self.session.receive_data(plaintext):
                 self._on_event(event)
         self.loop.mark_dirty(self)
 
-    def _handshake(self) -> bool:
-        """Advance the handshake; True once it is complete. Raises ssl.SSLError on failure."""
-        try:
-            self.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            return False
-        except ssl.SSLWantWriteError:
-            self._watch_writable(True)
-            return False
-        self.handshake_done = True
-        self._watch_writable(False)
-        return True
-
-    def _read(self) -> bytes:
-        """All application data the socket holds (b"" if none yet).
-
-        OpenSSL reads one record a call, so this reads until it wants more. Raises
-        ConnectionClosed when the peer closed, ssl.SSLError on a bad record or an alert (under
-        TLS 1.3 a refused client certificate shows up here).
-        """
-        chunks: list[bytes] = []
-        recv = self.sock.recv
-        while True:
-            try:
-                chunk = recv(READ_CHUNK)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                break
-            except ssl.SSLEOFError:
-                if chunks:
-                    break
-                raise ConnectionClosed("connection closed without TLS close_notify") from None
-            if not chunk:  # the peer's close_notify
-                if chunks:
-                    break
-                raise ConnectionClosed("peer closed the TLS session")
-            chunks.append(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    def on_writable(self) -> None:
+        self._send_outbuf()
 
     def _refuse_connection(self, code: ErrorCode, message: str) -> None:
         """Over a cap, or a client certificate we do not take: say why in the one frame a
@@ -211,7 +161,7 @@ class Connection:
     def check_deadline(self, now: float) -> None:
         if self.closing is not None:
             self.abort(self.closing)
-        elif not self.handshake_done and now >= self._hs_deadline:
+        elif not self.tls.handshake_done and now >= self._hs_deadline:
             log.info("TLS handshake timed out from %s", self.addr)
             self.abort("TLS handshake timed out")
         elif self.session.state is not State.AUTHENTICATED and now >= self._login_deadline:
@@ -315,7 +265,7 @@ class Connection:
     # -- output -----------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Encrypt and send what is queued, 64 KiB at a time while the socket takes it.
+        """Encrypt what is queued, 64 KiB at a time while the socket takes it, and send it.
 
         Once the socket stops taking, the rest stays in the outbox as it is: a room's frames are
         shared there by all its members, while encrypted (or joined) they would be a copy per
@@ -323,73 +273,83 @@ class Connection:
         """
         if not self.open:
             return
-        if self.unsent:
-            if self._want_write and self.closing is None:
-                # The socket is full (a room's frames woke every member): only the count changes.
-                self._count()
-                if self.queued > self.ctx.config.max_queue:
-                    self.drop_not_reading("outbound queue")
-                return
-            if not self._want_write:
-                self._send_unsent()  # it wanted the peer's bytes: maybe they came
-        while not self.unsent and self.open:
+        if self.outbuf and self.closing is None:
+            # The socket is full (a room's frames woke every member): only the count changes.
+            self._count()
+            if self.queued > self.ctx.config.max_queue:
+                self.drop_not_reading("outbound queue")
+            return
+        wrote = False
+        while not self.outbuf and self.open:
             data = self.outbox.take(WRITE_CHUNK)
             if not data:
                 break
-            self._write(data)
+            self.tls.write(data)
+            self._flush_tls()
+            wrote = True
             if len(data) < WRITE_CHUNK:
                 break  # take() gave all there was: no second call to find the outbox empty
-        if not self.open:
-            return
+        if not wrote:
+            self._flush_tls()
         self._count()
         if self.queued > self.ctx.config.max_queue and self.closing is None:
             self.drop_not_reading("outbound queue")
-        elif self.closing is not None and not self.unsent:
+        elif self.closing is not None and not self.outbuf:
             self.abort(self.closing)
 
-    def _write(self, data: bytes | memoryview) -> None:
-        """One SSL_write. Without SSL_MODE_ENABLE_PARTIAL_WRITE (CPython does not set it) it
-        either takes all of data or wants to be called again with the same buffer: OpenSSL
-        keeps the records it made of part of it and carries on from there (CPython sets
-        SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, so the same bytes at another address will do)."""
-        try:
-            self.sock.send(data)
-        except ssl.SSLWantWriteError:
-            self.unsent = data
-            self._watch_writable(True)
-        except ssl.SSLWantReadError:  # renegotiation is off; kept for the peer's next bytes
-            self.unsent = data
-        except OSError as exc:
-            self.abort(f"socket error: {exc.strerror or exc}")
+    def _flush_tls(self) -> None:
+        out = self.tls.data_to_send()
+        if not out:
+            return
+        if self.outbuf:
+            self.outbuf += out
         else:
-            if self.unsent:
-                self.unsent = b""
-                self._watch_writable(False)
+            # The usual case: nothing is waiting, so hand the records straight to the socket and
+            # keep only what it did not take (no copy into the buffer first).
+            try:
+                sent = self.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.abort(f"socket error: {exc.strerror or exc}")
+                return
+            if sent == len(out):
+                if self._want_write or self.closing is not None:
+                    self._send_outbuf()
+                return
+            self.outbuf = bytearray(memoryview(out)[sent:])
+        self._send_outbuf()
 
-    def _send_unsent(self) -> None:
-        """The socket has room again: finish the write it stopped, then take more."""
-        if not self.unsent:
-            self._watch_writable(False)
-            return
-        self._write(self.unsent)
-        if not self.open or self.unsent:
-            return
+    def _send_outbuf(self) -> None:
+        buf = self.outbuf
+        while buf:
+            try:
+                sent = self.sock.send(buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.abort(f"socket error: {exc.strerror or exc}")
+                return
+            del buf[:sent]
+        if not buf:
+            # Drained: let go of the capacity a burst grew, so an idle connection stays small.
+            self.outbuf = buf = bytearray()
+            if self._want_write and self.outbox.backlog():
+                self.loop.mark_dirty(self)  # frames waited for the socket: take them now
         self._count()
-        if self.closing is not None:
-            self.abort(self.closing)
-        elif self.outbox.backlog():
-            self.loop.mark_dirty(self)  # frames waited for the socket: take them now
-
-    def _watch_writable(self, want: bool) -> None:
+        want = bool(buf)
         if want != self._want_write:
             self._want_write = want
             self.loop.watch_writable(self, want)
+        if not buf and self.closing is not None:
+            self.abort(self.closing)
 
     def _count(self) -> None:
         """Charge the loop's total (the output budget) with what this connection holds: the
-        plaintext of a write the socket stopped and the frames waiting behind it. (OpenSSL's
-        own buffer adds at most one record, about 16 KiB, of what it already encrypted.)"""
-        held = self.queued
+        encrypted buffer's memory, not only its bytes (a buffer drained from the front keeps its
+        capacity until it empties), and the frames waiting behind it."""
+        buf = self.outbuf
+        held = buf.__sizeof__() + self.outbox.backlog() if buf else 0
         if held != self._counted:
             self.loop.queued += held - self._counted
             self._counted = held
@@ -397,9 +357,9 @@ class Connection:
     @property
     def queued(self) -> int:
         """Bytes waiting for a socket that would not take them (a client not reading): the
-        plaintext of the stopped write and the frames not yet taken behind it."""
-        unsent = self.unsent
-        return len(unsent) + self.outbox.backlog() if unsent else 0
+        encrypted ones and the frames not yet taken behind them."""
+        buf = self.outbuf
+        return len(buf) + self.outbox.backlog() if buf else 0
 
     # -- closing ----------------------------------------------------------------------------------
 
@@ -433,20 +393,20 @@ class Connection:
         if self.user:
             self.ctx.hub.logout(self, reason)
             log.info("%s left (%s)", self.user, reason)
-        if self.handshake_done and not self.unsent:
-            # close_notify, best effort. Not while a write is unfinished: OpenSSL must not start
-            # another record before it; a client not reading gets no alert, as before.
-            try:
-                self.sock.unwrap()
-            except (OSError, ValueError):
-                pass
+        if self.tls.handshake_done:
+            self.tls.close()
+            out = self.tls.data_to_send()
+            if out and not self.outbuf:
+                try:
+                    self.sock.send(out)
+                except OSError:
+                    pass
         self.loop.queued -= self._counted
         self._counted = 0
-        self.unsent = b""
+        self.outbuf = bytearray()
         # What it never took goes now: a room's roster may name it as departed for a while.
         self.outbox = Outbox()
         self.loop.unregister(self)
-        _discard_unread(self.sock)
         self.sock.close()
         self.ctx.closed(self)
 
@@ -458,16 +418,6 @@ def drop_all_not_reading(conns: Sequence[Connection], limit: str) -> None:
         conns[0].ctx.hub.logout_all([c for c in conns if c.user], NOT_READING)
     for conn in conns:
         conn.drop_not_reading(limit)
-
-
-def _discard_unread(sock: socket.socket) -> None:
-    """Drop what the client sent that TLS has not read (OpenSSL reads a record at a time).
-    Closing a socket with unread bytes sends a reset, and a reset can destroy our last records
-    (a handshake alert, the frame saying why) before the client has read them."""
-    try:
-        os.read(sock.fileno(), READ_CHUNK)
-    except OSError:
-        pass
 
 
 def _whole_ms_up(seconds: float) -> float:
