@@ -4,11 +4,13 @@ real TLS; the per-address limits run on an injected clock, so nothing here sleep
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
 import subprocess
 import sys
+import termios
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -23,6 +25,7 @@ from securechat.errors import AuthError, ConfigError
 from securechat.ratelimit import AddressBuckets
 from securechat.server import Server, ServerConfig
 from securechat.server.addresses import AddressLimit, parse_trusted
+from securechat.server.connection import SEND_BUFFER, UNSENT_LIMIT
 from securechat.tls import WRITE_CHUNK, TLSStream, client_context, server_context
 
 from .conftest import REPO, wait_for
@@ -363,6 +366,41 @@ def test_a_full_socket_stops_encryption_and_what_waits_counts_against_max_queue(
         # It went at --max-queue, though almost none of that was ever encrypted for it.
         assert encrypted < 2 * WRITE_CHUNK < max_queue - 8000 <= queued <= max_queue
         assert on_loop(srv, lambda: srv.budget.queued) == 0
+    finally:
+        alice.close()
+        stuck.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_NOTSENT_LOWAT"), reason="Linux and macOS only")
+def test_a_client_that_does_not_read_is_handed_little_before_its_socket_refuses(
+    run_server: Callable[..., Server],
+    certs_dir: Path,
+    make_identity: Callable[[str], identity.Identity],
+) -> None:
+    srv = run_server(output_budget=0, io_threads=1, rate=1e6, burst=100_000)
+    host, port = srv.address
+    alice = Client.connect(host, port, make_identity("alice"), "alice", certs_dir / "ca.pem")
+    stuck = sloth(srv, certs_dir, "stuck", make_identity("stuck"), ["#a"])
+
+    def kernel_queue() -> int | None:
+        """The bytes stuck's socket holds in the kernel, once the socket refuses more."""
+        for conn in srv.loops[0].connections:
+            if conn.user == "stuck" and conn.outbuf:
+                return int.from_bytes(fcntl.ioctl(conn.sock, termios.TIOCOUTQ, b"\0" * 4), "little")
+        return None
+
+    try:
+        alice.join("#a").result(5)
+        held = None
+        for i in range(200):
+            alice.send("#a", f"a{i} {'z' * 7000}").result(5)
+            held = on_loop(srv, kernel_queue)
+            if held is not None:
+                break
+        assert held is not None, "the socket never refused"
+        # What waits unsent is capped (nothing is in flight to a closed window): far below the
+        # send buffer, which alone let such a socket take about 380 KB here.
+        assert held < UNSENT_LIMIT + 2 * WRITE_CHUNK < SEND_BUFFER, held
     finally:
         alice.close()
         stuck.close()
