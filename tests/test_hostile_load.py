@@ -14,6 +14,7 @@ import termios
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TypeVar
 
 import pytest
@@ -25,6 +26,7 @@ from securechat.errors import AuthError, ConfigError
 from securechat.ratelimit import AddressBuckets
 from securechat.server import Server, ServerConfig
 from securechat.server.addresses import AddressLimit, parse_trusted
+from securechat.server.budget import SHED_TO, OutputBudget
 from securechat.server.connection import SEND_BUFFER, UNSENT_LIMIT
 from securechat.tls import WRITE_CHUNK, TLSStream, client_context, server_context
 
@@ -321,6 +323,35 @@ def test_over_the_budget_the_biggest_queue_goes_first(
         alice.close()
         big.close()
         small.close()
+
+
+class Queue:
+    """A connection of an I/O loop, as the budget sees it: its queue, and being dropped."""
+
+    def __init__(self, loop: SimpleNamespace, size: int) -> None:
+        self.loop, self.queued, self.charged, self.user = loop, size, size, ""
+        self.ctx = SimpleNamespace(hub=SimpleNamespace(logout_all=lambda conns, reason: None))
+        self.dropped = ""
+        loop.connections.add(self)
+        loop.queued += size
+
+    def drop_not_reading(self, limit: str) -> None:
+        self.dropped = limit
+        self.loop.connections.discard(self)
+        self.loop.queued -= self.charged
+
+
+def test_over_the_budget_shedding_goes_on_down_to_seven_eighths_of_it() -> None:
+    loop = SimpleNamespace(connections=set(), queued=0, shed=0, biggest=0)
+    budget = OutputBudget(800, [loop])  # type: ignore[list-item]
+    queues = [Queue(loop, 120), Queue(loop, 110), *(Queue(loop, 100) for _ in range(6))]
+    assert loop.queued == 830 and budget.over()
+    budget.shed_from(loop)  # type: ignore[arg-type]
+    # One would have brought the total under the budget (710); shedding goes on to 700 or less.
+    assert [q.dropped for q in queues[:2]] == ["the server's output budget"] * 2
+    assert [q.dropped for q in queues[2:]] == [""] * 6
+    assert (loop.queued, loop.shed, loop.biggest) == (600, 2, 100)
+    assert loop.queued <= 800 * SHED_TO
 
 
 def on_loop(srv: Server, fn: Callable[[], T]) -> T:
