@@ -28,7 +28,10 @@ The legitimate users are the Python load generator's fan-out at a fixed rate (it
 p50/p99); the server's CPU is measured over the timed window and its RSS sampled through it
 (the peak is reported). With --pin, the server runs on the first CPU and everything else on the
 last (as in native.py): steadier figures on a shared machine, but the attack then competes with
-the legitimate users' load generator for its CPU. BENCHMARKS.md has the figures.
+the legitimate users' load generator for its CPU. With --sample, py-spy (installed apart, with
+the right to trace the server) samples the server's threads from the start of each attack; it
+stops the server for each sample, so that run's latencies are not figures. BENCHMARKS.md has the
+figures.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import multiprocessing
 import os
 import secrets
 import select
+import shutil
 import socket
 import ssl
 import subprocess
@@ -267,6 +271,19 @@ def start_server(args: argparse.Namespace, attack: str) -> tuple[servers.Target,
     return target, ([load_cpu] if load_cpu is not None else None)
 
 
+def sample(args: argparse.Namespace, attack: str, pid: int) -> subprocess.Popen[bytes] | None:
+    """With --sample, py-spy records the server's threads (native frames too) for the first
+    --sample-seconds of the attack, as collapsed stacks, one file per workload."""
+    if args.sample is None:
+        return None
+    args.sample.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    cmd = [spy, "record", "--pid", str(pid), "--native", "--threads", "--idle", "--rate", "100",
+           "--duration", str(args.sample_seconds), "--format", "raw",
+           "-o", str(args.sample / f"{attack}.txt")]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run_workload(args: argparse.Namespace, attack: str) -> dict[str, Any]:
     target, load_cpus = start_server(args, attack)
     target.sources = (LEGIT,)
@@ -293,11 +310,14 @@ def run_workload(args: argparse.Namespace, attack: str) -> dict[str, Any]:
             raise RuntimeError(f"{attack}: the attack did not get ready in 600 s")
         rss = RssPeak(target.pid)
         rss.start()
+        spy = sample(args, attack, target.pid)
         go.set()
         row.update(timed_phase(ws, target, legit))
         stop.set()
         rss.done.set()
         rss.join()
+        if spy is not None:
+            spy.wait(60)
         row["server_rss_peak_mib"] = rss.peak / 1024
         for p in procs:
             got = out.get(timeout=120)
@@ -389,6 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", dest="json_only", action="store_true", help="JSON lines only")
     p.add_argument(
         "--profile", type=Path, help="a folder: run the server's threads under cProfile there"
+    )
+    p.add_argument(
+        "--sample",
+        type=Path,
+        help="a folder: py-spy samples the server from the start of each attack, into <attack>.txt",
+    )
+    p.add_argument(
+        "--sample-seconds", type=int, default=4, help="how long --sample records (seconds)"
     )
     args = p.parse_args(argv)
     attacks = [a.strip() for a in args.attack.split(",") if a.strip()]
