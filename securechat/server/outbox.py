@@ -31,8 +31,8 @@ other member of the room, instead of as an encrypted copy per member.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterable
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 
 FEED_FRAMES = 1024  # a feed this long ends, so one busy stretch cannot grow it without bound
+_SEQ, _FRAME = itemgetter(0), itemgetter(1)
 
 
 class Feed:
@@ -237,6 +238,11 @@ class Outbox:
             feed, start = waiting[0]
             pending.extend(feed.frames[start:] if start else feed.frames)
         elif waiting:
-            runs = [zip(f.seqs[start:], f.frames[start:], strict=True) for f, start in waiting]
-            pending.extend(frame for _, frame in heapq.merge(*runs))
+            # Sorting the runs joined end to end merges them in C (Timsort finds the sorted
+            # runs): several times faster than heapq.merge, for a non-reader's whole backlog.
+            merged: list[tuple[int, bytes]] = []
+            for feed, start in waiting:
+                merged.extend(zip(feed.seqs[start:], feed.frames[start:], strict=True))
+            merged.sort(key=_SEQ)
+            pending.extend(map(_FRAME, merged))
         self.feeds, self.starts = feeds, starts
