@@ -69,7 +69,7 @@ class IOLoop(threading.Thread):
         self._woken = False
         self._running = True
         self._grown: list[Feed] = []  # feeds with frames their members have not been flushed for
-        self._open: list[Feed] = []  # the feeds that may still take frames, one per room at most
+        self._open: list[Feed] = []  # feeds made since the last seal; each room adds to its newest
         self._frames = 0  # frames queued to feeds so far: their order, for members of two rooms
         self._deadlines: list[tuple[float, int, Connection]] = []
         self._seq = itertools.count()
