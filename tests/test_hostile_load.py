@@ -4,14 +4,17 @@ real TLS; the per-address limits run on an injected clock, so nothing here sleep
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
 import subprocess
 import sys
+import termios
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TypeVar
 
 import pytest
@@ -23,6 +26,8 @@ from securechat.errors import AuthError, ConfigError
 from securechat.ratelimit import AddressBuckets
 from securechat.server import Server, ServerConfig
 from securechat.server.addresses import AddressLimit, parse_trusted
+from securechat.server.budget import SHED_TO, OutputBudget
+from securechat.server.connection import SEND_BUFFER, UNSENT_LIMIT
 from securechat.tls import WRITE_CHUNK, TLSStream, client_context, server_context
 
 from .conftest import REPO, wait_for
@@ -320,6 +325,35 @@ def test_over_the_budget_the_biggest_queue_goes_first(
         small.close()
 
 
+class Queue:
+    """A connection of an I/O loop, as the budget sees it: its queue, and being dropped."""
+
+    def __init__(self, loop: SimpleNamespace, size: int) -> None:
+        self.loop, self.queued, self.charged, self.user = loop, size, size, ""
+        self.ctx = SimpleNamespace(hub=SimpleNamespace(logout_all=lambda conns, reason: None))
+        self.dropped = ""
+        loop.connections.add(self)
+        loop.queued += size
+
+    def drop_not_reading(self, limit: str) -> None:
+        self.dropped = limit
+        self.loop.connections.discard(self)
+        self.loop.queued -= self.charged
+
+
+def test_over_the_budget_shedding_goes_on_down_to_seven_eighths_of_it() -> None:
+    loop = SimpleNamespace(connections=set(), queued=0, shed=0, biggest=0)
+    budget = OutputBudget(800, [loop])  # type: ignore[list-item]
+    queues = [Queue(loop, 120), Queue(loop, 110), *(Queue(loop, 100) for _ in range(6))]
+    assert loop.queued == 830 and budget.over()
+    budget.shed_from(loop)  # type: ignore[arg-type]
+    # One would have brought the total under the budget (710); shedding goes on to 700 or less.
+    assert [q.dropped for q in queues[:2]] == ["the server's output budget"] * 2
+    assert [q.dropped for q in queues[2:]] == [""] * 6
+    assert (loop.queued, loop.shed, loop.biggest) == (600, 2, 100)
+    assert loop.queued <= 800 * SHED_TO
+
+
 def on_loop(srv: Server, fn: Callable[[], T]) -> T:
     """Run `fn` on the server's only I/O loop (the owner of its connections) and return its
     answer."""
@@ -363,6 +397,41 @@ def test_a_full_socket_stops_encryption_and_what_waits_counts_against_max_queue(
         # It went at --max-queue, though almost none of that was ever encrypted for it.
         assert encrypted < 2 * WRITE_CHUNK < max_queue - 8000 <= queued <= max_queue
         assert on_loop(srv, lambda: srv.budget.queued) == 0
+    finally:
+        alice.close()
+        stuck.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_NOTSENT_LOWAT"), reason="Linux and macOS only")
+def test_a_client_that_does_not_read_is_handed_little_before_its_socket_refuses(
+    run_server: Callable[..., Server],
+    certs_dir: Path,
+    make_identity: Callable[[str], identity.Identity],
+) -> None:
+    srv = run_server(output_budget=0, io_threads=1, rate=1e6, burst=100_000)
+    host, port = srv.address
+    alice = Client.connect(host, port, make_identity("alice"), "alice", certs_dir / "ca.pem")
+    stuck = sloth(srv, certs_dir, "stuck", make_identity("stuck"), ["#a"])
+
+    def kernel_queue() -> int | None:
+        """The bytes stuck's socket holds in the kernel, once the socket refuses more."""
+        for conn in srv.loops[0].connections:
+            if conn.user == "stuck" and conn.outbuf:
+                return int.from_bytes(fcntl.ioctl(conn.sock, termios.TIOCOUTQ, b"\0" * 4), "little")
+        return None
+
+    try:
+        alice.join("#a").result(5)
+        held = None
+        for i in range(200):
+            alice.send("#a", f"a{i} {'z' * 7000}").result(5)
+            held = on_loop(srv, kernel_queue)
+            if held is not None:
+                break
+        assert held is not None, "the socket never refused"
+        # What waits unsent is capped (nothing is in flight to a closed window): far below the
+        # send buffer, which alone let such a socket take about 380 KB here.
+        assert held < UNSENT_LIMIT + 2 * WRITE_CHUNK < SEND_BUFFER, held
     finally:
         alice.close()
         stuck.close()

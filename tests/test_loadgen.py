@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pstats
+import resource
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.loadgen import native, servers
+from scripts.loadgen import attack, native, servers
 from scripts.loadgen.profile import profiled
 from securechat.server import Server
 from tests.cli_helpers import REPO, cli_env
@@ -241,6 +242,45 @@ def test_the_attack_benchmark_runs_each_attack_beside_legitimate_users(
     assert 0 < handshakes["handshakes_done"] <= handshakes["handshakes_tried"]
     # Fresh names from the one flooding address: never more than --new-names (20 by default).
     assert 0 < logins["logins_done"] <= 20 < logins["logins_tried"]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--pin needs two CPUs")
+def test_the_attack_benchmark_pins_the_server_and_samples_it_when_asked(tmp_path: Path) -> None:
+    spy = Path(sys.executable).with_name("py-spy")
+    sample = ["--sample", str(tmp_path), "--sample-seconds", "1"] if spy.exists() else []
+    rows = loadgen(
+        "-n", "4", "--senders", "2", "--rate", "20", "--duration", "1", "--attack", "none",
+        "--pin", *sample, module="scripts.loadgen.attack",
+    )  # fmt: skip
+    assert [(row["attack"], row["pinned"], row["server_up"]) for row in rows] == [
+        ("none", True, True)
+    ]
+    if sample:  # collapsed stacks of the server's threads, its I/O loop among them
+        assert "IOLoop.run" in (tmp_path / "none.txt").read_text()
+
+
+def test_a_flooding_account_runs_on_a_descriptor_select_would_refuse(
+    server: Server, certs_dir: Path
+) -> None:
+    # The non-readers' process holds over a thousand sockets, so its flooders' are past 1024.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1030)]
+    try:
+        sock, _login = attack._log_in(server.address, str(certs_dir / "ca.pem"), "127.0.0.1")
+        assert sock.fileno() >= 1024
+        go, stop = threading.Event(), threading.Event()
+        go.set()
+        counts, closed = [0], [False]
+        # Flat out, it reads between sends until the server drops it as a flooder.
+        attack._flood(sock, 1e6, 0.0, go, stop, counts, closed, 0)  # type: ignore[arg-type]
+        assert closed == [True] and counts[0] > 30
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_the_profile_wrapper_writes_one_profile_per_thread_when_it_ends(tmp_path: Path) -> None:

@@ -91,6 +91,25 @@ def test_frames_of_two_rooms_keep_their_order_for_a_member_of_both(loop: IOLoop)
     assert only_b.writes == [b"b1b2"]
 
 
+def test_two_busy_rooms_keep_one_feed_each_through_a_turn(loop: IOLoop) -> None:
+    both, only_a, only_b = Member(), [Member(), Member()], [Member(), Member()]
+    room_a = audience([both, *only_a])
+    room_b = audience([both, *only_b])
+    for i in range(3):  # the rooms' messages alternate, as two busy rooms' do
+        loop._feed(b"a%d" % i, room_a)
+        loop._feed(b"b%d" % i, room_b)
+    # One feed per room, not one per message: each member followed its room's once.
+    assert [len(m.outbox.feeds) for m in (both, *only_a, *only_b)] == [2, 1, 1, 1, 1]
+    assert room_a.roster.feed is not None and room_b.roster.feed is not None
+    assert (len(room_a.roster.feed.frames), len(room_b.roster.feed.frames)) == (3, 3)
+    flush(loop)
+    assert both.writes == [b"a0b0a1b1a2b2"]
+    assert [m.writes for m in only_a] == [[b"a0a1a2"]] * 2
+    assert [m.writes for m in only_b] == [[b"b0b1b2"]] * 2
+    # ...and each room's frames are still joined once for all its members at one cursor.
+    assert only_a[0].writes[0] is only_a[1].writes[0]
+
+
 def test_a_newcomer_gets_only_what_was_said_after_it_joined(loop: IOLoop) -> None:
     old, new = Member(), Member()
     loop._feed(b"before", audience([old]))

@@ -2,6 +2,8 @@
 
     python -m scripts.loadgen.attack -n 500 --rate 100 --nonreaders 1000 --duration 20
     python -m scripts.loadgen.attack -n 100 --rate 100 --nonreaders 200 --duration 5
+    python -m scripts.loadgen.attack -n 500 --nonreaders 1000 --duration 10 --attack nonreaders \
+        --pin
 
 Each workload (--attack, default all four) runs on a fresh server with its default limits. The
 per-user rate limit (--rate, --burst) is the server's default: it binds every account wherever
@@ -24,7 +26,12 @@ server trusts both (--trusted), standing in for many people on many addresses. T
 from 127.0.0.1, which it does not trust, so the connection throttle and the name cap apply.
 The legitimate users are the Python load generator's fan-out at a fixed rate (its probes give
 p50/p99); the server's CPU is measured over the timed window and its RSS sampled through it
-(the peak is reported). BENCHMARKS.md has the figures.
+(the peak is reported). With --pin, the server runs on the first CPU and everything else on the
+last (as in native.py): steadier figures on a shared machine, but the attack then competes with
+the legitimate users' load generator for its CPU. With --sample, py-spy (installed apart, with
+the right to trace the server) samples the server's threads from the start of each attack; it
+stops the server for each sample, so that run's latencies are not figures. BENCHMARKS.md has the
+figures.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import multiprocessing
 import os
 import secrets
 import select
+import shutil
 import socket
 import ssl
 import subprocess
@@ -144,6 +152,10 @@ def _flood(sock: ssl.SSLSocket, rate: float, phase: float, go: Event, stop: Even
     what comes in between. Its one thread both reads and writes the socket: an SSL socket must
     not be used from two threads at once."""
     text, i = "f" * protocol.TEXT_MAX, 2
+    # poll, not select: this process holds over a thousand sockets, and select() refuses a file
+    # descriptor of 1024 or more.
+    readable = select.poll()
+    readable.register(sock, select.POLLIN)
     go.wait()
     due = time.monotonic() + phase / rate
     while not stop.is_set():
@@ -152,7 +164,7 @@ def _flood(sock: ssl.SSLSocket, rate: float, phase: float, go: Event, stop: Even
                 sock.sendall(_frame({"type": "say", "id": i, "room": FLOOD_ROOM, "text": text}))
                 counts[j], i, due = counts[j] + 1, i + 1, due + 1 / rate
             wait = due - time.monotonic()
-            if wait <= 0 and not (sock.pending() or select.select([sock], [], [], 0)[0]):
+            if wait <= 0 and not (sock.pending() or readable.poll(0)):
                 continue  # flat out (a rate above what the account can send): nothing to read
             sock.settimeout(min(max(wait, 0.001), 0.5))
             if not sock.recv(1 << 20):
@@ -246,25 +258,45 @@ class RssPeak(threading.Thread):
                 return
 
 
-def run_workload(args: argparse.Namespace, attack: str) -> dict[str, Any]:
+def start_server(args: argparse.Namespace, attack: str) -> tuple[servers.Target, list[int] | None]:
+    """A fresh server for one workload, and the CPUs for its load (None: not pinned)."""
     folder = Path(tempfile.mkdtemp(prefix="loadgen-attack-"))
     extra = ["--trusted", f"{LEGIT},{NONREADERS}", *DEFAULT_RATE, *args.server_arg]
     profile = ""
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
         profile = str(args.profile / attack)  # one .prof per server thread (profile.py)
-    target = servers.start_securechat(folder, None, extra, profile)
+    server_cpus, load_cpu = native.cpu_plan(args.pin) if args.pin else (None, None)
+    target = servers.start_securechat(folder, server_cpus, extra, profile)
+    return target, ([load_cpu] if load_cpu is not None else None)
+
+
+def sample(args: argparse.Namespace, attack: str, pid: int) -> subprocess.Popen[bytes] | None:
+    """With --sample, py-spy records the server's threads (native frames too) for the first
+    --sample-seconds of the attack, as collapsed stacks, one file per workload."""
+    if args.sample is None:
+        return None
+    args.sample.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    cmd = [spy, "record", "--pid", str(pid), "--native", "--threads", "--idle", "--rate", "100",
+           "--duration", str(args.sample_seconds), "--format", "raw",
+           "-o", str(args.sample / f"{attack}.txt")]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_workload(args: argparse.Namespace, attack: str) -> dict[str, Any]:
+    target, load_cpus = start_server(args, attack)
     target.sources = (LEGIT,)
     assert target.pid is not None
     legit = parse_args(["fanout", "-n", str(args.n), "--senders", str(args.senders),
                         "--rate", str(args.rate), "--duration", str(args.duration)])  # fmt: skip
-    row: dict[str, Any] = {"attack": attack, "n": args.n, "rate": args.rate}
+    row: dict[str, Any] = {"attack": attack, "n": args.n, "rate": args.rate, "pinned": args.pin}
     ctx = multiprocessing.get_context("fork")
     ready, go, stop, out = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue()
     ws = None
     try:
         row["rss_idle_mib"] = servers.rss_kib(target.pid) / 1024
-        ws = Workers(legit.workers, target, "fanout", None, paced=True)
+        ws = Workers(legit.workers, target, "fanout", load_cpus, paced=True)
         logged = open_clients(ws, client_specs(legit), 256)
         row["legit_logged_in"] = logged["logged_in"]
         sync(ws)
@@ -272,15 +304,20 @@ def run_workload(args: argparse.Namespace, attack: str) -> dict[str, Any]:
         procs = attack_processes(ctx, attack, args, (addr, ca), (ready, go, stop, out))
         for p in procs:
             p.start()
+            if load_cpus:  # the native load generator (logins) inherits it
+                os.sched_setaffinity(p.pid, load_cpus)
         if procs and not ready.wait(600):
             raise RuntimeError(f"{attack}: the attack did not get ready in 600 s")
         rss = RssPeak(target.pid)
         rss.start()
+        spy = sample(args, attack, target.pid)
         go.set()
         row.update(timed_phase(ws, target, legit))
         stop.set()
         rss.done.set()
         rss.join()
+        if spy is not None:
+            spy.wait(60)
         row["server_rss_peak_mib"] = rss.peak / 1024
         for p in procs:
             got = out.get(timeout=120)
@@ -364,9 +401,22 @@ def main(argv: list[str] | None = None) -> int:
         "--attack", default=",".join(ATTACKS), help="comma-separated: " + ", ".join(ATTACKS)
     )
     p.add_argument("--server-arg", action="append", default=[], help="extra securechat flag")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="the server on the first CPU, the legitimate users and the attack on the last",
+    )
     p.add_argument("--json", dest="json_only", action="store_true", help="JSON lines only")
     p.add_argument(
         "--profile", type=Path, help="a folder: run the server's threads under cProfile there"
+    )
+    p.add_argument(
+        "--sample",
+        type=Path,
+        help="a folder: py-spy samples the server from the start of each attack, into <attack>.txt",
+    )
+    p.add_argument(
+        "--sample-seconds", type=int, default=4, help="how long --sample records (seconds)"
     )
     args = p.parse_args(argv)
     attacks = [a.strip() for a in args.attack.split(",") if a.strip()]

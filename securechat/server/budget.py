@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     from securechat.server.connection import Connection
     from securechat.server.loop import IOLoop
 
+# Once over budget, a loop sheds down to this share of it, not just under it: each look for the
+# biggest queues walks every connection, and a flood that keeps the total at the limit would
+# otherwise pay that walk for nearly every frame it queues (a fifth of the I/O thread's time
+# under 1,000 non-readers; BENCHMARKS.md).
+SHED_TO = 7 / 8
+
 
 class OutputBudget:
     def __init__(self, limit: int, loops: Sequence[IOLoop]) -> None:
@@ -42,13 +48,14 @@ class OutputBudget:
         return bool(self.limit) and self.queued > self.limit
 
     def shed_from(self, loop: IOLoop) -> None:
-        """On `loop`'s thread: drop its biggest queues while the total is over budget and no
-        other loop holds a bigger one; then publish the biggest it has left. Those dropped in
-        one call go together (drop_all_not_reading), so their rooms announce them in a row."""
+        """On `loop`'s thread, the total over budget: drop its biggest queues until the total is
+        down to SHED_TO of the budget, while no other loop holds a bigger one; then publish the
+        biggest it has left. Those dropped in one call go together (drop_all_not_reading), so
+        their rooms announce them in a row."""
         heap = [(-c.queued, i, c) for i, c in enumerate(loop.connections) if c.queued]
         heapq.heapify(heap)
         others = max((other.biggest for other in self.loops if other is not loop), default=0)
-        over = self.queued - self.limit if self.limit else 0
+        over = self.queued - int(self.limit * SHED_TO) if self.limit else 0
         shed: list[Connection] = []
         while heap and -heap[0][0] >= others and over > 0:
             conn = heapq.heappop(heap)[2]

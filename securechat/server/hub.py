@@ -233,9 +233,8 @@ class Hub:
         self.logout_all((conn,), reason)
 
     def logout_all(self, conns: Iterable[Connection], reason: str) -> None:
-        """Log several connections out at once (the output budget's shed): each room announces
-        all their departures in a row, so a loop's feed for it takes them one after the other,
-        instead of alternating with another room's and starting a feed for every notice."""
+        """Log several connections out at once (the output budget's shed), under one take of
+        the lock: each room announces all their departures in a row."""
         with self._lock:
             leaving = []
             for conn in conns:

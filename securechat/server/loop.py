@@ -69,7 +69,8 @@ class IOLoop(threading.Thread):
         self._woken = False
         self._running = True
         self._grown: list[Feed] = []  # feeds with frames their members have not been flushed for
-        self._newest: Feed | None = None  # the one feed still open: it may take more frames
+        self._open: list[Feed] = []  # feeds made since the last seal; each room adds to its newest
+        self._frames = 0  # frames queued to feeds so far: their order, for members of two rooms
         self._deadlines: list[tuple[float, int, Connection]] = []
         self._seq = itertools.count()
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
@@ -158,21 +159,24 @@ class IOLoop(threading.Thread):
         """Add a frame to the audience's feed: O(1), and O(1) more per join or departure since
         its last frame.
 
-        Only the newest feed takes frames: after another audience's frame, this audience starts
-        a new feed, so that a connection in both rooms still gets every frame in the order it
-        was queued. Its members are marked dirty once per flush, not once per frame.
+        Each room's feed takes frames until the turn's writes are done, whatever other rooms
+        queue meanwhile: each frame carries its place in this loop's order, and a connection in
+        two rooms takes their frames merged in that order (Outbox). Its members are marked dirty
+        once per flush, not once per frame.
         """
         roster, position = audience.roster, audience.position
         feed = roster.feed
         if (
             feed is None
-            or feed is not self._newest
+            or not feed.open
             or len(feed.frames) >= FEED_FRAMES
             or position < roster.applied  # queued before what the feed has: its own members
         ):
-            self._seal()
+            if feed is not None:
+                feed.open = False
             members = audience.members()
-            feed = roster.feed = self._newest = Feed(members)
+            feed = roster.feed = Feed(members)
+            self._open.append(feed)
             roster.applied = position
             for conn in members:
                 if conn.open:
@@ -180,7 +184,8 @@ class IOLoop(threading.Thread):
         elif position > roster.applied:
             self._apply(feed, roster.changes[roster.applied : position])
             roster.applied = position
-        feed.add(data)
+        feed.add(data, self._frames)
+        self._frames += 1
         if not feed.grown:
             feed.grown = True
             self._grown.append(feed)
@@ -201,10 +206,11 @@ class IOLoop(threading.Thread):
                     self.dirty.add(conn)  # no longer a member: the feed's growth won't mark it
 
     def _seal(self) -> None:
-        """The open feed takes no more frames; its followers let go of it once they took all."""
-        if self._newest is not None:
-            self._newest.open = False
-            self._newest = None
+        """The open feeds take no more frames; their followers let go of them once they took
+        all."""
+        for feed in self._open:
+            feed.open = False
+        self._open.clear()
 
     def add_deadline(self, when: float, conn: Connection) -> None:
         heapq.heappush(self._deadlines, (when, next(self._seq), conn))
