@@ -33,6 +33,19 @@ FRAME = framing.encode(
 )
 
 
+def _stream_handshake_step(sock: socket.socket, tls: TLSStream) -> bool:
+    """One step of a TLSStream's handshake over a non-blocking socket; True once it is done."""
+    try:
+        tls.feed(sock.recv(READ_CHUNK))
+    except BlockingIOError:
+        pass
+    done = tls.do_handshake()
+    out = tls.data_to_send()
+    if out:
+        sock.sendall(out)
+    return done
+
+
 class BioServer:
     """The server's way: a TLSStream over a non-blocking socket."""
 
@@ -40,15 +53,7 @@ class BioServer:
         self.sock, self.tls = sock, TLSStream(ctx, server_side=True)
 
     def handshake_step(self) -> bool:
-        try:
-            self.tls.feed(self.sock.recv(READ_CHUNK))
-        except BlockingIOError:
-            pass
-        done = self.tls.do_handshake()
-        out = self.tls.data_to_send()
-        if out:
-            self.sock.sendall(out)
-        return done
+        return _stream_handshake_step(self.sock, self.tls)
 
     def read(self) -> bytes:
         self.tls.feed(self.sock.recv(READ_CHUNK))
@@ -93,15 +98,7 @@ class Client:
         self.sock, self.tls = sock, TLSStream(ctx, server_side=False, server_hostname="127.0.0.1")
 
     def handshake_step(self) -> bool:
-        try:
-            self.tls.feed(self.sock.recv(READ_CHUNK))
-        except BlockingIOError:
-            pass
-        done = self.tls.do_handshake()
-        out = self.tls.data_to_send()
-        if out:
-            self.sock.sendall(out)
-        return done
+        return _stream_handshake_step(self.sock, self.tls)
 
     def send(self, data: bytes) -> None:
         self.tls.write(data)

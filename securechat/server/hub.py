@@ -325,10 +325,9 @@ class Hub:
         data = framing.room_message(
             room.name, conn.user, frame.text, ts, frame.action, self._max_frame
         )
-        self._broadcast_encoded(room, data)
-        self._remember(room.name, message, data)
-        if self._history_sink is not None:
-            self._history_sink((room.name, conn.user, frame.text, ts, frame.action, "", ""))
+        self._relay(
+            room, message, data, (room.name, conn.user, frame.text, ts, frame.action, "", "")
+        )
         return room.name, ts
 
     def _say_encrypted(self, conn: Connection, frame: SayEncrypted) -> tuple[str, int]:
@@ -355,14 +354,16 @@ class Hub:
             "ciphertext": frame.ciphertext,
             "ts": ts,
         }
-        data = framing.encode(message, self._max_frame)
+        row = (room.name, conn.user, frame.ciphertext, ts, False, conn.device, frame.session_id)
+        self._relay(room, message, framing.encode(message, self._max_frame), row)
+        return room.name, ts
+
+    def _relay(self, room: Room, message: dict[str, Any], data: bytes, row: HistoryFields) -> None:
+        """Write a room message's bytes to every member, and keep it as the room's history."""
         self._broadcast_encoded(room, data)
         self._remember(room.name, message, data)
         if self._history_sink is not None:
-            self._history_sink(
-                (room.name, conn.user, frame.ciphertext, ts, False, conn.device, frame.session_id)
-            )
-        return room.name, ts
+            self._history_sink(row)
 
     def _req_rooms(self, conn: Connection, frame: Rooms) -> dict[str, Any]:
         rooms = [
