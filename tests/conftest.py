@@ -3,6 +3,7 @@ loopback port, identities with light KDF limits, and clients that are always clo
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -304,3 +305,20 @@ class KeyOffers:
 @pytest.fixture
 def key_offers(server: Server, monkeypatch: pytest.MonkeyPatch) -> KeyOffers:
     return KeyOffers(server, monkeypatch)
+
+
+@pytest.fixture
+def server_log(tmp_path: Path) -> Iterator[Path]:
+    """Everything the server logs, at DEBUG, in a file: to show what never reaches a log."""
+    log_file = tmp_path / "server.log"
+    handler = logging.FileHandler(log_file)
+    logger = logging.getLogger("securechat")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield log_file
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        handler.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -277,26 +276,16 @@ def test_sender_key_swapped_on_delivery_is_refused_against_the_pin(
     assert rejected.detail.startswith("WARNING: the key for alice has changed.")
 
 
-def test_server_disk_and_log_never_hold_dm_plaintext(connect, server, tmp_path: Path) -> None:
-    log_file = tmp_path / "server.log"
-    handler = logging.FileHandler(log_file)
-    logger = logging.getLogger("securechat")
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
-        alice, bob = connect("alice"), connect("bob")
-        ready(alice, bob)
-        alice.send_dm("bob", SECRET).result(5)
-        assert wait_for(bob, is_dm).text == SECRET
-        bob.send_dm("alice", SECRET + " (reply)").result(5)
-        assert wait_for(alice, is_dm).text.endswith("(reply)")
-        alice.close()
-        bob.close()
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-        handler.close()
+def test_server_disk_and_log_never_hold_dm_plaintext(connect, server, server_log: Path) -> None:
+    alice, bob = connect("alice"), connect("bob")
+    ready(alice, bob)
+    alice.send_dm("bob", SECRET).result(5)
+    assert wait_for(bob, is_dm).text == SECRET
+    bob.send_dm("alice", SECRET + " (reply)").result(5)
+    assert wait_for(alice, is_dm).text.endswith("(reply)")
+    alice.close()
+    bob.close()
+    log_file = server_log
     written = [p for p in (server.config.data_dir).rglob("*") if p.is_file()] + [log_file]
     assert any(p.name == "securechat.db" for p in written)
     assert "alice logged in" in log_file.read_text()

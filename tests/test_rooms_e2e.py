@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -117,14 +118,17 @@ def test_the_join_shows_the_lock_and_each_members_trust_mark(connect) -> None:
     assert (shown.mode, shown.label, shown.members) == ("plain", "not end-to-end encrypted", ())
 
 
-def test_the_servers_files_hold_no_room_plaintext(connect, server: Server) -> None:
+def test_the_servers_files_and_log_hold_no_room_plaintext(
+    connect, server: Server, server_log: Path
+) -> None:
     alice, bob = team(connect, "alice", "bob")
     alice.send("#team", SECRET).result(10)
     assert wait_for(bob, said("#team", "alice", SECRET)).encrypted
     server.stop()
     data = server.config.data_dir
-    files = [p for p in data.rglob("*") if p.is_file()]
+    files = [p for p in data.rglob("*") if p.is_file()] + [server_log]
     assert any(p.name == "securechat.db" for p in files)
+    assert "alice logged in" in server_log.read_text()
     for path in files:
         assert b"vault code" not in path.read_bytes(), path
     with sqlite3.connect(data / "securechat.db") as db:
