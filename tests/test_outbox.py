@@ -18,17 +18,7 @@ from securechat.server.hub import Hub
 from securechat.server.loop import IOLoop
 from securechat.server.outbox import Audience, Feed, Outbox, Roster
 
-
-class Member:
-    def __init__(self) -> None:
-        self.open = True
-        self.outbox = Outbox()
-        self.writes: list[bytes] = []
-
-    def flush(self) -> None:
-        data = self.outbox.take(1 << 20)
-        if data:
-            self.writes.append(data)
+from .test_loop import Member
 
 
 @pytest.fixture

@@ -106,6 +106,13 @@ class EmojiVerifier:
 
     # -- the user's side ------------------------------------------------------------------------
 
+    def _answer_theirs(self, user: str) -> EmojiVerification | None:
+        """Accept `user`'s request waiting for our answer, if there is one (lock held)."""
+        waiting = self._by_user.get(user)
+        if waiting is None or waiting.sas is not None:
+            return None
+        return self.accept(user)
+
     def start(self, shown: Verification, device_id: str | None = None) -> EmojiVerification:
         """Ask one of `shown.name`'s devices (the one named, else the one seen last) to compare
         emoji over the pinned key `shown` showed. Raises VerificationError when that key is not
@@ -114,12 +121,10 @@ class EmojiVerifier:
         if user == self._dms.user:
             raise VerificationError("your own devices share your identity key: nothing to compare")
         with self._lock:
-            waiting = self._by_user.get(user)
-            if waiting is not None and waiting.sas is None:
-                # They asked first: asking back means yes (so two requests never cross).
-                accepted = self.accept(user)
-                if accepted is not None:
-                    return accepted
+            # They asked first: asking back means yes (so two requests never cross).
+            accepted = self._answer_theirs(user)
+            if accepted is not None:
+                return accepted
         if shown.offered_key is not None:
             raise VerificationError(
                 f"the server offers {user} a key other than the pinned one; compare safety "
@@ -128,13 +133,11 @@ class EmojiVerifier:
         found, reply = self._dms.devices_of(user)
         device = self._pick(user, found.devices, reply, device_id)
         with self._lock:
-            waiting = self._by_user.get(user)
-            if waiting is not None and waiting.sas is None:
-                # Their request came in while we looked their devices up: answer it instead
-                # of replacing it with ours, so the two never cross.
-                accepted = self.accept(user)
-                if accepted is not None:
-                    return accepted
+            # Their request came in while we looked their devices up: answer it instead of
+            # replacing it with ours, so the two never cross.
+            accepted = self._answer_theirs(user)
+            if accepted is not None:
+                return accepted
             verification, start = sas.SasVerification.initiate(
                 self._me(),
                 sas.SasParty(user, device.device_id, shown.pinned_key),
