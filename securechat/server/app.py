@@ -240,7 +240,6 @@ class Server:
     def _accept_burst(self) -> bool:
         """Accept what is waiting; False when accept() failed (out of file descriptors, say),
         so the caller pauses instead of spinning on a listener that stays readable."""
-        now = self._clock()
         for _ in range(256):
             try:
                 sock, addr = self._listener.accept()
@@ -250,7 +249,8 @@ class Server:
                 log.warning("accept failed: %s; pausing accepts briefly", exc.strerror or exc)
                 return False
             ip = addr[0]
-            if not self.throttle.allow(ip, now):
+            # The clock is read per connection: a burst can outlast the moment it began.
+            if not self.throttle.allow(ip, self._clock()):
                 # Over --connect-rate: no TLS, no loop, no log line; a reset rather than a FIN,
                 # so that a flood leaves no TIME_WAIT sockets behind on our side either.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
