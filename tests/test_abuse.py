@@ -318,6 +318,38 @@ def test_a_flood_is_refused_then_dropped(server, connect) -> None:
     still_chatting(connect, "after-flood")
 
 
+@pytest.mark.server_config(rate=1.0, burst=2, flood_refusals=2)
+def test_a_flooder_still_sending_hears_why_it_was_dropped(
+    server, connect, certs_dir, make_identity
+) -> None:
+    # A client that sends far more than the server reads before dropping it, and reads nothing
+    # until it is done: closed at once, the server's socket would reset the connection, and the
+    # reset would throw away the replies and the goodbye the client had not read yet.
+    with RawTLS(server.address, ca(certs_dir), rcvbuf=2048) as raw:
+        raw.login("mallory", make_identity("mallory"))
+        text = "x" * 3000
+        for request_id in range(1, 201):
+            raw.send_frame({"type": "say", "id": request_id, "room": "#lobby", "text": text})
+        heard = []
+        while not heard or heard[-1][0] != "bye":
+            frame = raw.frame()
+            if frame["type"] in ("ok", "error", "bye"):
+                heard.append((frame["type"], frame.get("id"), frame.get("code")))
+        assert heard == [
+            ("ok", 1, None),
+            ("ok", 2, None),
+            ("error", 3, "rate_limited"),
+            ("bye", None, None),
+        ]
+        assert frame["reason"] == "message flood: too many messages after being told to slow down"
+        # The client keeps its socket open: the server's closes after a moment all the same.
+        deadline = time.monotonic() + 10
+        while any(loop.lingering for loop in server.loops):
+            assert time.monotonic() < deadline, "the dropped client's socket was never closed"
+            time.sleep(0.05)
+    still_chatting(connect, "after-flood")
+
+
 @pytest.mark.server_config(rate=20.0, burst=2, flood_refusals=4)
 def test_after_a_refusal_the_server_holds_every_request_until_resume(
     server, certs_dir, make_identity

@@ -303,7 +303,7 @@ class Connection:
         if self.queued > self.ctx.config.max_queue and self.closing is None:
             self.drop_not_reading("outbound queue")
         elif self.closing is not None and not self.outbuf:
-            self.abort(self.closing)
+            self.abort(self.closing, said=True)
 
     def _flush_tls(self) -> None:
         out = self.tls.data_to_send()
@@ -350,7 +350,7 @@ class Connection:
             self._want_write = want
             self.loop.watch_writable(self, want)
         if not buf and self.closing is not None:
-            self.abort(self.closing)
+            self.abort(self.closing, said=True)
 
     def _count(self) -> None:
         """Charge the loop's total (the output budget) with what this connection holds: the
@@ -393,8 +393,13 @@ class Connection:
             self.loop.add_deadline(time.monotonic() + LINGER, self)
         self.loop.mark_dirty(self)
 
-    def abort(self, reason: str) -> None:
-        """Close now: leave the hub, send close_notify if we can, release the socket."""
+    def abort(self, reason: str, *, said: bool = False) -> None:
+        """Close now: leave the hub, send close_notify if we can, release the socket.
+
+        `said`: every frame queued for the client has gone (the goodbye that says why among
+        them), so the socket is shut for writing and left to the loop to close once the client
+        closes too (IOLoop.linger), rather than reset under frames it has not read yet.
+        """
         if not self.open:
             return
         self.open = False
@@ -406,16 +411,19 @@ class Connection:
             out = self.tls.data_to_send()
             if out and not self.outbuf:
                 try:
-                    self.sock.send(out)
+                    said = self.sock.send(out) == len(out) and said
                 except OSError:
-                    pass
+                    said = False
         self.loop.queued -= self._counted
         self._counted = 0
         self.outbuf = bytearray()
         # What it never took goes now: a room's roster may name it as departed for a while.
         self.outbox = Outbox()
         self.loop.unregister(self)
-        self.sock.close()
+        if said and _shut_for_writing(self.sock):
+            self.loop.linger(self.sock)
+        else:
+            self.sock.close()
         self.ctx.closed(self)
 
 
@@ -426,6 +434,14 @@ def drop_all_not_reading(conns: Sequence[Connection], limit: str) -> None:
         conns[0].ctx.hub.logout_all([c for c in conns if c.user], NOT_READING)
     for conn in conns:
         conn.drop_not_reading(limit)
+
+
+def _shut_for_writing(sock: socket.socket) -> bool:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return False  # the client is gone already: nothing to wait for
+    return True
 
 
 def _whole_ms_up(seconds: float) -> float:

@@ -48,6 +48,9 @@ log = logging.getLogger("securechat.server")
 
 TICK = 0.5  # seconds between deadline checks when idle
 FLUSH_CHUNK = 64  # connections written between two looks at what has arrived
+LINGER_READ = 2.0  # seconds a socket we finished writing to is still read, and what comes dropped
+MAX_LINGERING = 64  # such sockets per loop; past that, one closes at once
+LINGER_RECV = 16384  # bytes read (and dropped) at a time from a lingering socket
 
 
 class IOLoop(threading.Thread):
@@ -73,6 +76,7 @@ class IOLoop(threading.Thread):
         self._frames = 0  # frames queued to feeds so far: their order, for members of two rooms
         self._deadlines: list[tuple[float, int, Connection]] = []
         self._seq = itertools.count()
+        self._lingering: dict[socket.socket, Lingering] = {}
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
 
     # -- called from any thread -------------------------------------------------------------------
@@ -136,6 +140,39 @@ class IOLoop(threading.Thread):
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):
             pass
+
+    @property
+    def lingering(self) -> int:
+        """Sockets of closed connections still open for the client's last bytes (any thread)."""
+        return len(self._lingering)
+
+    def linger(self, sock: socket.socket) -> None:
+        """Close `sock`, whose last bytes are sent and whose sending side is shut, once the
+        client closes too, or after LINGER_READ; until then read and drop what it still sends.
+
+        A socket closed with unread bytes waiting resets the connection, and a reset makes the
+        client's side discard what it has not read yet: a client still sending when it was told
+        to go (a flooder, one kicked for idling mid-write) would lose the frames saying why.
+        """
+        self._owner_only()
+        if len(self._lingering) >= MAX_LINGERING:
+            sock.close()
+            return
+        lingering = Lingering(sock, time.monotonic() + LINGER_READ, self)
+        try:
+            self.selector.register(sock, selectors.EVENT_READ, lingering)
+        except (KeyError, ValueError, OSError):
+            sock.close()
+            return
+        self._lingering[sock] = lingering
+
+    def end_linger(self, lingering: Lingering) -> None:
+        if self._lingering.pop(lingering.sock, None) is not None:
+            try:
+                self.selector.unregister(lingering.sock)
+            except (KeyError, ValueError):
+                pass
+        lingering.sock.close()
 
     def mark_dirty(self, conn: Connection) -> None:
         """Write out what `conn` has queued before the next select."""
@@ -230,6 +267,8 @@ class IOLoop(threading.Thread):
         self._run_inbox()
         for conn in list(self.connections):
             conn.abort("server stopped")
+        for lingering in list(self._lingering.values()):
+            lingering.close()
         self.selector.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -308,6 +347,8 @@ class IOLoop(threading.Thread):
         self._woken = False
 
     def _expire(self, now: float) -> None:
+        for lingering in [g for g in self._lingering.values() if g.until <= now]:
+            lingering.close()
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             _, _, conn = heapq.heappop(deadlines)
@@ -316,3 +357,27 @@ class IOLoop(threading.Thread):
                     conn.check_deadline(now)
                 except Exception:
                     self._failed(conn)
+
+
+class Lingering:
+    """A closed connection's socket, read until the client closes it too (IOLoop.linger)."""
+
+    __slots__ = ("_loop", "sock", "until")
+
+    open = False  # nothing is written to it: the loop never asks it to
+
+    def __init__(self, sock: socket.socket, until: float, loop: IOLoop) -> None:
+        self.sock, self.until, self._loop = sock, until, loop
+
+    def on_readable(self) -> None:
+        try:
+            if self.sock.recv(LINGER_RECV):
+                return  # sent before the client saw our close: dropped unread
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass  # reset: the client is gone as well
+        self.close()
+
+    def close(self) -> None:
+        self._loop.end_linger(self)

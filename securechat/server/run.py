@@ -7,33 +7,36 @@ import resource
 import signal
 
 from securechat.server.app import Server, ServerConfig
+from securechat.server.loop import MAX_LINGERING
 
 FD_SPARE = 64  # descriptors besides connections: listener, wake-up pairs, database, logs
 
 
-def raise_fd_limit(max_connections: int) -> None:
-    """Let the process hold --max-connections sockets, as far as the hard limit allows."""
+def raise_fd_limit(max_connections: int, io_threads: int) -> None:
+    """Let the process hold --max-connections sockets, as far as the hard limit allows, and the
+    sockets of closed connections that each I/O thread keeps open a moment longer."""
     log = logging.getLogger("securechat.server")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = max_connections + FD_SPARE if max_connections else hard
+    spare = FD_SPARE + max(1, io_threads) * MAX_LINGERING
+    wanted = max_connections + spare if max_connections else hard
     if hard != resource.RLIM_INFINITY:
         wanted = min(wanted, hard)
     if wanted > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         soft = wanted
-    if max_connections and soft < max_connections + FD_SPARE:
+    if max_connections and soft < max_connections + spare:
         log.warning(
             "only %d file descriptors allowed (ulimit -n): expect at most about %d connections, "
             "not the %d of --max-connections",
             soft,
-            max(0, soft - FD_SPARE),
+            max(0, soft - spare),
             max_connections,
         )
 
 
 def serve(config: ServerConfig, log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    raise_fd_limit(config.max_connections)
+    raise_fd_limit(config.max_connections, config.io_threads)
     # Block SIGINT and SIGTERM before any thread starts: threads inherit the mask, so neither
     # signal can land on a server thread (where it would not wake the main thread); sigwait()
     # below takes them.
