@@ -5,6 +5,7 @@ clients refuse visibly."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from securechat.client.events import (
     RoomUnreadable,
     RoomWarning,
 )
-from securechat.protocol import DMs, Join
+from securechat.protocol import Devices, DMs, Join
 from securechat.server import Server, requests
 from securechat.server.hub import Hub
 
@@ -135,6 +136,45 @@ def test_the_servers_files_and_log_hold_no_room_plaintext(
         rows = db.execute("SELECT room, sender, session_id FROM room_history").fetchall()
     assert [(room, sender) for room, sender, _ in rows] == [("#team", "alice")]
     assert rows[0][2]  # kept as ciphertext with its Megolm session
+
+
+def test_a_burst_of_joins_costs_a_member_one_device_list_request(
+    connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (alice,) = team(connect, "alice")
+    newcomers = [connect(name) for name in ("bob", "carol", "dave", "erin")]
+    asked: list[tuple[str, tuple[str, ...]]] = []
+    original = requests.HANDLERS[Devices]
+
+    def devices(conn, frame: Devices) -> None:  # type: ignore[no-untyped-def]
+        if conn.user == "alice":
+            asked.append((conn.user, frame.users or (frame.user,)))
+        original(conn, frame)
+
+    monkeypatch.setitem(requests.HANDLERS, Devices, devices)
+    # alice's reading thread waits on her room keys while the four joins arrive together.
+    with alice.encrypted_rooms._lock:  # type: ignore[union-attr]
+        for newcomer in newcomers:
+            newcomer.join("#team").result(10)
+        deadline = time.monotonic() + 10
+        while alice._inbox.qsize() < len(newcomers) - 1:  # the first is being read
+            assert time.monotonic() < deadline, "the joins never reached alice"
+            time.sleep(0.01)
+    pending = {n.user for n in newcomers}
+    while pending:  # in any order: the joiners' connections are on more than one I/O thread
+        seen = wait_for(alice, lambda e: isinstance(e, Joined) and e.room == "#team")
+        pending.discard(seen.user)
+    alice.send("#team", "welcome, all four").result(10)
+    for reader in newcomers:
+        assert wait_for(reader, said("#team", "alice", "welcome, all four")).encrypted
+    assert asked == [("alice", ("bob", "carol", "dave", "erin"))]
+    # A device whose record alice holds already costs nothing when it joins again.
+    bob = newcomers[0]
+    bob.part("#team").result(10)
+    enter("#team", bob, alice)
+    alice.send("#team", "welcome back").result(10)
+    assert wait_for(bob, said("#team", "alice", "welcome back")).encrypted
+    assert asked == [("alice", ("bob", "carol", "dave", "erin"))]
 
 
 def test_a_member_who_left_cannot_read_what_is_sent_after(connect) -> None:

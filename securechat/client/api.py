@@ -480,9 +480,9 @@ class Client:
             return
         if self._another_device_of_mine(frame):
             # Our phone joining or leaving a room is not this device doing it; but a new phone
-            # is to get our room keys, so its record is fetched now, off the sending path.
+            # is to get our room keys, so our list is fetched again before they are sent.
             if frame["type"] == "joined" and rooms is not None:
-                rooms.refresh_devices(self.user)
+                rooms.refresh_devices(self.user, _str(frame, "device"))
             return
         event = _event_from_frame(frame)
         if rooms is None or event is None:
@@ -534,6 +534,8 @@ class Client:
             except Exception as exc:  # a bad frame must not stop every later DM
                 what = "a direct message" if frame["type"] == "dm" else "a room event"
                 self._events.put(DeviceWarning(self.user, f"{what} was lost: {exc}"))
+            if self._inbox.empty() and self.encrypted_rooms is not None:
+                self.encrypted_rooms.check_joiners()  # once a burst of joins is read
 
     def _receive(self, frame: dict[str, Any]) -> None:
         if frame["type"] == "queue_end":

@@ -163,6 +163,11 @@ class EncryptedRooms:
         self._earlier: dict[str, int] = {}
         self._warned: dict[str, set[str]] = {}
         self._asked: set[str] = set()
+        # Members seen joining an encrypted room from a device not in their list as last
+        # fetched: their lists are fetched in one request once the frames that came together
+        # are read (check_joiners), or before the next send, not one request a join.
+        self._unchecked: set[str] = set()
+        self._fetching = threading.Lock()  # a send waits for the joiners' fetch under way
         self._late = LateMessages()  # live messages shown as markers, until their key comes
 
     # -- modes ----------------------------------------------------------------------------------
@@ -242,7 +247,7 @@ class EncryptedRooms:
             if user == self.user:
                 self._flush_earlier(room, ask=True)
             elif self.mode(room) is RoomMode.ENCRYPTED:
-                self._fetch_devices([user])  # before they need keys, off the sending path
+                self.refresh_devices(user, device)
             self._present.setdefault(room, {}).setdefault(user, set()).add(device)
             listed = self._listed.get(room)
             if listed is not None:
@@ -333,9 +338,14 @@ class EncryptedRooms:
         """Encrypt `text` for `room` (a /me line when `action`): key shares go out first (as
         one-device DMs), then the `say_encrypted`. Blocks while it fetches device lists and
         prekeys."""
-        with self._lock:
-            users = self.crypto.membership(room).key_members() | {self.user}
-        self._fetch_devices(sorted(u for u in users if self._dms.known_list(u) is None))
+        with self._fetching:
+            with self._lock:
+                users = self.crypto.membership(room).key_members() | {self.user}
+                stale = users & self._unchecked
+                self._unchecked -= stale
+            self._fetch_devices(
+                sorted(u for u in users if u in stale or self._dms.known_list(u) is None)
+            )
         with self._lock:
             if self.crypto.modes.mode(room) is not RoomMode.ENCRYPTED:
                 raise RoomCryptoError(f"{room} is not end-to-end encrypted")
@@ -533,9 +543,25 @@ class EncryptedRooms:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def refresh_devices(self, user: str) -> None:
-        """Fetch `user`'s device list again (one of their devices was seen joining a room)."""
-        self._fetch_devices([user])
+    def refresh_devices(self, user: str, device: str = "") -> None:
+        """`user`'s `device` was seen joining a room: unless their list as last fetched has it,
+        fetch the list again, with the others seen meanwhile, by check_joiners() or before the
+        next send, whichever comes first."""
+        if device and self._dms.known_device(user, device) is not None:
+            return
+        with self._lock:
+            self._unchecked.add(user)
+
+    def check_joiners(self) -> None:
+        """Fetch, in one request, the device lists refresh_devices() marked: called when the
+        frames that came together are read, so a burst of joins costs one request, not one a
+        join, and the keys are pinned (or a changed one shown) before anyone sends."""
+        if not self._unchecked:
+            return  # the usual case, without the lock
+        with self._fetching:
+            with self._lock:
+                users, self._unchecked = sorted(self._unchecked), set()
+            self._fetch_devices(users)
 
     def _fetch_devices(self, users: Iterable[str]) -> None:
         """Fetch and check device lists, many a request (blocking; never on the connection's
