@@ -161,6 +161,23 @@ def test_native_fanout_gives_ngircd_the_same_workload_and_a_ratio(native_binary:
     assert secure["vs_ngircd"] == pytest.approx(expected)
 
 
+def test_native_fanout_at_a_fixed_rate_offers_its_schedule_and_delivers_all(
+    native_binary: Path,
+) -> None:
+    (row,) = native_loadgen(
+        "fanout", "-n", "5", "--senders", "2", "--rate", "40", "--duration", "1"
+    )
+    # ceil(40 x 1) messages on the schedule, all sent while the window was open, none unsent.
+    assert row["rate"] == 40 and row["window"] == 0
+    assert row["offered"] == 40 and row["unsent"] == 0 and row["sent_total"] == 40
+    assert_every_message_reached_every_other_member(row, 5)
+    # Each message once at its sender's witness; the figures are there, whatever their size.
+    assert row["witness_samples"] == 40
+    assert 0 <= row["witness_p50_ms"] <= row["witness_p99_ms"] <= row["witness_max_ms"]
+    assert row["offered_per_s"] > 0 and 0 <= row["achieved_per_s"] <= row["offered_per_s"]
+    assert row["send_late_max_ms"] >= 0
+
+
 def test_native_fanout_in_an_encrypted_room_relays_every_ciphertext(native_binary: Path) -> None:
     (row,) = native_loadgen("fanout", "-n", "5", "--senders", "2", "--duration", "1", "--encrypted")
     # A 100-byte text pads to a 256-byte record: its Megolm message is 468 base64 characters.
@@ -219,6 +236,11 @@ def test_native_bad_arguments_are_refused_with_a_reason(native_binary: Path) -> 
         out.stderr
         == "loadgen: --ciphertext-size must be a multiple of 4 (padded base64), not 470\n"
     )
+    out = run_native(
+        native_binary, "--port", "1", "--ca", "ca.pem", "--rate", "10", "--window", "2"
+    )
+    assert out.returncode == 2
+    assert out.stderr == "loadgen: --rate is fanout's, instead of --window: give one of them\n"
     out = run_module("scripts.loadgen.native", "fanout", "--io-threads", "1,0")
     assert out.returncode == 2
     assert "takes numbers from 1 to 64, comma-separated: '1,0'" in out.stderr
