@@ -123,6 +123,7 @@ def native_loadgen(*args: str) -> list[dict]:
 
 
 def assert_every_message_reached_every_other_member(row: dict, n: int) -> None:
+    """Flat out, every delivery is timed; at a fixed rate, each message once, at its witness."""
     assert row["logged_in"] == n and row["login_failures"] == 0
     assert row["still_connected"] == n and row["dropped"] == 0
     assert row["refused"] == 0
@@ -132,7 +133,8 @@ def assert_every_message_reached_every_other_member(row: dict, n: int) -> None:
     assert row["missing"] == 0
     assert 0 < row["deliveries"] <= row["delivered_total"]
     assert row["member_min_per_s"] > 0
-    assert row["latency_samples"] == row["delivered_total"]
+    timed = row["sent_total"] if "rate" in row else row["delivered_total"]
+    assert row["latency_samples"] == timed
     assert 0 <= row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
     assert row["server_rss_mib"] > 0 and row["server_cpu_pct"] >= 0
 
@@ -171,9 +173,7 @@ def test_native_fanout_at_a_fixed_rate_offers_its_schedule_and_delivers_all(
     assert row["rate"] == 40 and row["window"] == 0
     assert row["offered"] == 40 and row["unsent"] == 0 and row["sent_total"] == 40
     assert_every_message_reached_every_other_member(row, 5)
-    # Each message once at its sender's witness; the figures are there, whatever their size.
-    assert row["witness_samples"] == 40
-    assert 0 <= row["witness_p50_ms"] <= row["witness_p99_ms"] <= row["witness_max_ms"]
+    assert row["latency_samples"] == 40  # each message once, at its sender's witness
     assert row["offered_per_s"] > 0 and 0 <= row["achieved_per_s"] <= row["offered_per_s"]
     assert row["send_late_max_ms"] >= 0
 
