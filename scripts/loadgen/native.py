@@ -244,6 +244,7 @@ COLUMNS: list[report.Column] = [
     ("max_ms", "max ms", "{:.2f}"),
     ("offered_per_s", "offered/s", "{:,.1f}"),
     ("achieved_per_s", "achieved/s", "{:,.1f}"),
+    ("send_late_p99_ms", "sent late p99 ms", "{:.2f}"),
     ("server_cpu_pct", "server CPU%", "{:.0f}"),
     ("server_rss_mib", "server RSS MiB", "{:.1f}"),
     ("loadgen_cpu_pct", "loadgen CPU%", "{:.0f}"),
