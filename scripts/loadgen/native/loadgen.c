@@ -79,7 +79,7 @@
 #define NS 1000000000ull
 #define TIMER_ID UINT32_MAX /* epoll's mark for the schedule's timer */
 #define SWEEP_MS 50          /* --rate: the other members are read this often ... */
-#define SWEEP_CHUNK 64       /* ... this many a loop turn, so a witness never waits on a whole sweep */
+#define SWEEP_CHUNK 16       /* ... this many a loop turn, so a witness never waits on a whole sweep */
 
 enum proto { SECURECHAT, IRC };
 enum workload { FANOUT, HOLD };
