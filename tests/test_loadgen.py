@@ -123,6 +123,7 @@ def native_loadgen(*args: str) -> list[dict]:
 
 
 def assert_every_message_reached_every_other_member(row: dict, n: int) -> None:
+    """Flat out, every delivery is timed; at a fixed rate, each message once, at its witness."""
     assert row["logged_in"] == n and row["login_failures"] == 0
     assert row["still_connected"] == n and row["dropped"] == 0
     assert row["refused"] == 0
@@ -132,7 +133,8 @@ def assert_every_message_reached_every_other_member(row: dict, n: int) -> None:
     assert row["missing"] == 0
     assert 0 < row["deliveries"] <= row["delivered_total"]
     assert row["member_min_per_s"] > 0
-    assert row["latency_samples"] == row["delivered_total"]
+    timed = row["sent_total"] if "rate" in row else row["delivered_total"]
+    assert row["latency_samples"] == timed
     assert 0 <= row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
     assert row["server_rss_mib"] > 0 and row["server_cpu_pct"] >= 0
 
@@ -159,6 +161,21 @@ def test_native_fanout_gives_ngircd_the_same_workload_and_a_ratio(native_binary:
     assert irc["io_threads"] is None and "vs_ngircd" not in irc
     expected = secure["deliveries_per_s"] / irc["deliveries_per_s"]
     assert secure["vs_ngircd"] == pytest.approx(expected)
+
+
+def test_native_fanout_at_a_fixed_rate_offers_its_schedule_and_delivers_all(
+    native_binary: Path,
+) -> None:
+    (row,) = native_loadgen(
+        "fanout", "-n", "5", "--senders", "2", "--rate", "40", "--duration", "1"
+    )
+    # ceil(40 x 1) messages on the schedule, all sent while the window was open, none unsent.
+    assert row["rate"] == 40 and row["window"] == 0
+    assert row["offered"] == 40 and row["unsent"] == 0 and row["sent_total"] == 40
+    assert_every_message_reached_every_other_member(row, 5)
+    assert row["latency_samples"] == 40  # each message once, at its sender's witness
+    assert row["offered_per_s"] > 0 and 0 <= row["achieved_per_s"] <= row["offered_per_s"]
+    assert 0 <= row["send_late_p99_ms"] <= row["send_late_max_ms"]
 
 
 def test_native_fanout_in_an_encrypted_room_relays_every_ciphertext(native_binary: Path) -> None:
@@ -219,6 +236,11 @@ def test_native_bad_arguments_are_refused_with_a_reason(native_binary: Path) -> 
         out.stderr
         == "loadgen: --ciphertext-size must be a multiple of 4 (padded base64), not 470\n"
     )
+    out = run_native(
+        native_binary, "--port", "1", "--ca", "ca.pem", "--rate", "10", "--window", "2"
+    )
+    assert out.returncode == 2
+    assert out.stderr == "loadgen: --rate is fanout's, instead of --window: give one of them\n"
     out = run_module("scripts.loadgen.native", "fanout", "--io-threads", "1,0")
     assert out.returncode == 2
     assert "takes numbers from 1 to 64, comma-separated: '1,0'" in out.stderr

@@ -2,6 +2,7 @@
 
     python -m scripts.loadgen.native fanout -n 50 --target both --pin
     python -m scripts.loadgen.native fanout -n 50 --target both --pin --encrypted
+    python -m scripts.loadgen.native fanout -n 1000 --rate 100 --duration 20 --target both --pin
     python -m scripts.loadgen.native fanout -n 500 --io-threads 1,2,4 --pin --no-pin
     python -m scripts.loadgen.native hold -n 10000 --target both --pin
     python -m scripts.loadgen.native build                    # print the binary's path
@@ -16,6 +17,14 @@ server to the first, and prints one JSON line per run and one table of the whole
 With --encrypted, securechat's members share an end-to-end encrypted room and every message is
 the ciphertext a real Megolm message of that text has (its length computed here, with
 vodozemac); ngircd, which has no such thing, carries the same text in plain, as before.
+
+With --rate R, fan-out is open loop instead of a window: R messages a second in all, due evenly
+spaced with the senders taking turns, each sent when due whatever is still in flight, and timed
+from its due time (a message held back by the load generator or a full socket counts its wait)
+to its sender's witness reading it; the other members are read in sweeps every 50 ms, as the
+Python load generator's non-probe members are, so the figure is the server's, not our queue's.
+securechat's per-user rate limit is lifted for every benchmark run (servers.py), so 10 a second a
+sender is never refused.
 """
 
 from __future__ import annotations
@@ -135,7 +144,8 @@ def command(
         "--concurrency", str(args.concurrency or wire.login_concurrency),
     ]  # fmt: skip
     if args.workload == "fanout":
-        cmd += ["--senders", str(args.senders), "--window", str(args.window)]
+        cmd += ["--senders", str(args.senders)]
+        cmd += ["--rate", str(args.rate)] if args.rate else ["--window", str(args.window)]
         cmd += ["--size", str(args.size), "--grace", str(args.grace)]
     if target.pid:
         cmd += ["--server-pid", str(target.pid)]
@@ -211,6 +221,8 @@ def sweep(binary: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def add_ratio(row: dict[str, Any], peer: dict[str, Any]) -> None:
+    if "rate" in row:
+        return  # both carry the rate offered: a throughput ratio would say nothing
     key = "deliveries_per_s" if row["workload"] == "fanout" else "logins_per_s"
     if peer.get(key):
         row["vs_ngircd"] = row[key] / peer[key]
@@ -229,6 +241,10 @@ COLUMNS: list[report.Column] = [
     ("vs_ngircd", "vs ngircd", "{:.2f}x"),
     ("p50_ms", "p50 ms", "{:.2f}"),
     ("p99_ms", "p99 ms", "{:.2f}"),
+    ("max_ms", "max ms", "{:.2f}"),
+    ("offered_per_s", "offered/s", "{:,.1f}"),
+    ("achieved_per_s", "achieved/s", "{:,.1f}"),
+    ("send_late_p99_ms", "sent late p99 ms", "{:.2f}"),
     ("server_cpu_pct", "server CPU%", "{:.0f}"),
     ("server_rss_mib", "server RSS MiB", "{:.1f}"),
     ("loadgen_cpu_pct", "loadgen CPU%", "{:.0f}"),
@@ -254,6 +270,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-n", type=int, default=50, help="room members (fanout) or clients (hold)")
     p.add_argument("--senders", type=int, default=10, help="fanout: members who send")
     p.add_argument("--window", type=int, default=4, help="fanout: messages in flight a sender")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0,
+        help="fanout, open loop instead of --window: messages/s offered in all, evenly spaced, "
+        "each timed from its due time (queueing not hidden)",
+    )
     p.add_argument("--size", type=int, default=100, help="fanout: message text, bytes")
     p.add_argument("--duration", type=float, default=10, help="seconds measured (hold: held)")
     p.add_argument("--grace", type=float, default=5, help="fanout: seconds for the last messages")
@@ -305,6 +328,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("fanout needs at least 2 members (-n)")
     if args.workload == "fanout" and not 1 <= args.senders <= args.n:
         p.error(f"--senders must be from 1 to -n ({args.n})")
+    if args.rate and (args.workload != "fanout" or not 0.01 <= args.rate <= 10_000_000):
+        p.error("--rate is fanout's, from 0.01 to 10,000,000 messages/s")
     if args.target == "ngircd" and args.io_threads != [None]:
         p.error("--io-threads is securechat's: use --target securechat or both")
     args.pin_modes = list(dict.fromkeys(args.pin_modes or [False]))

@@ -13,6 +13,16 @@
  *           does not echo a sender's own message, so both servers get this one rule. Nothing
  *           is batched on purpose: whatever a loop turn queues for one connection leaves in
  *           one TLS write, for either server.
+ *           With --rate R it is open loop instead: R messages a second in all, message m (from
+ *           0) due at t0 + m/R from sender m mod S, so each sender sends every S/R seconds and
+ *           the senders take turns. A message goes when its time comes, whatever is still in
+ *           flight; ceil(R x D) are offered. Each carries its due time, not the time it left:
+ *           one that waits (our loop was late, or its socket would not take it yet and it
+ *           queued) counts that wait in its latency, so queueing is never hidden. Latency is
+ *           then timed at the witnesses only, and the members that neither send nor witness
+ *           are read in sweeps (every SWEEP_MS, SWEEP_CHUNK a loop turn), as the Python load
+ *           generator's probes are: one thread reading all N at once for every message would
+ *           put its own queue into the figure. The server writes to every member either way.
  *   hold    N clients logged in (IRC: registered), then held idle for D seconds.
  *
  * With --ciphertext-size L (securechat only) the room is an end-to-end encrypted one: each member
@@ -42,6 +52,7 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -66,6 +77,9 @@
 #define MAX_CIPHERTEXT 4096
 #define MAX_SENDERS 99999
 #define NS 1000000000ull
+#define TIMER_ID UINT32_MAX /* epoll's mark for the schedule's timer */
+#define SWEEP_MS 50          /* --rate: the other members are read this often ... */
+#define SWEEP_CHUNK 16       /* ... this many a loop turn, so a witness never waits on a whole sweep */
 
 enum proto { SECURECHAT, IRC };
 enum workload { FANOUT, HOLD };
@@ -84,6 +98,7 @@ struct conn {
     uint32_t events; /* what epoll watches for it now */
     int dirty;       /* output queued since the last flush pass */
     int pending;     /* on the pending list: more to read than one turn reads */
+    int lazy;        /* --rate: read in sweeps, neither a sender nor a witness */
     uint64_t deadline;
     unsigned char seed[32];
     unsigned char cert_sha256[32];
@@ -106,15 +121,20 @@ struct sender {
 #define HIST_LEVELS 5
 #define HIST_BASE 2000
 #define HIST_STEP 1800
-static uint64_t hist[HIST_BASE + HIST_STEP * (HIST_LEVELS - 1) + 1];
-static uint64_t hist_count, hist_max_us;
+struct hist {
+    uint64_t bucket[HIST_BASE + HIST_STEP * (HIST_LEVELS - 1) + 1];
+    uint64_t count, max_us;
+};
+static struct hist lat; /* every delivery; at a fixed rate, each message at its witness only */
+static struct hist late; /* --rate: how late our loop queued each message, after its due time */
 
 static struct {
     enum proto proto;
     enum workload workload;
     const char *host, *sni, *ca, *room, *label;
     int port, n, senders, window, size, concurrency, cpu, json_only, quickack, ciphertext_size;
-    double duration, grace, login_timeout;
+    int window_given;
+    double duration, grace, login_timeout, rate;
     int server_pid;
     char prefix[16];
 } opt = {
@@ -142,6 +162,10 @@ static struct {
     long rss_before_kib, rss_after_kib;
     uint64_t window_deliveries, delivered_total, refused;
     int measured_alive;
+    /* --rate: the schedule */
+    int timerfd;
+    uint64_t offered, next_due, unsent, window_witnessed, sweep_at;
+    int sweep_pos; /* the next member a sweep reads; -1 between sweeps */
 } g;
 
 /* -- small helpers ---------------------------------------------------------------------------- */
@@ -232,7 +256,7 @@ static void buf_free(struct buf *b) {
     memset(b, 0, sizeof *b);
 }
 
-static void hist_add(uint64_t ns) {
+static void hist_add(struct hist *h, uint64_t ns) {
     uint64_t us = ns / 1000, i;
     if (us < HIST_BASE) {
         i = us;
@@ -245,10 +269,10 @@ static void hist_add(uint64_t ns) {
         i = i >= HIST_BASE + HIST_STEP * (HIST_LEVELS - 1) ? HIST_BASE + HIST_STEP * (HIST_LEVELS - 1)
                                                           : i + (us - lo) / step;
     }
-    hist[i]++;
-    hist_count++;
-    if (us > hist_max_us)
-        hist_max_us = us;
+    h->bucket[i]++;
+    h->count++;
+    if (us > h->max_us)
+        h->max_us = us;
 }
 
 /* The lower edge of bucket i, in microseconds. */
@@ -265,18 +289,18 @@ static double hist_value(uint64_t i) {
     return (double)(lo + i * step);
 }
 
-static double hist_percentile_ms(double q) {
-    if (!hist_count)
+static double hist_percentile_ms(const struct hist *h, double q) {
+    if (!h->count)
         return -1;
-    uint64_t rank = (uint64_t)(q * hist_count), seen = 0;
-    if (rank >= hist_count)
-        rank = hist_count - 1;
-    for (uint64_t i = 0; i < sizeof hist / sizeof hist[0]; i++) {
-        seen += hist[i];
+    uint64_t rank = (uint64_t)(q * h->count), seen = 0;
+    if (rank >= h->count)
+        rank = h->count - 1;
+    for (uint64_t i = 0; i < sizeof h->bucket / sizeof h->bucket[0]; i++) {
+        seen += h->bucket[i];
         if (seen > rank)
             return hist_value(i) / 1000.0;
     }
-    return hist_max_us / 1000.0;
+    return h->max_us / 1000.0;
 }
 
 /* -- connections ------------------------------------------------------------------------------ */
@@ -288,6 +312,11 @@ static void watch(struct conn *c, uint32_t events) {
     if (epoll_ctl(g.epfd, c->events ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, c->fd, &ev) < 0)
         die("epoll_ctl: %s", strerror(errno));
     c->events = events;
+}
+
+/* What to read on: a lazy member only its close (a sweep reads its data). */
+static uint32_t reading(const struct conn *c) {
+    return c->lazy ? EPOLLRDHUP : EPOLLIN;
 }
 
 static void release(struct conn *c) {
@@ -365,18 +394,18 @@ static void flush(struct conn *c) {
         }
         int e = SSL_get_error(c->ssl, r);
         if (e == SSL_ERROR_WANT_WRITE) {
-            watch(c, EPOLLIN | EPOLLOUT);
+            watch(c, reading(c) | EPOLLOUT);
             return;
         }
         if (e == SSL_ERROR_WANT_READ)
-            return; /* TLS must read first; EPOLLIN is watched */
+            return; /* TLS must read first; EPOLLIN is watched (a lazy member's next sweep) */
         char why[160];
         tls_reason(why, sizeof why, "write");
         lost(c, why);
         return;
     }
     c->out.off = c->out.len = 0;
-    watch(c, EPOLLIN);
+    watch(c, reading(c));
 }
 
 static void flush_dirty(void) {
@@ -428,11 +457,12 @@ static void padded(char *text, int len) {
     text[len] = 0;
 }
 
-/* A timed message: "~T<send time ns>.<sender>~" (a ciphertext: "T<send time ns>S<sender>"). */
-static void send_message(int s) {
+/* A timed message: "~T<send time ns>.<sender>~" (a ciphertext: "T<send time ns>S<sender>").
+ * The send time is `stamp`: now in window mode, the due time at a fixed rate. */
+static void send_message(int s, uint64_t stamp) {
     char text[MAX_CIPHERTEXT + 1];
     const char *form = opt.ciphertext_size ? "T%020lluS%05d" : "~T%020llu.%05d~";
-    padded(text, snprintf(text, sizeof text, form, (unsigned long long)now_ns(), s));
+    padded(text, snprintf(text, sizeof text, form, (unsigned long long)stamp, s));
     queue_say(&g.conns[s], text);
     g.senders[s].sent++;
     if (g.phase == RUNNING)
@@ -443,10 +473,50 @@ static void send_message(int s) {
  * soon as one is back, and only while the measured window is open. */
 static void fill_window(int s) {
     struct sender *sd = &g.senders[s];
-    if (g.phase != RUNNING || g.conns[s].state != READY)
+    if (opt.rate > 0 || g.phase != RUNNING || g.conns[s].state != READY)
         return;
     while (sd->sent - sd->back < (uint64_t)opt.window)
-        send_message(s);
+        send_message(s, now_ns());
+}
+
+/* --rate: how many messages the window offers, ceil(R x D): the m with m/R < D. The tolerance
+ * keeps a product that floating point puts a hair above a whole number (0.1 x 30) at it. */
+static uint64_t offered_count(void) {
+    double x = opt.rate * opt.duration - 1e-9;
+    uint64_t m = (uint64_t)x;
+    return (double)m < x ? m + 1 : m;
+}
+
+/* --rate: when message m is due. */
+static uint64_t due_time(uint64_t m) {
+    return g.t0 + (uint64_t)((double)m * 1e9 / opt.rate);
+}
+
+static void arm_timer(uint64_t at_ns) {
+    struct itimerspec when = {.it_value = {.tv_sec = (time_t)(at_ns / NS), .tv_nsec = (long)(at_ns % NS)}};
+    if (timerfd_settime(g.timerfd, TFD_TIMER_ABSTIME, &when, NULL) < 0)
+        die("timerfd_settime: %s", strerror(errno));
+}
+
+/* --rate: queue every message whose time has come, then set the timer for the next one. At most
+ * g.offered messages in all; a sender that is gone has its turns counted as unsent. */
+static void send_due(void) {
+    if (opt.rate <= 0 || g.phase != RUNNING)
+        return;
+    uint64_t now = now_ns();
+    while (g.next_due < g.offered && due_time(g.next_due) <= now) {
+        uint64_t due = due_time(g.next_due);
+        int s = (int)(g.next_due % (uint64_t)opt.senders);
+        g.next_due++;
+        if (g.conns[s].state != READY) {
+            g.unsent++;
+            continue;
+        }
+        hist_add(&late, now - due);
+        send_message(s, due);
+    }
+    if (g.next_due < g.offered)
+        arm_timer(due_time(g.next_due));
 }
 
 static void message_back(int s) {
@@ -588,9 +658,15 @@ static void delivery(struct conn *c, const unsigned char *p, size_t len) {
         c->window_received++;
         g.window_deliveries++;
     }
-    hist_add(g.now > sent ? g.now - sent : 0); /* every message of the run: all are sent in the window */
-    if (g.senders[s].witness == me)
+    uint64_t latency = g.now > sent ? g.now - sent : 0; /* all messages are sent in the window */
+    int witness = g.senders[s].witness == me;
+    if (witness || opt.rate <= 0)
+        hist_add(&lat, latency);
+    if (witness) {
+        if (g.phase == RUNNING)
+            g.window_witnessed++;
         message_back(s);
+    }
 }
 
 static void refusal(struct conn *c) {
@@ -746,7 +822,7 @@ static void read_all(struct conn *c) {
         if (e == SSL_ERROR_WANT_READ)
             break;
         if (e == SSL_ERROR_WANT_WRITE) {
-            watch(c, EPOLLIN | EPOLLOUT);
+            watch(c, reading(c) | EPOLLOUT);
             break;
         }
         char why[160];
@@ -871,7 +947,7 @@ static void on_event(struct conn *c, uint32_t events) {
     }
     if (events & EPOLLOUT)
         flush(c);
-    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
         read_all(c);
 }
 
@@ -913,6 +989,20 @@ static void start_run(void) {
     g.t_stop = g.t0 + (uint64_t)(opt.duration * NS);
     g.server_cpu_t0 = server_cpu_seconds();
     g.lg_cpu_t0 = own_cpu_seconds();
+    if (opt.rate > 0) {
+        for (int i = opt.senders; i < opt.n; i++) {
+            struct conn *c = &g.conns[i];
+            c->lazy = 1;
+            for (int s = 0; s < opt.senders; s++)
+                c->lazy &= g.senders[s].witness != i;
+            if (c->state == READY)
+                watch(c, reading(c));
+        }
+        g.sweep_pos = -1;
+        g.sweep_at = g.t0 + SWEEP_MS * 1000000ull;
+        g.offered = offered_count();
+        send_due();
+    }
     for (int s = 0; s < opt.senders; s++)
         fill_window(s);
 }
@@ -968,8 +1058,8 @@ static void tick(void) {
         else if (g.now > g.sync_deadline)
             die("the room did not settle: %d of %d members read the sync message", g.sync_seen, g.ready - 1);
         break;
-    case RUNNING:
-        if (g.now >= g.t_stop)
+    case RUNNING: /* at a fixed rate, not before the last offered message went (it is due by now) */
+        if (g.now >= g.t_stop && (opt.rate <= 0 || g.next_due == g.offered))
             stop_run();
         break;
     case DRAINING:
@@ -987,7 +1077,37 @@ static void tick(void) {
     }
 }
 
+/* --rate: read the lazy members, SWEEP_CHUNK a call, a sweep every SWEEP_MS while the run and
+ * its drain last. */
+static void sweep_step(void) {
+    if (opt.rate <= 0 || (g.phase != RUNNING && g.phase != DRAINING))
+        return;
+    if (g.sweep_pos < 0) {
+        if (g.now < g.sweep_at)
+            return;
+        g.sweep_pos = 0;
+        g.sweep_at = g.now + SWEEP_MS * 1000000ull;
+    }
+    for (int k = 0; k < SWEEP_CHUNK && g.sweep_pos < opt.n; g.sweep_pos++) {
+        struct conn *c = &g.conns[g.sweep_pos];
+        if (c->lazy && c->state == READY) {
+            read_all(c);
+            k++;
+        }
+    }
+    if (g.sweep_pos == opt.n)
+        g.sweep_pos = -1;
+}
+
+static void on_timer(void) {
+    uint64_t fired;
+    if (read(g.timerfd, &fired, sizeof fired) < 0 && errno != EAGAIN)
+        die("timerfd read: %s", strerror(errno));
+}
+
 static int loop_timeout_ms(void) {
+    if (opt.rate > 0 && g.sweep_pos >= 0 && (g.phase == RUNNING || g.phase == DRAINING))
+        return 0; /* a sweep under way goes on at once, after what epoll has */
     return g.phase == OPENING || g.phase == HOLDING ? 100 : 5;
 }
 
@@ -1007,17 +1127,24 @@ static void run(void) {
             die("epoll_wait: %s", strerror(errno));
         g.now = now_ns();
         for (int i = 0; i < k; i++) {
+            if (events[i].data.u32 == TIMER_ID) {
+                on_timer();
+                continue;
+            }
             struct conn *c = &g.conns[events[i].data.u32];
             if (c->state != CLOSED && c->state != WAITING)
                 on_event(c, events[i].events);
         }
         read_pending();
+        sweep_step();
+        send_due();
         flush_dirty();
         g.now = now_ns();
         if (g.phase == OPENING && g.now - last_check > NS) {
             last_check = g.now;
             check_login_deadlines();
         }
+        send_due(); /* all that fell due before the window closes goes out before tick closes it */
         tick();
         flush_dirty();
     }
@@ -1064,7 +1191,14 @@ static void report(void) {
             if (c->window_received > hi)
                 hi = c->window_received;
         }
-        printf("\"senders\":%d,\"window\":%d,\"size\":%d,\"duration\":%.3f,", opt.senders, opt.window, opt.size, secs);
+        printf("\"senders\":%d,\"window\":%d,\"size\":%d,\"duration\":%.3f,", opt.senders,
+               opt.rate > 0 ? 0 : opt.window, opt.size, secs);
+        if (opt.rate > 0) {
+            printf("\"rate\":%g,\"offered\":%llu,\"unsent\":%llu,\"offered_per_s\":%.1f,", opt.rate,
+                   (unsigned long long)g.offered, (unsigned long long)g.unsent, g.offered / secs);
+            printf("\"achieved_per_s\":%.1f,\"send_late_p99_ms\":%.3f,\"send_late_max_ms\":%.3f,",
+                   g.window_witnessed / secs, hist_percentile_ms(&late, 0.99), late.max_us / 1000.0);
+        }
         if (opt.ciphertext_size)
             printf("\"encrypted\":true,\"ciphertext_size\":%d,", opt.ciphertext_size);
         printf("\"sent\":%llu,\"sent_total\":%llu,", (unsigned long long)window_sent, (unsigned long long)sent);
@@ -1073,9 +1207,9 @@ static void report(void) {
         printf("\"delivered_total\":%llu,\"expected_total\":%llu,\"missing\":%llu,",
                (unsigned long long)received, (unsigned long long)expected,
                (unsigned long long)(expected > received ? expected - received : 0));
-        printf("\"refused\":%llu,\"latency_samples\":%llu,", (unsigned long long)g.refused, (unsigned long long)hist_count);
-        printf("\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"max_ms\":%.3f,", hist_percentile_ms(0.50), hist_percentile_ms(0.99),
-               hist_max_us / 1000.0);
+        printf("\"refused\":%llu,\"latency_samples\":%llu,", (unsigned long long)g.refused, (unsigned long long)lat.count);
+        printf("\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"max_ms\":%.3f,", hist_percentile_ms(&lat, 0.50),
+               hist_percentile_ms(&lat, 0.99), lat.max_us / 1000.0);
         printf("\"loadgen_cpu_pct\":%.1f,", 100 * (g.lg_cpu_stop - g.lg_cpu_t0) / secs);
         if (opt.server_pid)
             printf("\"server_cpu_pct\":%.1f,", 100 * (g.server_cpu_stop - g.server_cpu_t0) / secs);
@@ -1092,11 +1226,16 @@ static void report(void) {
     printf("}\n");
     if (!opt.json_only && opt.workload == FANOUT && g.t_stop > g.t0) {
         double secs = (g.t_stop - g.t0) / 1e9;
-        printf("%-12s %7s %14s %9s %9s %12s %12s\n", "server", "N", "deliveries/s", "p50 ms", "p99 ms",
+        printf("%-12s %7s %14s %9s %9s %9s %12s %12s", "server", "N", "deliveries/s", "p50 ms", "p99 ms", "max ms",
                "server CPU%", "loadgen CPU%");
-        printf("%-12s %7d %14.0f %9.2f %9.2f %12.0f %12.0f\n", opt.label, opt.n, g.window_deliveries / secs,
-               hist_percentile_ms(0.5), hist_percentile_ms(0.99),
+        if (opt.rate > 0)
+            printf(" %10s %11s", "offered/s", "achieved/s");
+        printf("\n%-12s %7d %14.0f %9.2f %9.2f %9.2f %12.0f %12.0f", opt.label, opt.n, g.window_deliveries / secs,
+               hist_percentile_ms(&lat, 0.5), hist_percentile_ms(&lat, 0.99), lat.max_us / 1000.0,
                100 * (g.server_cpu_stop - g.server_cpu_t0) / secs, 100 * (g.lg_cpu_stop - g.lg_cpu_t0) / secs);
+        if (opt.rate > 0)
+            printf(" %10.1f %11.1f", g.offered / secs, g.window_witnessed / secs);
+        putchar('\n');
     } else if (!opt.json_only) {
         printf("%-12s %7s %10s %7s %14s\n", "server", "N", "logins/s", "held", "RSS/conn KiB");
         printf("%-12s %7d %10.0f %7d %14.2f\n", opt.label, opt.n, login_s > 0 ? (g.ready + g.dropped) / login_s : 0,
@@ -1114,6 +1253,12 @@ static void usage(void) {
           "  --host ADDR --sni NAME     IPv4 address to connect to (127.0.0.1), TLS host name (localhost)\n"
           "  -n N                       room members or held clients (50)\n"
           "  --senders S --window W     fanout: senders, messages in flight a sender (10, 4)\n"
+          "  --rate R                   fanout, open loop instead of a window: R messages a second\n"
+          "                             in all, due evenly spaced, the senders taking turns; each\n"
+          "                             goes when due, whatever is in flight; ceil(R x D) offered.\n"
+          "                             Latency counts from the due time: a message our loop or its\n"
+          "                             socket held back still counts its wait (queueing not hidden);\n"
+          "                             timed at each sender's witness, other members read in sweeps\n"
           "  --size P                   fanout: message text, bytes (100; 32 to 400)\n"
           "  --duration D               seconds measured (fanout) or held (hold) (5)\n"
           "  --grace G                  fanout: seconds to wait for messages in flight (5)\n"
@@ -1145,7 +1290,7 @@ static void parse(int argc, char **argv) {
         {"size", 1, 0, 'z'},        {"duration", 1, 0, 'd'}, {"grace", 1, 0, 'g'},   {"concurrency", 1, 0, 'C'},
         {"login-timeout", 1, 0, 't'}, {"server-pid", 1, 0, 'i'}, {"cpu", 1, 0, 'k'}, {"room", 1, 0, 'r'},
         {"label", 1, 0, 'l'},       {"json", 0, 0, 'j'},     {"help", 0, 0, 'h'},    {"delayed-ack", 0, 0, 'a'},
-        {"ciphertext-size", 1, 0, 'e'}, {0, 0, 0, 0},
+        {"ciphertext-size", 1, 0, 'e'}, {"rate", 1, 0, 'R'}, {0, 0, 0, 0},
     };
     int ch;
     while ((ch = getopt_long(argc, argv, "n:h", longs, NULL)) != -1) {
@@ -1172,7 +1317,11 @@ static void parse(int argc, char **argv) {
         case 'c': opt.ca = optarg; break;
         case 'n': opt.n = (int)number("-n", optarg, 1, 1000000); break;
         case 'S': opt.senders = (int)number("--senders", optarg, 1, MAX_SENDERS); break;
-        case 'W': opt.window = (int)number("--window", optarg, 1, 100000); break;
+        case 'W':
+            opt.window = (int)number("--window", optarg, 1, 100000);
+            opt.window_given = 1;
+            break;
+        case 'R': opt.rate = number("--rate", optarg, 0.01, 10000000); break;
         case 'z': opt.size = (int)number("--size", optarg, 32, 400); break;
         case 'd': opt.duration = number("--duration", optarg, 0.01, 3600); break;
         case 'g': opt.grace = number("--grace", optarg, 0, 600); break;
@@ -1194,6 +1343,8 @@ static void parse(int argc, char **argv) {
         die("fanout needs at least 2 members");
     if (opt.workload == FANOUT && opt.senders > opt.n)
         die("--senders (%d) cannot exceed -n (%d)", opt.senders, opt.n);
+    if (opt.rate > 0 && (opt.workload != FANOUT || opt.window_given))
+        die("--rate is fanout's, instead of --window: give one of them");
     if (strlen(opt.room) > 60 || strpbrk(opt.room, "\"\\ \r\n"))
         die("--room must be a plain room name");
     if (opt.ciphertext_size && (opt.proto != SECURECHAT || strcmp(opt.room, "#lobby") == 0))
@@ -1264,6 +1415,12 @@ int main(int argc, char **argv) {
     g.epfd = epoll_create1(EPOLL_CLOEXEC);
     if (g.epfd < 0)
         die("epoll_create1: %s", strerror(errno));
+    if (opt.rate > 0) { /* the schedule's clock: wakes the loop at each due time, to the µs */
+        g.timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = TIMER_ID};
+        if (g.timerfd < 0 || epoll_ctl(g.epfd, EPOLL_CTL_ADD, g.timerfd, &ev) < 0)
+            die("timerfd: %s", strerror(errno));
+    }
     run();
     report();
     return g.ready + g.dropped > 0 ? 0 : 1;
