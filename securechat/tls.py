@@ -211,6 +211,15 @@ class TLSStream:
             self.obj.write(view[start : start + WRITE_CHUNK])
             self._drained.append(self._out.read())
 
+    def encrypt(self, data: bytes) -> bytes:
+        """write() then data_to_send(), in one call: the records of `data` and of anything
+        queued before it."""
+        if len(data) <= WRITE_CHUNK and not self._drained:
+            self.obj.write(data)
+            return self._out.read()
+        self.write(data)
+        return self.data_to_send()
+
     def data_to_send(self) -> bytes:
         if not self._drained:
             return self._out.read()

@@ -292,13 +292,14 @@ class Connection:
             data = self.outbox.take(WRITE_CHUNK)
             if not data:
                 break
-            self.tls.write(data)
-            self._flush_tls()
+            self._send_records(self.tls.encrypt(data))
             wrote = True
             if len(data) < WRITE_CHUNK:
                 break  # take() gave all there was: no second call to find the outbox empty
         if not wrote:
             self._flush_tls()
+        if not self._counted and not self.outbuf and self.closing is None:
+            return  # the usual end: the socket took it all, so nothing is held to count
         self._count()
         if self.queued > self.ctx.config.max_queue and self.closing is None:
             self.drop_not_reading("outbound queue")
@@ -306,7 +307,9 @@ class Connection:
             self.abort(self.closing, said=True)
 
     def _flush_tls(self) -> None:
-        out = self.tls.data_to_send()
+        self._send_records(self.tls.data_to_send())
+
+    def _send_records(self, out: bytes) -> None:
         if not out:
             return
         if self.outbuf:
