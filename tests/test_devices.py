@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -26,11 +26,33 @@ from securechat.client.events import (
 )
 from securechat.e2e import envelope, records
 from securechat.errors import AuthError, UndecryptableMessage
-from securechat.protocol import DM
+from securechat.protocol import DM, DMs, Envelope
 from securechat.server import Server, devicestore, requests
 from securechat.server.hub import Hub
 
 from .conftest import PASSPHRASE, Connect, plant_device, rewrite_sent_frames, wait_for
+
+
+def on_server(
+    monkeypatch: pytest.MonkeyPatch, seen: Callable[[str, Sequence[DM | Envelope]], object]
+) -> None:
+    """Call seen(sender, envelopes) for each `dm` (one envelope) or `dms` the server is sent."""
+    one, many = requests.HANDLERS[DM], requests.HANDLERS[DMs]
+
+    def dm(conn, frame: DM) -> None:  # type: ignore[no-untyped-def]
+        seen(conn.user, [frame])
+        one(conn, frame)
+
+    def dms(conn, frame: DMs) -> None:  # type: ignore[no-untyped-def]
+        seen(conn.user, frame.messages)
+        many(conn, frame)
+
+    monkeypatch.setitem(requests.HANDLERS, DM, dm)
+    monkeypatch.setitem(requests.HANDLERS, DMs, dms)
+
+
+def b64d(data: str) -> bytes:
+    return base64.b64decode(data)
 
 
 def dms_until_quiet(client: Client, timeout: float = 1.0) -> list[DirectMessage]:
@@ -58,6 +80,25 @@ def test_every_dm_reaches_each_device_of_both_people_once(device: Connect) -> No
     assert seen(phone) == [("alice", "hello bob", True), ("bob", "hello alice", False)]
     assert seen(bob1) == [("alice", "hello bob", False), ("bob", "hello alice", True)]
     assert seen(bob2) == [("alice", "hello bob", False)]
+
+
+def test_a_dm_to_every_device_of_both_people_is_one_request(
+    device: Connect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    laptop, phone = device("alice", "laptop"), device("alice", "phone")
+    bobs = [device("bob", name) for name in ("one", "two", "three")]
+    requests_sent: list[tuple[str, list[str]]] = []  # each request, and the devices it is for
+    on_server(
+        monkeypatch,
+        lambda _, envs: requests_sent.append(
+            ("dms" if isinstance(envs[0], Envelope) else "dm", sorted(e.device for e in envs))
+        ),
+    )
+    reply = laptop.send_dm("bob", "one request, one token").result(10)
+    assert (reply["status"], reply["devices"]) == ("delivered", 4)
+    assert requests_sent == [("dms", sorted(d.device_id for d in (phone, *bobs)))]
+    for reader in (phone, *bobs):
+        assert [text for _, text, _ in seen(reader)] == ["one request, one token"]
 
 
 def test_a_revoked_device_is_cut_off_and_gets_nothing_more(device: Connect) -> None:
@@ -250,13 +291,10 @@ def test_recorded_dms_cannot_be_decrypted_with_everything_both_sides_keep(
     """Forward secrecy: the server records every envelope; afterwards the test holds both
     users' key files, passphrases and device files, and still opens none of them."""
     recorded: list[tuple[str, str, bytes]] = []
-    original = requests.HANDLERS[DM]
-
-    def record(conn, frame):  # type: ignore[no-untyped-def]
-        recorded.append((conn.user, frame.user, base64.b64decode(frame.data)))
-        return original(conn, frame)
-
-    monkeypatch.setitem(requests.HANDLERS, DM, record)
+    on_server(
+        monkeypatch,
+        lambda user, envs: recorded.extend((user, e.user, b64d(e.data)) for e in envs),
+    )
     alice, bob = device("alice", "laptop"), device("bob", "one")
     for n in range(3):
         alice.send_dm("bob", f"a{n}").result(10)
@@ -285,13 +323,7 @@ def test_a_copy_of_a_device_cannot_read_dms_after_both_sides_have_sent(
     """Post-compromise security: a thief copies bob's device files (and has his passphrase);
     once alice and bob have each sent a message after that, the copy reads nothing new."""
     recorded: list[tuple[str, bytes]] = []
-    original = requests.HANDLERS[DM]
-
-    def record(conn, frame):  # type: ignore[no-untyped-def]
-        recorded.append((conn.user, base64.b64decode(frame.data)))
-        return original(conn, frame)
-
-    monkeypatch.setitem(requests.HANDLERS, DM, record)
+    on_server(monkeypatch, lambda user, envs: recorded.extend((user, b64d(e.data)) for e in envs))
     alice, bob = device("alice", "laptop"), device("bob", "one")
     alice.send_dm("bob", "before the theft").result(10)
     assert [d.text for d in dms_until_quiet(bob)] == ["before the theft"]

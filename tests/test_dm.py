@@ -19,7 +19,7 @@ from securechat.client import KeyChanged, RequestError
 from securechat.client.events import DirectMessage, DMRejected, Joined, Message
 from securechat.e2e import records
 from securechat.e2e.device import Device
-from securechat.protocol import DM
+from securechat.protocol import DM, DMs, Envelope
 from securechat.server import requests
 from securechat.trust import KeyState
 
@@ -29,9 +29,15 @@ SECRET = "meet me at the north gate at dawn"
 
 
 def hook_server_dm(monkeypatch, change) -> None:  # type: ignore[no-untyped-def]
-    """Make the server's dm handler act on `change(frame)` instead of the frame it got."""
-    original = requests.HANDLERS[DM]
-    monkeypatch.setitem(requests.HANDLERS, DM, lambda conn, f: original(conn, change(f)))
+    """Make the server act on `change(envelope)` instead of each envelope it got, alone in a
+    `dm` or one of a `dms` (a chat DM's envelopes, one per device, come in one `dms`)."""
+    one, many = requests.HANDLERS[DM], requests.HANDLERS[DMs]
+
+    def each(conn, frame: DMs) -> None:  # type: ignore[no-untyped-def]
+        many(conn, dataclasses.replace(frame, messages=tuple(map(change, frame.messages))))
+
+    monkeypatch.setitem(requests.HANDLERS, DM, lambda conn, f: one(conn, change(f)))
+    monkeypatch.setitem(requests.HANDLERS, DMs, each)
 
 
 def is_dm(e) -> bool:
@@ -127,7 +133,7 @@ def test_swapped_key_for_a_pinned_name_warns_and_sends_nothing(
     monkeypatch.setattr(
         server.store, "public_key", lambda user: mallory_key if user == "bob" else real(user)
     )
-    relayed: list[DM] = []
+    relayed: list[DM | Envelope] = []
     hook_server_dm(monkeypatch, lambda f: relayed.append(f) or f)
 
     with pytest.raises(KeyChanged) as info:
@@ -299,13 +305,16 @@ def test_server_disk_and_log_never_hold_dm_plaintext(connect, server, server_log
 def test_what_the_server_sees_of_a_dm(connect, monkeypatch) -> None:
     alice, bob = connect("alice"), connect("bob")
     ready(alice, bob)
-    seen: list[DM] = []
-    hook_server_dm(monkeypatch, lambda f: seen.append(f) or f)
+    seen: list[DMs] = []
+    original = requests.HANDLERS[DMs]
+    monkeypatch.setitem(requests.HANDLERS, DMs, lambda conn, f: seen.append(f) or original(conn, f))
     alice.send_dm("bob", SECRET).result(5)
     [frame] = seen
-    fields = dataclasses.asdict(frame)
-    assert sorted(fields) == ["data", "device", "id", "msg_id", "resume", "to", "user"]
-    assert (frame.to, frame.user, frame.device) == ("bob", "bob", bob.device_id)
-    assert frame.resume is False  # the only other field: flow control, not content
-    assert SECRET.encode() not in base64.b64decode(frame.data)
+    [item] = frame.messages
+    assert sorted(dataclasses.asdict(frame)) == ["id", "messages", "resume"]
+    assert frame.resume is False  # flow control, not content
+    fields = dataclasses.asdict(item)
+    assert sorted(fields) == ["data", "device", "msg_id", "to", "user"]
+    assert (item.to, item.user, item.device) == ("bob", "bob", bob.device_id)
+    assert SECRET.encode() not in base64.b64decode(item.data)
     assert "alice" not in json.dumps(fields)

@@ -272,8 +272,9 @@ class DirectMessages:
     # -- sending ------------------------------------------------------------------------------
 
     def send(self, check: KeyCheck, text: str) -> tuple[Future[dict[str, Any]], str, int]:
-        """Encrypt `text` to every device of `check.name` and our own other devices and send one
-        `dm` per device. Returns (a future for the whole fan-out, message id, timestamp)."""
+        """Encrypt `text` to every device of `check.name` and our own other devices, and send the
+        envelopes in one `dms` (one rate-limit token, however many devices). Returns (a future
+        for the whole fan-out, message id, timestamp)."""
         if check.state is KeyState.CHANGED:
             raise KeyChanged(check)
         user = check.name
@@ -293,18 +294,17 @@ class DirectMessages:
                 state.sessions, state.tracker, reachable, user, message_id, ts, text
             )
             state.save()
-        futures = [
-            self._request(
-                "dm",
-                to=user,
-                user=env.recipient,
-                device=env.recipient_device,
-                msg_id=message_id,
-                data=base64.b64encode(env.data).decode("ascii"),
-            )
+        items = [
+            {
+                "to": user,
+                "user": env.recipient,
+                "device": env.recipient_device,
+                "msg_id": message_id,
+                "data": base64.b64encode(env.data).decode("ascii"),
+            }
             for env in envelopes
         ]
-        return _gather(futures, message_id, ts), message_id, ts
+        return _gather(self._send_batched(items), message_id, ts), message_id, ts
 
     def send_sas(self, target: DeviceRecord, body: str) -> Future[dict[str, Any]]:
         """Send one verification message (inner kind "sas") to exactly one device; the receiver
