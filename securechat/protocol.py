@@ -539,6 +539,13 @@ class PublishDevice:
     resume: bool = _resume()
 
 
+def _user_or_users(ftype: str, user: object, users: object) -> None:
+    """A request for one user or for many names exactly one of the two."""
+    if (user is None) == (users is None):
+        why = "not both" if user is not None else "one is missing"
+        raise ProtocolError(ErrorCode.BAD_FRAME, f'{ftype} takes either "user" or "users" ({why})')
+
+
 @dataclass(frozen=True)
 class Devices:
     """The device lists of one `user`, or of several (`users`: a room's members in a few
@@ -551,8 +558,7 @@ class Devices:
     resume: bool = _resume()
 
     def __post_init__(self) -> None:
-        if (self.user is None) == (self.users is None):
-            raise ProtocolError(ErrorCode.BAD_FRAME, 'send either "user" or "users", not both')
+        _user_or_users(self.TYPE, self.user, self.users)
 
 
 @dataclass(frozen=True)
@@ -583,11 +589,7 @@ class ClaimPrekeys:
     resume: bool = _resume()
 
     def __post_init__(self) -> None:
-        if (self.user is None) == (self.users is None):
-            why = "not both" if self.user is not None else "one is missing"
-            raise ProtocolError(
-                ErrorCode.BAD_FRAME, f'claim_prekeys takes either "user" or "users" ({why})'
-            )
+        _user_or_users(self.TYPE, self.user, self.users)
         if self.users is not None and self.devices is not None:
             raise ProtocolError(
                 ErrorCode.BAD_FRAME,

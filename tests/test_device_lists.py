@@ -85,8 +85,12 @@ def test_a_reply_stops_at_the_frame_and_names_the_rest_under_more(
 @pytest.mark.parametrize(
     ("fields", "code", "message"),
     [
-        ({}, "bad_frame", 'send either "user" or "users", not both'),
-        ({"user": "ann", "users": ["ann"]}, "bad_frame", 'send either "user" or "users", not both'),
+        ({}, "bad_frame", 'devices takes either "user" or "users" (one is missing)'),
+        (
+            {"user": "ann", "users": ["ann"]},
+            "bad_frame",
+            'devices takes either "user" or "users" (not both)',
+        ),
         (
             {"users": []},
             "bad_field",
