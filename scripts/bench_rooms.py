@@ -14,10 +14,10 @@ The server is a fresh `securechat server` process with its default request rate 
 bursts of 30) unless --rate says otherwise: a rotation is what a user of a default server waits
 for. Clients are real `Client` objects in this process, one device each, logged in over TLS
 from 127.0.0.1 (trusted, so the connect throttle and new-name cap do not apply). Figures vary
-with the machine and its load: compare runs made side by side. Setting the room up grows with
-N squared (each member fetches the device list of every later joiner as its join shows), so
-one process manages a few hundred members; "all read" includes every client decrypting on the
-same cores.
+with the machine and its load: compare runs made side by side. Each joiner fetches the device
+lists of the members before it (one request for up to 100 of them) and the members fetch the
+joiners' lists only when they next send, so setting the room up grows with N, not N squared;
+"all read" includes every client decrypting on the same cores.
 """
 
 from __future__ import annotations

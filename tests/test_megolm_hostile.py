@@ -152,6 +152,21 @@ def test_a_strict_room_shares_keys_only_with_verified_members(net: OlmNet) -> No
     ]
 
 
+def test_a_member_seen_for_the_first_time_shows_as_getting_keys_unless_the_room_is_strict(
+    net: OlmNet,
+) -> None:
+    # The client pins a newcomer's key when its next send fetches their list (first sight);
+    # until then the list says what that send will do, and the send itself still needs the pin.
+    alice, _bob = setup_room(net, "alice", "bob")
+    net.add_device("erin", "dev1")  # never pinned by alice
+    join_everyone([alice], ROOM, ["alice", "bob", "erin"])
+    assert {m.user: m.gets_keys for m in alice.crypto.members(ROOM)}["erin"] is True
+    out = send(net, alice, "before erin's key is pinned")
+    assert out.excluded == (Exclusion("erin", None, "no key is pinned for erin yet"),)
+    alice.crypto.membership(ROOM).strict = True
+    assert {m.user: m.gets_keys for m in alice.crypto.members(ROOM)}["erin"] is False
+
+
 def test_members_are_marked_verified_pinned_or_new(net: OlmNet) -> None:
     alice, _bob, _carol = setup_room(net, "alice", "bob", "carol")
     net.clock.now += 2 * 24 * 3600  # the pins are two days old now

@@ -5,7 +5,6 @@ clients refuse visibly."""
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,7 +137,7 @@ def test_the_servers_files_and_log_hold_no_room_plaintext(
     assert rows[0][2]  # kept as ciphertext with its Megolm session
 
 
-def test_a_burst_of_joins_costs_a_member_one_device_list_request(
+def test_joins_cost_a_member_no_request_until_it_sends_then_one_for_all(
     connect, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (alice,) = team(connect, "alice")
@@ -152,18 +151,13 @@ def test_a_burst_of_joins_costs_a_member_one_device_list_request(
         original(conn, frame)
 
     monkeypatch.setitem(requests.HANDLERS, Devices, devices)
-    # alice's reading thread waits on her room keys while the four joins arrive together.
-    with alice.encrypted_rooms._lock:  # type: ignore[union-attr]
-        for newcomer in newcomers:
-            newcomer.join("#team").result(10)
-        deadline = time.monotonic() + 10
-        while alice._inbox.qsize() < len(newcomers) - 1:  # the first is being read
-            assert time.monotonic() < deadline, "the joins never reached alice"
-            time.sleep(0.01)
-    pending = {n.user for n in newcomers}
-    while pending:  # in any order: the joiners' connections are on more than one I/O thread
-        seen = wait_for(alice, lambda e: isinstance(e, Joined) and e.room == "#team")
-        pending.discard(seen.user)
+    for newcomer in newcomers:  # one at a time, each seen by alice before the next
+        enter("#team", newcomer, alice)
+    assert asked == []
+    shown = [(m.user, m.mark, m.gets_keys) for m in alice.room_members("#team")]
+    assert shown == [("alice", "verified", True)] + [
+        (n.user, "new", True) for n in newcomers
+    ]  # first sight: pinned by the send that first encrypts to them
     alice.send("#team", "welcome, all four").result(10)
     for reader in newcomers:
         assert wait_for(reader, said("#team", "alice", "welcome, all four")).encrypted

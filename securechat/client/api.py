@@ -534,8 +534,6 @@ class Client:
             except Exception as exc:  # a bad frame must not stop every later DM
                 what = "a direct message" if frame["type"] == "dm" else "a room event"
                 self._events.put(DeviceWarning(self.user, f"{what} was lost: {exc}"))
-            if self._inbox.empty() and self.encrypted_rooms is not None:
-                self.encrypted_rooms.check_joiners()  # once a burst of joins is read
 
     def _receive(self, frame: dict[str, Any]) -> None:
         if frame["type"] == "queue_end":

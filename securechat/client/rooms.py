@@ -164,10 +164,8 @@ class EncryptedRooms:
         self._warned: dict[str, set[str]] = {}
         self._asked: set[str] = set()
         # Members seen joining an encrypted room from a device not in their list as last
-        # fetched: their lists are fetched in one request once the frames that came together
-        # are read (check_joiners), or before the next send, not one request a join.
+        # fetched: their lists are fetched, all in one request, before our next send there.
         self._unchecked: set[str] = set()
-        self._fetching = threading.Lock()  # a send waits for the joiners' fetch under way
         self._late = LateMessages()  # live messages shown as markers, until their key comes
 
     # -- modes ----------------------------------------------------------------------------------
@@ -338,14 +336,13 @@ class EncryptedRooms:
         """Encrypt `text` for `room` (a /me line when `action`): key shares go out first (as
         one-device DMs), then the `say_encrypted`. Blocks while it fetches device lists and
         prekeys."""
-        with self._fetching:
-            with self._lock:
-                users = self.crypto.membership(room).key_members() | {self.user}
-                stale = users & self._unchecked
-                self._unchecked -= stale
-            self._fetch_devices(
-                sorted(u for u in users if u in stale or self._dms.known_list(u) is None)
-            )
+        with self._lock:
+            users = self.crypto.membership(room).key_members() | {self.user}
+            stale = users & self._unchecked
+            self._unchecked -= stale
+        self._fetch_devices(
+            sorted(u for u in users if u in stale or self._dms.known_list(u) is None)
+        )
         with self._lock:
             if self.crypto.modes.mode(room) is not RoomMode.ENCRYPTED:
                 raise RoomCryptoError(f"{room} is not end-to-end encrypted")
@@ -545,23 +542,16 @@ class EncryptedRooms:
 
     def refresh_devices(self, user: str, device: str = "") -> None:
         """`user`'s `device` was seen joining a room: unless their list as last fetched has it,
-        fetch the list again, with the others seen meanwhile, by check_joiners() or before the
-        next send, whichever comes first."""
+        fetch the list again before our next send there, with every other list that needs it.
+
+        Not at once: a list is needed only to encrypt to its devices (a message from them
+        fetches its sender's list as it comes), and a room of N filling up one join at a time
+        would cost each member a request a join, N² in all. A key the server changed still
+        keeps its user from getting keys, warned about at the send that leaves them out."""
         if device and self._dms.known_device(user, device) is not None:
             return
         with self._lock:
             self._unchecked.add(user)
-
-    def check_joiners(self) -> None:
-        """Fetch, in one request, the device lists refresh_devices() marked: called when the
-        frames that came together are read, so a burst of joins costs one request, not one a
-        join, and the keys are pinned (or a changed one shown) before anyone sends."""
-        if not self._unchecked:
-            return  # the usual case, without the lock
-        with self._fetching:
-            with self._lock:
-                users, self._unchecked = sorted(self._unchecked), set()
-            self._fetch_devices(users)
 
     def _fetch_devices(self, users: Iterable[str]) -> None:
         """Fetch and check device lists, many a request (blocking; never on the connection's

@@ -188,12 +188,18 @@ class Trust:
         strict = membership.strict
         return [
             MemberView(
-                user,
-                self.mark(user, now),
-                user in keyed and self.identity_problem(user, strict=strict) is None,
+                user, self.mark(user, now), user in keyed and self._would_get_keys(user, strict)
             )
             for user in sorted(keyed | membership.ghosts())
         ]
+
+    def _would_get_keys(self, user: str, strict: bool) -> bool:
+        """Rule 3 as a member list shows it: a member seen for the first time gets keys at our
+        next send, which fetches their list and pins their key first (not in a strict room,
+        where only a verified key does)."""
+        if not strict and self.known.state(user) is None:
+            return True
+        return self.identity_problem(user, strict=strict) is None
 
 
 def _parse_time(value: str) -> float:
