@@ -16,8 +16,9 @@ for. Clients are real `Client` objects in this process, one device each, logged 
 from 127.0.0.1 (trusted, so the connect throttle and new-name cap do not apply). Figures vary
 with the machine and its load: compare runs made side by side. Each joiner fetches the device
 lists of the members before it (one request for up to 100 of them) and the members fetch the
-joiners' lists only when they next send, so setting the room up grows with N, not N squared;
-"all read" includes every client decrypting on the same cores.
+joiners' lists only when they next send, so the requests grow with N, not N squared; the work
+in this one process still does (every client displays every join, and every joiner checks every
+earlier member's record). "All read" includes every client decrypting on the same cores.
 """
 
 from __future__ import annotations
