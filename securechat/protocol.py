@@ -671,45 +671,52 @@ def parse_client_frame(frame: Mapping[str, Any]) -> ClientFrame:
     return cls(**values)
 
 
-def _quick_say(frame: Mapping[str, Any]) -> Say | None:
-    """The Say that parse_client_frame would make of `frame` (a say), when every field passes
-    its check; None when one may not (the caller then takes parse_client_frame's path, and its
-    errors). Each test here is the field's check, or stricter (exact types), never looser."""
-    request_id, room, text = frame.get("id"), frame.get("room"), frame.get("text")
-    action, resume = frame.get("action", False), frame.get("resume", False)
+def _quick_room_head(frame: Mapping[str, Any]) -> tuple[int, str] | None:
+    """The id and room of a room message, when both pass their checks (exact types, never
+    looser); None when either may not."""
+    request_id, room = frame.get("id"), frame.get("room")
     if (
         type(request_id) is int
         and 0 <= request_id < 2**53
         and type(room) is str
         and 2 <= len(room) <= ROOM_MAX
         and _ROOM_RE.fullmatch(room)
+    ):
+        return request_id, room
+    return None
+
+
+def _quick_say(frame: Mapping[str, Any]) -> Say | None:
+    """The Say that parse_client_frame would make of `frame` (a say), when every field passes
+    its check; None when one may not (the caller then takes parse_client_frame's path, and its
+    errors). Each test here is the field's check, or stricter (exact types), never looser."""
+    head, text = _quick_room_head(frame), frame.get("text")
+    action, resume = frame.get("action", False), frame.get("resume", False)
+    if (
+        head is not None
         and type(text) is str
         and len(text) <= TEXT_MAX
         and text.strip()
         and type(action) is bool
         and type(resume) is bool
     ):
-        return Say(request_id, room, text, action, resume)
+        return Say(*head, text, action, resume)
     return None
 
 
 def _quick_say_encrypted(frame: Mapping[str, Any]) -> SayEncrypted | None:
     """_quick_say for a say_encrypted: the room message of every encrypted room."""
-    request_id, room, session_id = frame.get("id"), frame.get("room"), frame.get("session_id")
+    head, session_id = _quick_room_head(frame), frame.get("session_id")
     ciphertext, resume = frame.get("ciphertext"), frame.get("resume", False)
     if (
-        type(request_id) is int
-        and 0 <= request_id < 2**53
-        and type(room) is str
-        and 2 <= len(room) <= ROOM_MAX
-        and _ROOM_RE.fullmatch(room)
+        head is not None
         and type(session_id) is str
         and _SESSION_ID_RE.fullmatch(session_id)
         and type(ciphertext) is str
         and _ciphertext_problem(ciphertext) is None
         and type(resume) is bool
     ):
-        return SayEncrypted(request_id, room, session_id, ciphertext, resume)
+        return SayEncrypted(*head, session_id, ciphertext, resume)
     return None
 
 

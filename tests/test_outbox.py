@@ -354,6 +354,15 @@ def test_a_mass_departure_in_one_turn_keeps_every_member_in_order_and_makes_one_
     assert [on_a[i].outbox.follows - follows[on_a[i]] for i in (36, 37)] == [0, 0]  # not in #r
 
 
+def log_in_to_r(hub: Hub, conns: list[Conn]) -> None:
+    """Log `conns` in (#lobby) and join them to #r, which the first makes plain (the frames
+    these tests read are text)."""
+    for conn in conns:
+        hub.login(conn)  # type: ignore[arg-type]
+        first = conn is conns[0]
+        hub.handle(conn, Join(id=1, room="#r", create=first, plain=first))  # type: ignore[arg-type]
+
+
 def test_connections_shed_together_are_announced_room_by_room_with_one_feed_each() -> None:
     """The output budget sheds several clients in one call (hub.logout_all): every room they were
     in announces all of them in a row, so a member of both rooms follows one feed per room for
@@ -364,10 +373,7 @@ def test_connections_shed_together_are_announced_room_by_room_with_one_feed_each
     shed = conns[1:5]
 
     def setup() -> None:
-        for conn in conns:
-            hub.login(conn)  # type: ignore[arg-type]
-            first = conn is conns[0]  # it makes #r: a plain room, as the frames are text
-            hub.handle(conn, Join(id=1, room="#r", create=first, plain=first))  # type: ignore[arg-type]
+        log_in_to_r(hub, conns)
 
     def shed_together() -> None:
         hub.logout_all(shed, "outbound queue full: client not reading")  # type: ignore[arg-type]
@@ -405,10 +411,7 @@ def test_a_room_emptied_one_by_one_stays_exact_across_fresh_rosters() -> None:
     speaker, leaving = conns[-1], conns[:-3]
 
     def setup() -> None:
-        for conn in conns:
-            hub.login(conn)  # type: ignore[arg-type]
-            first = conn is conns[0]  # it makes #r: a plain room, as the frames are text
-            hub.handle(conn, Join(id=1, room="#r", create=first, plain=first))  # type: ignore[arg-type]
+        log_in_to_r(hub, conns)
 
     def one_turn() -> None:
         for i, conn in enumerate(leaving):

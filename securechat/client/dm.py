@@ -294,16 +294,7 @@ class DirectMessages:
                 state.sessions, state.tracker, reachable, user, message_id, ts, text
             )
             state.save()
-        items = [
-            {
-                "to": user,
-                "user": env.recipient,
-                "device": env.recipient_device,
-                "msg_id": message_id,
-                "data": base64.b64encode(env.data).decode("ascii"),
-            }
-            for env in envelopes
-        ]
+        items = [_dm_fields(user, env, message_id) for env in envelopes]
         return _gather(self._send_batched(items), message_id, ts), message_id, ts
 
     def send_sas(self, target: DeviceRecord, body: str) -> Future[dict[str, Any]]:
@@ -362,14 +353,7 @@ class DirectMessages:
                     body,
                     kind,
                 )
-                item = {
-                    "to": target.user,
-                    "user": env.recipient,
-                    "device": env.recipient_device,
-                    "msg_id": message_id,
-                    "data": base64.b64encode(env.data).decode("ascii"),
-                }
-                items.append((target, item))
+                items.append((target, _dm_fields(target.user, env, message_id)))
             if items:
                 state.save()
         return items, refused
@@ -520,6 +504,17 @@ class DirectMessages:
         if known is None or known.get(device_id) is None:
             known, _ = self.devices_of(sender)
         return known.get(device_id)
+
+
+def _dm_fields(to: str, env: envelope.Envelope, message_id: str) -> dict[str, Any]:
+    """The fields of a `dm` (or of one item of a `dms`) carrying `env`."""
+    return {
+        "to": to,
+        "user": env.recipient,
+        "device": env.recipient_device,
+        "msg_id": message_id,
+        "data": base64.b64encode(env.data).decode("ascii"),
+    }
 
 
 def _gather(

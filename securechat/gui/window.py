@@ -688,6 +688,18 @@ class ChatWindow:
             self._on_closed()
 
 
+def _error_and_buttons(frame: ttk.Frame, width: int) -> tuple[tk.Label, ttk.Frame]:
+    """A dialog's line for why it was refused (empty until then) and the row its buttons go
+    in, right to left, below it."""
+    error = tk.Label(
+        frame, text="", foreground=COLOURS["changed"], wraplength=width, justify="left"
+    )
+    error.pack(anchor="w")
+    buttons = ttk.Frame(frame)
+    buttons.pack(fill="x", pady=(10, 0))
+    return error, buttons
+
+
 class NewRoomDialog:
     """A room's name and whether it is plain: Create sends what /create #name [--plain] does
     (end-to-end encrypted unless the box is ticked)."""
@@ -711,12 +723,7 @@ class NewRoomDialog:
         self.plain_box.pack(anchor="w")
         about = "Unticked, the room is end-to-end encrypted: only its members can read it."
         ttk.Label(frame, text=about, wraplength=360, justify="left").pack(anchor="w", pady=(4, 0))
-        self.error = tk.Label(
-            frame, text="", foreground=COLOURS["changed"], wraplength=360, justify="left"
-        )
-        self.error.pack(anchor="w")
-        buttons = ttk.Frame(frame)
-        buttons.pack(fill="x", pady=(10, 0))
+        self.error, buttons = _error_and_buttons(frame, 360)
         ttk.Button(buttons, text="Create", command=self.confirm).pack(side="right")
         ttk.Button(buttons, text="Cancel", command=top.destroy).pack(side="right", padx=4)
         self.name.focus_set()
@@ -766,12 +773,7 @@ class VerifyDialog:
             self.name_entry = ttk.Entry(frame, width=24)
             self.name_entry.pack(anchor="w", pady=(6, 0))
             self.name_entry.bind("<Return>", lambda _e: self.confirm())
-        self.error = tk.Label(
-            frame, text="", foreground=COLOURS["changed"], wraplength=460, justify="left"
-        )
-        self.error.pack(anchor="w")
-        buttons = ttk.Frame(frame)
-        buttons.pack(fill="x", pady=(10, 0))
+        self.error, buttons = _error_and_buttons(frame, 460)
         ttk.Button(buttons, text="Mark verified", command=self.confirm).pack(side="right")
         if shown.offered_key is None:  # emoji compare the pinned key only
             ttk.Button(
